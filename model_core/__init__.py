@@ -1,0 +1,24 @@
+"""Pyramidal Flow Matching as a library: pyramid math, scheduler, transformers, VAE, pipeline.
+
+Names are imported on first use, so `import model_core` stays cheap.
+"""
+import importlib
+
+_EXPORTS = {
+    "PyramidFlowScheduler": "model_core.scheduler",
+    "block_noise": "model_core.pyramid",
+    "token_budget": "model_core.temporal",
+    "PyramidFluxTransformer": "model_core.transformers",
+    "PyramidMMDiT": "model_core.transformers",
+    "CausalVideoVAE": "model_core.vae",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'model_core' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

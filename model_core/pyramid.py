@@ -50,11 +50,17 @@ def latent_pyramid(x: torch.Tensor, num_stages: int = 3) -> list:
     return levels
 
 
+def standard_normal(shape, generator=None, device=None) -> torch.Tensor:
+    """float32 N(0, I) drawn on the generator's device (so a CPU generator serves any device), then moved."""
+    source = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=source, dtype=torch.float32).to(device)
+
+
 def initial_noise(shape, num_stages: int = 3, generator=None, device=None, dtype=None) -> torch.Tensor:
     """Starting point of stage 0: full-resolution N(0, I) noise taken down K-1 levels, x2 per level
     so every element stays unit-variance (Eq. 5, Down(x_0, 2^K))."""
     shape = _check_latent(shape, "noise shape")
-    noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+    noise = standard_normal(shape, generator, device)
     for _ in range(num_stages - 1):
         noise = downsample(noise) * 2
     return noise.to(dtype or torch.float32)
@@ -73,7 +79,7 @@ def block_noise(shape, generator=None, device=None, dtype=None, correlation: flo
     if not MIN_BLOCK_CORRELATION <= correlation <= 0:
         raise ValueError(f"block-noise correlation must lie in [-1/3, 0]; got {correlation}")
     b, c, t, h, w = shape
-    noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+    noise = standard_normal(shape, generator, device)
     blocks = noise.view(b, c, t, h // 2, 2, w // 2, 2)
     block_mean = F.avg_pool3d(noise, kernel_size=(1, 2, 2)).view(b, c, t, h // 2, 1, w // 2, 1)
     blocks.sub_(block_mean).mul_(math.sqrt(1 - correlation))

@@ -1,0 +1,150 @@
+"""Joint text-image attention with the temporal pyramid's blockwise causal mask (Sec. 3.4).
+
+The packed sequence is [text ; image]. A query may attend a key when the key's frame is not
+later than the query's (text counts as frame 0) and the key is valid text or an image token.
+Image tokens are in non-decreasing frame order, so the queries split into contiguous groups
+(group 0 = all text + the oldest frame) and each group attends to a prefix of the keys: one
+SDPA call per group with a [B, 1, 1, L] key-padding mask; no L x L mask is ever built.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .embeddings import apply_rope
+
+
+@dataclass
+class AttentionLayout:
+    """Per-forward attention inputs shared by every layer: causal groups, key validity, RoPE angles."""
+
+    group_ends: list  # exclusive end (in the packed sequence) of each query group
+    key_valid: torch.Tensor  # [B, L] bool: valid text and all image tokens
+    rope: tuple = None  # (cos, sin) [L, head_dim/2] or None
+
+
+def causal_group_ends(num_text: int, frame_token_counts, causal: bool = True) -> list:
+    """Query-group boundaries of the blockwise causal mask (Sec. 3.4): text joins the oldest frame."""
+    total = num_text + sum(frame_token_counts)
+    if not causal:
+        return [total]
+    ends, end = [], num_text
+    for count in frame_token_counts:
+        end += count
+        ends.append(end)
+    return ends
+
+
+def blockwise_causal_attention(q, k, v, group_ends, key_valid) -> torch.Tensor:
+    """Blockwise causal attention (Sec. 3.4): query group g attends to keys [0, group_ends[g]).
+
+    q, k, v: [B, heads, L, D]; key_valid: [B, L] bool. Padded-text queries see valid keys only,
+    so their (unused) outputs stay finite.
+    """
+    outputs, start = [], 0
+    for end in group_ends:
+        mask = key_valid[:, None, None, :end]
+        outputs.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end], attn_mask=mask))
+        start = end
+    return torch.cat(outputs, dim=2)
+
+
+def dense_block_causal_mask(frame_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Reference dense mask [B, 1, L, L] of the official formulation, for verification only.
+
+    frame_ids: [L] frame of each packed token (text = 0); valid: [B, L] (False = padded text).
+    Allowed when both are valid or both are padding, and the key's frame <= the query's.
+    """
+    same_kind = valid[:, :, None] == valid[:, None, :]
+    causal = frame_ids[None, :] <= frame_ids[:, None]
+    return (same_kind & causal)[:, None]
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation over the last dim with a learned scale, computed in float32."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).to(x.dtype)
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(1, 2).flatten(2)
+
+
+def attend(q, k, v, layout: AttentionLayout) -> torch.Tensor:
+    """Rotary positions then blockwise causal attention; [B, heads, L, D] -> [B, L, heads·D]."""
+    if layout.rope is not None:
+        q, k = apply_rope(q, *layout.rope), apply_rope(k, *layout.rope)
+    return merge_heads(blockwise_causal_attention(q, k, v, layout.group_ends, layout.key_valid))
+
+
+class SelfAttention(nn.Module):
+    """q/k/v projections with per-head RMS qk-norm over one stream (the single-stream block's attention)."""
+
+    def __init__(self, dim: int, heads: int, qk_eps: float):
+        super().__init__()
+        self.heads = heads
+        self.norm_q = RMSNorm(dim // heads, eps=qk_eps)
+        self.norm_k = RMSNorm(dim // heads, eps=qk_eps)
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+
+    def project(self, x: torch.Tensor):
+        """Normalised q, k and v heads [B, heads, L, D] of the image-side projections."""
+        q, k, v = (split_heads(proj(x), self.heads) for proj in (self.to_q, self.to_k, self.to_v))
+        return self.norm_q(q), self.norm_k(k), v
+
+    def forward(self, x: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
+        return attend(*self.project(x), layout)
+
+
+class JointAttention(SelfAttention):
+    """MM-DiT joint attention: separate text/image projections, one attention over [text ; image].
+
+    The two official variants name the text qk-norms differently (`text_norm_name`: 'added' for
+    miniFLUX, 'add' for the MMDiT) and register them before or after the output projections.
+    """
+
+    def __init__(self, dim, heads, qk_eps, text_norm_name, text_norms_last, context_pre_only=False):
+        super().__init__(dim, heads, qk_eps)
+        self.add_k_proj = nn.Linear(dim, dim)
+        self.add_v_proj = nn.Linear(dim, dim)
+        self.add_q_proj = nn.Linear(dim, dim)
+        self.text_norm_names = (f"norm_{text_norm_name}_q", f"norm_{text_norm_name}_k")
+        if not text_norms_last:
+            self._add_text_norms(dim // heads, qk_eps)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])
+        self.to_add_out = None if context_pre_only else nn.Linear(dim, dim)
+        if text_norms_last:
+            self._add_text_norms(dim // heads, qk_eps)
+
+    def _add_text_norms(self, head_dim: int, qk_eps: float):
+        for name in self.text_norm_names:
+            self.add_module(name, RMSNorm(head_dim, eps=qk_eps))
+
+    def project_text(self, x: torch.Tensor):
+        """Normalised q, k and v heads of the text-side projections."""
+        q, k, v = (split_heads(proj(x), self.heads) for proj in (self.add_q_proj, self.add_k_proj, self.add_v_proj))
+        norm_q, norm_k = (getattr(self, name) for name in self.text_norm_names)
+        return norm_q(q), norm_k(k), v
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor, layout: AttentionLayout):
+        """Returns (image output, text output); the text output is None for a context-pre-only block."""
+        heads = [torch.cat(pair, dim=2) for pair in zip(self.project_text(text), self.project(image))]
+        out = attend(*heads, layout)
+        text_out, image_out = out[:, : text.shape[1]], out[:, text.shape[1] :]
+        image_out = self.to_out[1](self.to_out[0](image_out))
+        return image_out, None if self.to_add_out is None else self.to_add_out(text_out)

@@ -1,0 +1,181 @@
+"""Packing a column of temporal-pyramid clips (Fig. 3b) into one token sequence and back.
+
+`PyramidTransformer` holds what miniFLUX and the MMDiT share: input checks, conditioning,
+packing [text ; history clips oldest first ; current unit], the causal attention layout,
+the output head and unpatchifying the current unit. Subclasses supply the patch embedding,
+the rotary positions and the stack of blocks.
+"""
+import math
+from typing import NamedTuple
+
+import torch
+from diffusers.configuration_utils import ConfigMixin
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.modeling_utils import ModelMixin
+
+from .attention import AttentionLayout, causal_group_ends
+from .embeddings import PATCH, clip_positions, unpatchify
+
+
+class ClipGrid(NamedTuple):
+    """Token grid of one clip: frames x rows x columns."""
+
+    frames: int
+    height: int
+    width: int
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.height * self.width
+
+    @property
+    def tokens(self) -> int:
+        return self.frames * self.tokens_per_frame
+
+
+def clip_grid(clip: torch.Tensor) -> ClipGrid:
+    _, _, frames, height, width = clip.shape
+    return ClipGrid(frames, height // PATCH, width // PATCH)
+
+
+def as_columns(sample) -> list:
+    """A list of columns (lists of clips); a flat list of tensors is one column."""
+    if isinstance(sample, torch.Tensor):
+        return [[sample]]
+    if len(sample) == 0:
+        raise ValueError("`sample` is empty: pass a list of columns, each a list of latent clips [B, C, T, H, W].")
+    if all(isinstance(clip, torch.Tensor) for clip in sample):
+        return [list(sample)]
+    return [list(column) for column in sample]
+
+
+def pyramid_positions(grids, interpolate: bool) -> torch.Tensor:
+    """(t, h, w) ids [L_img, 3] of packed clips: frames counted from the oldest, h/w in the current grid (Fig. 3b)."""
+    current, first_frame, positions = grids[-1], 0, []
+    for grid in grids:
+        positions.append(clip_positions(grid.frames, grid[1:], current[1:], first_frame, interpolate))
+        first_frame += grid.frames
+    return torch.cat(positions)
+
+
+class PyramidTransformer(ModelMixin, ConfigMixin):
+    """Shared forward of the pyramid flow transformers: velocity of the current unit of each column.
+
+    A subclass defines `latent_channels`, `embed_clips(clips, grids)` (image tokens [B, L_img, D]),
+    `position_ids(num_text, grids)` (ids [L, n_axes] of [text ; image], frame id first),
+    `rope_angles(num_text, grids)` ((cos, sin) for [text ; image] or None) and
+    `run_blocks(image, text, temb, layout)` (the trunk, returning the final image tokens), plus the
+    modules `time_text_embed`, `context_embedder`, `norm_out` and `proj_out`.
+
+    `use_flash_attn` is kept for config compatibility only: attention always keeps the blockwise
+    causal mask (the official flash path drops it). `use_temporal_causal=False` lets every token
+    attend to every valid token.
+    """
+
+    _supports_gradient_checkpointing = True
+    _skip_layerwise_casting_patterns = ["pos_embed", "norm"]
+
+    def check_columns(self, columns, rows: int):
+        """Every clip is a [B, C, T, H, W] latent of one batch size B, and the text has B x columns rows."""
+        batch = columns[0][0].shape[0] if columns[0] else 0
+        for column in columns:
+            if not column:
+                raise ValueError("Every column of `sample` needs at least the current unit.")
+            for clip in column:
+                self.check_clip(clip, batch)
+        if batch * len(columns) != rows:
+            raise ValueError(
+                f"The text inputs have {rows} rows but the sample has {len(columns)} column(s) of batch {batch}; "
+                "rows must equal batch x columns (row = sample * num_columns + column)."
+            )
+
+    def check_clip(self, clip: torch.Tensor, batch: int):
+        if clip.ndim != 5:
+            raise ValueError(f"Latent clips must be [B, C, T, H, W]; got shape {tuple(clip.shape)}.")
+        b, channels, _, height, width = clip.shape
+        if channels != self.latent_channels:
+            raise ValueError(f"Latent clips must have {self.latent_channels} channels; got {channels}.")
+        if height % PATCH or width % PATCH:
+            raise ValueError(f"Latent height and width must be even (2x2 patches); got {height}x{width}.")
+        if b != batch:
+            raise ValueError(f"All clips must share one batch size; got {b} and {batch}.")
+
+    def check_text(self, encoder_hidden_states, encoder_attention_mask, pooled_projections, timestep, rows):
+        shapes = {
+            "encoder_attention_mask": (encoder_attention_mask.shape, (rows, encoder_hidden_states.shape[1])),
+            "pooled_projections": (pooled_projections.shape[:1], (rows,)),
+            "timestep": (timestep.shape, (rows,)),
+        }
+        for name, (got, expected) in shapes.items():
+            if tuple(got) != expected:
+                raise ValueError(
+                    f"`{name}` must have shape {expected} to match encoder_hidden_states; got {tuple(got)}."
+                )
+
+    def call_block(self, block, index: int, num_blocks: int, *args):
+        """Run a block, through activation checkpointing for the first `gradient_checkpointing_ratio` of them."""
+        checkpointed = index < math.ceil(self.config.gradient_checkpointing_ratio * num_blocks)
+        if torch.is_grad_enabled() and self.gradient_checkpointing and checkpointed:
+            return self._gradient_checkpointing_func(block, *args)
+        return block(*args)
+
+    def attention_layout(self, text_valid: torch.Tensor, grids) -> AttentionLayout:
+        """Causal groups, key validity and RoPE of one column's packed sequence (Sec. 3.4)."""
+        frame_tokens = [grid.tokens_per_frame for grid in grids for _ in range(grid.frames)]
+        image_valid = text_valid.new_ones(text_valid.shape[0], sum(frame_tokens))
+        num_text = text_valid.shape[1]
+        rope = self.rope_angles(num_text, grids)
+        return AttentionLayout(
+            group_ends=causal_group_ends(num_text, frame_tokens, self.config.use_temporal_causal),
+            key_valid=torch.cat([text_valid, image_valid], dim=1),
+            rope=None if rope is None else tuple(angles.to(text_valid.device) for angles in rope),
+        )
+
+    def text_validity(self, encoder_attention_mask: torch.Tensor) -> torch.Tensor:
+        return encoder_attention_mask.bool()
+
+    def column_velocity(self, clips, text, text_valid, temb) -> torch.Tensor:
+        """Velocity [B, C, T, H, W] of the current unit (the last clip) of one column."""
+        grids = [clip_grid(clip) for clip in clips]
+        layout = self.attention_layout(text_valid, grids)
+        image = self.run_blocks(self.embed_clips(clips, grids), text, temb, layout)
+        current = grids[-1]
+        tokens = self.proj_out(self.norm_out(image[:, -current.tokens :], temb))
+        return unpatchify(tokens, *current)
+
+    def forward(
+        self,
+        sample,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        timestep: torch.Tensor,
+        return_dict: bool = True,
+    ):
+        """Predict the flow velocity of the current unit of every column (Eq. 11/17).
+
+        sample: columns of latent clips [B, C, T_i, H_i, W_i], oldest history first, current unit last.
+        Text/pooled/timestep rows are interleaved sample-major: row = sample * num_columns + column.
+        """
+        columns = as_columns(sample)
+        rows = encoder_hidden_states.shape[0]
+        timestep = torch.as_tensor(timestep, device=encoder_hidden_states.device).reshape(-1)
+        self.check_columns(columns, rows)
+        self.check_text(encoder_hidden_states, encoder_attention_mask, pooled_projections, timestep, rows)
+        dtype = self.dtype
+        temb = self.time_text_embed(timestep, pooled_projections.to(dtype)).to(dtype)
+        text = self.context_embedder(encoder_hidden_states.to(dtype))
+        text_valid = self.text_validity(encoder_attention_mask.to(text.device))
+        num_columns = len(columns)
+        velocities = [
+            self.column_velocity(
+                [clip.to(dtype) for clip in clips],
+                text[index::num_columns],
+                text_valid[index::num_columns],
+                temb[index::num_columns],
+            )
+            for index, clips in enumerate(columns)
+        ]
+        if not return_dict:
+            return (velocities,)
+        return Transformer2DModelOutput(sample=velocities)

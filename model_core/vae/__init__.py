@@ -1,0 +1,4 @@
+"""The causal 3-D video VAE of Pyramid Flow."""
+from .model import CausalVideoVAE, DiagonalGaussian
+
+__all__ = ["CausalVideoVAE", "DiagonalGaussian"]

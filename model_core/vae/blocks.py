@@ -1,0 +1,179 @@
+"""Building blocks of the causal video VAE: per-frame norm, resnet, samplers, mid block, coder blocks.
+
+Every block takes `(x, chunk)` with x = [B, C, T, H, W] and passes the TimeChunk on to its causal convs.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .causal_conv import FULL_VIDEO, CausalConv3d, TimeChunk
+
+NORM_EPS = 1e-6
+
+
+class CausalGroupNorm(nn.GroupNorm):
+    """GroupNorm over (channels, H, W) of each frame on its own, so no statistic crosses time."""
+
+    def __init__(self, num_groups: int, num_channels: int):
+        super().__init__(num_groups, num_channels, eps=NORM_EPS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, frames, height, width = x.shape
+        per_frame = x.transpose(1, 2).reshape(batch * frames, channels, height, width)
+        normed = super().forward(per_frame)
+        return normed.reshape(batch, frames, channels, height, width).transpose(1, 2)
+
+
+class ResnetBlockCausal3D(nn.Module):
+    """norm1 -> SiLU -> conv1 -> norm2 -> SiLU -> dropout -> conv2, plus a (1x1x1-projected) skip."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm_groups: int, dropout: float):
+        super().__init__()
+        self.norm1 = CausalGroupNorm(norm_groups, in_channels)
+        self.conv1 = CausalConv3d(in_channels, out_channels)
+        self.norm2 = CausalGroupNorm(norm_groups, out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = CausalConv3d(out_channels, out_channels)
+        self.conv_shortcut = CausalConv3d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor, chunk: TimeChunk = FULL_VIDEO) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)), chunk)
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))), chunk)
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x, chunk)
+        return skip + h
+
+
+class SpatialDownsample(nn.Module):
+    """Halve H and W with a stride-(1, 2, 2) causal conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = CausalConv3d(channels, channels, 3, stride=(1, 2, 2))
+
+    def forward(self, x: torch.Tensor, chunk: TimeChunk = FULL_VIDEO) -> torch.Tensor:
+        return self.conv(x, chunk)
+
+
+class TemporalDownsample(nn.Module):
+    """Halve the time axis (1 + 2k frames -> 1 + k) with a stride-(2, 1, 1) causal conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = CausalConv3d(channels, channels, 3, stride=(2, 1, 1))
+
+    def forward(self, x: torch.Tensor, chunk: TimeChunk = FULL_VIDEO) -> torch.Tensor:
+        return self.conv(x, chunk)
+
+
+class SpatialUpsample(nn.Module):
+    """Double H and W: conv to 4C, then depth-to-space with channel = c * 4 + 2 * p_row + p_col."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = CausalConv3d(channels, channels * 4)
+
+    def forward(self, x: torch.Tensor, chunk: TimeChunk = FULL_VIDEO) -> torch.Tensor:
+        h = self.conv(x, chunk)
+        batch, channels, frames, height, width = h.shape
+        h = h.reshape(batch, channels // 4, 2, 2, frames, height, width)
+        h = h.permute(0, 1, 4, 5, 2, 6, 3)  # b, c, t, h, p_row, w, p_col
+        return h.reshape(batch, channels // 4, frames, height * 2, width * 2)
+
+
+class TemporalUpsample(nn.Module):
+    """Double the time axis: conv to 2C, then interleave with channel = c * 2 + p.
+
+    The first chunk of a video drops its first output frame, so 1 + k frames become 1 + 2k.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = CausalConv3d(channels, channels * 2)
+
+    def forward(self, x: torch.Tensor, chunk: TimeChunk = FULL_VIDEO) -> torch.Tensor:
+        h = self.conv(x, chunk)
+        batch, channels, frames, height, width = h.shape
+        h = h.reshape(batch, channels // 2, 2, frames, height, width).transpose(2, 3)
+        h = h.reshape(batch, channels // 2, frames * 2, height, width)
+        return h[:, :, 1:] if chunk.is_first else h
+
+
+class SpatialAttention(nn.Module):
+    """Single-head self-attention over the pixels of each frame, with GroupNorm and a residual."""
+
+    def __init__(self, channels: int, norm_groups: int):
+        super().__init__()
+        self.group_norm = CausalGroupNorm(norm_groups, channels)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels), nn.Dropout(0.0)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, frames, height, width = x.shape
+        tokens = self.group_norm(x).permute(0, 2, 3, 4, 1).reshape(batch * frames, height * width, channels)
+        attended = F.scaled_dot_product_attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens))
+        for layer in self.to_out:
+            attended = layer(attended)
+        attended = attended.reshape(batch, frames, height, width, channels).permute(0, 4, 1, 2, 3)
+        return x + attended
+
+
+class MidBlockCausal3D(nn.Module):
+    """resnet -> spatial attention -> resnet, all at the deepest width."""
+
+    def __init__(self, channels: int, norm_groups: int):
+        super().__init__()
+        self.attentions = nn.ModuleList([SpatialAttention(channels, norm_groups)])
+        self.resnets = nn.ModuleList([ResnetBlockCausal3D(channels, channels, norm_groups, 0.0) for _ in range(2)])
+
+    def forward(self, x: torch.Tensor, chunk: TimeChunk = FULL_VIDEO) -> torch.Tensor:
+        x = self.resnets[0](x, chunk)
+        x = self.attentions[0](x)
+        return self.resnets[1](x, chunk)
+
+
+def resnet_stack(in_channels: int, out_channels: int, num_layers: int, norm_groups: int, dropout: float):
+    """num_layers resnets; the first changes the width from in_channels to out_channels."""
+    widths = [in_channels] + [out_channels] * num_layers
+    return nn.ModuleList(
+        ResnetBlockCausal3D(widths[i], out_channels, norm_groups, dropout) for i in range(num_layers)
+    )
+
+
+def optional_layer(layer_class, channels: int, present: bool) -> nn.ModuleList:
+    """A one-layer ModuleList, or an empty one (which adds no state-dict keys)."""
+    return nn.ModuleList([layer_class(channels)] if present else [])
+
+
+def run_in_order(x: torch.Tensor, chunk: TimeChunk, *stages: nn.ModuleList) -> torch.Tensor:
+    for stage in stages:
+        for layer in stage:
+            x = layer(x, chunk)
+    return x
+
+
+class DownEncoderBlockCausal3D(nn.Module):
+    """Encoder block: resnets -> spatial downsample -> temporal downsample."""
+
+    def __init__(self, in_channels, out_channels, num_layers, norm_groups, dropout, spatial, temporal):
+        super().__init__()
+        self.resnets = resnet_stack(in_channels, out_channels, num_layers, norm_groups, dropout)
+        self.downsamplers = optional_layer(SpatialDownsample, out_channels, spatial)
+        self.temporal_downsamplers = optional_layer(TemporalDownsample, out_channels, temporal)
+
+    def forward(self, x: torch.Tensor, chunk: TimeChunk = FULL_VIDEO) -> torch.Tensor:
+        return run_in_order(x, chunk, self.resnets, self.downsamplers, self.temporal_downsamplers)
+
+
+class UpDecoderBlockCausal3D(nn.Module):
+    """Decoder block: resnets -> spatial upsample -> temporal upsample."""
+
+    def __init__(self, in_channels, out_channels, num_layers, norm_groups, dropout, spatial, temporal):
+        super().__init__()
+        self.resnets = resnet_stack(in_channels, out_channels, num_layers, norm_groups, dropout)
+        self.upsamplers = optional_layer(SpatialUpsample, out_channels, spatial)
+        self.temporal_upsamplers = optional_layer(TemporalUpsample, out_channels, temporal)
+
+    def forward(self, x: torch.Tensor, chunk: TimeChunk = FULL_VIDEO) -> torch.Tensor:
+        return run_in_order(x, chunk, self.resnets, self.upsamplers, self.temporal_upsamplers)

@@ -4,6 +4,8 @@ Names are imported on first use, so `import model_core` stays cheap.
 """
 import importlib
 
+__version__ = "0.1.0"
+
 _EXPORTS = {
     "PyramidFlowScheduler": "model_core.scheduler",
     "block_noise": "model_core.pyramid",
@@ -11,6 +13,7 @@ _EXPORTS = {
     "PyramidFluxTransformer": "model_core.transformers",
     "PyramidMMDiT": "model_core.transformers",
     "CausalVideoVAE": "model_core.vae",
+    "PyramidFlowPipeline": "model_core.pipeline",
 }
 
 __all__ = sorted(_EXPORTS)

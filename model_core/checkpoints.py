@@ -1,0 +1,114 @@
+"""What a Pyramid Flow checkpoint is: families, resolution variants, folder names and constants.
+
+The published repos (`rain1011/pyramid-flow-miniflux`, `rain1011/pyramid-flow-sd3`) share one layout:
+`causal_video_vae/`, `diffusion_transformer_<variant>/`, text encoders and tokenizers. A checkpoint
+of our own may add `pyramid_flow.json` at its root to override sizes and latent statistics.
+"""
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+VAE_FOLDER = "causal_video_vae"
+SETTINGS_FILE = "pyramid_flow.json"
+
+
+def transformer_folder(variant: str) -> str:
+    return f"diffusion_transformer_{variant}"
+
+
+@dataclass(frozen=True)
+class LatentNormalization:
+    """normalized = (z - shift) * scale, separately for the first latent frame and the later ones."""
+
+    first_shift: float
+    first_scale: float
+    later_shift: float = -0.2343
+    later_scale: float = 1 / 3.0986
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """Default output size and length limit of one resolution variant."""
+
+    height: int
+    width: int
+    max_latent_frames: int
+    fps: int = 24
+
+    @property
+    def max_frames(self) -> int:
+        return 1 + 8 * (self.max_latent_frames - 1)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    transformer_class: str  # the official config's _class_name
+    text_folders: tuple
+    normalization: LatentNormalization
+    variants: dict
+
+
+VARIANTS = {
+    "384p": VariantSpec(height=384, width=640, max_latent_frames=16),
+    "768p": VariantSpec(height=768, width=1280, max_latent_frames=31),
+    "image": VariantSpec(height=1024, width=1024, max_latent_frames=1),
+}
+
+FAMILIES = {
+    "miniflux": Family(
+        name="miniflux",
+        transformer_class="PyramidFluxTransformer",
+        text_folders=("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
+        normalization=LatentNormalization(first_shift=-0.04, first_scale=1 / 1.8726),
+        variants=VARIANTS,
+    ),
+    "sd3": Family(
+        name="sd3",
+        transformer_class="PyramidDiffusionMMDiT",
+        text_folders=("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3"),
+        normalization=LatentNormalization(first_shift=0.1490, first_scale=1 / 1.8415),
+        variants={k: v for k, v in VARIANTS.items() if k != "image"},
+    ),
+}
+
+
+def family_named(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ValueError(f"unknown model family {name!r}; allowed: 'auto', {', '.join(map(repr, FAMILIES))}")
+    return FAMILIES[name]
+
+
+def detect_family(root: Path) -> Family:
+    """sd3 checkpoints have a third text encoder; otherwise the transformer config names its class."""
+    if (root / "text_encoder_3").is_dir():
+        return FAMILIES["sd3"]
+    for config in sorted(root.glob(f"{transformer_folder('*')}/config.json")):
+        class_name = json.loads(config.read_text()).get("_class_name")
+        for family in FAMILIES.values():
+            if class_name == family.transformer_class:
+                return family
+    return FAMILIES["miniflux"]
+
+
+def available_variants(root: Path, family: Family) -> list:
+    return [v for v in family.variants if (root / transformer_folder(v)).is_dir()] + sorted(
+        p.name[len(transformer_folder("")) :]
+        for p in root.glob(transformer_folder("*"))
+        if p.is_dir() and p.name[len(transformer_folder("")) :] not in family.variants
+    )
+
+
+def with_overrides(root: Path, family: Family) -> Family:
+    """Apply a checkpoint's own `pyramid_flow.json` (variant sizes, latent normalisation)."""
+    path = root / SETTINGS_FILE
+    if not path.is_file():
+        return family
+    settings = json.loads(path.read_text())
+    variants = dict(family.variants)
+    for name, spec in settings.get("variants", {}).items():
+        variants[name] = VariantSpec(**spec)
+    normalization = family.normalization
+    if "latent_normalization" in settings:
+        normalization = LatentNormalization(**settings["latent_normalization"])
+    return replace(family, variants=variants, normalization=normalization)

@@ -1,0 +1,163 @@
+"""Turn a checkpoint folder or hub repo id into components, with errors a user can act on.
+
+Only safetensors and (weights_only) .bin files are read; no pickled code is ever executed.
+"""
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .checkpoints import (
+    SETTINGS_FILE,
+    VAE_FOLDER,
+    Family,
+    VariantSpec,
+    available_variants,
+    detect_family,
+    family_named,
+    transformer_folder,
+    with_overrides,
+)
+
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+@dataclass(frozen=True)
+class ResolvedCheckpoint:
+    """A local checkpoint root with its family and chosen resolution variant."""
+
+    root: Path
+    family: Family
+    variant: str
+
+    @property
+    def spec(self) -> VariantSpec:
+        return self.family.variants[self.variant]
+
+    @property
+    def transformer_path(self) -> Path:
+        return self.root / transformer_folder(self.variant)
+
+    @property
+    def vae_path(self) -> Path:
+        return self.root / VAE_FOLDER
+
+
+def layout_description(family: Family, variant: str) -> str:
+    folders = [VAE_FOLDER, transformer_folder(variant), *family.text_folders]
+    return "expected layout: " + ", ".join(f"{f}/" for f in folders) + " (each with config.json and weights)"
+
+
+def resolve_checkpoint(source, variant: str = "auto", model: str = "auto", tqdm_class=None) -> ResolvedCheckpoint:
+    """Find the checkpoint locally, or fetch only the subfolders it needs from the hub."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _resolve_local(path, variant, model)
+    if path.exists() or not HUB_ID.match(str(source)):
+        raise FileNotFoundError(f"model {source!r} is neither a checkpoint folder nor a hub repo id like 'rain1011/pyramid-flow-miniflux'")
+    configs = _download(source, ["*.json"], tqdm_class)
+    resolved = _resolve_local(configs, variant, model, check_files=False)
+    folders = [VAE_FOLDER, transformer_folder(resolved.variant), *resolved.family.text_folders]
+    root = _download(source, [f"{f}/*" for f in folders if f != transformer_folder(resolved.variant)]
+                     + [f"{transformer_folder(resolved.variant)}/*.json", f"{transformer_folder(resolved.variant)}/*.safetensors"], tqdm_class)
+    if not list(resolved.transformer_path.glob("*.safetensors")):
+        root = _download(source, [f"{transformer_folder(resolved.variant)}/*.bin"], tqdm_class)
+    return _resolve_local(Path(root), resolved.variant, resolved.family.name)
+
+
+def _download(repo_id: str, patterns: list, tqdm_class) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns + [SETTINGS_FILE], tqdm_class=tqdm_class))
+    except RepositoryNotFoundError as error:
+        raise ValueError(f"hub repo {repo_id!r} does not exist or is private; try 'rain1011/pyramid-flow-miniflux' or 'rain1011/pyramid-flow-sd3'") from error
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, OSError) as error:
+        raise ConnectionError(
+            f"cannot download {repo_id!r}: the Hugging Face Hub is not reachable (no network, or HF_HUB_OFFLINE=1). "
+            f"Download it where there is network (`hf download {repo_id} --local-dir DIR`) and pass that folder instead."
+        ) from error
+
+
+def _resolve_local(root: Path, variant: str, model: str, check_files: bool = True) -> ResolvedCheckpoint:
+    family = with_overrides(root, detect_family(root) if model == "auto" else family_named(model))
+    found = available_variants(root, family)
+    if variant == "auto":
+        if not found:
+            raise FileNotFoundError(f"no diffusion_transformer_<variant>/ folder in {root}; {layout_description(family, '384p')}")
+        variant = found[0]
+    elif variant not in family.variants:
+        raise ValueError(f"unknown variant {variant!r} for {family.name}; allowed: 'auto', {', '.join(map(repr, family.variants))}")
+    if check_files:
+        if variant not in found:
+            raise FileNotFoundError(
+                f"missing folder {transformer_folder(variant)}/ in {root}: this checkpoint has variant(s) "
+                f"{', '.join(map(repr, found)) or 'none'}; {layout_description(family, variant)}"
+            )
+        _check_layout(root, family, variant)
+    return ResolvedCheckpoint(root, family, variant)
+
+
+def _check_layout(root: Path, family: Family, variant: str) -> None:
+    for folder in (VAE_FOLDER, transformer_folder(variant)):
+        where = root / folder
+        if not where.is_dir():
+            raise FileNotFoundError(f"missing folder {folder}/ in {root}; {layout_description(family, variant)}")
+        if not (where / "config.json").is_file():
+            raise FileNotFoundError(f"missing {folder}/config.json in {root}; {layout_description(family, variant)}")
+        if not any(p.name.endswith(WEIGHT_SUFFIXES) for p in where.iterdir()):
+            raise FileNotFoundError(f"no weights (*.safetensors or *.bin) in {root / folder}; {layout_description(family, variant)}")
+    for folder in family.text_folders:
+        if not (root / folder).is_dir():
+            raise FileNotFoundError(f"missing folder {folder}/ in {root}; {layout_description(family, variant)}")
+
+
+def _weight_shapes(file: Path) -> dict:
+    """Tensor shapes of a weights file, without reading the data; .bin files only as plain tensors."""
+    if file.suffix == ".safetensors":
+        with safe_open(file, framework="pt") as weights:
+            return {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # pickle errors come in many types
+        raise ValueError(
+            f"refusing to load {file}: it is not a plain tensor checkpoint (weights_only loading failed: "
+            f"{type(error).__name__}). Use the .safetensors weights of this model."
+        ) from error
+    return {key: tuple(value.shape) for key, value in state.items() if torch.is_tensor(value)}
+
+
+def weight_files(folder: Path) -> list:
+    """The weights diffusers will read: safetensors when present, else .bin."""
+    return sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+
+
+def check_weights_fit(model_class, folder: Path) -> None:
+    """Compare the checkpoint's tensor shapes with a meta-device model built from the folder's config."""
+    config = json.loads((folder / "config.json").read_text())
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in model_class.from_config(config).state_dict().items()}
+    for file in weight_files(folder):
+        for key, shape in _weight_shapes(file).items():
+            if key in expected and shape != expected[key]:
+                raise ValueError(
+                    f"checkpoint {file} does not fit its config: {key} has shape {list(shape)}, "
+                    f"the config {folder / 'config.json'} builds {list(expected[key])}. Is the config from another model size?"
+                )
+
+
+def load_model(model_class, folder: Path, torch_dtype=torch.float32, **kwargs):
+    """diffusers from_pretrained with safetensors preferred and a shape check that names the culprit."""
+    check_weights_fit(model_class, folder)
+    use_safetensors = weight_files(folder)[0].suffix == ".safetensors"
+    try:
+        return model_class.from_pretrained(folder, torch_dtype=torch_dtype, use_safetensors=use_safetensors, **kwargs)
+    except (ValueError, RuntimeError) as error:
+        if "size mismatch" in str(error) or "shape" in str(error):
+            raise ValueError(f"checkpoint in {folder} does not fit its config.json: {error}") from error
+        raise

@@ -1,0 +1,76 @@
+"""The sampler: Algorithm 1 inside each unit, autoregressive units over time (Eq. 17).
+
+Pure functions over tensors; the transformer and guidance enter through `velocity(clips, t)`.
+Latents are normalised, [B, C, T, H, W], float32.
+"""
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .pyramid import initial_noise, latent_pyramid, renoise_at_jump
+from .scheduler import PyramidFlowScheduler
+from .temporal import history_clips
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What a progress callback receives: after every step (`kind="step"`) and every finished unit."""
+
+    kind: str  # "step" | "unit"
+    unit: int
+    num_units: int
+    stage: int
+    step: int
+    num_steps: int
+    latents: Optional[torch.Tensor] = None  # the finished unit's clean latent, for previews
+
+
+def sample_unit(velocity: Callable, scheduler: PyramidFlowScheduler, start, history: list, unit: int,
+                steps, generator=None, on_step: Callable = None) -> torch.Tensor:
+    """Algorithm 1: integrate every stage, upsampling and renoising at each jump (Eq. 15)."""
+    x = start
+    for stage in range(scheduler.config.stages):
+        if stage > 0:
+            scale, noise_std = scheduler.renoise_coefficients(stage)
+            x = renoise_at_jump(x, scale, noise_std, generator=generator, correlation=-scheduler.config.gamma)
+        scheduler.set_timesteps(steps[stage], stage_index=stage, device=x.device)
+        conditions = history_clips(history, unit, stage) if unit else []
+        for index, t in enumerate(scheduler.timesteps):
+            x = scheduler.step(velocity([*conditions, x], t), t, x).prev_sample
+            if on_step:
+                on_step(stage, index)
+    return x
+
+
+def sample_video(velocity_for_unit: Callable, scheduler: PyramidFlowScheduler, shape, history=None,
+                 first_frame_steps=(20, 20, 20), video_steps=(10, 10, 10), generator=None,
+                 callback: Callable = None, interrupt: Callable = None, device=None) -> tuple:
+    """Generate latent frames one unit at a time, each conditioned on the clean, temporally
+    pyramided history of the ones before it (Eq. 17).
+
+    `shape` is [B, C, T_new, H, W] at full latent resolution; `history` [B, C, T_h, H, W] or None.
+    Returns (latents of history + new units, interrupted). `interrupt()` is checked after each unit.
+    """
+    batch, channels, new_units, height, width = shape
+    num_stages = scheduler.config.stages
+    noise = initial_noise(shape, num_stages, generator=generator, device=device)
+    frames = list(history.split(1, dim=2)) if history is not None else []
+    first, total = len(frames), len(frames) + new_units
+    interrupted = False
+    for unit in range(first, total):
+        steps = first_frame_steps if unit == 0 else video_steps
+        pyramid = latent_pyramid(torch.cat(frames, dim=2), num_stages) if frames else []
+
+        def report(stage, index):
+            if callback:
+                callback(Progress("step", unit, total, stage, index, steps[stage]))
+
+        start = noise[:, :, unit - first : unit - first + 1]
+        frames.append(sample_unit(velocity_for_unit(unit), scheduler, start, pyramid, unit, steps, generator, report))
+        if callback:
+            callback(Progress("unit", unit, total, num_stages - 1, steps[-1] - 1, steps[-1], frames[-1]))
+        if interrupt is not None and interrupt() and unit + 1 < total:
+            interrupted = True
+            break
+    return torch.cat(frames, dim=2), interrupted

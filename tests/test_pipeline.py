@@ -1,0 +1,231 @@
+"""The generation engine on tiny official-layout checkpoints: every mode, progress, stop, errors, memory options."""
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from model_core import PyramidFlowPipeline
+from model_core.pipeline import frames_for_duration
+from tiny_checkpoint import build_tiny_checkpoint
+
+FAST = dict(first_frame_steps=(1, 1, 1), video_steps=(1, 1, 1))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("miniflux"), "miniflux")
+
+
+@pytest.fixture(scope="module")
+def pipe(checkpoint):
+    return PyramidFlowPipeline.from_pretrained(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def image():
+    y, x = np.mgrid[0:80, 0:96]
+    return np.stack([(x * 2) % 256, (y * 3) % 256, ((x + y) * 2) % 256], -1).astype(np.uint8)
+
+
+def test_text_to_video_shapes_and_settings(pipe):
+    out = pipe.text_to_video("a red circle moving left", num_frames=17, seed=1, **FAST)
+    assert out.frames.shape == (17, 64, 64, 3) and out.frames.dtype == np.uint8
+    assert out.fps == 8 and not out.interrupted
+    assert out.latents.shape == (1, 4, 3, 8, 8)
+    assert out.settings["seed"] == 1 and out.settings["mode"] == "text_to_video"
+    assert out.settings["first_frame_steps"] == [1, 1, 1] and out.settings["num_frames"] == 17
+    assert np.abs(np.diff(out.frames.astype(int), axis=0)).mean() > 0  # frames are not all the same
+
+
+def test_default_length_is_the_checkpoint_maximum(pipe):
+    assert pipe.text_to_video("x", seed=0, **FAST).frames.shape[0] == pipe.spec.max_frames == 17
+
+
+def test_same_seed_same_frames_and_other_seed_differs(pipe):
+    a = pipe.text_to_video("a blue square", num_frames=9, seed=7, **FAST)
+    b = pipe.text_to_video("a blue square", num_frames=9, seed=7, **FAST)
+    c = pipe.text_to_video("a blue square", num_frames=9, seed=8, **FAST)
+    assert np.array_equal(a.frames, b.frames)
+    assert not np.array_equal(a.frames, c.frames)
+
+
+def test_generator_is_used_instead_of_global_rng(pipe):
+    torch.manual_seed(0)
+    a = pipe.text_to_image("x", generator=torch.Generator().manual_seed(3), **FAST)
+    torch.manual_seed(1)
+    b = pipe.text_to_image("x", generator=torch.Generator().manual_seed(3), **FAST)
+    assert np.array_equal(a.frames, b.frames)
+
+
+def test_text_to_image_is_one_unit(pipe):
+    out = pipe.text_to_image("a yellow triangle", seed=2, **FAST)
+    assert out.frames.shape == (1, 64, 64, 3) and out.latents.shape[2] == 1
+    with pytest.raises(ValueError, match="one frame"):
+        pipe.text_to_image("x", num_frames=9)
+
+
+def test_image_to_video_starts_from_the_image(pipe, image):
+    out = pipe.image_to_video(image, "it moves right", num_frames=9, seed=3, **FAST)
+    assert out.frames.shape == (9, 64, 64, 3)
+    from model_core.media import as_frames
+
+    expected = pipe._decode(pipe._encode_frames(as_frames(image, "image"), 64, 64, pipe.device))
+    assert np.array_equal(out.frames[0], expected[0])
+    assert out.latents.shape[2] == 2
+
+
+def test_extend_video_keeps_the_input_and_appends(pipe):
+    clip = pipe.text_to_video("a cyan circle", num_frames=9, seed=4, **FAST).frames
+    out = pipe.extend_video(clip, "it keeps moving", num_frames=8, seed=5, **FAST)
+    assert out.frames.shape == (17, 64, 64, 3)
+    assert np.array_equal(out.frames[:9], clip)
+    assert out.latents.shape[2] == 3
+
+
+def test_extend_uses_only_what_fits_the_model(pipe):
+    clip = pipe.text_to_video("a cyan circle", num_frames=17, seed=4, **FAST).frames
+    out = pipe.extend_video(clip, "more", num_frames=8, seed=5, **FAST)
+    assert out.frames.shape[0] == 25  # whole input kept, history trimmed to the 2 latent frames that fit
+    assert out.latents.shape[2] == 3
+
+
+def test_progress_events_and_previews(pipe):
+    events = []
+    pipe.text_to_video("x", num_frames=17, seed=0, first_frame_steps=(2, 1, 1), video_steps=(1, 2, 1), callback=events.append)
+    steps = [e for e in events if e.kind == "step"]
+    units = [e for e in events if e.kind == "unit"]
+    assert len(steps) == 4 + 2 * 4
+    assert [(e.unit, e.num_units) for e in units] == [(0, 3), (1, 3), (2, 3)]
+    assert units[0].preview.shape == (1, 64, 64, 3) and units[1].preview.shape == (8, 64, 64, 3)
+    assert all(e.preview is None for e in steps)
+
+
+def test_interrupt_keeps_what_was_made(pipe):
+    stop = threading.Event()
+
+    def on_progress(event):
+        if event.kind == "unit" and event.unit == 1:
+            stop.set()
+
+    out = pipe.text_to_video("x", num_frames=17, seed=0, callback=on_progress, interrupt=stop, **FAST)
+    assert out.interrupted and out.settings["interrupted"]
+    assert out.frames.shape == (9, 64, 64, 3)
+    full = pipe.text_to_video("x", num_frames=17, seed=0, **FAST)
+    assert np.array_equal(out.frames[:1], full.frames[:1])
+
+
+def test_latents_output_type(pipe):
+    out = pipe.text_to_video("x", num_frames=9, seed=0, output_type="latents", **FAST)
+    assert out.frames is None and out.latents.shape == (1, 4, 2, 8, 8)
+
+
+def test_duration_picks_the_nearest_allowed_length(pipe):
+    assert frames_for_duration(2, 8) == 17 and frames_for_duration(5, 24) == 121 and frames_for_duration(0.01, 24) == 1
+    assert pipe.text_to_video("x", duration=1.1, seed=0, **FAST).frames.shape[0] == 9
+
+
+def test_guidance_off_runs_single_pass(pipe):
+    calls = []
+    hook = pipe.transformer.register_forward_hook(lambda m, i, kw: calls.append(kw))
+    try:
+        pipe.text_to_image("x", guidance_scale=1.0, video_guidance_scale=1.0, seed=0, **FAST)
+        single = len(calls)
+        pipe.text_to_image("x", guidance_scale=5.0, seed=0, **FAST)
+    finally:
+        hook.remove()
+    assert single == 3 and len(calls) == 6
+
+
+def test_negative_prompt_changes_the_result(pipe):
+    a = pipe.text_to_image("x", seed=0, **FAST)
+    b = pipe.text_to_image("x", negative_prompt="blurry", seed=0, **FAST)
+    assert not np.array_equal(a.frames, b.frames)
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda p: p.text_to_video("x", num_frames=0), "num_frames must be 1 \\+ 8k"),
+        (lambda p: p.text_to_video("x", num_frames=10), "num_frames must be 1 \\+ 8k"),
+        (lambda p: p.text_to_video("x", num_frames=25), "at most 17"),
+        (lambda p: p.text_to_video("x", height=100), "height must be a positive multiple of 64"),
+        (lambda p: p.text_to_video("x", width=0), "width must be a positive multiple of 64"),
+        (lambda p: p.text_to_video("  "), "prompt is empty"),
+        (lambda p: p.text_to_video(None), "prompt is empty"),
+        (lambda p: p.text_to_video(["a", "b"]), "must be a string"),
+        (lambda p: p.text_to_video("x", first_frame_steps=(0, 1, 1)), "first_frame_steps must be 3 positive integers"),
+        (lambda p: p.text_to_video("x", video_steps=(1, 1)), "video_steps must be 3 positive integers"),
+        (lambda p: p.text_to_video("x", guidance_scale=-1), "guidance_scale must be a number >= 0"),
+        (lambda p: p.text_to_video("x", output_type="pil"), "output_type"),
+        (lambda p: p.text_to_video("x", duration=-2), "duration must be a positive"),
+        (lambda p: p.image_to_video(np.zeros((8, 8), np.uint8), "x"), "RGB frames"),
+        (lambda p: p.image_to_video(np.zeros((8, 8, 3), np.float32), "x"), "uint8"),
+        (lambda p: p.image_to_video(np.zeros((8, 8, 3), np.uint8), "x", num_frames=1), "at least 9 frames"),
+        (lambda p: p.extend_video(np.zeros((9, 8, 8, 3), np.uint8), "x", num_frames=5), "multiple of 8"),
+        (lambda p: p.extend_video(np.zeros((9, 8, 8, 3), np.uint8), "x", num_frames=24), "at most 16 new frames"),
+    ],
+)
+def test_bad_input_is_explained(pipe, call, message):
+    with pytest.raises(ValueError, match=message):
+        call(pipe)
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (dict(offload="model"), "on CPU use offload='none'"),
+        (dict(offload="sometimes"), "unknown offload 'sometimes'; allowed: none, model, sequential, group"),
+        (dict(quantize="nf4"), "needs a CUDA GPU; on CPU use quantize='int8'"),
+        (dict(quantize="int4"), "unknown quantize"),
+        (dict(torch_dtype="float16"), "float16 is not supported for generation on CPU"),
+        (dict(torch_dtype="float64"), "unknown dtype"),
+        (dict(quantize="int8", torch_dtype="bfloat16"), "computes in float32"),
+    ],
+)
+def test_incompatible_memory_options_fail_clearly(checkpoint, options, message):
+    with pytest.raises(ValueError, match=message):
+        PyramidFlowPipeline.from_pretrained(checkpoint, device="cpu", **options)
+
+
+def test_cpu_int8_quantization_runs_and_stays_close(checkpoint, pipe):
+    quantized = PyramidFlowPipeline.from_pretrained(checkpoint, quantize="int8")
+    dynamic_linear = torch.ao.nn.quantized.dynamic.Linear
+    assert any(isinstance(m, dynamic_linear) for m in quantized.transformer.modules())
+    assert not any(type(m) is torch.nn.Linear for m in quantized.transformer.modules())
+    a = pipe.text_to_image("x", seed=0, output_type="latents", **FAST).latents
+    b = quantized.text_to_image("x", seed=0, output_type="latents", **FAST).latents
+    assert (a - b).abs().mean() < 0.25 * a.abs().mean()
+
+
+def test_fp8_weight_storage_runs(checkpoint):
+    pipe = PyramidFlowPipeline.from_pretrained(checkpoint, quantize="fp8")
+    assert any(p.dtype == torch.float8_e4m3fn for p in pipe.transformer.parameters())
+    assert pipe.text_to_image("x", seed=0, **FAST).frames.shape == (1, 64, 64, 3)
+
+
+def test_bfloat16_on_cpu(checkpoint):
+    pipe = PyramidFlowPipeline.from_pretrained(checkpoint, torch_dtype="bfloat16")
+    out = pipe.text_to_video("x", num_frames=9, seed=0, **FAST)
+    assert out.frames.shape == (9, 64, 64, 3) and out.settings["dtype"] == "bfloat16"
+
+
+def test_vae_tiling_option(checkpoint):
+    pipe = PyramidFlowPipeline.from_pretrained(checkpoint, vae_tiling=True)
+    assert pipe.settings_base["vae_tiling"]
+    assert pipe.text_to_video("x", num_frames=9, seed=0, **FAST).frames.shape == (9, 64, 64, 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("offload", ["none", "model", "sequential", "group"])
+def test_offload_modes_on_cuda(checkpoint, offload):
+    pipe = PyramidFlowPipeline.from_pretrained(checkpoint, device="cuda", torch_dtype="bfloat16", offload=offload)
+    assert pipe.text_to_video("x", num_frames=9, seed=0, **FAST).frames.shape == (9, 64, 64, 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantize", ["int8", "nf4", "fp8"])
+def test_quantization_on_cuda(checkpoint, quantize):
+    pytest.importorskip("bitsandbytes") if quantize != "fp8" else None
+    pipe = PyramidFlowPipeline.from_pretrained(checkpoint, device="cuda", torch_dtype="bfloat16", quantize=quantize)
+    assert pipe.text_to_image("x", seed=0, **FAST).frames.shape == (1, 64, 64, 3)

@@ -1,0 +1,90 @@
+"""The studio's model menu: which checkpoints to offer, their variants and length limits, without loading any.
+
+A menu value is "bundled", a hub repo id, or a local checkpoint folder.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+from model_core.checkpoints import FAMILIES, VARIANTS, VariantSpec, available_variants, detect_family, with_overrides
+from model_core.loading import HUB_ID
+
+from .settings import BUNDLED_MODEL
+
+BUNDLED = "bundled"
+HUB_MODELS = {"rain1011/pyramid-flow-miniflux": "miniflux", "rain1011/pyramid-flow-sd3": "sd3"}
+PUBLISHED_VARIANTS = ("384p", "768p")
+MISSING_BUNDLED = (f"The bundled model is not installed yet (expected `{BUNDLED_MODEL}`). "
+                   "Pick `rain1011/pyramid-flow-miniflux` or `rain1011/pyramid-flow-sd3` (downloaded on first use), "
+                   "or type the path of a local checkpoint folder.")
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the menu knows about a model before loading it: variants, their specs, a note for the user."""
+
+    variants: tuple  # without "auto"; "auto" means the first
+    specs: dict
+    note: str = ""
+
+    def spec(self, variant: str):
+        """The spec that variant "auto" (or the named one) would load, or None when unknown."""
+        name = self.variants[0] if variant == "auto" and self.variants else variant
+        return self.specs.get(name)
+
+
+def model_choices(default_model=None) -> list:
+    """(label, value) pairs for the model dropdown; a given default model comes first."""
+    bundled_label = f"{BUNDLED_MODEL.name} (bundled)" + ("" if BUNDLED_MODEL.is_dir() else " — not installed")
+    choices = [(bundled_label, BUNDLED)] + [(repo, repo) for repo in HUB_MODELS]
+    if default_model and str(default_model) not in HUB_MODELS:
+        choices.insert(0, (str(default_model), str(default_model)))
+    return choices
+
+
+def source_for(choice: str):
+    """The `ModelOptions.model` for a menu value: None for the bundled model, else the value itself."""
+    choice = (choice or "").strip()
+    return None if choice in ("", BUNDLED) else choice
+
+
+def choice_for(source) -> str:
+    """The menu value for a model recorded in an output's settings."""
+    return BUNDLED if source in (None, "", str(BUNDLED_MODEL)) else str(source)
+
+
+def is_local(choice: str) -> bool:
+    """Whether the menu value names a checkpoint on this machine (nothing to download)."""
+    source = source_for(choice)
+    return BUNDLED_MODEL.is_dir() if source is None else Path(source).expanduser().is_dir()
+
+
+def model_facts(choice: str) -> ModelFacts:
+    source = source_for(choice)
+    if source is None:
+        if not BUNDLED_MODEL.is_dir():
+            return ModelFacts((), {}, MISSING_BUNDLED)
+        return _local_facts(BUNDLED_MODEL)
+    if source in HUB_MODELS:
+        specs = {name: FAMILIES[HUB_MODELS[source]].variants[name] for name in PUBLISHED_VARIANTS}
+        return ModelFacts(PUBLISHED_VARIANTS, specs, f"`{source}` is downloaded from the Hugging Face Hub on first use.")
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        return _local_facts(folder)
+    if HUB_ID.match(source):
+        return ModelFacts(tuple(VARIANTS), dict(VARIANTS), f"`{source}` is treated as a hub repo id and downloaded on first use.")
+    return ModelFacts((), {}, f"No checkpoint folder at `{source}`; give a folder with the official layout or a hub repo id.")
+
+
+def _local_facts(folder: Path) -> ModelFacts:
+    family = with_overrides(folder, detect_family(folder))
+    variants = tuple(available_variants(folder, family))
+    if not variants:
+        return ModelFacts((), {}, f"`{folder}` has no `diffusion_transformer_<variant>/` folder.")
+    return ModelFacts(variants, {name: family.variants[name] for name in variants if name in family.variants})
+
+
+def length_limits(spec: VariantSpec, extension: bool = False) -> tuple:
+    """(minimum, maximum, step) of the frame slider: 1 + 8k frames for a clip, 8k new frames for an extension."""
+    if extension:
+        return 8, max(8, spec.max_frames - 1), 8
+    return (9, spec.max_frames, 8) if spec.max_frames >= 9 else (1, 1, 8)

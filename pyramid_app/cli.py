@@ -1,0 +1,280 @@
+"""`python -m pyramid_app generate`: a prompt (plus an image or a clip) in, an mp4 or png out.
+
+Everything a person can get wrong is checked before the model loads; any error ends the run with
+one line `error: ...` on stderr. Ctrl-C stops after the current unit and still saves the video.
+"""
+import argparse
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .settings import (
+    DEVICES,
+    DTYPES,
+    OFFLOAD_MODES,
+    QUANTIZE_MODES,
+    GenerationOptions,
+    ModelOptions,
+    model_source,
+)
+from .video import read_image, read_video, write_image, write_video
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+USER_ERRORS = (ValueError, FileNotFoundError, ConnectionError)
+OUTPUT_SUFFIXES = (".mp4", ".png")
+TEXT_MODES = ("text_to_video", "text_to_image")  # the modes where the prompt is the only input
+OUT_OF_MEMORY_HINT = ("out of memory; try --offload model or --offload sequential, --quantize int8 or nf4, "
+                      "--vae-tiling, or fewer frames / a smaller size")
+
+
+class UsageError(ValueError):
+    """A command line that cannot run as given."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+@dataclass(frozen=True)
+class Job:
+    prompt: str
+    out: Path
+
+
+@dataclass(frozen=True)
+class Request:
+    """A fully checked command: what to load, which pipeline method, what to write where."""
+
+    mode: str
+    jobs: tuple
+    condition: np.ndarray  # the --image or --extend frames, else None
+    model: ModelOptions
+    options: GenerationOptions
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m pyramid_app", description="Generate video with Pyramidal Flow Matching.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    generate = commands.add_parser("generate", help="text/image/clip to video or image")
+
+    what = generate.add_argument_group("what to generate")
+    what.add_argument("--prompt", metavar="TEXT", help="text prompt (optional with --image or --extend)")
+    what.add_argument("--out", type=Path, metavar="FILE", help="output file, .mp4 or .png")
+    what.add_argument("--prompts-file", type=Path, metavar="FILE", help="batch mode: one prompt per non-empty line")
+    what.add_argument("--out-dir", type=Path, metavar="DIR", help="batch mode: folder for 0000.mp4, 0001.mp4, ...")
+    what.add_argument("--image", type=Path, metavar="IMG", help="animate this image (image-to-video)")
+    what.add_argument("--extend", type=Path, metavar="VIDEO", help="continue this video (new frames only count)")
+    what.add_argument("--negative-prompt", metavar="TEXT", help="what to steer away from")
+    length = what.add_mutually_exclusive_group()
+    length.add_argument("--num-frames", type=int, metavar="N", help="frames to generate (1 + 8k; 1 makes an image)")
+    length.add_argument("--duration", type=float, metavar="SECONDS", help="seconds of video, rounded to 1 + 8k frames")
+
+    sampling = generate.add_argument_group("sampling")
+    sampling.add_argument("--height", type=int, metavar="H", help="output height (default: the variant's)")
+    sampling.add_argument("--width", type=int, metavar="W", help="output width (default: the variant's)")
+    sampling.add_argument("--seed", type=int, metavar="S", help="same seed and settings, same frames (default: random)")
+    sampling.add_argument("--first-frame-steps", default="20,20,20", metavar="A,B,C",
+                          help="steps per pyramid stage for the first frame (default: 20,20,20)")
+    sampling.add_argument("--video-steps", default="10,10,10", metavar="A,B,C",
+                          help="steps per pyramid stage for later frames (default: 10,10,10)")
+    sampling.add_argument("--guidance", dest="guidance_scale", type=float, default=7.0, metavar="G",
+                          help="guidance scale of the first frame (default: 7)")
+    sampling.add_argument("--video-guidance", dest="video_guidance_scale", type=float, default=5.0, metavar="G",
+                          help="guidance scale of later frames (default: 5)")
+
+    model = generate.add_argument_group("model and memory")
+    model.add_argument("--model", metavar="PATH_OR_REPO", help="checkpoint folder or hub repo id (default: bundled)")
+    model.add_argument("--variant", default="auto", help="resolution variant, e.g. 384p or 768p (default: auto)")
+    model.add_argument("--dtype", choices=DTYPES, default="float32")
+    model.add_argument("--device", choices=DEVICES, default="auto")
+    model.add_argument("--offload", choices=OFFLOAD_MODES, default="none", help="move idle parts to the CPU")
+    model.add_argument("--quantize", choices=QUANTIZE_MODES, default="none", help="store weights in fewer bits")
+    model.add_argument("--vae-tiling", action="store_true", help="decode in tiles to save memory")
+    generate.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    return parser
+
+
+def plan(args) -> Request:
+    """Check the command line and read the inputs; everything short of loading the model."""
+    if args.image and args.extend:
+        raise UsageError("use either --image or --extend, not both")
+    mode = _mode(args)
+    jobs = _jobs(args, mode)
+    options = GenerationOptions(
+        negative_prompt=args.negative_prompt, num_frames=args.num_frames, duration=args.duration,
+        height=args.height, width=args.width, seed=args.seed,
+        first_frame_steps=args.first_frame_steps, video_steps=args.video_steps,
+        guidance_scale=args.guidance_scale, video_guidance_scale=args.video_guidance_scale,
+    )
+    model = ModelOptions(model=args.model, variant=args.variant, dtype=args.dtype, device=args.device,
+                         offload=args.offload, quantize=args.quantize, vae_tiling=args.vae_tiling)
+    model.check_device_available()
+    model_source(model.model)
+    condition = read_image(args.image) if args.image else read_video(args.extend)[0] if args.extend else None
+    return Request(mode, jobs, condition, model, options)
+
+
+def _mode(args) -> str:
+    if args.image:
+        return "image_to_video"
+    if args.extend:
+        return "extend_video"
+    wants_png = args.out is not None and args.out.suffix.lower() == ".png"
+    return "text_to_image" if wants_png or args.num_frames == 1 else "text_to_video"
+
+
+def _jobs(args, mode: str) -> tuple:
+    if args.prompt is not None and args.prompts_file is not None:
+        raise UsageError("use either --prompt or --prompts-file, not both")
+    if args.prompts_file is not None:
+        if args.out_dir is None:
+            raise UsageError("--prompts-file needs --out-dir for the generated files")
+        prompts = _read_prompts(args.prompts_file)
+        suffix = ".png" if mode == "text_to_image" else ".mp4"
+        return tuple(Job(prompt, args.out_dir / f"{index:04d}{suffix}") for index, prompt in enumerate(prompts))
+    prompt = (args.prompt or "").strip()
+    if not prompt and mode in TEXT_MODES:
+        raise UsageError("give a non-empty --prompt TEXT (or --prompts-file FILE with --out-dir DIR)")
+    if args.out is None:
+        raise UsageError("missing --out FILE.mp4 (or FILE.png for a single image)")
+    _check_output(args.out, mode, args)
+    return (Job(prompt, args.out),)
+
+
+def _read_prompts(path: Path) -> list:
+    if not path.is_file():
+        raise FileNotFoundError(f"no such prompts file: {path}")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise UsageError(f"{path} holds no prompts; write one prompt per line")
+    return prompts
+
+
+def _check_output(out: Path, mode: str, args) -> None:
+    suffix = out.suffix.lower()
+    if suffix not in OUTPUT_SUFFIXES:
+        raise UsageError(f"--out must end in {' or '.join(OUTPUT_SUFFIXES)}; got {out.name!r}")
+    if suffix == ".png" and (mode != "text_to_image" or args.num_frames not in (None, 1) or args.duration is not None):
+        raise UsageError(f"a .png holds a single image, but this command makes a video; name --out {out.stem}.mp4")
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder; give a file name ending in .mp4 or .png")
+
+
+def load_pipeline(model: ModelOptions):
+    from model_core import PyramidFlowPipeline
+
+    return PyramidFlowPipeline.from_pretrained(model_source(model.model), **model.to_load_kwargs())
+
+
+def run(request: Request, quiet: bool = False) -> int:
+    """Load the model once, generate every job in order, write each file as it finishes."""
+    report = (lambda message: None) if quiet else _stderr_line
+    if quiet:
+        _silence_library_progress_bars()
+    report("loading model ...")
+    pipe = load_pipeline(request.model)
+    inputs = () if request.condition is None else (request.condition,)
+    for job in request.jobs:
+        seeded = request.options.seeded()
+        report(f"{job.out.name}: {request.mode.replace('_', ' ')}, seed {seeded.seed}")
+        with _stop_on_ctrl_c() as stop:
+            result = getattr(pipe, request.mode)(*inputs, job.prompt, **seeded.to_pipeline_kwargs(request.mode),
+                                                 callback=None if quiet else ProgressPrinter(), previews=False, interrupt=stop)
+        save(result, job.out)
+        print(f"{job.out}\tseed={seeded.seed}", flush=True)
+        if result.interrupted:
+            report(f"interrupted: saved {len(result.frames)} frames to {job.out}")
+            return EXIT_INTERRUPTED
+    return 0
+
+
+def save(result, out: Path) -> Path:
+    if out.suffix.lower() == ".png":
+        return write_image(result.frames[0], out, result.settings)
+    return write_video(result.frames, out, result.fps, result.settings)
+
+
+class ProgressPrinter:
+    """One stderr line per finished unit; on a terminal, a live step counter in between."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.live = self.stream.isatty()
+        self.started = time.monotonic()
+
+    def __call__(self, progress):
+        position = f"unit {progress.unit + 1}/{progress.num_units}"
+        rewrite = "\r" if self.live else ""
+        clear = "\033[K" if self.live else ""
+        if progress.kind == "unit":
+            self.stream.write(f"{rewrite}{position} done, {time.monotonic() - self.started:.1f} s{clear}\n")
+        elif self.live:
+            step = f"stage {progress.stage + 1}  step {progress.step + 1}/{progress.num_steps}"
+            self.stream.write(f"\r{position}  {step}{clear}")
+        self.stream.flush()
+
+
+@contextmanager
+def _stop_on_ctrl_c():
+    """First Ctrl-C asks the pipeline to stop after the current unit; a second one aborts."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def request_stop(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        _stderr_line("stopping after the current unit (Ctrl-C again to abort without saving)")
+
+    previous = signal.signal(signal.SIGINT, request_stop)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _silence_library_progress_bars() -> None:
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+def _stderr_line(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return run(plan(args), quiet=args.quiet)
+    except USER_ERRORS as error:
+        _stderr_line(f"error: {_first_line(error)}")
+        return EXIT_USAGE
+    except torch.OutOfMemoryError:
+        _stderr_line(f"error: {OUT_OF_MEMORY_HINT}")
+        return EXIT_FAILED
+    except OSError as error:
+        _stderr_line(f"error: {_first_line(error)}")
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        _stderr_line("error: interrupted; nothing was saved for the current output")
+        return EXIT_INTERRUPTED

@@ -1,0 +1,159 @@
+"""The studio's generation endpoints: options from the controls, a pipeline run with live frames, the saved file.
+
+`/text_to_video`, `/image_to_video`, `/extend_video` and `/text_to_image` take the prompt first (after the
+image or clip where there is one); every other argument defaults to the control's value in the UI.
+"""
+import secrets
+import time
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from . import gallery
+from .catalog import BUNDLED, source_for
+from .cli import USER_ERRORS, save
+from .jobs import Job, PipelineCache, StopSwitches, progress_fraction, progress_text, run_job
+from .settings import STAGE_COUNT, GenerationOptions, ModelOptions
+from .video import read_image, read_video
+
+THUMBNAIL_SIDE = 160
+OUT_OF_MEMORY = ("Out of memory. Open Memory and try offload 'model' or 'sequential', quantization int8/nf4, "
+                 "VAE tiling, or fewer frames.")
+MISSING_UPLOAD = {"image_to_video": "Upload an image to animate first.", "extend_video": "Upload a video clip to extend first."}
+
+
+class Endpoints:
+    """Generation handlers and their state: loaded pipelines, stop switches, where outputs go."""
+
+    def __init__(self, default_model=None, output_dir="outputs", pipelines=None):
+        self.default_model = str(default_model) if default_model else BUNDLED
+        self.output_dir = Path(output_dir).resolve()
+        self.pipelines = pipelines or PipelineCache()
+        self.stops = StopSwitches()
+
+    # --- the four API endpoints ---------------------------------------------------------------
+
+    def text_to_video(self, prompt: str, num_frames: int, history: list, request: gr.Request = None,
+                      progress=gr.Progress(track_tqdm=True), **controls):
+        yield from self._generate("text_to_video", prompt, None, num_frames, history, controls, request, progress)
+
+    def image_to_video(self, image: str, prompt: str, num_frames: int, history: list, request: gr.Request = None,
+                       progress=gr.Progress(track_tqdm=True), **controls):
+        yield from self._generate("image_to_video", prompt, image, num_frames, history, controls, request, progress)
+
+    def extend_video(self, video: str, prompt: str, num_frames: int, history: list, request: gr.Request = None,
+                     progress=gr.Progress(track_tqdm=True), **controls):
+        yield from self._generate("extend_video", prompt, video, num_frames, history, controls, request, progress)
+
+    def text_to_image(self, prompt: str, history: list, request: gr.Request = None,
+                      progress=gr.Progress(track_tqdm=True), **controls):
+        yield from self._generate("text_to_image", prompt, None, None, history, controls, request, progress)
+
+    def _generate(self, mode, prompt, upload, num_frames, history, controls, request, progress):
+        """Yield (result, frames, status, seed used, history): frames as units finish, the saved file last."""
+        started = time.monotonic()
+        try:
+            condition = _read_upload(mode, upload)
+            model = self._model_options(controls)
+            options = _generation_options(controls, num_frames)
+            progress(0, desc="loading model (a hub model is downloaded on first use)")
+            pipe = self.pipelines.get(model, tqdm_class=tqdm)
+            frames = []
+            session = getattr(request, "session_hash", None) or "local"
+            stop = self.stops.start(session)
+            try:
+                for event in run_job(pipe, Job(mode, prompt or "", condition, options), stop):
+                    if not hasattr(event, "kind"):
+                        result = event
+                    elif event.kind == "step":
+                        progress(progress_fraction(event, options), desc=progress_text(event))
+                    else:
+                        frames = frames + _thumbnails(event.preview)
+                        yield gr.skip(), frames, f"Generating… {progress_text(event)}", str(options.seed), gr.skip()
+            finally:
+                self.stops.finish(session)
+            out = save(result, self.output_dir / _output_name(mode, result))
+        except USER_ERRORS as error:
+            raise gr.Error(_message(error, upload), print_exception=False) from None
+        except torch.OutOfMemoryError:
+            raise gr.Error(OUT_OF_MEMORY, print_exception=False) from None
+        except OSError as error:
+            raise gr.Error(_message(error, upload), print_exception=False) from None
+        history = gallery.add(history or [], out, result.settings)
+        yield str(out), frames or _thumbnails(result.frames), _finished_text(result, out, started), str(options.seed), history
+
+    def _model_options(self, controls) -> ModelOptions:
+        return ModelOptions(model=source_for(controls["model"]), variant=controls["variant"] or "auto",
+                            dtype=controls["dtype"], offload=controls["offload"], quantize=controls["quantize"],
+                            vae_tiling=bool(controls["vae_tiling"]))
+
+    # --- helpers behind the other controls ----------------------------------------------------
+
+    def stop(self, request: gr.Request = None) -> str:
+        """`/stop`: the caller's running generation ends after its current unit and keeps its frames."""
+        if self.stops.stop(getattr(request, "session_hash", None) or "local"):
+            return "Stopping after the current unit; the frames so far will be saved."
+        return "Nothing is generating."
+
+
+def _read_upload(mode, upload):
+    if mode not in MISSING_UPLOAD:
+        return None
+    if not upload:
+        raise ValueError(MISSING_UPLOAD[mode])
+    return read_image(upload) if mode == "image_to_video" else read_video(upload)[0]
+
+
+def _generation_options(controls, num_frames) -> GenerationOptions:
+    steps = {name: tuple(int(controls[gallery.step_control(name, stage)]) for stage in range(STAGE_COUNT))
+             for name in ("first_frame_steps", "video_steps")}
+    return GenerationOptions(
+        negative_prompt=controls["negative_prompt"] or None, num_frames=None if num_frames is None else int(num_frames),
+        seed=_seed(controls["seed"]), guidance_scale=float(controls["guidance_scale"]),
+        video_guidance_scale=float(controls["video_guidance_scale"]), **steps,
+    ).seeded()
+
+
+def _seed(text):
+    text = str(text if text is not None else "").strip()
+    if not text:
+        return None
+    if not text.isdigit():
+        raise ValueError(f"the seed must be a whole number (or empty for a random one); got {text!r}")
+    return int(text)
+
+
+def _thumbnails(frames: np.ndarray) -> list:
+    height, width = frames.shape[1:3]
+    scale = THUMBNAIL_SIDE / max(height, width)
+    if scale >= 1:
+        return list(frames)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return [np.asarray(Image.fromarray(frame).resize(size, Image.BILINEAR)) for frame in frames]
+
+
+def _output_name(mode: str, result) -> str:
+    suffix = ".png" if mode == "text_to_image" else ".mp4"
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{mode.replace('_', '-')}-{secrets.token_hex(3)}{suffix}"
+
+
+def _finished_text(result, out: Path, started: float) -> str:
+    frames = len(result.frames)
+    length = f"{frames} frames ({frames / result.fps:.1f} s at {result.fps} fps)" if frames > 1 else "1 image"
+    seconds = time.monotonic() - started
+    if result.interrupted:
+        return f"Stopped: kept {length} in `{out.name}` ({seconds:.1f} s)."
+    return f"Saved `{out.name}`: {length}, seed {result.settings['seed']}, in {seconds:.1f} s."
+
+
+def _message(error: BaseException, upload=None) -> str:
+    """The first line of a user error, with the upload folder dropped from the uploaded file's path."""
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else type(error).__name__
+    if upload:
+        text = text.replace(str(Path(upload).parent) + "/", "")
+    return text[0].upper() + text[1:]

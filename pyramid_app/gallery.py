@@ -1,0 +1,71 @@
+"""This session's outputs, newest first, and the control values to reuse from any output's embedded settings."""
+from .catalog import choice_for
+from .settings import STAGE_COUNT
+from .video import read_metadata
+
+MODE_LABELS = {
+    "text_to_video": "Text → Video",
+    "image_to_video": "Image → Video",
+    "extend_video": "Extend a video",
+    "text_to_image": "Text → Image",
+}
+CAPTION_PROMPT_CHARS = 60
+
+
+def add(history: list, path, settings: dict) -> list:
+    """A new history (states are not mutated in place) with `path` first."""
+    return [{"path": str(path), "settings": settings}, *history]
+
+
+def gallery_items(history: list) -> list:
+    return [(entry["path"], caption(entry["settings"])) for entry in history]
+
+
+def caption(settings: dict) -> str:
+    frames = settings.get("num_frames")
+    parts = [MODE_LABELS.get(settings.get("mode"), "output")]
+    if frames and frames > 1:
+        parts.append(f"{frames} frames")
+    parts.append(f"seed {settings.get('seed')}")
+    if settings.get("interrupted"):
+        parts.append("stopped")
+    prompt = settings.get("prompt") or ""
+    if len(prompt) > CAPTION_PROMPT_CHARS:
+        prompt = prompt[: CAPTION_PROMPT_CHARS - 1] + "…"
+    return " · ".join(parts) + (f" — {prompt}" if prompt else "")
+
+
+def saved_settings(path) -> dict:
+    """The settings embedded in a studio or CLI output (mp4/png, else its JSON sidecar)."""
+    settings = read_metadata(path)
+    if settings.get("mode") not in MODE_LABELS:
+        raise ValueError(f"{path} holds settings, but not from a Pyramid Flow generation (no known 'mode')")
+    return settings
+
+
+def control_values(settings: dict) -> dict:
+    """Settings keyed by the studio's control names; only what the output recorded."""
+    values = {
+        "prompt": settings.get("prompt"),
+        "negative_prompt": settings.get("negative_prompt"),
+        "model": choice_for(settings.get("model")),
+        "variant": settings.get("variant"),
+        "num_frames": settings.get("num_frames"),
+        "guidance_scale": settings.get("guidance_scale"),
+        "video_guidance_scale": settings.get("video_guidance_scale"),
+        "seed": None if settings.get("seed") is None else str(settings["seed"]),
+        "offload": settings.get("offload"),
+        "quantize": settings.get("quantize"),
+        "dtype": settings.get("dtype"),
+        "vae_tiling": settings.get("vae_tiling"),
+    }
+    for name in ("first_frame_steps", "video_steps"):
+        steps = settings.get(name) or ()
+        if len(steps) == STAGE_COUNT:
+            values.update({step_control(name, stage): count for stage, count in enumerate(steps)})
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def step_control(name: str, stage: int) -> str:
+    """'first_frame_steps', 0 -> 'first_frame_steps_stage_1': one slider per pyramid stage."""
+    return f"{name}_stage_{stage + 1}"

@@ -1,0 +1,145 @@
+"""Generation sessions for the studio: loaded pipelines kept warm, a worker per run, Stop per browser session.
+
+`run_job` drives one pipeline call on a worker thread and yields its progress events as they come,
+then the finished (or stopped) `GenerationResult`; the caller decides what to show.
+"""
+import contextlib
+import gc
+import queue
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from .cli import USER_ERRORS
+from .settings import GenerationOptions, ModelOptions, model_source
+
+
+class PipelineCache:
+    """Loaded pipelines keyed by (model, variant, memory options); the oldest is dropped beyond `capacity`."""
+
+    def __init__(self, capacity: int = 1):
+        self.capacity = capacity
+        self._loaded = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, model: ModelOptions, tqdm_class=None):
+        key = replace(model, model=model_source(model.model))
+        with self._lock:
+            if key in self._loaded:
+                self._loaded.move_to_end(key)
+                return self._loaded[key]
+            while len(self._loaded) >= self.capacity:
+                self._loaded.popitem(last=False)
+                _release_memory()
+            from model_core import PyramidFlowPipeline
+
+            pipe = PyramidFlowPipeline.from_pretrained(key.model, **key.to_load_kwargs(), tqdm_class=tqdm_class)
+            self._loaded[key] = pipe
+            return pipe
+
+    def warm_up(self, model: ModelOptions) -> threading.Thread:
+        """Start loading `model` in the background; a generation asking for it meanwhile waits for it.
+        A failure is left for that generation to report, since it loads again and says what is wrong."""
+
+        def load():
+            with contextlib.suppress(*USER_ERRORS, OSError):
+                self.get(model)
+
+        thread = threading.Thread(target=load, name="pyramid-warm-up", daemon=True)
+        thread.start()
+        return thread
+
+
+def _release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class StopSwitches:
+    """One stop event per browser session, alive while that session's generation runs."""
+
+    def __init__(self):
+        self._events = {}
+        self._lock = threading.Lock()
+
+    def start(self, session: str) -> threading.Event:
+        with self._lock:
+            self._events[session] = threading.Event()
+            return self._events[session]
+
+    def stop(self, session: str) -> bool:
+        """Ask the session's running generation to stop after its current unit; False when none runs."""
+        with self._lock:
+            event = self._events.get(session)
+        if event is None:
+            return False
+        event.set()
+        return True
+
+    def finish(self, session: str) -> None:
+        with self._lock:
+            self._events.pop(session, None)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One pipeline call: `mode` names the method, `condition` is the image or clip (None for text modes)."""
+
+    mode: str
+    prompt: str
+    condition: np.ndarray
+    options: GenerationOptions
+
+
+@dataclass(frozen=True)
+class _Failed:
+    error: BaseException
+
+
+def run_job(pipe, job: Job, stop: threading.Event):
+    """Yield the pipeline's progress events (unit events carry `.preview` frames), then its result.
+
+    The worker is joined before this generator finishes, also when the consumer goes away early,
+    so a device never runs two generations at once.
+    """
+    events = queue.Queue()
+    inputs = () if job.condition is None else (job.condition,)
+
+    def work():
+        try:
+            events.put(getattr(pipe, job.mode)(*inputs, job.prompt, **job.options.to_pipeline_kwargs(job.mode),
+                                               callback=events.put, previews=True, interrupt=stop))
+        except BaseException as error:  # handed to the consumer thread, which re-raises it
+            events.put(_Failed(error))
+
+    worker = threading.Thread(target=work, name=f"pyramid-{job.mode}", daemon=True)
+    worker.start()
+    try:
+        while True:
+            event = events.get()
+            if isinstance(event, _Failed):
+                raise event.error
+            yield event
+            if not hasattr(event, "kind"):
+                return
+    finally:
+        stop.set()
+        worker.join()
+
+
+def progress_fraction(event, options: GenerationOptions) -> float:
+    """How far the whole generation is after `event`: finished units plus the steps done in this one."""
+    steps = options.first_frame_steps if event.unit == 0 else options.video_steps
+    done_in_unit = 1.0 if event.kind == "unit" else (sum(steps[: event.stage]) + event.step + 1) / sum(steps)
+    return min(1.0, (event.unit + done_in_unit) / event.num_units)
+
+
+def progress_text(event) -> str:
+    position = f"unit {event.unit + 1}/{event.num_units}"
+    if event.kind == "unit":
+        return f"{position} done"
+    return f"{position} · stage {event.stage + 1} · step {event.step + 1}/{event.num_steps}"

@@ -1,0 +1,154 @@
+"""Options a person sets, with one name each across pipeline, CLI and studio, checked before any model loads.
+
+`ModelOptions` says how to load a checkpoint, `GenerationOptions` what to generate with it; both
+reject bad values with a sentence naming the option and what it allows.
+"""
+import math
+import secrets
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+OFFLOAD_MODES = ("none", "model", "sequential")
+QUANTIZE_MODES = ("none", "int8", "nf4", "fp8")
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+STAGE_COUNT = 3
+SEED_LIMIT = 2**63
+BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "assets" / "models" / "pyramid-flow-shapes"
+
+
+def parse_steps(value, name: str) -> tuple:
+    """'20,20,20' (or a sequence) -> (20, 20, 20): one positive step count per pyramid stage."""
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        steps = tuple(int(str(part).strip()) for part in parts)
+    except ValueError:
+        steps = ()
+    if len(steps) != STAGE_COUNT or min(steps) < 1:
+        raise ValueError(f"{name} must be {STAGE_COUNT} positive integers separated by commas, "
+                         f"like 20,20,20; got {value!r}")
+    return steps
+
+
+def checked_choice(value: str, allowed: tuple, name: str) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+    return value
+
+
+def fresh_seed() -> int:
+    return secrets.randbelow(SEED_LIMIT)
+
+
+def model_source(model) -> str:
+    """The checkpoint to load: the one named, else the bundled model."""
+    if model:
+        return str(model)
+    if not BUNDLED_MODEL.is_dir():
+        raise FileNotFoundError(f"no bundled model is installed (expected {BUNDLED_MODEL}); "
+                                "pass --model with a checkpoint folder or a hub repo id "
+                                "like rain1011/pyramid-flow-miniflux")
+    return str(BUNDLED_MODEL)
+
+
+def _check_positive_or_none(value, name: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be a positive whole number; got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How to load the pipeline: `model` is a checkpoint folder or hub repo id (None: the bundled model)."""
+
+    model: str = None
+    variant: str = "auto"
+    dtype: str = "float32"
+    device: str = "auto"
+    offload: str = "none"
+    quantize: str = "none"
+    vae_tiling: bool = False
+
+    def __post_init__(self):
+        checked_choice(self.dtype, DTYPES, "dtype")
+        checked_choice(self.device, DEVICES, "device")
+        checked_choice(self.offload, OFFLOAD_MODES, "offload")
+        checked_choice(self.quantize, QUANTIZE_MODES, "quantize")
+
+    def check_device_available(self) -> None:
+        if self.device in ("auto", "cpu"):
+            return
+        accelerator = torch.accelerator.current_accelerator()
+        if accelerator is None or accelerator.type != torch.device(self.device).type:
+            present = ", ".join(["auto", "cpu"] + ([accelerator.type] if accelerator is not None else []))
+            raise ValueError(f"device {self.device!r} is not available on this machine; available: {present}")
+
+    def to_load_kwargs(self) -> dict:
+        """Keyword arguments for `PyramidFlowPipeline.from_pretrained` after the source."""
+        return dict(
+            variant=self.variant,
+            torch_dtype=getattr(torch, self.dtype),
+            device=None if self.device == "auto" else self.device,
+            offload=self.offload,
+            quantize=self.quantize,
+            vae_tiling=self.vae_tiling,
+        )
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Sampling settings shared by every mode; None lets the pipeline pick the variant's default."""
+
+    negative_prompt: str = None
+    num_frames: int = None
+    duration: float = None  # seconds; the pipeline turns it into frames at the model's fps
+    height: int = None
+    width: int = None
+    seed: int = None
+    first_frame_steps: tuple = (20, 20, 20)
+    video_steps: tuple = (10, 10, 10)
+    guidance_scale: float = 7.0
+    video_guidance_scale: float = 5.0
+
+    def __post_init__(self):
+        for name in ("num_frames", "height", "width"):
+            _check_positive_or_none(getattr(self, name), name)
+        if self.duration is not None and not (math.isfinite(self.duration) and self.duration > 0):
+            raise ValueError(f"duration must be a positive number of seconds; got {self.duration}")
+        if self.duration is not None and self.num_frames is not None:
+            raise ValueError("give num_frames or duration, not both")
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < SEED_LIMIT):
+            raise ValueError(f"seed must be a whole number from 0 to {SEED_LIMIT - 1}; got {self.seed!r}")
+        object.__setattr__(self, "first_frame_steps", parse_steps(self.first_frame_steps, "first_frame_steps"))
+        object.__setattr__(self, "video_steps", parse_steps(self.video_steps, "video_steps"))
+
+    def seeded(self) -> "GenerationOptions":
+        """These options with a concrete seed: the given one, else a fresh random one to record."""
+        return self if self.seed is not None else replace(self, seed=fresh_seed())
+
+    def to_pipeline_kwargs(self, mode: str) -> dict:
+        """Keyword arguments for the pipeline method `mode`; text_to_image takes no length."""
+        kwargs = asdict(self)
+        if mode == "text_to_image":
+            del kwargs["num_frames"], kwargs["duration"]
+        return kwargs
+
+
+def memory_choices(device: torch.device) -> dict:
+    """The dtype, offload and quantize values that can work on `device` (each checked with the others at
+    their defaults), so a UI offers only those."""
+    from model_core.memory import check_memory_options
+
+    def works(dtype="float32", offload="none", quantize="none") -> bool:
+        try:
+            check_memory_options(device, getattr(torch, dtype), offload, quantize)
+        except ValueError:
+            return False
+        return True
+
+    return {
+        "dtype": tuple(name for name in DTYPES if works(dtype=name)),
+        "offload": tuple(mode for mode in OFFLOAD_MODES if works(offload=mode)),
+        "quantize": tuple(mode for mode in QUANTIZE_MODES if works(quantize=mode)),
+    }

@@ -1,0 +1,261 @@
+"""The studio layout: four generation tabs, shared model/sampling/memory panels, the result and the session gallery.
+
+`build_studio()` returns the Blocks; `pyramid_app.serve` launches it. The generation handlers live in
+`endpoints`, the model menu in `catalog`, the session outputs in `gallery`.
+"""
+import gradio as gr
+import torch
+
+from model_core.checkpoints import VARIANTS
+from model_core.memory import resolve_device
+
+from . import gallery
+from .catalog import is_local, length_limits, model_choices, model_facts, source_for
+from .endpoints import Endpoints
+from .settings import DTYPES, OFFLOAD_MODES, QUANTIZE_MODES, STAGE_COUNT, ModelOptions, fresh_seed, memory_choices
+
+GENERATION_QUEUE = "generation"  # one concurrency group: one generation at a time on this device
+PLACEHOLDER_SPEC = VARIANTS["384p"]  # slider limits until a model with known limits is picked
+THEME = gr.themes.Soft(primary_hue="indigo")
+CSS = "#frames .thumbnail-item { min-width: 48px; }"
+EXAMPLE_PROMPTS = [
+    "a red circle moving from left to right",
+    "a blue square bouncing up and down",
+    "a green triangle spinning in place",
+    "a yellow circle and a purple square passing each other",
+]
+HELPERS = dict(api_visibility="private", queue=False)
+
+
+def build_studio(default_model=None, output_dir="outputs", pipelines=None) -> gr.Blocks:
+    """The studio UI; `default_model` is a checkpoint folder or hub id (default: the bundled model)."""
+    endpoints = Endpoints(default_model, output_dir, pipelines)
+    facts = model_facts(endpoints.default_model)
+    if facts.variants and is_local(endpoints.default_model):
+        endpoints.pipelines.warm_up(ModelOptions(model=source_for(endpoints.default_model), dtype=_default_dtype()))
+    spec = facts.spec("auto") or PLACEHOLDER_SPEC
+    with gr.Blocks(title="Pyramid Flow Studio") as demo:
+        gr.Markdown("# Pyramid Flow Studio\nVideo generation with Pyramidal Flow Matching.")
+        model_note = gr.Markdown(facts.note, elem_id="model-note")
+        history, selected, fps = gr.State([]), gr.State(None), gr.State(spec.fps)
+        with gr.Row():
+            with gr.Column(scale=5):
+                tabs, inputs, buttons, lengths = _mode_tabs(spec)
+                stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
+                controls = {**_model_panel(endpoints.default_model, facts), **_sampling_panel(), **_memory_panel()}
+            with gr.Column(scale=6):
+                status = gr.Markdown("Ready.", label="Status", elem_id="status")
+                result_video = gr.Video(label="Result", buttons=["download"], autoplay=True, loop=True,
+                                        interactive=False, elem_id="result-video")
+                result_image = gr.Image(label="Result", type="filepath", buttons=["download"], interactive=False,
+                                        visible=False, elem_id="result-image")
+                seed_used = gr.Textbox(label="Seed used", interactive=False, elem_id="seed-used")
+                frames = gr.Gallery(label="Frames",  columns=9, height=220,
+                                    object_fit="contain", elem_id="frames")
+        with gr.Accordion("This session's outputs", open=True):
+            with gr.Row():
+                outputs = gr.Gallery(label="Outputs", columns=4, height=260, allow_preview=False, elem_id="outputs")
+                with gr.Column():
+                    selected_settings = gr.JSON(label="Settings of the selected output")
+                    reuse_button = gr.Button("Reuse settings", elem_id="reuse")
+                    reuse_file = gr.File(label="…or reuse the settings of a file made here or by the CLI",
+                                         file_types=[".mp4", ".png", ".json"], elem_id="reuse-file")
+
+        results = {mode: result_image if mode == "text_to_image" else result_video for mode in gallery.MODE_LABELS}
+        for mode, button in buttons.items():
+            button.click(lambda image_mode=mode == "text_to_image": (gr.update(visible=not image_mode),
+                                                                     gr.update(visible=image_mode)),
+                         None, [result_video, result_image], **HELPERS)
+            button.click(_on_gpu(getattr(endpoints, mode)), [*inputs[mode], history],
+                         [results[mode], frames, status, seed_used, history], api_name=mode,
+                         inputs_kwargs=controls, concurrency_id=GENERATION_QUEUE, concurrency_limit=1,
+                         show_progress_on=[results[mode]]
+                         ).then(gallery.gallery_items, history, outputs, **HELPERS)
+        stop_button.click(endpoints.stop, None, status, api_name="stop", concurrency_limit=None)
+
+        sliders = {mode: inputs[mode][-1] for mode in lengths}
+        model_inputs = [controls["model"], controls["variant"], *sliders.values()]
+        length_outputs = [model_note, fps, *sliders.values(), *lengths.values()]
+
+        def lengths_for(choice, variant, *current):
+            model = model_facts(choice)
+            spec = model.spec(variant)
+            sizes = [_slider_update(spec, value, mode == "extend_video") for mode, value in zip(sliders, current)]
+            notes = [_length_note(_clamped(spec, value, mode == "extend_video"), spec, mode == "extend_video")
+                     for mode, value in zip(sliders, current)]
+            return [model.note, spec.fps if spec else gr.skip(), *sizes, *notes]
+
+        def model_changed(choice, variant, *current):
+            variants = ["auto", *model_facts(choice).variants]
+            variant = variant if variant in variants else "auto"
+            return [gr.update(choices=variants, value=variant), *lengths_for(choice, variant, *current)]
+
+        controls["model"].change(model_changed, model_inputs, [controls["variant"], *length_outputs], **HELPERS)
+        controls["variant"].change(lengths_for, model_inputs, length_outputs, **HELPERS)
+        for mode, slider in sliders.items():
+            slider.change(lambda value, rate, extension=mode == "extend_video": _length_note(value, rate, extension),
+                          [slider, fps], lengths[mode], **HELPERS)
+
+        def select_output(entries, event: gr.SelectData):
+            entry = entries[event.index]
+            return entry["path"], entry["settings"]
+
+        def reuse(path):
+            if not path:
+                raise gr.Error("Select an output in the gallery (or upload one) first.", print_exception=False)
+            try:
+                settings = gallery.saved_settings(path)
+            except (ValueError, FileNotFoundError) as error:
+                raise gr.Error(str(error).splitlines()[0], print_exception=False) from None
+            return _reuse_updates(settings, tabs, inputs, controls, status)
+
+        reuse_targets = [tabs, status, *controls.values(), *(component for group in inputs.values() for component in group)]
+        outputs.select(select_output, history, [selected, selected_settings], **HELPERS)
+        reuse_button.click(reuse, selected, reuse_targets, **HELPERS)
+        reuse_file.upload(reuse, reuse_file, reuse_targets, **HELPERS)
+    return demo
+
+
+def _mode_tabs(spec) -> tuple:
+    """The four tabs: per mode its API inputs (upload, prompt, length), Generate button and length note."""
+    inputs, buttons, lengths = {}, {}, {}
+    with gr.Tabs(selected="text_to_video") as tabs:
+        with gr.Tab("Text → Video", id="text_to_video"):
+            prompt = gr.Textbox(label="Prompt", lines=2, placeholder="Describe the video", elem_id="t2v-prompt")
+            inputs["text_to_video"] = [prompt, _frames_slider(spec, "Duration (frames)", "t2v-frames")]
+            lengths["text_to_video"] = gr.Markdown(_length_note(spec.max_frames, spec.fps))
+            buttons["text_to_video"] = gr.Button("Generate video", variant="primary", elem_id="t2v-generate")
+            gr.Examples([[text] for text in EXAMPLE_PROMPTS], prompt, label="Example prompts for the bundled model",
+                        cache_examples=False)
+        with gr.Tab("Image → Video", id="image_to_video"):
+            image = gr.Image(label="Image to animate", type="filepath", sources=["upload", "clipboard"], elem_id="i2v-image")
+            prompt = gr.Textbox("", label="Prompt (optional)", lines=2, placeholder="How should it move?")
+            inputs["image_to_video"] = [image, prompt, _frames_slider(spec, "Duration (frames)", "i2v-frames")]
+            lengths["image_to_video"] = gr.Markdown(_length_note(spec.max_frames, spec.fps))
+            buttons["image_to_video"] = gr.Button("Animate image", variant="primary", elem_id="i2v-generate")
+        with gr.Tab("Extend a video", id="extend_video"):
+            video = gr.Video(label="Clip to continue", sources=["upload"], include_audio=True, elem_id="extend-video")
+            prompt = gr.Textbox("", label="Prompt (optional)", lines=2, placeholder="What happens next?")
+            new_frames = _frames_slider(spec, "New frames", "extend-frames", extension=True)
+            inputs["extend_video"] = [video, prompt, new_frames]
+            lengths["extend_video"] = gr.Markdown(_length_note(new_frames.value, spec.fps, extension=True))
+            buttons["extend_video"] = gr.Button("Extend video", variant="primary", elem_id="extend-generate")
+        with gr.Tab("Text → Image", id="text_to_image"):
+            inputs["text_to_image"] = [gr.Textbox(label="Prompt", lines=2, placeholder="Describe the image",
+                                                  elem_id="t2i-prompt")]
+            buttons["text_to_image"] = gr.Button("Generate image", variant="primary", elem_id="t2i-generate")
+    return tabs, inputs, buttons, lengths
+
+
+def _frames_slider(spec, label, elem_id, extension=False) -> gr.Slider:
+    low, high, step = length_limits(spec, extension)
+    return gr.Slider(low, high, value=low if extension else high, step=step, label=label,
+                     interactive=high > low, elem_id=elem_id)
+
+
+def _clamped(spec, value, extension):
+    low, high, step = length_limits(spec or PLACEHOLDER_SPEC, extension)
+    return int(min(high, max(low, low + step * round((float(value) - low) / step))))
+
+
+def _slider_update(spec, value, extension):
+    if spec is None:
+        return gr.skip()
+    low, high, step = length_limits(spec, extension)
+    return gr.update(minimum=low, maximum=high, step=step, value=_clamped(spec, value, extension), interactive=high > low)
+
+
+def _length_note(frames, rate, extension=False) -> str:
+    rate = getattr(rate, "fps", rate)
+    if not rate:
+        return ""
+    what = "new frames" if extension else "frames"
+    return f"{int(frames)} {what} ≈ {int(frames) / rate:.1f} s at {rate} fps"
+
+
+def _model_panel(default_model, facts) -> dict:
+    with gr.Accordion("Model", open=True):
+        model = gr.Dropdown(model_choices(default_model), value=default_model, allow_custom_value=True, label="Model",
+                            info="the bundled model, a Hugging Face Hub repo (downloaded on first use) or a local folder",
+                            elem_id="model")
+        variant = gr.Dropdown(["auto", *facts.variants], value="auto", label="Resolution variant", elem_id="variant")
+    return {"model": model, "variant": variant}
+
+
+def _sampling_panel() -> dict:
+    with gr.Accordion("Sampling", open=False):
+        negative_prompt = gr.Textbox("", label="Negative prompt", placeholder="what to steer away from")
+        with gr.Row():
+            seed = gr.Textbox("", label="Seed", placeholder="random", scale=4, elem_id="seed")
+            randomize = gr.Button("🎲 Randomise", scale=1, elem_id="randomize")
+        randomize.click(lambda: str(fresh_seed()), None, seed, **HELPERS)
+        guidance = gr.Slider(0, 15, value=7.0, step=0.5, label="Guidance (first frame)")
+        video_guidance = gr.Slider(0, 15, value=5.0, step=0.5, label="Video guidance (later frames)")
+        steps = {}
+        for name, label, default in (("first_frame_steps", "First-frame steps", 20), ("video_steps", "Video steps", 10)):
+            gr.Markdown(f"**{label}** per pyramid stage (low → full resolution)")
+            with gr.Row():
+                for stage in range(STAGE_COUNT):
+                    steps[gallery.step_control(name, stage)] = gr.Slider(1, 50, value=default, step=1,
+                                                                         label=f"stage {stage + 1}")
+    return {"negative_prompt": negative_prompt, "seed": seed, "guidance_scale": guidance,
+            "video_guidance_scale": video_guidance, **steps}
+
+
+def _memory_panel() -> dict:
+    device = resolve_device(None)
+    choices = memory_choices(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type.upper()
+    with gr.Accordion("Memory", open=False):
+        gr.Markdown(f"Running on **{name}**; only the options that work here are offered.")
+        dtype = gr.Radio(choices["dtype"], value=_default_dtype(), label="dtype",
+                         info=_unavailable("dtype", choices, device))
+        offload = gr.Radio(choices["offload"], value="none", label="Offload", interactive=len(choices["offload"]) > 1,
+                           info=_unavailable("offload", choices, device))
+        quantize = gr.Radio(choices["quantize"], value="none", label="Quantization",
+                            info=_unavailable("quantize", choices, device))
+        vae_tiling = gr.Checkbox(False, label="VAE tiling (decode in tiles to save memory)")
+    return {"dtype": dtype, "offload": offload, "quantize": quantize, "vae_tiling": vae_tiling}
+
+
+def _default_dtype() -> str:
+    """bfloat16 on an accelerator that has it (the published weights' dtype), else the first that works."""
+    device = resolve_device(None)
+    dtypes = memory_choices(device)["dtype"]
+    return "bfloat16" if device.type != "cpu" and "bfloat16" in dtypes else dtypes[0]
+
+
+def _unavailable(name, choices, device) -> str:
+    every = {"dtype": DTYPES, "offload": OFFLOAD_MODES, "quantize": QUANTIZE_MODES}[name]
+    missing = [value for value in every if value not in choices[name]]
+    return f"not available on {device.type}: {', '.join(missing)}" if missing else None
+
+
+def _reuse_updates(settings, tabs, inputs, controls, status) -> dict:
+    """Control updates from an output's settings; values this device or model menu cannot take are kept."""
+    values = gallery.control_values(settings)
+    mode = settings["mode"]
+    updates = {tabs: gr.Tabs(selected=mode), status: f"Loaded the settings of a {gallery.caption(settings)}"}
+    for name, component in controls.items():
+        if name not in values:
+            continue
+        offered = [choice[1] for choice in getattr(component, "choices", None) or []]
+        if isinstance(component, gr.Radio) and values[name] not in offered:
+            continue
+        updates[component] = gr.update(value=values[name])
+    updates[controls["variant"]] = gr.update(choices=["auto", *model_facts(values["model"]).variants],
+                                             value=values.get("variant", "auto"))
+    prompt = inputs[mode][0 if mode in ("text_to_video", "text_to_image") else 1]
+    updates[prompt] = values.get("prompt", "")
+    if mode in ("text_to_video", "image_to_video") and "num_frames" in values:
+        updates[inputs[mode][-1]] = values["num_frames"]
+    return updates
+
+
+def _on_gpu(handler):
+    """On a Hugging Face ZeroGPU Space (`spaces` installed), run the handler with a GPU attached."""
+    try:
+        import spaces
+    except ImportError:
+        return handler
+    return spaces.GPU(handler)

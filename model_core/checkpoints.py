@@ -8,6 +8,8 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
 VAE_FOLDER = "causal_video_vae"
 SETTINGS_FILE = "pyramid_flow.json"
 
@@ -24,6 +26,23 @@ class LatentNormalization:
     first_scale: float
     later_shift: float = -0.2343
     later_scale: float = 1 / 3.0986
+
+    def _per_frame(self, z: torch.Tensor) -> tuple:
+        """Shift and scale broadcast over [B, C, T, H, W]: frame 0 uses the first-frame constants."""
+        shift = torch.full((z.shape[2],), self.later_shift, dtype=z.dtype, device=z.device)
+        scale = torch.full((z.shape[2],), self.later_scale, dtype=z.dtype, device=z.device)
+        shift[0], scale[0] = self.first_shift, self.first_scale
+        return shift.view(1, 1, -1, 1, 1), scale.view(1, 1, -1, 1, 1)
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """VAE latents -> the transformer's latent space."""
+        shift, scale = self._per_frame(z)
+        return (z - shift) * scale
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        """The transformer's latent space -> VAE latents."""
+        shift, scale = self._per_frame(z)
+        return z / scale + shift
 
 
 @dataclass(frozen=True)

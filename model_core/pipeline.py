@@ -1,6 +1,6 @@
 """PyramidFlowPipeline: text-to-video, text-to-image, image-to-video and video extension."""
 import secrets
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
@@ -8,7 +8,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from . import __version__
-from .checkpoints import FAMILIES, VARIANTS, Family, VariantSpec
+from .checkpoints import FAMILIES, Family, VariantSpec
 from .loading import ResolvedCheckpoint, load_model, resolve_checkpoint
 from .media import as_frames, to_frames, to_video_tensor
 from .memory import (
@@ -22,9 +22,9 @@ from .memory import (
 )
 from .sampling import Progress, sample_video
 from .scheduler import PyramidFlowScheduler
+from .temporal import LATENT_FRAMES_PER_UNIT, frames_for_duration
 from .text import PROMPT_ENCODERS, PromptEmbeddings
 
-LATENT_FRAMES_PER_UNIT = 8  # pixel frames per later latent frame of the causal VAE
 SIZE_MULTIPLE = 64  # VAE x8, two pyramid halvings, 2x2 patches
 
 
@@ -81,10 +81,12 @@ class PyramidFlowPipeline(DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, source, variant: str = "auto", model: str = "auto", torch_dtype="float32", device=None,
-                        offload: str = "none", quantize: str = "none", vae_tiling: bool = False, tqdm_class=None):
+                        offload: str = "none", quantize: str = "none", vae_tiling: bool = False, lora=None,
+                        tqdm_class=None):
         """Load a checkpoint folder or hub repo id (only the needed subfolders are fetched).
 
-        offload: none | model | sequential | group; quantize: none | int8 | nf4 | fp8 (see model_core.memory).
+        offload: none | model | sequential | group; quantize: none | int8 | nf4 | fp8 (see model_core.memory);
+        lora: a folder with a LoRA adapter trained by `training` (recipe lora.yaml) to apply to the transformer.
         """
         device, dtype = resolve_device(device), resolve_dtype(torch_dtype)
         check_memory_options(device, dtype, offload, quantize)
@@ -96,6 +98,10 @@ class PyramidFlowPipeline(DiffusionPipeline):
         dit_quant, t5_quant = bitsandbytes_configs(quantize, dtype) if uses_bitsandbytes(quantize, device) else (None, None)
         extra = {"quantization_config": dit_quant, "device_map": {"": device}} if dit_quant else {}
         transformer = load_model(transformer_class, checkpoint.transformer_path, dtype, **extra)
+        if lora is not None:
+            from .lora import load_lora_adapter
+
+            load_lora_adapter(transformer, lora)
         vae = load_model(CausalVideoVAE, checkpoint.vae_path, dtype)
         prompt_encoder = PROMPT_ENCODERS[checkpoint.family.name].from_pretrained(
             checkpoint.root, torch_dtype=dtype, t5_quantization_config=t5_quant, device=device if t5_quant else None
@@ -258,24 +264,15 @@ class PyramidFlowPipeline(DiffusionPipeline):
 
         return velocity
 
-    def _normalize(self, z: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-        """Latent normalisation: first latent frame and later frames have their own shift/scale."""
-        n = self.family.normalization
-        shift = torch.full((z.shape[2],), n.later_shift, device=z.device)
-        scale = torch.full((z.shape[2],), n.later_scale, device=z.device)
-        shift[0], scale[0] = n.first_shift, n.first_scale
-        shift, scale = shift.view(1, 1, -1, 1, 1), scale.view(1, 1, -1, 1, 1)
-        return z / scale + shift if inverse else (z - shift) * scale
-
     @torch.no_grad()
     def _encode_frames(self, frames: torch.Tensor, height: int, width: int, device) -> torch.Tensor:
         video = to_video_tensor(frames, height, width, device=device, dtype=self.vae.dtype)
         posterior = self.vae.encode(video, temporal_chunk=True).latent_dist
-        return self._normalize(posterior.mean.float())
+        return self.family.normalization.normalize(posterior.mean.float())
 
     @torch.no_grad()
     def _decode(self, latents: torch.Tensor) -> np.ndarray:
-        z = self._normalize(latents, inverse=True).to(self.vae.dtype)
+        z = self.family.normalization.denormalize(latents).to(self.vae.dtype)
         return to_frames(self.vae.decode(z, temporal_chunk=True).sample)
 
     def _with_previews(self, callback):
@@ -295,15 +292,6 @@ class PyramidFlowPipeline(DiffusionPipeline):
             callback(PreviewProgress(**vars(event), preview=preview))
 
         return on_progress
-
-
-def frames_for_duration(seconds: float, fps: int, new_frames_only: bool = False) -> int:
-    """The allowed frame count nearest to `seconds` at `fps`: 1 + 8k for a clip, 8k (k >= 1) for an extension."""
-    if not isinstance(seconds, (int, float)) or seconds <= 0:
-        raise ValueError(f"duration must be a positive number of seconds; got {seconds}")
-    if new_frames_only:
-        return LATENT_FRAMES_PER_UNIT * max(1, round(seconds * fps / LATENT_FRAMES_PER_UNIT))
-    return 1 + LATENT_FRAMES_PER_UNIT * max(0, round((seconds * fps - 1) / LATENT_FRAMES_PER_UNIT))
 
 
 def _check_prompt(prompt, required: bool) -> str:

@@ -20,6 +20,8 @@ from transformers import (
     T5Tokenizer,
 )
 
+from .init import reinitialize
+
 DEFAULT_CORPUS = (
     "a cat sitting on a red sofa in the afternoon sun",
     "the quick brown fox jumps over the lazy dog",
@@ -151,10 +153,8 @@ def _tiny_t5_config(tokenizer, dim) -> T5Config:
 
 
 def _seeded(seed, model_class, config):
-    """Build a randomly initialised model from `seed` without touching the caller's global RNG state."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return model_class(config).eval()
+    """Build a randomly initialised model drawn from `seed` (a torch.Generator; the global RNG is not seeded)."""
+    return reinitialize(model_class(config), torch.Generator().manual_seed(seed)).eval()
 
 
 def _write_tokenizer(root: Path, encoder_folder, tokenizer_class, files, special_tokens, model_max_length):

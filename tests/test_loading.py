@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from model_core import PyramidFlowPipeline
 from model_core.checkpoints import VAE_FOLDER, transformer_folder

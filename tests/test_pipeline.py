@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model_core import PyramidFlowPipeline
-from model_core.pipeline import frames_for_duration
+from model_core.temporal import frames_for_duration
 from tiny_checkpoint import build_tiny_checkpoint
 
 FAST = dict(first_frame_steps=(1, 1, 1), video_steps=(1, 1, 1))

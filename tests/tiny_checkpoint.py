@@ -4,6 +4,7 @@ from pathlib import Path
 
 import torch
 
+from model_core.init import reinitialize
 from model_core.checkpoints import FAMILIES, SETTINGS_FILE, VAE_FOLDER, transformer_folder
 from model_core.tiny_text import write_tiny_text_stack
 
@@ -57,16 +58,16 @@ def build_tiny_checkpoint(root: Path, family: str = "miniflux", seed: int = 0, v
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     dims = write_tiny_text_stack(root, family, t5_dim=32, clip_dim=16, seed=seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        vae = CausalVideoVAE.from_config(TINY_VAE)
-        transformer_class = PyramidMMDiT if family == "sd3" else PyramidFluxTransformer
-        transformer = transformer_class.from_config(
-            tiny_transformer_config(family, dims["joint_attention_dim"], dims["pooled_projection_dim"])
-        )
+    generator = torch.Generator().manual_seed(seed)
+    vae = reinitialize(CausalVideoVAE.from_config(TINY_VAE), generator)
+    transformer_class = PyramidMMDiT if family == "sd3" else PyramidFluxTransformer
+    transformer = transformer_class.from_config(
+        tiny_transformer_config(family, dims["joint_attention_dim"], dims["pooled_projection_dim"])
+    )
+    with torch.no_grad():
         for parameter in transformer.parameters():  # no zero-initialised output layers: outputs must move
             if parameter.dim() >= 2:
-                parameter.data.normal_(0, parameter.shape[-1] ** -0.5)
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * parameter.shape[-1] ** -0.5)
     _save(vae, root / VAE_FOLDER, "CausalVideoVAE")
     _save(transformer, root / transformer_folder(variant), OFFICIAL_CLASS[family])
     settings = {"variants": {variant: {"height": 64, "width": 64, "max_latent_frames": 3, "fps": 8}}}

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import torch
 
-OFFLOAD_MODES = ("none", "model", "sequential")
-QUANTIZE_MODES = ("none", "int8", "nf4", "fp8")
-DTYPES = ("float32", "bfloat16", "float16")
+from model_core.memory import DTYPES as DTYPE_NAMES, OFFLOAD_CHOICES, QUANTIZE_CHOICES
+
+OFFLOAD_MODES = OFFLOAD_CHOICES
+QUANTIZE_MODES = QUANTIZE_CHOICES
+DTYPES = tuple(DTYPE_NAMES)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 STAGE_COUNT = 3
 SEED_LIMIT = 2**63

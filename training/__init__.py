@@ -1,0 +1,1 @@
+"""Training for Pyramidal Flow Matching: recipes, data, objective, loop, checkpoints (see training/launch.py)."""

@@ -1,0 +1,166 @@
+"""Training data: jsonl annotations, video/image decoding with fps resampling and aspect buckets,
+precomputed latents and text features. A sample that cannot be read comes back as `None` with the
+reason, so the loop skips and counts it instead of stopping a long run."""
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from model_core.media import to_video_tensor
+from model_core.text import PromptEmbeddings
+
+logger = logging.getLogger(__name__)
+
+LATENT_KEY = "latent"  # raw VAE posterior mean [C, T, h, w], not normalised
+TEXT_KEYS = ("hidden_states", "attention_mask", "pooled")
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """One jsonl line: a `video` or `image` path, its caption, optional precomputed features."""
+
+    kind: str  # "video" | "image"
+    path: Optional[str]
+    text: str
+    latent: Optional[str] = None
+    text_fea: Optional[str] = None
+    height: Optional[int] = None
+    width: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """What the loader should produce for one slot of a global batch."""
+
+    entry: int  # index into the annotation list
+    step: int
+    slot: int  # position inside the global batch; seeds the sample's randomness
+    num_frames: int  # pixel frames wanted (1 + 8k); 1 for images
+    clip_start: float  # where the clip starts, as a fraction of the room left in the video
+
+
+@dataclass
+class TrainingSample:
+    """A decoded sample: pixels [1, 3, T, H, W] in [-1, 1] or a raw latent [1, C, t, h, w], and its text."""
+
+    request: SampleRequest
+    pixels: Optional[torch.Tensor]
+    latent: Optional[torch.Tensor]
+    text: str
+    text_features: Optional[PromptEmbeddings]
+
+
+def read_annotations(paths) -> tuple:
+    """(annotations, number of malformed lines skipped) from one or more jsonl files; relative
+    media paths resolve against the jsonl's folder."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    entries, malformed = [], 0
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise FileNotFoundError(f"annotation file {path} does not exist; point data.annotations at jsonl files")
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                entries.append(parse_annotation(json.loads(line), path.parent))
+            except (ValueError, TypeError) as error:
+                malformed += 1
+                logger.warning("skipping %s line %d: %s", path, number, error)
+    return entries, malformed
+
+
+def parse_annotation(record: dict, base: Path) -> Annotation:
+    if not isinstance(record, dict):
+        raise ValueError("each line must be a JSON object")
+    kind = "video" if "video" in record else "image" if "image" in record else None
+    if kind is None and "latent" not in record:
+        raise ValueError("a line needs a `video`, `image` or `latent` path")
+    kind = kind or record.get("kind", "video")
+
+    def resolve(key):
+        value = record.get(key)
+        return None if value is None else str(base / value)
+
+    return Annotation(kind=kind, path=resolve(kind), text=str(record.get("text", "")), latent=resolve("latent"),
+                      text_fea=resolve("text_fea"), height=record.get("height"), width=record.get("width"))
+
+
+def nearest_bucket(height: int, width: int, buckets) -> tuple:
+    """The (height, width) bucket whose aspect ratio is closest to the source's (log scale)."""
+    ratio = np.log(height / width)
+    return tuple(min(buckets, key=lambda b: abs(np.log(b[0] / b[1]) - ratio)))
+
+
+def resampled_indices(num_source: int, source_fps: float, target_fps: float, num_frames: int, start: float) -> list:
+    """Source frame indices of a `num_frames` clip at `target_fps`; fewer (1 + 8k) when the video is short."""
+    step = source_fps / target_fps
+    available = int((num_source - 1) / step) + 1
+    num_frames = min(num_frames, 1 + 8 * ((available - 1) // 8))
+    first = int(start * (num_source - 1 - step * (num_frames - 1)))
+    return [min(num_source - 1, round(first + step * j)) for j in range(num_frames)]
+
+
+def load_text_features(path) -> PromptEmbeddings:
+    tensors = load_file(str(path))
+    return PromptEmbeddings(*(tensors[key] for key in TEXT_KEYS))
+
+
+class AnnotatedDataset(torch.utils.data.Dataset):
+    """Map-style dataset indexed by `SampleRequest`; returns (TrainingSample or None, error or None)."""
+
+    def __init__(self, annotations, buckets, fps: float, use_latents: bool, use_text_features: bool):
+        self.annotations = annotations
+        self.buckets = [tuple(b) for b in buckets]
+        self.fps = fps
+        self.use_latents = use_latents
+        self.use_text_features = use_text_features
+
+    def __len__(self):
+        return len(self.annotations)
+
+    def __getitem__(self, request: SampleRequest):
+        entry = self.annotations[request.entry]
+        try:
+            return self.load(entry, request), None
+        except Exception as error:  # a damaged file can fail in any decoder; the run must go on
+            return None, f"{entry.path or entry.latent}: {type(error).__name__}: {error}"
+
+    def load(self, entry: Annotation, request: SampleRequest) -> TrainingSample:
+        features = load_text_features(entry.text_fea) if self.use_text_features else None
+        if self.use_latents:
+            latent = load_file(str(entry.latent))[LATENT_KEY][None]
+            keep = 1 + (request.num_frames - 1) // 8
+            return TrainingSample(request, None, latent[:, :, :keep].float(), entry.text, features)
+        return TrainingSample(request, self.pixels(entry, request), None, entry.text, features)
+
+    def pixels(self, entry: Annotation, request: SampleRequest) -> torch.Tensor:
+        from pyramid_app.video import read_image, read_video
+
+        if entry.kind == "image":
+            frames = read_image(entry.path)[None]
+        else:
+            frames, source_fps = read_video(entry.path)
+            frames = frames[resampled_indices(len(frames), source_fps, self.fps, request.num_frames, request.clip_start)]
+        height, width = nearest_bucket(frames.shape[1], frames.shape[2], self.buckets)
+        return to_video_tensor(torch.from_numpy(frames), height, width)
+
+
+def annotation_record(entry: Annotation) -> dict:
+    """The jsonl record of an annotation, with absolute paths."""
+    record = {entry.kind: entry.path, "text": entry.text, "latent": entry.latent, "text_fea": entry.text_fea,
+              "height": entry.height, "width": entry.width}
+    return {k: v for k, v in record.items() if v is not None}
+
+
+def write_annotations(path, records) -> None:
+    """Write jsonl records under a temporary name, then rename into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("".join(json.dumps(record) + "\n" for record in records))
+    temporary.replace(path)

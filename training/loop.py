@@ -1,0 +1,183 @@
+"""The training loop: accelerate for devices, mixed precision, gradient accumulation and multi-GPU
+(DDP / FSDP / DeepSpeed); AdamW with warmup, clipping and EMA; logs, checkpoints, validation.
+
+Each optimizer step consumes one global batch, split into world x accumulation bins by
+`BatchPlanner`. A micro-step's loss is sum(per-sample losses) x world x accumulation / global batch,
+so after accelerate's averaging the gradient is the mean over the whole global batch, however the
+samples are spread over ranks and micro-steps.
+"""
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+
+from .checkpointing import load_training_state, resume_path, save_training_state, write_checkpoint
+from .data import AnnotatedDataset, read_annotations
+from .ema import EMA
+from .logs import TrainingLog
+from .packing import BatchPlanner, RankBatches
+
+logger = logging.getLogger(__name__)
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def warmup_then_constant(warmup_steps: int):
+    """lr factor of the recipes (Table 4): linear warmup over `warmup_steps`, then constant."""
+    return lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
+
+
+def build_task(config: dict, annotations: list, device):
+    if config.get("task", "flow") == "vae":
+        from .vae_objective import VAETask
+
+        return VAETask(config, device)
+    from .flow_task import FlowTask
+
+    return FlowTask(config, annotations, device)
+
+
+def trainable(model):
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+class Trainer:
+    def __init__(self, config: dict, output_dir: Path, resume=None):
+        self.config, self.output_dir = config, Path(output_dir)
+        train, optim = config["train"], config["optim"]
+        self.accum = train["gradient_accumulation_steps"]
+        self.accelerator = Accelerator(mixed_precision=train.get("mixed_precision") or "no",  # YAML reads `no` as false
+                                       gradient_accumulation_steps=self.accum)
+        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        self.global_batch, self.max_steps = train["global_batch_size"], train["max_steps"]
+        annotations, self.malformed = read_annotations(config["data"]["annotations"])
+        self.task = build_task(config, annotations, self.accelerator.device)
+        self.resume_from = resume_path(self.output_dir, resume)
+        if self.resume_from is not None:
+            self.task.load(self.resume_from)
+        model = self.task.model
+        self.ema = EMA(trainable(model), train["ema_decay"]) if train.get("ema_decay") else None
+        optimizer = torch.optim.AdamW([p for _, p in trainable(model)], lr=optim["lr"], betas=tuple(optim["betas"]),
+                                      eps=optim["eps"], weight_decay=optim["weight_decay"])
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer.optimizer, warmup_then_constant(optim["warmup_steps"]))
+        self.step, self.skipped = 0, 0
+        if self.resume_from is not None:
+            self.restore(load_training_state(self.resume_from))
+        planner = BatchPlanner(annotations, config["data"], config["objective"], train["seed"], self.global_batch,
+                               self.world * self.accum)
+        dataset = AnnotatedDataset(annotations, config["data"]["buckets"], config["data"]["fps"],
+                                   getattr(self.task, "use_latents", False), getattr(self.task, "use_text_features", False))
+        self.batches = torch.utils.data.DataLoader(
+            dataset, batch_sampler=RankBatches(planner, self.rank, self.world, self.step, self.max_steps),
+            num_workers=config["data"].get("num_workers", 0), collate_fn=list,
+        )
+        self.log = TrainingLog(self.output_dir, self.accelerator.is_main_process, self.step)
+
+    def restore(self, saved: dict) -> None:
+        set_optimizer_state_dict(self.model, self.optimizer.optimizer, saved["optimizer"], options=FULL_STATE)
+        self.lr_scheduler.load_state_dict(saved["lr_scheduler"])
+        if self.ema is not None and saved["ema"] is not None:
+            self.ema.load_state_dict(saved["ema"])
+        self.step = saved["state"]["step"]
+        self.skipped = saved["state"]["skipped_samples"] if self.accelerator.is_main_process else 0  # summed over ranks
+
+    def micro_step(self, loaded: list) -> dict:
+        """Forward and backward of one bin; returns detached sums for the logs."""
+        samples = [sample for sample, _ in loaded if sample is not None]
+        for _, error in loaded:
+            if error is not None:
+                self.skipped += 1
+                logger.warning("skipping unreadable sample %s", error)
+        with self.accelerator.accumulate(self.model):
+            if samples:
+                out = self.task.losses(self.model, samples, self.step)
+                loss_sum = out["loss"].sum()
+            else:  # every sample of this bin was unreadable: keep the collectives of all ranks in step
+                out = {"loss": torch.zeros(0), "stage": [], "tokens": 0}
+                loss_sum = sum(p.sum() for _, p in trainable(self.model)) * 0.0
+            self.accelerator.backward(loss_sum * (self.world * self.accum / self.global_batch))
+        return out
+
+    def optimizer_step(self) -> float:
+        """Clip, step, advance the lr schedule and the EMA; returns the gradient norm before clipping."""
+        clip = self.config["optim"]["grad_clip"]
+        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), clip) if clip else torch.tensor(0.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()
+        if self.ema is not None:
+            self.ema.update(trainable(self.accelerator.unwrap_model(self.model)))
+        return float(grad_norm)
+
+    def train(self) -> None:
+        stages = self.config["objective"].get("stages", 1)
+        batches = iter(self.batches)
+        train = self.config["train"]
+        while self.step < self.max_steps:
+            started = time.perf_counter()
+            totals = torch.zeros(2 * stages + 3, dtype=torch.float64)  # per-stage loss sums, counts, loss, tokens, skipped
+            for _ in range(self.accum):
+                out = self.micro_step(next(batches))
+                for loss, stage in zip(out["loss"].detach().double().cpu(), out["stage"]):
+                    totals[stage] += loss
+                    totals[stages + stage] += 1
+                totals[-3] += float(out["loss"].detach().sum())
+                totals[-2] += out["tokens"]
+            totals[-1] = self.skipped
+            lr = self.lr_scheduler.get_last_lr()[0]
+            grad_norm = self.optimizer_step()
+            self.step += 1
+            totals = self.accelerator.reduce(totals.to(self.accelerator.device), "sum").cpu()
+            elapsed = time.perf_counter() - started
+            if self.step % train.get("log_every", 1) == 0 or self.step == self.max_steps:
+                self.write_log(totals, stages, lr, grad_norm, elapsed)
+            if self.step % train["checkpoint_every"] == 0 or self.step == self.max_steps:
+                self.save_checkpoint(int(totals[-1]))
+        self.log.close()
+        self.accelerator.end_training()
+
+    def write_log(self, totals, stages: int, lr: float, grad_norm: float, elapsed: float) -> None:
+        scalars = {"loss": float(totals[-3]) / self.global_batch, "lr": lr,
+                   "grad_norm": grad_norm, "tokens_per_s": float(totals[-2]) / elapsed, "step_time_s": elapsed,
+                   "skipped_samples": float(totals[-1])}
+        for stage in range(stages):
+            count = float(totals[stages + stage])
+            scalars[f"loss_stage{stage}"] = float(totals[stage]) / count if count else math.nan
+        self.log.write(self.step, scalars)
+        if self.accelerator.is_main_process:
+            logger.info("step %d loss %.5f lr %.3g tokens/s %.0f", self.step, scalars["loss"], scalars["lr"], scalars["tokens_per_s"])
+
+    def save_checkpoint(self, skipped_all_ranks: int) -> None:
+        model_state = get_model_state_dict(self.model, options=FULL_STATE)
+        optimizer_state = get_optimizer_state_dict(self.model, self.optimizer.optimizer, options=FULL_STATE)
+        ema_state = self.ema.state_dict() if self.ema is not None else None
+        if self.accelerator.is_main_process:
+            state = {"step": self.step, "skipped_samples": skipped_all_ranks, "malformed_annotation_lines": self.malformed,
+                     "world_size": self.world, "global_batch_size": self.global_batch}
+
+            def write_files(folder):
+                self.task.save(folder, model_state, ema_state)
+                save_training_state(folder, optimizer_state, self.lr_scheduler.state_dict(), ema_state, state)
+
+            folder = write_checkpoint(self.output_dir, self.step, write_files, self.config["train"].get("keep_checkpoints", 0))
+            self.validate(folder)
+        self.accelerator.wait_for_everyone()
+
+    def validate(self, folder: Path) -> None:
+        validation = self.config.get("validation") or {}
+        every = validation.get("every_steps")
+        if every and self.step % every == 0 and hasattr(self.task, "render_validation"):
+            self.task.render_validation(folder, validation, self.output_dir / "samples" / f"step-{self.step}")
+
+
+def train(config: dict, output_dir, resume=None) -> None:
+    Trainer(config, output_dir, resume).train()

@@ -1,0 +1,118 @@
+"""Which samples make up each global batch, and how they are split over ranks and micro-steps.
+
+The global batch of a step is fixed by (seed, step) alone: images and videos are drawn from their own
+shuffled streams (the image share of each batch is the recipe's `image_ratio`), every sample's random
+choices come from its (seed, step, slot) generator, and the batch is cut into world x accumulation
+bins of similar token counts (length-balanced packing, Patch n' Pack; Sec. 3.4). Changing the number
+of ranks therefore changes who computes a sample, never what is computed.
+"""
+import heapq
+
+import numpy as np
+import torch
+
+from model_core.temporal import frames_for_duration
+
+from .data import SampleRequest, nearest_bucket
+from .objective import draw_choices, sample_generator, sample_tokens
+
+VAE_SCALE = 8
+
+
+class ShuffledStream:
+    """An endless sequence of entry indices: one seeded permutation per epoch."""
+
+    def __init__(self, entries: list, seed: int, stream_id: int):
+        self.entries, self.seed, self.stream_id = entries, seed, stream_id
+
+    def __getitem__(self, position: int) -> int:
+        epoch, offset = divmod(position, len(self.entries))
+        generator = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, self.stream_id, epoch]).generate_state(1)[0]))
+        return self.entries[int(torch.randperm(len(self.entries), generator=generator)[offset])]
+
+
+def clip_seconds(schedule: list, step: int, fraction: float) -> float:
+    """Clip length at `step` from the recipe's schedule [{until_step, seconds}] (the last phase runs
+    on); `seconds` is a number or a [min, max] range that `fraction` picks from."""
+    phase = next((p for p in schedule if p.get("until_step") is None or step < p["until_step"]), schedule[-1])
+    seconds = phase["seconds"]
+    return seconds[0] + fraction * (seconds[1] - seconds[0]) if isinstance(seconds, list) else seconds
+
+
+def balanced_bins(costs: list, num_bins: int) -> list:
+    """Greedy longest-first assignment of items to `num_bins` bins of similar total cost; each bin
+    gets at least one item when there are enough. Returns lists of item indices, each ascending."""
+    heap = [(0, b) for b in range(num_bins)]
+    bins = [[] for _ in range(num_bins)]
+    for index in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        load, b = heapq.heappop(heap)
+        bins[b].append(index)
+        heapq.heappush(heap, (load + costs[index], b))
+    return [sorted(b) for b in bins]
+
+
+class BatchPlanner:
+    """The requests of every step's global batch and their split into balanced bins."""
+
+    def __init__(self, annotations: list, data: dict, objective: dict, seed: int, global_batch: int, num_bins: int):
+        if global_batch < num_bins:
+            raise ValueError(f"global batch {global_batch} is smaller than processes x accumulation steps ({num_bins})")
+        self.annotations, self.seed, self.global_batch, self.num_bins = annotations, seed, global_batch, num_bins
+        self.data, self.objective = data, objective
+        images = [i for i, a in enumerate(annotations) if a.kind == "image"]
+        videos = [i for i, a in enumerate(annotations) if a.kind == "video"]
+        ratio = data.get("image_ratio")
+        if ratio is None or not images or not videos:
+            self.streams = [(ShuffledStream(list(range(len(annotations))), seed, 0), global_batch)]
+        else:
+            num_images = round(ratio * global_batch)
+            self.streams = [(ShuffledStream(images, seed, 1), num_images), (ShuffledStream(videos, seed, 2), global_batch - num_images)]
+        if not annotations:
+            raise ValueError("the recipe's annotation files list no samples")
+        if videos and not data.get("clip_schedule"):
+            raise ValueError("the annotations include videos but data.clip_schedule is empty; give clip lengths in seconds")
+
+    def choices(self, step: int, slot: int):
+        o = self.objective
+        return draw_choices(sample_generator(self.seed, step, slot), o.get("stages", 1), o.get("history_noise_max", 0.0),
+                            o.get("text_dropout", 0.0))
+
+    def requests(self, step: int) -> list:
+        entries = [stream[step * count + j] for stream, count in self.streams if count for j in range(count)]
+        requests = []
+        for slot, entry in enumerate(entries):
+            choices = self.choices(step, slot)
+            frames = 1
+            if self.annotations[entry].kind == "video":
+                seconds = clip_seconds(self.data["clip_schedule"], step, choices.duration_fraction)
+                frames = frames_for_duration(seconds, self.data["fps"])
+            requests.append(SampleRequest(entry, step, slot, frames, choices.clip_start))
+        return requests
+
+    def cost(self, request: SampleRequest) -> int:
+        entry = self.annotations[request.entry]
+        buckets = self.data["buckets"]
+        height, width = nearest_bucket(entry.height, entry.width, buckets) if entry.height and entry.width else buckets[0]
+        latent_frames = 1 + (request.num_frames - 1) // 8
+        return sample_tokens(height // VAE_SCALE, width // VAE_SCALE, latent_frames,
+                             self.choices(request.step, request.slot), self.objective.get("stages", 1))
+
+    def bins(self, step: int) -> list:
+        """num_bins lists of requests; bin b runs on rank b % world in micro-step b // world."""
+        requests = self.requests(step)
+        return [[requests[i] for i in b] for b in balanced_bins([self.cost(r) for r in requests], self.num_bins)]
+
+
+class RankBatches(torch.utils.data.Sampler):
+    """Batch sampler for a DataLoader: this rank's bins, step after step, from `start_step` on."""
+
+    def __init__(self, planner: BatchPlanner, rank: int, world: int, start_step: int, max_steps: int):
+        self.planner, self.rank, self.world = planner, rank, world
+        self.start_step, self.max_steps = start_step, max_steps
+
+    def __iter__(self):
+        for step in range(self.start_step, self.max_steps):
+            yield from self.planner.bins(step)[self.rank :: self.world]
+
+    def __len__(self):
+        return (self.max_steps - self.start_step) * (self.planner.num_bins // self.world)

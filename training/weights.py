@@ -1,0 +1,38 @@
+"""Model weights as safetensors in the folder layouts that diffusers `from_pretrained` and peft read."""
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def save_weights(folder: Path, model, state: dict) -> None:
+    """config.json + diffusion_pytorch_model.safetensors, loadable with `type(model).from_pretrained(folder)`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_config(folder)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / WEIGHTS_NAME))
+
+
+def load_weights(model, folder: Path) -> None:
+    model.load_state_dict(load_file(str(Path(folder) / WEIGHTS_NAME)), strict=True)
+
+
+def save_lora_weights(folder: Path, model, lora: dict, state: dict) -> None:
+    """A peft adapter folder (adapter_config.json + adapter_model.safetensors) from a full state dict."""
+    from peft import get_peft_model_state_dict
+
+    from .models import lora_config
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lora_config(lora).save_pretrained(str(folder))
+    adapter = get_peft_model_state_dict(model, state_dict=state)
+    save_file({k: v.contiguous() for k, v in adapter.items()}, str(folder / ADAPTER_WEIGHTS_NAME))
+
+
+def load_lora_weights(model, folder: Path) -> None:
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, load_file(str(Path(folder) / ADAPTER_WEIGHTS_NAME)))
+    if result.unexpected_keys:
+        raise ValueError(f"the adapter in {folder} has weights this model lacks, e.g. {result.unexpected_keys[:3]}")

@@ -25,7 +25,6 @@ from .scheduler import PyramidFlowScheduler
 from .temporal import LATENT_FRAMES_PER_UNIT, frames_for_duration
 from .text import PROMPT_ENCODERS, PromptEmbeddings
 
-SIZE_MULTIPLE = 64  # VAE x8, two pyramid halvings, 2x2 patches
 
 
 @dataclass
@@ -168,7 +167,8 @@ class PyramidFlowPipeline(DiffusionPipeline):
                   output_type="frames") -> GenerationResult:
         spec = self.spec
         prompt = _check_prompt(prompt, required=condition_frames is None)
-        height, width = _check_size(spec.height if height is None else height, spec.width if width is None else width)
+        height, width = _check_size(spec.height if height is None else height, spec.width if width is None else width,
+                                    self._size_multiple)
         first_frame_steps = _check_steps(first_frame_steps, "first_frame_steps", self.scheduler.config.stages)
         video_steps = _check_steps(video_steps, "video_steps", self.scheduler.config.stages)
         _check_guidance(guidance_scale, "guidance_scale")
@@ -189,7 +189,8 @@ class PyramidFlowPipeline(DiffusionPipeline):
         history = None
         if condition_frames is not None:
             history = self._encode_frames(condition_frames[-history_frames:], height, width, device)
-        latent_shape = (1, self._latent_channels, new_units, height // 8, width // 8)
+        scale = self.vae.spatial_scale
+        latent_shape = (1, self._latent_channels, new_units, height // scale, width // scale)
         total_units = (history.shape[2] if history is not None else 0) + new_units
         scales = _unit_guidance(guidance_scale, video_guidance_scale, video_guidance_decay, total_units)
 
@@ -216,6 +217,11 @@ class PyramidFlowPipeline(DiffusionPipeline):
     @property
     def _latent_channels(self) -> int:
         return self.vae.config.encoder_out_channels
+
+    @property
+    def _size_multiple(self) -> int:
+        """Pixels per token at the coarsest pyramid level: VAE downsampling x 2x2 patches x 2^(K-1)."""
+        return self.vae.spatial_scale * 2 * 2 ** (self.scheduler.config.stages - 1)
 
     def _plan_units(self, mode, num_frames, condition_frames):
         """(conditioning pixel frames used, new latent units), validated against the checkpoint."""
@@ -304,10 +310,10 @@ def _check_prompt(prompt, required: bool) -> str:
     return prompt
 
 
-def _check_size(height, width) -> tuple:
+def _check_size(height, width, multiple: int) -> tuple:
     for name, value in (("height", height), ("width", width)):
-        if not isinstance(value, (int, np.integer)) or value < SIZE_MULTIPLE or value % SIZE_MULTIPLE:
-            raise ValueError(f"{name} must be a positive multiple of {SIZE_MULTIPLE} pixels (the latent grid); got {value}")
+        if not isinstance(value, (int, np.integer)) or value < multiple or value % multiple:
+            raise ValueError(f"{name} must be a positive multiple of {multiple} pixels (the latent grid); got {value}")
     return int(height), int(width)
 
 

@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--offload", choices=OFFLOAD_MODES, default="none", help="move idle parts to the CPU")
     model.add_argument("--quantize", choices=QUANTIZE_MODES, default="none", help="store weights in fewer bits")
     model.add_argument("--vae-tiling", action="store_true", help="decode in tiles to save memory")
+    model.add_argument("--lora", metavar="FOLDER", help="apply a LoRA adapter trained with training/configs/lora.yaml")
     generate.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return parser
 
@@ -117,7 +118,8 @@ def plan(args) -> Request:
         guidance_scale=args.guidance_scale, video_guidance_scale=args.video_guidance_scale,
     )
     model = ModelOptions(model=args.model, variant=args.variant, dtype=args.dtype, device=args.device,
-                         offload=args.offload, quantize=args.quantize, vae_tiling=args.vae_tiling)
+                         offload=args.offload, quantize=args.quantize, vae_tiling=args.vae_tiling,
+                         lora=args.lora)
     model.check_device_available()
     model_source(model.model)
     condition = read_image(args.image) if args.image else read_video(args.extend)[0] if args.extend else None

@@ -71,8 +71,11 @@ class ModelOptions:
     offload: str = "none"
     quantize: str = "none"
     vae_tiling: bool = False
+    lora: str = None  # a LoRA adapter folder trained with `training` (recipe lora.yaml)
 
     def __post_init__(self):
+        if self.lora is not None and not Path(self.lora).is_dir():
+            raise FileNotFoundError(f"LoRA adapter folder {self.lora} does not exist")
         checked_choice(self.dtype, DTYPES, "dtype")
         checked_choice(self.device, DEVICES, "device")
         checked_choice(self.offload, OFFLOAD_MODES, "offload")
@@ -95,6 +98,7 @@ class ModelOptions:
             offload=self.offload,
             quantize=self.quantize,
             vae_tiling=self.vae_tiling,
+            lora=self.lora,
         )
 
 

@@ -103,6 +103,7 @@ def generated(monkeypatch):
     (["--prompts-file", "{dir}/prompts.txt"], "needs --out-dir"),
     (["--prompts-file", "{dir}/blank.txt", "--out-dir", "{dir}/batch"], "holds no prompts"),
     (["--prompts-file", "{dir}/absent.txt", "--out-dir", "{dir}/batch"], "absent.txt"),
+    (["--prompt", "a cat", "--out", "{out}", "--lora", "{dir}/no-adapter"], "no-adapter does not exist"),
 ])
 def test_argument_errors_are_one_line_before_loading(tmp_path, capsys, no_model_load, arguments, fragment):
     (tmp_path / "corrupt.png").write_bytes(b"not an image")

@@ -129,8 +129,9 @@ class PyramidFlowScheduler(SchedulerMixin, ConfigMixin):
         self._check_stage(stage_index)
         local = np.linspace(1.0, 1.0 / self.config.num_train_timesteps, num_inference_steps)
         window = self.windows[stage_index]
-        self.timesteps = torch.from_numpy(window.timestep(local)).to(device)
-        self.sigmas = torch.from_numpy(np.append(local, 0.0)).to(device)
+        dtype = torch.float32 if torch.device(device or "cpu").type == "mps" else torch.float64  # MPS has no float64
+        self.timesteps = torch.from_numpy(window.timestep(local)).to(device, dtype)
+        self.sigmas = torch.from_numpy(np.append(local, 0.0)).to(device, dtype)
         self.num_inference_steps = num_inference_steps
         self.stage_index = stage_index
         self._step_index = None

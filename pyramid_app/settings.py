@@ -15,7 +15,7 @@ from model_core.memory import DTYPES as DTYPE_NAMES, OFFLOAD_CHOICES, QUANTIZE_C
 OFFLOAD_MODES = OFFLOAD_CHOICES
 QUANTIZE_MODES = QUANTIZE_CHOICES
 DTYPES = tuple(DTYPE_NAMES)
-DEVICES = ("auto", "cpu", "cuda", "mps")
+DEVICES = ("auto", "cpu", "cuda", "mps")  # ok: the device names a person may choose
 STAGE_COUNT = 3
 SEED_LIMIT = 2**63
 BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "assets" / "models" / "pyramid-flow-shapes"

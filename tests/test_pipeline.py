@@ -229,3 +229,10 @@ def test_quantization_on_cuda(checkpoint, quantize):
     pytest.importorskip("bitsandbytes") if quantize != "fp8" else None
     pipe = PyramidFlowPipeline.from_pretrained(checkpoint, device="cuda", torch_dtype="bfloat16", quantize=quantize)
     assert pipe.text_to_image("x", seed=0, **FAST).frames.shape == (1, 64, 64, 3)
+
+
+def test_sd3_family_generates_video(tmp_path_factory):
+    pipe = PyramidFlowPipeline.from_pretrained(build_tiny_checkpoint(tmp_path_factory.mktemp("sd3"), "sd3"))
+    out = pipe.text_to_video("a green triangle moving up", num_frames=17, seed=0, **FAST)
+    assert pipe.family.name == "sd3" and out.frames.shape == (17, 64, 64, 3)
+    assert out.latents.shape == (1, 4, 3, 8, 8)

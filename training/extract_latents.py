@@ -14,6 +14,7 @@ from model_core.temporal import frames_for_duration
 
 from .data import LATENT_KEY, AnnotatedDataset, SampleRequest, annotation_record, read_annotations, write_annotations
 from .models import base_checkpoint, build_vae
+from .tool import run_tool
 
 logger = logging.getLogger(__name__)
 
@@ -66,14 +67,11 @@ def extract(args) -> tuple:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+    def work():
         written, skipped = extract(parse_args(argv))
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote {written} latents, skipped {skipped} unreadable samples")
-    return 0
+        return f"wrote {written} latents, skipped {skipped} unreadable samples"
+
+    return run_tool(work)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@ every caption once with the checkpoint's prompt encoder and write D/text/<n>.saf
 (hidden_states, attention_mask, pooled), D/empty_text.safetensors (the empty prompt, for text
 dropout: data.empty_text_fea) and D/annotations.jsonl with a `text_fea` path per line."""
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from safetensors.torch import save_file
 
 from .data import TEXT_KEYS, annotation_record, read_annotations, write_annotations
 from .models import base_checkpoint, build_prompt_encoder
+from .tool import run_tool
 
 EMPTY_TEXT_FILE = "empty_text.safetensors"
 
@@ -53,14 +53,7 @@ def extract(args) -> int:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        written = extract(parse_args(argv))
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote text features of {written} captions")
-    return 0
+    return run_tool(lambda: f"wrote text features of {extract(parse_args(argv))} captions")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import gallery
-from .catalog import BUNDLED, source_for
+from .catalog import BUNDLED, MISSING_BUNDLED, is_local, source_for
 from .cli import USER_ERRORS, save
 from .jobs import Job, PipelineCache, StopSwitches, progress_fraction, progress_text, run_job
 from .settings import STAGE_COUNT, GenerationOptions, ModelOptions
@@ -56,6 +56,8 @@ class Endpoints:
     def _generate(self, mode, prompt, upload, num_frames, history, controls, request, progress):
         """Yield (result, frames, status, seed used, history): frames as units finish, the saved file last."""
         started = time.monotonic()
+        session = getattr(request, "session_hash", None) or "local"
+        stop = self.stops.start(session)  # Stop works from the moment the request runs, loading included
         try:
             condition = _read_upload(mode, upload)
             model = self._model_options(controls)
@@ -63,19 +65,14 @@ class Endpoints:
             progress(0, desc="loading model (a hub model is downloaded on first use)")
             pipe = self.pipelines.get(model, tqdm_class=tqdm)
             frames = []
-            session = getattr(request, "session_hash", None) or "local"
-            stop = self.stops.start(session)
-            try:
-                for event in run_job(pipe, Job(mode, prompt or "", condition, options), stop):
-                    if not hasattr(event, "kind"):
-                        result = event
-                    elif event.kind == "step":
-                        progress(progress_fraction(event, options), desc=progress_text(event))
-                    else:
-                        frames = frames + _thumbnails(event.preview)
-                        yield gr.skip(), frames, f"Generating… {progress_text(event)}", str(options.seed), gr.skip()
-            finally:
-                self.stops.finish(session)
+            for event in run_job(pipe, Job(mode, prompt or "", condition, options), stop):
+                if not hasattr(event, "kind"):
+                    result = event
+                elif event.kind == "step":
+                    progress(progress_fraction(event, options), desc=progress_text(event))
+                else:
+                    frames = frames + _thumbnails(event.preview)
+                    yield gr.skip(), frames, f"Generating… {progress_text(event)}", str(options.seed), gr.skip()
             out = save(result, self.output_dir / _output_name(mode, result))
         except USER_ERRORS as error:
             raise gr.Error(_message(error, upload), print_exception=False) from None
@@ -83,10 +80,14 @@ class Endpoints:
             raise gr.Error(OUT_OF_MEMORY, print_exception=False) from None
         except OSError as error:
             raise gr.Error(_message(error, upload), print_exception=False) from None
+        finally:
+            self.stops.finish(session)
         history = gallery.add(history or [], out, result.settings)
         yield str(out), frames or _thumbnails(result.frames), _finished_text(result, out, started), str(options.seed), history
 
     def _model_options(self, controls) -> ModelOptions:
+        if not is_local(BUNDLED) and source_for(controls["model"]) is None:
+            raise FileNotFoundError(MISSING_BUNDLED)
         return ModelOptions(model=source_for(controls["model"]), variant=controls["variant"] or "auto",
                             dtype=controls["dtype"], offload=controls["offload"], quantize=controls["quantize"],
                             vae_tiling=bool(controls["vae_tiling"]))

@@ -18,11 +18,11 @@ GENERATION_QUEUE = "generation"  # one concurrency group: one generation at a ti
 PLACEHOLDER_SPEC = VARIANTS["384p"]  # slider limits until a model with known limits is picked
 THEME = gr.themes.Soft(primary_hue="indigo")
 CSS = "#frames .thumbnail-item { min-width: 48px; }"
-EXAMPLE_PROMPTS = [
-    "a red circle moving from left to right",
-    "a blue square bouncing up and down",
-    "a green triangle spinning in place",
-    "a yellow circle and a purple square passing each other",
+EXAMPLE_PROMPTS = [  # the bundled model's grammar: a {color} {shape} moving {direction}
+    "a red circle moving right",
+    "a blue square moving up",
+    "a green triangle moving left",
+    "a yellow circle moving down",
 ]
 HELPERS = dict(api_visibility="private", queue=False)
 
@@ -50,11 +50,12 @@ def build_studio(default_model=None, output_dir="outputs", pipelines=None) -> gr
                 result_image = gr.Image(label="Result", type="filepath", buttons=["download"], interactive=False,
                                         visible=False, elem_id="result-image")
                 seed_used = gr.Textbox(label="Seed used", interactive=False, elem_id="seed-used")
-                frames = gr.Gallery(label="Frames",  columns=9, height=220,
-                                    object_fit="contain", elem_id="frames")
+                frames = gr.Gallery(label="Frames", columns=9, height=220,
+                                    object_fit="contain", fit_columns=False, elem_id="frames")
         with gr.Accordion("This session's outputs", open=True):
             with gr.Row():
-                outputs = gr.Gallery(label="Outputs", columns=4, height=260, allow_preview=False, elem_id="outputs")
+                outputs = gr.Gallery(label="Outputs", columns=4, height=260, allow_preview=False,
+                                     fit_columns=False, elem_id="outputs")
                 with gr.Column():
                     selected_settings = gr.JSON(label="Settings of the selected output")
                     reuse_button = gr.Button("Reuse settings", elem_id="reuse")
@@ -81,9 +82,10 @@ def build_studio(default_model=None, output_dir="outputs", pipelines=None) -> gr
             model = model_facts(choice)
             spec = model.spec(variant)
             sizes = [_slider_update(spec, value, mode == "extend_video") for mode, value in zip(sliders, current)]
-            notes = [_length_note(_clamped(spec, value, mode == "extend_video"), spec, mode == "extend_video")
+            rate = spec.fps if spec else None
+            notes = [_length_note(_clamped(spec, value, mode == "extend_video"), rate, mode == "extend_video")
                      for mode, value in zip(sliders, current)]
-            return [model.note, spec.fps if spec else gr.skip(), *sizes, *notes]
+            return [model.note, rate or gr.skip(), *sizes, *notes]
 
         def model_changed(choice, variant, *current):
             variants = ["auto", *model_facts(choice).variants]
@@ -166,7 +168,6 @@ def _slider_update(spec, value, extension):
 
 
 def _length_note(frames, rate, extension=False) -> str:
-    rate = getattr(rate, "fps", rate)
     if not rate:
         return ""
     what = "new frames" if extension else "frames"

@@ -1,0 +1,243 @@
+"""The studio without a browser: layout, flags, and every named endpoint through gradio_client on a tiny checkpoint."""
+import socket
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import gradio
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+from pyramid_app import catalog, gallery, serve, studio
+from pyramid_app.jobs import PipelineCache
+from pyramid_app.settings import ModelOptions, memory_choices
+from pyramid_app.video import read_metadata, read_video, write_video
+from tiny_checkpoint import build_tiny_checkpoint
+
+FAST = dict(guidance_scale=1, video_guidance_scale=1, first_frame_steps_stage_1=1, first_frame_steps_stage_2=1,
+            first_frame_steps_stage_3=1, video_steps_stage_1=1, video_steps_stage_2=1, video_steps_stage_3=1)
+ENDPOINTS = ("/text_to_video", "/image_to_video", "/extend_video", "/text_to_image")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def slowed_pipelines(model: Path, seconds_per_step: float) -> PipelineCache:
+    """A cache holding the studio's default pipeline for `model`, its transformer slowed so Stop can land mid-run."""
+    pipelines = PipelineCache()
+    pipe = pipelines.get(ModelOptions(model=str(model)))
+    pipe.transformer.register_forward_pre_hook(lambda module, args: time.sleep(seconds_per_step))
+    return pipelines
+
+
+def launch_studio(model: Path, output_dir: Path, pipelines=None):
+    """Serve the studio on 127.0.0.1 and a free port in this process; returns (demo, url)."""
+    flags = serve.parse_flags(["--port", str(free_port()), "--output-dir", str(output_dir), "--no-browser"])
+    demo = studio.build_studio(default_model=model, output_dir=output_dir, pipelines=pipelines)
+    _, url, _ = serve.launch(demo, flags, block=False)
+    return demo, url
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "miniflux")
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("outputs")
+    demo, url = launch_studio(tiny_model, output_dir, slowed_pipelines(tiny_model, 0.01))
+    yield url, output_dir
+    demo.close()
+
+
+@pytest.fixture
+def client(served):
+    return Client(served[0], verbose=False, download_files=False)
+
+
+def smooth_clip(frames=9, size=64) -> np.ndarray:
+    t, y, x = np.meshgrid(np.arange(frames), np.arange(size), np.arange(size), indexing="ij")
+    return np.clip(np.stack([2 * x + 4 * t, 3 * y, 255 - 2 * x - y], axis=-1), 0, 255).astype(np.uint8)
+
+
+def local_path(file) -> Path:
+    return Path(file["path"] if isinstance(file, dict) else file)
+
+
+# --- flags and layout ----------------------------------------------------------------------------
+
+
+def test_flags_are_safe_by_default(monkeypatch):
+    monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
+    monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)
+    flags = serve.parse_flags([])
+    assert (flags.host, flags.port, flags.share) == ("127.0.0.1", serve.DEFAULT_PORT, False)
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "7999")
+    assert serve.parse_flags([]).port == 7999
+    assert serve.parse_flags(["--port", "8001", "--share"]).port == 8001
+
+
+def test_studio_starts_without_the_bundled_model_and_says_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setattr(catalog, "BUNDLED_MODEL", tmp_path / "missing")
+    demo = studio.build_studio(output_dir=tmp_path)
+    notes = [block.value for block in demo.blocks.values() if getattr(block, "elem_id", None) == "model-note"]
+    assert notes and "not installed" in notes[0] and "rain1011/pyramid-flow-miniflux" in notes[0]
+
+
+def test_memory_panel_offers_only_what_works_on_cpu():
+    import torch
+
+    choices = memory_choices(torch.device("cpu"))
+    assert choices["offload"] == ("none",)
+    assert "nf4" not in choices["quantize"] and "int8" in choices["quantize"]
+    assert "float16" not in choices["dtype"]
+
+
+def test_model_menu_knows_limits_without_loading(tiny_model):
+    facts = catalog.model_facts(str(tiny_model))
+    assert facts.variants == ("384p",) and facts.spec("auto").max_frames == 17
+    assert catalog.length_limits(facts.spec("auto")) == (9, 17, 8)
+    assert catalog.length_limits(facts.spec("auto"), extension=True) == (8, 16, 8)
+    assert catalog.model_facts("rain1011/pyramid-flow-sd3").spec("768p").max_frames == 241
+    assert "No checkpoint folder" in catalog.model_facts("/no/such/folder").note
+
+
+# --- the named endpoints -------------------------------------------------------------------------
+
+
+def test_api_lists_the_four_endpoints_with_the_prompt_first(client):
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert set(ENDPOINTS) <= set(api)
+    first = {name: [p["parameter_name"] for p in api[name]["parameters"]][:2] for name in ENDPOINTS}
+    assert first == {"/text_to_video": ["prompt", "num_frames"], "/image_to_video": ["image", "prompt"],
+                     "/extend_video": ["video", "prompt"], "/text_to_image": ["prompt", "model"]}
+    required = {name: [p["parameter_name"] for p in api[name]["parameters"] if not p["parameter_has_default"]]
+                for name in ENDPOINTS}
+    assert required == {"/text_to_video": ["prompt"], "/image_to_video": ["image"], "/extend_video": ["video"],
+                        "/text_to_image": ["prompt"]}
+
+
+def test_text_to_video_saves_an_mp4_with_its_settings(client, served):
+    video, frames, status, seed = client.predict("a red ball", seed="123", **FAST, api_name="/text_to_video")
+    path = local_path(video)
+    assert path.suffix == ".mp4" and (served[1] / path.name).is_file()
+    settings = read_metadata(path)
+    assert settings["prompt"] == "a red ball" and settings["seed"] == 123 == int(seed)
+    assert len(frames) == settings["num_frames"] == 17
+    assert "Saved" in status
+
+
+def test_image_to_video_animates_an_upload(client, tmp_path):
+    image = tmp_path / "still.png"
+    Image.fromarray(smooth_clip(1)[0]).save(image)
+    video, frames, _, _ = client.predict(handle_file(str(image)), "it drifts", num_frames=9, **FAST,
+                                         api_name="/image_to_video")
+    assert read_metadata(local_path(video))["mode"] == "image_to_video"
+    assert read_video(local_path(video))[0].shape[0] == 9
+
+
+def test_extend_video_continues_an_upload(client, tmp_path):
+    clip = write_video(smooth_clip(9), tmp_path / "clip.mp4", 8, {})
+    video, _, _, _ = client.predict(handle_file(str(clip)), "", **FAST, api_name="/extend_video")
+    assert read_video(local_path(video))[0].shape[0] == 9 + 8
+
+
+def test_text_to_image_saves_a_png(client):
+    image, frames, status, _ = client.predict("a blue square", **FAST, api_name="/text_to_image")
+    assert local_path(image).suffix == ".png" and len(frames) == 1 and "1 image" in status
+    assert read_metadata(local_path(image))["mode"] == "text_to_image"
+
+
+def test_stop_keeps_the_partial_video(client):
+    job = client.submit("a slow ball", seed="7", api_name="/text_to_video")
+    deadline = time.monotonic() + 60
+    while not job.outputs() and time.monotonic() < deadline:  # the first unit's frames have streamed in
+        time.sleep(0.05)
+    assert client.predict(api_name="/stop").startswith("Stopping")
+    video, frames, status, _ = job.result(timeout=60)
+    settings = read_metadata(local_path(video))
+    assert settings["interrupted"] and settings["num_frames"] < 17
+    assert status.startswith("Stopped") and len(frames) == settings["num_frames"]
+
+
+# --- readable errors -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("endpoint, arguments, message", [
+    ("/image_to_video", (None, "x"), "Upload an image to animate first."),
+    ("/extend_video", (None, "x"), "Upload a video clip to extend first."),
+    ("/text_to_video", ("x", 25), "greater than maximum value 17"),
+    ("/text_to_video", ("",), "The prompt is empty"),
+])
+def test_bad_inputs_give_a_readable_message(client, endpoint, arguments, message):
+    with pytest.raises(AppError) as error:
+        client.predict(*arguments, **FAST, api_name=endpoint)
+    assert message in str(error.value) and "Traceback" not in str(error.value)
+
+
+def test_corrupt_video_gives_a_readable_message(client, tmp_path):
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"this is not a video" * 100)
+    with pytest.raises(AppError, match="Cannot read video broken.mp4"):
+        client.predict(handle_file(str(broken)), "x", **FAST, api_name="/extend_video")
+
+
+def test_bad_seed_and_missing_model_give_readable_messages(client, tmp_path):
+    with pytest.raises(AppError, match="The seed must be a whole number"):
+        client.predict("x", seed="abc", **FAST, api_name="/text_to_image")
+    with pytest.raises(AppError, match="neither a checkpoint folder nor a hub repo id"):
+        client.predict("x", model=str(tmp_path / "nothing"), **FAST, api_name="/text_to_image")
+
+
+def test_only_the_output_folder_is_served(client, served):
+    video, *_ = client.predict("a ball", **FAST, api_name="/text_to_image")
+    base = served[0].rstrip("/") + "/gradio_api/file="
+    with urllib.request.urlopen(base + str(local_path(video))) as response:
+        assert response.status == 200
+    with pytest.raises(urllib.error.HTTPError) as denied:
+        urllib.request.urlopen(base + str(Path(serve.__file__).resolve()))
+    assert denied.value.code == 403
+
+
+# --- gallery and reuse ---------------------------------------------------------------------------
+
+
+def test_reuse_reads_every_control_from_an_outputs_metadata(client):
+    video, *_ = client.predict("a green triangle", negative_prompt="blur", seed="42", num_frames=9, **FAST,
+                               api_name="/text_to_video")
+    values = gallery.control_values(gallery.saved_settings(local_path(video)))
+    assert values["prompt"] == "a green triangle" and values["negative_prompt"] == "blur"
+    assert values["seed"] == "42" and values["num_frames"] == 9 and values["guidance_scale"] == 1
+    assert values["first_frame_steps_stage_2"] == 1 and values["video_steps_stage_3"] == 1
+    assert values["dtype"] == "float32" and values["offload"] == "none"
+
+
+def test_gallery_captions_say_what_each_output_is():
+    history = gallery.add([], "/out/a.mp4", {"mode": "text_to_video", "num_frames": 17, "seed": 5, "prompt": "a ball"})
+    history = gallery.add(history, "/out/b.png", {"mode": "text_to_image", "num_frames": 1, "seed": 6,
+                                                  "interrupted": False, "prompt": "x" * 100})
+    items = gallery.gallery_items(history)
+    assert items[0][0] == "/out/b.png" and items[0][1].startswith("Text → Image · seed 6 — xxx")
+    assert items[1] == ("/out/a.mp4", "Text → Video · 17 frames · seed 5 — a ball")
+
+
+def test_settings_without_a_mode_are_refused(tmp_path):
+    clip = write_video(smooth_clip(1), tmp_path / "other.mp4", 8, {"note": "not ours"})
+    with pytest.raises(ValueError, match="not from a Pyramid Flow generation"):
+        gallery.saved_settings(clip)
+
+
+def test_generating_with_the_missing_bundled_model_says_what_to_pick(monkeypatch, tmp_path):
+    from pyramid_app.endpoints import Endpoints
+
+    monkeypatch.setattr(catalog, "BUNDLED_MODEL", tmp_path / "missing")
+    with pytest.raises(gradio.Error, match="bundled model is not installed"):
+        next(Endpoints(output_dir=tmp_path).text_to_image("a ball", [], model=catalog.BUNDLED))

@@ -1,0 +1,113 @@
+"""The studio in headless Chromium (Debian's /usr/bin/chromium): generate, stop, bad uploads, reuse; saves docs/studio.png."""
+from pathlib import Path
+
+import pytest
+
+from test_studio import launch_studio, slowed_pipelines
+from tiny_checkpoint import build_tiny_checkpoint
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run"]
+SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "studio.png"
+GENERATION_TIMEOUT_MS = 120_000
+
+
+@pytest.fixture(scope="module")
+def studio_url(tmp_path_factory):
+    model = build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "miniflux")
+    # ~6 s per default generation: long enough to press Stop between units
+    demo, url = launch_studio(model, tmp_path_factory.mktemp("outputs"), slowed_pipelines(model, 0.05))
+    yield url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    playwright_sync = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"needs Debian's chromium at {CHROMIUM} (apt-get install chromium)")
+    with playwright_sync.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, studio_url):
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    page.goto(studio_url)
+    page.locator("#t2v-prompt textarea").wait_for()
+    yield page
+    page.close()
+
+
+def generate_video(page, prompt: str) -> None:
+    page.locator("#t2v-prompt textarea").fill(prompt)
+    page.locator("#t2v-generate").click()
+
+
+def wait_for_status(page, text: str) -> None:
+    page.locator("#status", has_text=text).wait_for(timeout=GENERATION_TIMEOUT_MS)
+
+
+def playable_video(page) -> dict:
+    """Wait until the result player has loaded its mp4; returns its duration and size."""
+    video = page.locator("#result-video video")
+    video.wait_for(timeout=GENERATION_TIMEOUT_MS)
+    page.wait_for_function("() => { const v = document.querySelector('#result-video video');"
+                           " return v && v.readyState >= 1 && v.duration > 0; }", timeout=GENERATION_TIMEOUT_MS)
+    return video.evaluate("v => ({duration: v.duration, width: v.videoWidth, src: v.currentSrc})")
+
+
+def test_generate_shows_a_playable_video_and_its_frames(page):
+    generate_video(page, "a red circle moving right")
+    wait_for_status(page, "Saved")
+    video = playable_video(page)
+    assert video["duration"] > 0 and video["width"] == 64 and video["src"].split("?")[0].endswith(".mp4")
+    assert page.locator("#frames img").count() == 17
+    assert page.locator("#seed-used textarea, #seed-used input").first.input_value().isdigit()
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+
+def test_stop_keeps_a_partial_video(page):
+    generate_video(page, "a blue square moving up")
+    page.locator("#frames img").first.wait_for(timeout=GENERATION_TIMEOUT_MS)  # the first unit is done
+    page.locator("#stop").click()
+    wait_for_status(page, "Stopped")
+    assert playable_video(page)["duration"] > 0
+    assert page.locator("#frames img").count() < 17
+
+
+def test_reuse_settings_of_an_output(page):
+    page.get_by_role("tab", name="Text → Image").click()
+    page.locator("#t2i-prompt textarea").fill("a green triangle")
+    page.locator("#t2i-generate").click()
+    wait_for_status(page, "Saved")
+    page.locator("#t2i-prompt textarea").fill("something else")
+    page.locator("#outputs .thumbnail-item").first.click()
+    page.locator("#reuse").click()
+    wait_for_status(page, "Loaded the settings")
+    assert page.locator("#t2i-prompt textarea").input_value() == "a green triangle"
+    page.get_by_text("Sampling").click()
+    seed = page.locator("#seed textarea, #seed input").first
+    seed.wait_for()
+    assert seed.input_value() == page.locator("#seed-used textarea, #seed-used input").first.input_value()
+
+
+def test_missing_image_shows_a_message(page):
+    page.get_by_role("tab", name="Image → Video").click()
+    page.locator("#i2v-generate").click()
+    page.get_by_text("Upload an image to animate first.").first.wait_for(timeout=30_000)
+
+
+def test_corrupt_upload_shows_a_message(page, tmp_path):
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"this is not a video" * 100)
+    page.get_by_role("tab", name="Extend a video").click()
+    page.locator("#extend-video input[type=file]").set_input_files(str(broken))
+    page.locator("#extend-generate").click()
+    page.get_by_text("Cannot read video broken.mp4").first.wait_for(timeout=30_000)

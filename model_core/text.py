@@ -6,6 +6,8 @@ from pathlib import Path
 import torch
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
+from .checkpoints import detect_family
+
 logger = logging.getLogger(__name__)
 
 T5_MAX_LENGTH = 128
@@ -134,22 +136,9 @@ class SD3PromptEncoder(PromptEncoder):
 PROMPT_ENCODERS = {"miniflux": FluxPromptEncoder, "sd3": SD3PromptEncoder}
 
 
-def detect_family(root) -> str:
-    """'sd3' when the checkpoint has text_encoder_3/, 'miniflux' when it has text_encoder_2/ only."""
-    root = Path(root)
-    if (root / "text_encoder_3").is_dir():
-        return "sd3"
-    if (root / "text_encoder_2").is_dir():
-        return "miniflux"
-    raise FileNotFoundError(
-        f"{root} has no text encoder folders: expected {FluxPromptEncoder.layout()} (miniflux) "
-        f"or {SD3PromptEncoder.layout()} (sd3)."
-    )
-
-
 def load_prompt_encoder(root, family: str | None = None, torch_dtype=torch.float32, device=None) -> PromptEncoder:
     """Load the prompt encoder of a checkpoint root; `family` ('miniflux' or 'sd3') is detected when None."""
-    family = family or detect_family(root)
+    family = family or detect_family(Path(root)).name
     if family not in PROMPT_ENCODERS:
         raise ValueError(f"Unknown model family {family!r}; use one of {sorted(PROMPT_ENCODERS)}.")
     return PROMPT_ENCODERS[family].from_pretrained(root, torch_dtype=torch_dtype, device=device)

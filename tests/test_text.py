@@ -12,7 +12,6 @@ from model_core.text import (
     FluxPromptEncoder,
     PromptEmbeddings,
     SD3PromptEncoder,
-    detect_family,
     load_prompt_encoder,
 )
 from model_core.tiny_text import write_tiny_text_stack
@@ -133,10 +132,10 @@ def test_long_prompt_is_truncated_with_a_warning(stacks, caplog):
 
 
 def test_family_detection(stacks, tmp_path):
-    assert detect_family(stacks["miniflux"][0]) == "miniflux"
-    assert detect_family(stacks["sd3"][0]) == "sd3"
-    with pytest.raises(FileNotFoundError, match="text_encoder_3/"):
-        detect_family(tmp_path)
+    assert isinstance(load_prompt_encoder(stacks["miniflux"][0]), FluxPromptEncoder)
+    assert isinstance(load_prompt_encoder(stacks["sd3"][0]), SD3PromptEncoder)
+    with pytest.raises(FileNotFoundError, match="text_encoder"):
+        load_prompt_encoder(tmp_path)
     with pytest.raises(ValueError, match="miniflux"):
         load_prompt_encoder(stacks["sd3"][0], "flux-dev")
 

@@ -16,7 +16,7 @@ from training.config import CONFIG_DIR
 from training.launch import main
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = str(CONFIG_DIR / "tiny_shapes.yaml")
+RECIPE = str(CONFIG_DIR / "tiny_shapes_flow.yaml")
 WEIGHTS = Path("diffusion_transformer_384p") / "diffusion_pytorch_model.safetensors"
 
 

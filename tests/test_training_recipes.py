@@ -53,7 +53,7 @@ def world(tmp_path_factory):
     return checkpoint, annotations, *precompute_features(checkpoint, annotations, root / "features")
 
 
-@pytest.mark.parametrize("recipe", ["stage1_image", "stage2_video_lowres", "stage3_video_highres", "tiny_shapes", "lora"])
+@pytest.mark.parametrize("recipe", ["stage1_image", "stage2_video_lowres", "stage3_video_highres", "tiny_shapes_flow", "lora"])
 def test_recipe_runs_two_steps_on_precomputed_features(recipe, world, tmp_path):
     checkpoint, _, features, empty = world
     output = tmp_path / "run"
@@ -69,7 +69,7 @@ def test_tiny_shapes_runs_on_videos_and_images_encoded_on_the_fly(world, tmp_pat
     checkpoint, annotations, _, _ = world
     output = tmp_path / "run"
     overrides = tiny_overrides(checkpoint, annotations, output, global_batch=2) + ["data.clip_schedule=[{seconds: 1}]"]
-    assert main(["--config", str(CONFIG_DIR / "tiny_shapes.yaml"), "--max-steps", "1", *overrides]) == 0
+    assert main(["--config", str(CONFIG_DIR / "tiny_shapes_flow.yaml"), "--max-steps", "1", *overrides]) == 0
     assert (output / "checkpoint-1" / "diffusion_transformer_384p").is_dir()
 
 
@@ -91,13 +91,13 @@ def test_sd3_family_trains(tmp_path):
     checkpoint, annotations = tiny_world(tmp_path / "world", family="sd3", videos=2, images=2)
     output = tmp_path / "run"
     overrides = tiny_overrides(checkpoint, annotations, output)
-    assert main(["--config", str(CONFIG_DIR / "tiny_shapes.yaml"), "--max-steps", "1", *overrides]) == 0
+    assert main(["--config", str(CONFIG_DIR / "tiny_shapes_flow.yaml"), "--max-steps", "1", *overrides]) == 0
     config = json.loads((output / "checkpoint-1" / "diffusion_transformer_384p" / "config.json").read_text())
     assert config["_class_name"] == "PyramidMMDiT"
 
 
 def test_bad_override_is_a_clear_error(capsys):
-    assert main(["--config", str(CONFIG_DIR / "tiny_shapes.yaml"), "novalue"]) == 2
+    assert main(["--config", str(CONFIG_DIR / "tiny_shapes_flow.yaml"), "novalue"]) == 2
     assert "section.key=value" in capsys.readouterr().err
 
 

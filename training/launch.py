@@ -1,5 +1,6 @@
 """`python -m training.launch --config RECIPE [--max-steps N] [--output-dir D] [--resume auto|PATH] [key=value ...]`
-(also under `accelerate launch -m training.launch ...` for many processes)."""
+(also under `accelerate launch -m training.launch ...` for many processes). A `task: bundle` recipe
+(tiny_shapes.yaml) runs its phases in one process and always resumes where it stopped."""
 import argparse
 import logging
 import sys
@@ -26,9 +27,14 @@ def main(argv=None) -> int:
             set_path(config, "train.max_steps", args.max_steps)
         if args.output_dir is not None:
             set_path(config, "train.output_dir", args.output_dir)
-        from .loop import train
+        if config.get("task") == "bundle":
+            from .bundle import run_bundle
 
-        train(config, config["train"]["output_dir"], args.resume)
+            run_bundle(config)
+        else:
+            from .loop import train
+
+            train(config, config["train"]["output_dir"], args.resume)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

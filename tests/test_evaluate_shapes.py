@@ -1,0 +1,60 @@
+"""The evaluation runner scores a perfect generator 100% and a colour-blind one 0% on colour."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from training.evaluate_shapes import evaluate
+from training.shapes_world import HELDOUT_STREAM, parse_prompt, render_clip, world_pairs
+
+
+class IdentityVAE:
+    dtype = torch.float32
+
+    def encode(self, video):
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=video))
+
+    def decode(self, latent):
+        return SimpleNamespace(sample=latent)
+
+
+class WorldPipeline:
+    """Generates what the world would: the clip of (prompt, seed), optionally in another colour."""
+
+    vae = IdentityVAE()
+
+    def __init__(self, recolor=None):
+        self.recolor = recolor
+
+    def clip(self, prompt, seed):
+        if self.recolor:
+            prompt = prompt.replace(parse_prompt(prompt)[0], self.recolor)
+        return SimpleNamespace(frames=render_clip(prompt, seed))
+
+    def text_to_video(self, prompt, seed, num_frames, **options):
+        return self.clip(prompt, seed)
+
+    def image_to_video(self, image, prompt, seed, num_frames, **options):
+        return self.clip(prompt, seed)
+
+    def extend_video(self, video, prompt, seed, num_frames, **options):
+        return self.clip(prompt, seed)
+
+
+PAIRS = world_pairs(0, HELDOUT_STREAM, 12)
+
+
+def test_a_generator_that_matches_the_world_scores_full_marks():
+    figures = evaluate(WorldPipeline(), PAIRS, {"video_steps": (1, 1, 1)}, speed_runs=2)
+    assert figures["text_to_video"] == {"color_accuracy": 1.0, "shape_accuracy": 1.0, "direction_accuracy": 1.0}
+    assert figures["vae_round_trip"] == figures["text_to_video"]
+    assert figures["image_to_video"] == {"keeps_color": 1.0, "keeps_shape": 1.0, "direction_accuracy": 1.0}
+    assert figures["extension"] == {"keeps_color": 1.0, "keeps_shape": 1.0, "direction_accuracy": 1.0}
+    assert figures["options"] == {"video_steps": [1, 1, 1]} and figures["seconds_per_17_frame_video"] >= 0
+
+
+def test_a_wrong_colour_is_counted_wrong():
+    pairs = [(p, s) for p, s in PAIRS if parse_prompt(p)[0] != "white"]
+    figures = evaluate(WorldPipeline(recolor="white"), pairs, {}, speed_runs=0)
+    assert figures["text_to_video"]["color_accuracy"] == 0.0
+    assert figures["text_to_video"]["shape_accuracy"] == pytest.approx(1.0)

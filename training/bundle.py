@@ -1,0 +1,155 @@
+"""`task: bundle`: a model from nothing, in phases that each skip when their output exists (so a rerun
+resumes where the last one stopped):
+
+world (shapes_world clips) -> init (initial_checkpoint) -> vae (the `task: vae` recipe) -> base (init with
+the trained VAE) -> latents and text features (the extraction tools) -> latent normalisation (written
+into the base's pyramid_flow.json) -> flow (the `task: flow` recipe) -> the bundled model: the base with
+the trained transformer and `bundle.model_card` as README.md, copied (no links) into `bundle.out` in the
+official layout.
+
+Everything after the VAE lives under `<output_dir>/from-vae-checkpoint-<steps>/`, so training the VAE
+longer rebuilds the base, features and transformer. The phase recipes are ordinary recipe files;
+`phases.<name>.overrides` (a nested dict) is merged into them, and `train.max_steps`, when set on the
+bundle, caps both training phases.
+"""
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from model_core.checkpoints import SETTINGS_FILE, VAE_FOLDER, transformer_folder
+
+from .checkpointing import checkpoint_path
+from .config import load_config
+from .flow_task import EMA_SUFFIX
+from .initial_checkpoint import write_initial_checkpoint
+from .shapes_world import PROMPTS, write_world
+
+logger = logging.getLogger(__name__)
+MODEL_CARD = "README.md"
+
+
+def merged(base: dict, changes: dict) -> dict:
+    out = dict(base)
+    for key, value in (changes or {}).items():
+        out[key] = merged(out.get(key) or {}, value) if isinstance(value, dict) else value
+    return out
+
+
+def phase_recipe(config: dict, name: str, changes: dict) -> dict:
+    """A phase's recipe file with the bundle's overrides for it and the paths it gets from earlier phases."""
+    phase = config["phases"][name]
+    recipe = merged(load_config(phase["recipe"]), phase.get("overrides") or {})
+    recipe = merged(recipe, changes)
+    if config["train"].get("max_steps") is not None:
+        recipe["train"]["max_steps"] = config["train"]["max_steps"]
+    return recipe
+
+
+def run_training(recipe: dict) -> Path:
+    """Train a phase recipe to its last step (resuming an interrupted run); returns its last checkpoint."""
+    from .loop import train
+
+    output = Path(recipe["train"]["output_dir"])
+    final = checkpoint_path(output, recipe["train"]["max_steps"])
+    if not final.is_dir():
+        train(recipe, output, "auto")
+    return final
+
+
+def copy_folder(source: Path, target: Path) -> None:
+    shutil.copytree(source, target, symlinks=False)
+
+
+def build_base(init: Path, vae_checkpoint: Path, base: Path) -> None:
+    """The initial checkpoint with the trained VAE in place of the random one."""
+    staging = base.with_name(base.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    copy_folder(init, staging)
+    shutil.rmtree(staging / VAE_FOLDER)
+    copy_folder(vae_checkpoint / VAE_FOLDER, staging / VAE_FOLDER)
+    staging.rename(base)
+
+
+def update_settings(root: Path, changes: dict) -> None:
+    path = root / SETTINGS_FILE
+    settings = json.loads(path.read_text()) | changes
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(settings, indent=2))
+    temporary.replace(path)
+
+
+def run_tool(module, argv: list) -> None:
+    if module.main(argv) != 0:
+        raise ValueError(f"{module.__name__} failed on {argv}; its message is above")
+
+
+def extract_features(base: Path, world: Path, work: Path, spec: dict) -> tuple:
+    """(annotations with latent + text features, empty-prompt features), each tool run once."""
+    from . import extract_latents, extract_text_features
+
+    latents, text = work / "latents", work / "text"
+    seconds = (1 + 8 * (spec["max_latent_frames"] - 1)) / spec["fps"]
+    if not (latents / "annotations.jsonl").is_file():
+        run_tool(extract_latents, ["--model", str(base), "--annotations", str(world), "--output-dir", str(latents),
+                                   "--fps", str(spec["fps"]), "--seconds", str(seconds),
+                                   "--buckets", f"{spec['height']}x{spec['width']}"])
+    if not (text / "annotations.jsonl").is_file():
+        run_tool(extract_text_features, ["--model", str(base), "--annotations", str(latents / "annotations.jsonl"),
+                                         "--output-dir", str(text)])
+    return text / "annotations.jsonl", text / extract_text_features.EMPTY_TEXT_FILE
+
+
+def assemble(base: Path, flow_checkpoint: Path, variant: str, use_ema: bool, model_card: Path, out: Path) -> Path:
+    """The base's VAE, text stack and settings with the trained transformer and the model card, copied into `out`."""
+    staging = out.with_name(out.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    copy_folder(base, staging)
+    shutil.rmtree(staging / transformer_folder(variant))
+    trained = flow_checkpoint / transformer_folder(variant + (EMA_SUFFIX if use_ema else ""))
+    copy_folder(trained, staging / transformer_folder(variant))
+    shutil.copy2(model_card, staging / MODEL_CARD)
+    old = out.with_name(out.name + ".old")
+    if out.exists():
+        out.rename(old)
+    staging.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def run_bundle(config: dict) -> Path:
+    work = Path(config["train"]["output_dir"])
+    work.mkdir(parents=True, exist_ok=True)
+    seed = config["train"]["seed"]
+    architecture = config["architecture"]
+    world_config = config["world"]
+    world = Path(world_config["out"]) / "train.jsonl"
+    if not world.is_file():
+        logger.info("writing the shapes world to %s", world.parent)
+        write_world(world.parent, world_config["count"], world_config["seed"], world_config["heldout"])
+    init = work / "init"
+    if not init.is_dir():
+        write_initial_checkpoint(init, architecture, PROMPTS, seed)
+    vae = run_training(phase_recipe(config, "vae", {
+        "model": {"pretrained": str(init), "variant": architecture["variant"]},
+        "data": {"annotations": [str(world)]}, "train": {"output_dir": str(work / "vae"), "seed": seed}}))
+    after_vae = work / f"from-vae-{vae.name}"  # what depends on the VAE is redone when the VAE changes
+    base = after_vae / "base"
+    if not base.is_dir():
+        after_vae.mkdir(parents=True, exist_ok=True)
+        build_base(init, vae, base)
+    features, empty_text = extract_features(base, world, after_vae, architecture["spec"])
+    settings = json.loads((base / SETTINGS_FILE).read_text())
+    if "latent_normalization" not in settings:
+        from .latent_statistics import latent_normalization
+
+        normalization = latent_normalization(features, config["latent_statistics"]["clips"])
+        update_settings(base, {"latent_normalization": normalization})
+    flow = run_training(phase_recipe(config, "flow", {
+        "model": {"pretrained": str(base), "variant": architecture["variant"]},
+        "data": {"annotations": [str(features)], "empty_text_fea": str(empty_text)},
+        "train": {"output_dir": str(after_vae / "flow"), "seed": seed}}))
+    bundle = config["bundle"]
+    out = assemble(base, flow, architecture["variant"], bundle["use_ema"], Path(bundle["model_card"]), Path(bundle["out"]))
+    logger.info("bundled model written to %s", out)
+    return out

@@ -1,0 +1,136 @@
+"""`python -m training.evaluate_shapes --model PATH [--count N] [--out FIGURES.json]`: generate from held-out
+(prompt, seed) pairs of the shapes world and score the videos with `training.shapes_detector`.
+
+VAE round trip of the world clips (the ceiling for generation) and text-to-video: colour, shape and
+direction accuracy; image-to-video (first frame rendered by the world) and extension (9 world frames
++ 8 new ones): whether the subject keeps its colour and shape and moves
+in the prompted direction; speed: median seconds of a 17-frame text-to-video over `--speed-runs` runs.
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model_core.media import to_frames, to_video_tensor
+
+from .shapes_detector import read_clip
+from .shapes_world import FRAME_SIZE, HELDOUT_STREAM, NUM_FRAMES, PROMPTS, parse_prompt, render_clip, world_pairs
+
+EXTENSION_CONTEXT = 9
+TEXT_TO_VIDEO_FIGURES = ("color_accuracy", "shape_accuracy", "direction_accuracy")
+CONTINUATION_FIGURES = ("keeps_color", "keeps_shape", "direction_accuracy")
+
+
+def score(frames_of, pairs, names: tuple) -> dict:
+    """Shares of clips whose subject has the prompt's colour, shape and direction (named by `names`)."""
+    hits = np.zeros(3)
+    for prompt, seed in pairs:
+        reading = read_clip(frames_of(prompt, seed))
+        hits += [a == b for a, b in zip((reading.color, reading.shape, reading.direction), parse_prompt(prompt))]
+    return dict(zip(names, (hits / len(pairs)).tolist()))
+
+
+def text_to_video_frames(pipe, options: dict):
+    def frames_of(prompt, seed):
+        return pipe.text_to_video(prompt, seed=seed, num_frames=NUM_FRAMES, **options).frames
+
+    return frames_of
+
+
+def vae_round_trip_frames(pipe):
+    """The world clip encoded and decoded by the model's VAE: the ceiling of what generation can reach."""
+
+    @torch.no_grad()
+    def frames_of(prompt, seed):
+        clip = to_video_tensor(torch.from_numpy(render_clip(prompt, seed)), FRAME_SIZE, FRAME_SIZE)
+        return to_frames(pipe.vae.decode(pipe.vae.encode(clip.to(pipe.vae.dtype)).latent_dist.mean).sample)
+
+    return frames_of
+
+
+def image_to_video_frames(pipe, options: dict):
+    def frames_of(prompt, seed):
+        first = render_clip(prompt, seed, num_frames=1)[0]
+        return pipe.image_to_video(first, prompt, seed=seed, num_frames=NUM_FRAMES, **options).frames
+
+    return frames_of
+
+
+def extension_frames(pipe, options: dict):
+    def frames_of(prompt, seed):
+        context = render_clip(prompt, seed)[:EXTENSION_CONTEXT]
+        frames = pipe.extend_video(context, prompt, seed=seed, num_frames=NUM_FRAMES - EXTENSION_CONTEXT, **options).frames
+        return frames[EXTENSION_CONTEXT - 1 :]  # the last given frame, then the new ones
+
+    return frames_of
+
+
+def median_seconds(pipe, options: dict, runs: int) -> float:
+    durations = []
+    for run in range(runs):
+        started = time.perf_counter()
+        pipe.text_to_video(PROMPTS[run % len(PROMPTS)], seed=run, num_frames=NUM_FRAMES, **options)
+        durations.append(time.perf_counter() - started)
+    return statistics.median(durations)
+
+
+def evaluate(pipe, pairs, options: dict, speed_runs: int) -> dict:
+    return {
+        "pairs": len(pairs),
+        "options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
+        "vae_round_trip": score(vae_round_trip_frames(pipe), pairs, TEXT_TO_VIDEO_FIGURES),
+        "text_to_video": score(text_to_video_frames(pipe, options), pairs, TEXT_TO_VIDEO_FIGURES),
+        "image_to_video": score(image_to_video_frames(pipe, options), pairs, CONTINUATION_FIGURES),
+        "extension": score(extension_frames(pipe, options), pairs, CONTINUATION_FIGURES),
+        "seconds_per_17_frame_video": median_seconds(pipe, options, speed_runs) if speed_runs else None,
+    }
+
+
+def steps(text: str) -> tuple:
+    return tuple(int(s) for s in text.split(","))
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m training.evaluate_shapes", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="checkpoint folder (official layout)")
+    parser.add_argument("--count", type=int, default=len(PROMPTS), help="held-out (prompt, seed) pairs to generate")
+    parser.add_argument("--world-seed", type=int, default=0, help="seed of the world the model was trained on")
+    parser.add_argument("--first-frame-steps", type=steps, default=(10, 10, 10))
+    parser.add_argument("--video-steps", type=steps, default=(10, 10, 10))
+    parser.add_argument("--guidance-scale", type=float, default=4.0)
+    parser.add_argument("--video-guidance-scale", type=float, default=3.0)
+    parser.add_argument("--speed-runs", type=int, default=5)
+    parser.add_argument("--out", help="write the figures here as JSON")
+    return parser.parse_args(argv)
+
+
+def write_json(path, figures: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(figures, indent=2))
+    temporary.replace(path)
+
+
+def main(argv=None) -> int:
+    from model_core.pipeline import PyramidFlowPipeline
+
+    args = parse_args(argv)
+    pipe = PyramidFlowPipeline.from_pretrained(args.model, device="cpu")
+    options = {"first_frame_steps": args.first_frame_steps, "video_steps": args.video_steps,
+               "guidance_scale": args.guidance_scale, "video_guidance_scale": args.video_guidance_scale}
+    figures = {"model": str(args.model), **evaluate(pipe, world_pairs(args.world_seed, HELDOUT_STREAM, args.count),
+                                                    options, args.speed_runs)}
+    print(json.dumps(figures, indent=2))
+    if args.out:
+        write_json(args.out, figures)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""A from-scratch starting point in the official layout: offline-built text encoders and tokenizers, a
+freshly initialised causal VAE and transformer (drawn from a torch.Generator), and `pyramid_flow.json`
+with the variant's size. The recipes train from it like from a published checkpoint."""
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from model_core.checkpoints import FAMILIES, SETTINGS_FILE, VAE_FOLDER, transformer_folder
+from model_core.init import reinitialize
+from model_core.tiny_text import write_tiny_text_stack
+
+from .models import transformer_class
+from .weights import save_weights
+
+
+def write_initial_checkpoint(root, architecture: dict, corpus, seed: int) -> Path:
+    """Write the checkpoint `architecture` describes (family, variant, spec, text, vae, transformer) to `root`."""
+    from model_core.vae import CausalVideoVAE
+
+    root = Path(root)
+    family = FAMILIES[architecture["family"]]
+    staging = root.with_name(root.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    text = architecture["text"]
+    dims = write_tiny_text_stack(staging, family.name, t5_dim=text["t5_dim"], clip_dim=text["clip_dim"], seed=seed,
+                                 corpus=list(corpus))
+    generator = torch.Generator().manual_seed(seed)
+    vae = reinitialize(CausalVideoVAE.from_config(dict(architecture["vae"])), generator)
+    transformer_config = dict(architecture["transformer"], joint_attention_dim=dims["joint_attention_dim"],
+                              pooled_projection_dim=dims["pooled_projection_dim"])
+    transformer = reinitialize(transformer_class(family.name).from_config(transformer_config), generator)
+    save_weights(staging / VAE_FOLDER, vae, vae.state_dict())
+    transformer_path = staging / transformer_folder(architecture["variant"])
+    save_weights(transformer_path, transformer, transformer.state_dict())
+    name_as_published(transformer_path / "config.json", family.transformer_class)
+    settings = {"variants": {architecture["variant"]: dict(architecture["spec"])}}
+    (staging / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
+    staging.rename(root)
+    return root
+
+
+def name_as_published(config_path: Path, class_name: str) -> None:
+    """Set `_class_name` to the name the published configs use, which family detection reads."""
+    config = json.loads(config_path.read_text())
+    config["_class_name"] = class_name
+    config_path.write_text(json.dumps(config, indent=2))

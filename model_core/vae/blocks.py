@@ -2,6 +2,8 @@
 
 Every block takes `(x, chunk)` with x = [B, C, T, H, W] and passes the TimeChunk on to its causal convs.
 """
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,26 +45,18 @@ class ResnetBlockCausal3D(nn.Module):
         return skip + h
 
 
-class SpatialDownsample(nn.Module):
-    """Halve H and W with a stride-(1, 2, 2) causal conv."""
+class StridedDownsample(nn.Module):
+    """A stride-2 causal conv: (1, 2, 2) halves H and W, (2, 1, 1) halves time (1 + 2k frames -> 1 + k)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, stride: tuple):
         super().__init__()
-        self.conv = CausalConv3d(channels, channels, 3, stride=(1, 2, 2))
+        self.conv = CausalConv3d(channels, channels, 3, stride=stride)
 
     def forward(self, x: torch.Tensor, chunk: TimeChunk = FULL_VIDEO) -> torch.Tensor:
         return self.conv(x, chunk)
 
 
-class TemporalDownsample(nn.Module):
-    """Halve the time axis (1 + 2k frames -> 1 + k) with a stride-(2, 1, 1) causal conv."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = CausalConv3d(channels, channels, 3, stride=(2, 1, 1))
-
-    def forward(self, x: torch.Tensor, chunk: TimeChunk = FULL_VIDEO) -> torch.Tensor:
-        return self.conv(x, chunk)
+SPATIAL_STRIDE, TEMPORAL_STRIDE = (1, 2, 2), (2, 1, 1)
 
 
 class SpatialUpsample(nn.Module):
@@ -159,8 +153,8 @@ class DownEncoderBlockCausal3D(nn.Module):
     def __init__(self, in_channels, out_channels, num_layers, norm_groups, dropout, spatial, temporal):
         super().__init__()
         self.resnets = resnet_stack(in_channels, out_channels, num_layers, norm_groups, dropout)
-        self.downsamplers = optional_layer(SpatialDownsample, out_channels, spatial)
-        self.temporal_downsamplers = optional_layer(TemporalDownsample, out_channels, temporal)
+        self.downsamplers = optional_layer(partial(StridedDownsample, stride=SPATIAL_STRIDE), out_channels, spatial)
+        self.temporal_downsamplers = optional_layer(partial(StridedDownsample, stride=TEMPORAL_STRIDE), out_channels, temporal)
 
     def forward(self, x: torch.Tensor, chunk: TimeChunk = FULL_VIDEO) -> torch.Tensor:
         return run_in_order(x, chunk, self.resnets, self.downsamplers, self.temporal_downsamplers)

@@ -186,9 +186,10 @@ class PyramidFlowPipeline(DiffusionPipeline):
         text = self.prompt_encoder.encode(prompt, device=device)
         guided = guidance_scale > 1 or video_guidance_scale > 1
         negative = self.prompt_encoder.encode_negative(negative_prompt, 1, device=device) if guided else None
-        history = None
-        if condition_frames is not None:
-            history = self._encode_frames(condition_frames[-history_frames:], height, width, device)
+        history = condition = None
+        if condition_frames is not None:  # resized once: encoded as history, and spliced back for extensions
+            condition = to_video_tensor(condition_frames, height, width, device=device)
+            history = self._encode_video(condition[:, :, -history_frames:])
         scale = self.vae.spatial_scale
         latent_shape = (1, self._latent_channels, new_units, height // scale, width // scale)
         total_units = (history.shape[2] if history is not None else 0) + new_units
@@ -203,7 +204,7 @@ class PyramidFlowPipeline(DiffusionPipeline):
         )
         frames = self._decode(latents) if output_type == "frames" else None
         if mode == "extend_video" and frames is not None:
-            frames = np.concatenate([to_frames(to_video_tensor(condition_frames, height, width)), frames[history_frames:]])
+            frames = np.concatenate([to_frames(condition), frames[history_frames:]])
         settings = {
             **self.settings_base, "mode": mode, "model": getattr(self, "source", None), "family": self.family.name,
             "variant": self.variant, "prompt": prompt, "negative_prompt": negative_prompt or "", "seed": seed,
@@ -271,9 +272,9 @@ class PyramidFlowPipeline(DiffusionPipeline):
         return velocity
 
     @torch.no_grad()
-    def _encode_frames(self, frames: torch.Tensor, height: int, width: int, device) -> torch.Tensor:
-        video = to_video_tensor(frames, height, width, device=device, dtype=self.vae.dtype)
-        posterior = self.vae.encode(video, temporal_chunk=True).latent_dist
+    def _encode_video(self, video: torch.Tensor) -> torch.Tensor:
+        """[1, 3, T, H, W] in [-1, 1] -> normalised latents (posterior mean)."""
+        posterior = self.vae.encode(video.to(self.vae.dtype), temporal_chunk=True).latent_dist
         return self.family.normalization.normalize(posterior.mean.float())
 
     @torch.no_grad()

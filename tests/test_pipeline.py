@@ -68,9 +68,9 @@ def test_text_to_image_is_one_unit(pipe):
 def test_image_to_video_starts_from_the_image(pipe, image):
     out = pipe.image_to_video(image, "it moves right", num_frames=9, seed=3, **FAST)
     assert out.frames.shape == (9, 64, 64, 3)
-    from model_core.media import as_frames
+    from model_core.media import as_frames, to_video_tensor
 
-    expected = pipe._decode(pipe._encode_frames(as_frames(image, "image"), 64, 64, pipe.device))
+    expected = pipe._decode(pipe._encode_video(to_video_tensor(as_frames(image, "image"), 64, 64)))
     assert np.array_equal(out.frames[0], expected[0])
     assert out.latents.shape[2] == 2
 

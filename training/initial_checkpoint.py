@@ -14,6 +14,25 @@ from model_core.tiny_text import write_tiny_text_stack
 from .models import transformer_class
 from .weights import save_weights
 
+INITIAL_POSTERIOR_LOGVAR = -8.0  # std 0.018: early reconstructions see the encoder's mean, not the prior's noise
+
+
+@torch.no_grad()
+def narrow_posterior(vae, logvar: float = INITIAL_POSTERIOR_LOGVAR):
+    """Start the VAE's posterior N(mean, exp(logvar)) at a fixed small variance: the log-variance rows of
+    `quant_conv` (which turns the encoder's features into the moments) get a zero kernel and a constant
+    bias; training then learns the variance like any weight."""
+    conv = vae.quant_conv.conv
+    half = conv.out_channels // 2
+    conv.weight[half:] = 0
+    conv.bias[half:] = logvar
+    return vae
+    conv = vae.encoder.conv_out.conv
+    half = conv.out_channels // 2
+    conv.weight[half:] = 0
+    conv.bias[half:] = logvar
+    return vae
+
 
 def write_initial_checkpoint(root, architecture: dict, corpus, seed: int) -> Path:
     """Write the checkpoint `architecture` describes (family, variant, spec, text, vae, transformer) to `root`."""
@@ -27,7 +46,7 @@ def write_initial_checkpoint(root, architecture: dict, corpus, seed: int) -> Pat
     dims = write_tiny_text_stack(staging, family.name, t5_dim=text["t5_dim"], clip_dim=text["clip_dim"], seed=seed,
                                  corpus=list(corpus))
     generator = torch.Generator().manual_seed(seed)
-    vae = reinitialize(CausalVideoVAE.from_config(dict(architecture["vae"])), generator)
+    vae = narrow_posterior(reinitialize(CausalVideoVAE.from_config(dict(architecture["vae"])), generator))
     transformer_config = dict(architecture["transformer"], joint_attention_dim=dims["joint_attention_dim"],
                               pooled_projection_dim=dims["pooled_projection_dim"])
     transformer = reinitialize(transformer_class(family.name).from_config(transformer_config), generator)

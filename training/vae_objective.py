@@ -1,6 +1,10 @@
-"""Causal video VAE training (Appendix B): L1 reconstruction of the clip plus a KL term on the
-posterior; `task: vae` in a recipe. Checkpoints hold `causal_video_vae/`, loadable by the app.
-An adversarial or perceptual term is not part of this objective."""
+"""Causal video VAE training (Appendix B): L1 (or squared) reconstruction of the clip plus a KL term on
+the posterior; `task: vae` in a recipe. Checkpoints hold `causal_video_vae/`, loadable by the app.
+An adversarial or perceptual term is not part of this objective.
+
+`objective.foreground_weight` w > 0 weighs the pixels that stand out from their frame's background (its
+per-channel median) by 1 + w: on sparse scenes, such as a small shape on a plain ground, the plain mean
+is dominated by the background and the colour of the subject is learned last."""
 import torch
 from torch import nn
 
@@ -23,12 +27,32 @@ class Autoencoding(nn.Module):
         return self.vae.decode(posterior.sample(generator)).sample, posterior.kl()
 
 
+FOREGROUND_MARGIN = 0.1  # how far (in [-1, 1] pixel units) a pixel must be from the background to count
+RECONSTRUCTION_ERRORS = {"l1": lambda d: d.abs(), "l2": lambda d: d.square()}
+
+
+def foreground_weights(video: torch.Tensor, weight: float) -> torch.Tensor:
+    """[B, 1, T, H, W]: 1 + weight where a pixel differs from its frame's per-channel median by more than the margin."""
+    background = video.flatten(-2).median(dim=-1).values[..., None, None]
+    standing_out = (video - background).abs().amax(dim=1, keepdim=True) > FOREGROUND_MARGIN
+    return 1 + weight * standing_out.to(video.dtype)
+
+
 class VAETask:
-    """Per-sample loss = mean |decode(z) - x| + kl_weight * KL(q(z|x) || N(0, I)) / elements of x."""
+    """Per-sample loss = weighted mean err(decode(z) - x) + kl_weight * KL(q(z|x) || N(0, I)) / elements of x,
+    err = |.| (`objective.reconstruction: l1`, the default) or its square (`l2`)."""
 
     def __init__(self, config: dict, device):
         self.model_config, self.seed = config["model"], config["train"]["seed"]
-        self.kl_weight = config["objective"]["kl_weight"]
+        objective = config["objective"]
+        self.kl_weight = objective["kl_weight"]
+        self.foreground_weight = float(objective.get("foreground_weight") or 0.0)
+        reconstruction = objective.get("reconstruction", "l1")
+        if reconstruction not in RECONSTRUCTION_ERRORS:
+            raise ValueError(f"objective.reconstruction is {reconstruction!r}; use one of {sorted(RECONSTRUCTION_ERRORS)}")
+        if self.foreground_weight < 0:
+            raise ValueError(f"objective.foreground_weight must be >= 0; got {self.foreground_weight}")
+        self.error = RECONSTRUCTION_ERRORS[reconstruction]
         self.base = base_checkpoint(self.model_config)
         self.model = Autoencoding(build_vae(self.model_config, self.base, self.seed, trainable=True))
         self.device = device
@@ -38,7 +62,10 @@ class VAETask:
         for sample in samples:
             video = sample.pixels.to(self.device)
             reconstruction, kl = model(video, sample_generator(self.seed, step, sample.request.slot))
-            losses.append((reconstruction.float() - video).abs().mean() + self.kl_weight * kl.float().sum() / video.numel())
+            error = self.error(reconstruction.float() - video)
+            if self.foreground_weight:
+                error = error * foreground_weights(video, self.foreground_weight)
+            losses.append(error.mean() + self.kl_weight * kl.float().sum() / video.numel())
             tokens += video[0, 0].numel()
         return {"loss": torch.stack(losses), "stage": [], "tokens": tokens}
 

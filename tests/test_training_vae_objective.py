@@ -1,4 +1,6 @@
 """The VAE objective's options and the from-scratch VAE's narrow posterior."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -6,7 +8,7 @@ from model_core.vae import CausalVideoVAE
 from training.initial_checkpoint import INITIAL_POSTERIOR_LOGVAR, narrow_posterior
 from training.vae_objective import VAETask, foreground_weights
 
-from tiny_checkpoint import TINY_VAE
+from tiny_checkpoint import TINY_VAE, build_tiny_checkpoint
 
 
 def test_foreground_weights_mark_pixels_that_stand_out_from_the_frame():
@@ -47,3 +49,27 @@ def test_narrow_posterior_fixes_the_initial_variance_and_keeps_the_mean():
     assert torch.equal(after.mean, before.mean)
     assert torch.allclose(after.logvar, torch.full_like(after.logvar, INITIAL_POSTERIOR_LOGVAR))
     assert not torch.allclose(before.logvar, after.logvar)
+
+
+def test_decoder_only_training_keeps_every_latent(tmp_path):
+    model = build_tiny_checkpoint(tmp_path / "tiny")
+    config = vae_config(reconstruction="l2", foreground_weight=5.0)
+    config["model"] = {"pretrained": str(model), "trainable": "decoder"}
+    task = VAETask(config, "cpu")
+    vae = task.model.vae
+    video = torch.rand(1, 3, 9, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        latents = vae.encode(video).latent_dist.mean
+    sample = SimpleNamespace(pixels=video, request=SimpleNamespace(slot=0))
+    task.losses(task.model, [sample], step=0)["loss"].sum().backward()
+    assert all(p.grad is None for p in vae.encoder.parameters()) and vae.quant_conv.conv.weight.grad is None
+    assert all(p.grad is not None for p in vae.decoder.parameters())
+    with torch.no_grad():
+        assert torch.equal(vae.encode(video).latent_dist.mean, latents)
+
+
+def test_unknown_trainable_part_is_rejected(tmp_path):
+    config = vae_config()
+    config["model"] = {"pretrained": str(build_tiny_checkpoint(tmp_path / "tiny")), "trainable": "encoder"}
+    with pytest.raises(ValueError, match="model.trainable is 'encoder'"):
+        VAETask(config, "cpu")

@@ -3,9 +3,10 @@ resumes where the last one stopped):
 
 world (shapes_world clips) -> init (initial_checkpoint) -> vae (the `task: vae` recipe) -> base (init with
 the trained VAE) -> latents and text features (the extraction tools) -> latent normalisation (written
-into the base's pyramid_flow.json) -> flow (the `task: flow` recipe) -> the bundled model: the base with
-the trained transformer and `bundle.model_card` as README.md, copied (no links) into `bundle.out` in the
-official layout.
+into the base's pyramid_flow.json) -> flow (the `task: flow` recipe) -> vae_decoder (the VAE's decoder
+trained further with its encoder frozen, so the latents the transformer learned stay valid) -> the
+bundled model: the base with the trained transformer, the refined VAE and `bundle.model_card` as
+README.md, copied (no links) into `bundle.out` in the official layout.
 
 Everything after the VAE lives under `<output_dir>/from-vae-checkpoint-<steps>/`, so training the VAE
 longer rebuilds the base, features and transformer. The phase recipes are ordinary recipe files;
@@ -100,14 +101,17 @@ def extract_features(base: Path, world: Path, work: Path, spec: dict) -> tuple:
     return text / "annotations.jsonl", text / extract_text_features.EMPTY_TEXT_FILE
 
 
-def assemble(base: Path, flow_checkpoint: Path, variant: str, use_ema: bool, model_card: Path, out: Path) -> Path:
-    """The base's VAE, text stack and settings with the trained transformer and the model card, copied into `out`."""
+def assemble(base: Path, flow_checkpoint: Path, vae_checkpoint: Path, variant: str, use_ema: bool, model_card: Path,
+             out: Path) -> Path:
+    """The base's text stack and settings with the trained transformer and VAE and the model card, copied into `out`."""
     staging = out.with_name(out.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     copy_folder(base, staging)
-    shutil.rmtree(staging / transformer_folder(variant))
+    for folder in (transformer_folder(variant), VAE_FOLDER):
+        shutil.rmtree(staging / folder)
     trained = flow_checkpoint / transformer_folder(variant + (EMA_SUFFIX if use_ema else ""))
     copy_folder(trained, staging / transformer_folder(variant))
+    copy_folder(vae_checkpoint / VAE_FOLDER, staging / VAE_FOLDER)
     shutil.copy2(model_card, staging / MODEL_CARD)
     old = out.with_name(out.name + ".old")
     if out.exists():
@@ -149,7 +153,11 @@ def run_bundle(config: dict) -> Path:
         "model": {"pretrained": str(base), "variant": architecture["variant"]},
         "data": {"annotations": [str(features)], "empty_text_fea": str(empty_text)},
         "train": {"output_dir": str(after_vae / "flow"), "seed": seed}}))
+    decoder = run_training(phase_recipe(config, "vae_decoder", {
+        "model": {"pretrained": str(base), "variant": architecture["variant"]},
+        "data": {"annotations": [str(world)]}, "train": {"output_dir": str(after_vae / "vae_decoder"), "seed": seed}}))
     bundle = config["bundle"]
-    out = assemble(base, flow, architecture["variant"], bundle["use_ema"], Path(bundle["model_card"]), Path(bundle["out"]))
+    out = assemble(base, flow, decoder, architecture["variant"], bundle["use_ema"], Path(bundle["model_card"]),
+                   Path(bundle["out"]))
     logger.info("bundled model written to %s", out)
     return out

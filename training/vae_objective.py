@@ -4,7 +4,10 @@ An adversarial or perceptual term is not part of this objective.
 
 `objective.foreground_weight` w > 0 weighs the pixels that stand out from their frame's background (its
 per-channel median) by 1 + w: on sparse scenes, such as a small shape on a plain ground, the plain mean
-is dominated by the background and the colour of the subject is learned last."""
+is dominated by the background and the colour of the subject is learned last.
+
+`model.trainable: decoder` freezes the encoder (and `quant_conv`), so every latent stays what it was:
+the decoder of a VAE whose latents a transformer already learns from can be trained further."""
 import torch
 from torch import nn
 
@@ -28,6 +31,7 @@ class Autoencoding(nn.Module):
 
 
 FOREGROUND_MARGIN = 0.1  # how far (in [-1, 1] pixel units) a pixel must be from the background to count
+TRAINABLE_PARTS = ("all", "decoder")
 RECONSTRUCTION_ERRORS = {"l1": lambda d: d.abs(), "l2": lambda d: d.square()}
 
 
@@ -55,6 +59,12 @@ class VAETask:
         self.error = RECONSTRUCTION_ERRORS[reconstruction]
         self.base = base_checkpoint(self.model_config)
         self.model = Autoencoding(build_vae(self.model_config, self.base, self.seed, trainable=True))
+        parts = self.model_config.get("trainable", "all")
+        if parts not in TRAINABLE_PARTS:
+            raise ValueError(f"model.trainable is {parts!r}; use one of {list(TRAINABLE_PARTS)}")
+        if parts == "decoder":
+            self.model.vae.encoder.requires_grad_(False)
+            self.model.vae.quant_conv.requires_grad_(False)
         self.device = device
 
     def losses(self, model, samples: list, step: int) -> dict:

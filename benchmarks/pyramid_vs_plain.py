@@ -1,6 +1,6 @@
 """Spatial pyramid vs plain flow matching on the shapes world, at equal training compute.
 
-    python -m benchmarks.pyramid_vs_plain [--work outputs/tiny_shapes/from-vae-checkpoint-2000] [--tokens 2e6]
+    python -m benchmarks.pyramid_vs_plain [--work outputs/tiny_shapes/from-vae-checkpoint-3400] [--tokens 3e5]
         [--checkpoints 4] [--count 28]
 
 Needs the base checkpoint and extracted features of a tiny-shapes run (`python -m training.launch
@@ -86,9 +86,9 @@ def svg_plot(rows: list, figure: str) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", default="outputs/tiny_shapes/from-vae-checkpoint-2000",
+    parser.add_argument("--work", default="outputs/tiny_shapes/from-vae-checkpoint-3400",
                         help="the tiny-shapes recipe's folder of base/ and text/ features")
-    parser.add_argument("--tokens", type=float, default=2e6, help="transformer tokens each run trains on")
+    parser.add_argument("--tokens", type=float, default=3e5, help="transformer tokens each run trains on")
     parser.add_argument("--checkpoints", type=int, default=4)
     parser.add_argument("--count", type=int, default=28, help="held-out pairs per evaluation")
     parser.add_argument("--out", default="benchmarks/pyramid_vs_plain.json")

@@ -25,6 +25,7 @@ from training.shapes_world import HELDOUT_STREAM, world_pairs
 RUNS = {"pyramidal": 3, "plain": 1}
 SAMPLING_STEPS = 30  # per video unit, split evenly over the stages
 COLORS = {"pyramidal": "#d62728", "plain": "#1f77b4"}
+PANEL_WIDTH, PANEL_HEIGHT = 400, 300
 
 
 def tokens_per_step(run_dir: Path) -> float:
@@ -66,22 +67,32 @@ def run(name: str, args, pairs) -> list:
             for step in range(every, every * args.checkpoints + 1, every)]
 
 
-def svg_plot(rows: list, figure: str) -> str:
-    """Accuracy (`figure`) against training tokens, one line per run."""
-    width, height, pad = 480, 300, 50
+def svg_panel(rows: list, figure: str, left: float) -> list:
+    """One panel: accuracy (`figure`) against training tokens, one line per run, drawn from x = `left`."""
+    width, height, pad = PANEL_WIDTH, PANEL_HEIGHT, 50
     top = max(r["tokens"] for r in rows)
-    x = lambda t: pad + (width - 2 * pad) * t / top
+    x = lambda t: left + pad + (width - 2 * pad) * t / top
     y = lambda a: height - pad - (height - 2 * pad) * a
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
-             f'<line x1="{pad}" y1="{y(0)}" x2="{width - pad}" y2="{y(0)}" stroke="black"/>',
-             f'<line x1="{pad}" y1="{y(0)}" x2="{pad}" y2="{y(1)}" stroke="black"/>',
-             f'<text x="{width / 2}" y="{height - 10}" text-anchor="middle">training tokens (max {top:.3g})</text>',
-             f'<text x="12" y="{height / 2}" transform="rotate(-90 12 {height / 2})" text-anchor="middle">{figure}</text>']
+    parts = [f'<line x1="{x(0)}" y1="{y(0)}" x2="{x(top)}" y2="{y(0)}" stroke="black"/>',
+             f'<line x1="{x(0)}" y1="{y(0)}" x2="{x(0)}" y2="{y(1)}" stroke="black"/>',
+             f'<text x="{left + width / 2}" y="{height - 10}" text-anchor="middle">training tokens (max {top:.3g})</text>',
+             f'<text x="{left + width / 2}" y="{pad - 20}" text-anchor="middle">{figure}</text>',
+             f'<text x="{x(0) - 6}" y="{y(0) + 4}" text-anchor="end">0</text>',
+             f'<text x="{x(0) - 6}" y="{y(1) + 4}" text-anchor="end">1</text>']
     for name, color in COLORS.items():
         points = " ".join(f"{x(r['tokens']):.1f},{y(r[figure]):.1f}" for r in rows if r["run"] == name)
         parts.append(f'<polyline points="{points}" fill="none" stroke="{color}" stroke-width="2"/>')
-        parts.append(f'<text x="{width - pad}" y="{pad + 15 * list(COLORS).index(name)}" fill="{color}" text-anchor="end">{name}</text>')
-    return "\n".join(parts + ["</svg>"])
+        parts.append(f'<text x="{left + width - pad}" y="{pad + 15 * list(COLORS).index(name)}" fill="{color}" '
+                     f'text-anchor="end">{name}</text>')
+    return parts
+
+
+def svg_plot(rows: list, figures: tuple) -> str:
+    """The figures side by side, each against training tokens."""
+    head = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{PANEL_WIDTH * len(figures)}" height="{PANEL_HEIGHT}" '
+            'font-family="sans-serif" font-size="12">')
+    panels = [part for i, figure in enumerate(figures) for part in svg_panel(rows, figure, i * PANEL_WIDTH)]
+    return "\n".join([head, *panels, "</svg>"])
 
 
 def main(argv=None):
@@ -97,7 +108,7 @@ def main(argv=None):
     rows = [row for name in RUNS for row in run(name, args, pairs)]
     write_json(args.out, {"tokens": args.tokens, "pairs": args.count, "rows": rows})
     staging = Path("docs/pyramid_vs_plain.svg.tmp")
-    staging.write_text(svg_plot(rows, "direction_accuracy"))
+    staging.write_text(svg_plot(rows, TEXT_TO_VIDEO_FIGURES))
     staging.replace(staging.with_suffix(""))
     print("| run | step | tokens | colour | shape | direction |\n| --- | --- | --- | --- | --- | --- |")
     for r in rows:

@@ -22,12 +22,9 @@ def narrow_posterior(vae, logvar: float = INITIAL_POSTERIOR_LOGVAR):
     """Start the VAE's posterior N(mean, exp(logvar)) at a fixed small variance: the log-variance rows of
     `quant_conv` (which turns the encoder's features into the moments) get a zero kernel and a constant
     bias; training then learns the variance like any weight."""
+    if not vae.config.encoder_double_z:  # a deterministic encoder has no variance to set
+        return vae
     conv = vae.quant_conv.conv
-    half = conv.out_channels // 2
-    conv.weight[half:] = 0
-    conv.bias[half:] = logvar
-    return vae
-    conv = vae.encoder.conv_out.conv
     half = conv.out_channels // 2
     conv.weight[half:] = 0
     conv.bias[half:] = logvar

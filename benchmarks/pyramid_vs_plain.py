@@ -17,6 +17,7 @@ from pathlib import Path
 
 from model_core.pipeline import PyramidFlowPipeline
 from model_core.scheduler import PyramidFlowScheduler
+from training.atomic import write_text
 from training.config import CONFIG_DIR, load_config
 from training.evaluate_shapes import TEXT_TO_VIDEO_FIGURES, score, text_to_video_frames, write_json
 from training.loop import train
@@ -107,9 +108,7 @@ def main(argv=None):
     pairs = world_pairs(0, HELDOUT_STREAM, args.count)
     rows = [row for name in RUNS for row in run(name, args, pairs)]
     write_json(args.out, {"tokens": args.tokens, "pairs": args.count, "rows": rows})
-    staging = Path("docs/pyramid_vs_plain.svg.tmp")
-    staging.write_text(svg_plot(rows, TEXT_TO_VIDEO_FIGURES))
-    staging.replace(staging.with_suffix(""))
+    write_text("docs/pyramid_vs_plain.svg", svg_plot(rows, TEXT_TO_VIDEO_FIGURES))
     print("| run | step | tokens | colour | shape | direction |\n| --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['run']} | {r['step']} | {r['tokens']:.3g} | {r['color_accuracy']:.2f} | {r['shape_accuracy']:.2f} | "

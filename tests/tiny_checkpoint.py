@@ -7,6 +7,7 @@ import torch
 from model_core.init import reinitialize
 from model_core.checkpoints import FAMILIES, SETTINGS_FILE, VAE_FOLDER, transformer_folder
 from model_core.tiny_text import write_tiny_text_stack
+from training.initial_checkpoint import name_as_published
 
 OFFICIAL_CLASS = {"miniflux": "PyramidFluxTransformer", "sd3": "PyramidDiffusionMMDiT"}
 LATENT_CHANNELS = 4
@@ -42,10 +43,7 @@ def tiny_transformer_config(family: str, joint_dim: int, pooled_dim: int) -> dic
 
 def _save(model, folder: Path, class_name: str) -> None:
     model.save_pretrained(folder)
-    config_path = folder / "config.json"
-    config = json.loads(config_path.read_text())
-    config["_class_name"] = class_name  # as the published configs name it
-    config_path.write_text(json.dumps(config, indent=2))
+    name_as_published(folder / "config.json", class_name)
 
 
 def build_tiny_checkpoint(root: Path, family: str = "miniflux", seed: int = 0, variant: str = "384p") -> Path:

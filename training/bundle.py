@@ -20,6 +20,7 @@ from pathlib import Path
 
 from model_core.checkpoints import SETTINGS_FILE, VAE_FOLDER, transformer_folder
 
+from .atomic import write_text
 from .checkpointing import checkpoint_path
 from .config import load_config
 from .flow_task import EMA_SUFFIX
@@ -74,10 +75,7 @@ def build_base(init: Path, vae_checkpoint: Path, base: Path) -> None:
 
 def update_settings(root: Path, changes: dict) -> None:
     path = root / SETTINGS_FILE
-    settings = json.loads(path.read_text()) | changes
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(settings, indent=2))
-    temporary.replace(path)
+    write_text(path, json.dumps(json.loads(path.read_text()) | changes, indent=2))
 
 
 def run_tool(module, argv: list) -> None:

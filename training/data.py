@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 from model_core.media import to_video_tensor
 from model_core.text import PromptEmbeddings
 
+from .atomic import write_text
+
 logger = logging.getLogger(__name__)
 
 LATENT_KEY = "latent"  # raw VAE posterior mean [C, T, h, w], not normalised
@@ -158,9 +160,5 @@ def annotation_record(entry: Annotation) -> dict:
 
 
 def write_annotations(path, records) -> None:
-    """Write jsonl records under a temporary name, then rename into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text("".join(json.dumps(record) + "\n" for record in records))
-    temporary.replace(path)
+    """Write jsonl records atomically."""
+    write_text(path, "".join(json.dumps(record) + "\n" for record in records))

@@ -11,13 +11,13 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from model_core.media import to_frames, to_video_tensor
 
+from .atomic import write_text
 from .shapes_detector import read_clip
 from .shapes_world import FRAME_SIZE, HELDOUT_STREAM, NUM_FRAMES, PROMPTS, parse_prompt, render_clip, world_pairs
 
@@ -110,11 +110,7 @@ def parse_args(argv=None):
 
 
 def write_json(path, figures: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(figures, indent=2))
-    temporary.replace(path)
+    write_text(path, json.dumps(figures, indent=2))
 
 
 def main(argv=None) -> int:

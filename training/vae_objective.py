@@ -57,11 +57,11 @@ class VAETask:
         if self.foreground_weight < 0:
             raise ValueError(f"objective.foreground_weight must be >= 0; got {self.foreground_weight}")
         self.error = RECONSTRUCTION_ERRORS[reconstruction]
-        self.base = base_checkpoint(self.model_config)
-        self.model = Autoencoding(build_vae(self.model_config, self.base, self.seed, trainable=True))
         parts = self.model_config.get("trainable", "all")
         if parts not in TRAINABLE_PARTS:
             raise ValueError(f"model.trainable is {parts!r}; use one of {list(TRAINABLE_PARTS)}")
+        self.base = base_checkpoint(self.model_config)
+        self.model = Autoencoding(build_vae(self.model_config, self.base, self.seed, trainable=True))
         if parts == "decoder":
             self.model.vae.encoder.requires_grad_(False)
             self.model.vae.quant_conv.requires_grad_(False)

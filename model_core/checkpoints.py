@@ -2,10 +2,11 @@
 
 The published repos (`rain1011/pyramid-flow-miniflux`, `rain1011/pyramid-flow-sd3`) share one layout:
 `causal_video_vae/`, `diffusion_transformer_<variant>/`, text encoders and tokenizers. A checkpoint
-of our own may add `pyramid_flow.json` at its root to override sizes and latent statistics.
+of our own may add `pyramid_flow.json` at its root to override sizes, latent statistics and the
+sampling settings it is generated with by default.
 """
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -60,12 +61,28 @@ class VariantSpec:
 
 
 @dataclass(frozen=True)
+class SamplingDefaults:
+    """Steps per pyramid stage and guidance scales used when a caller gives none (the published models'
+    recommended settings unless the checkpoint's `pyramid_flow.json` names its own under "sampling")."""
+
+    first_frame_steps: tuple = (20, 20, 20)
+    video_steps: tuple = (10, 10, 10)
+    guidance_scale: float = 7.0
+    video_guidance_scale: float = 5.0
+
+    def filled(self, **given) -> "SamplingDefaults":
+        """The given settings, these defaults where a value is None."""
+        return replace(self, **{name: value for name, value in given.items() if value is not None})
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     transformer_class: str  # the official config's _class_name
     text_folders: tuple
     normalization: LatentNormalization
     variants: dict
+    sampling: SamplingDefaults = SamplingDefaults()
 
 
 VARIANTS = {
@@ -118,8 +135,16 @@ def available_variants(root: Path, family: Family) -> list:
     )
 
 
+def sampling_defaults(settings: dict, path: Path) -> SamplingDefaults:
+    allowed = [field.name for field in fields(SamplingDefaults)]
+    unknown = sorted(set(settings) - set(allowed))
+    if unknown:
+        raise ValueError(f"{path}: unknown sampling setting(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+    return SamplingDefaults(**{name: tuple(value) if isinstance(value, list) else value for name, value in settings.items()})
+
+
 def with_overrides(root: Path, family: Family) -> Family:
-    """Apply a checkpoint's own `pyramid_flow.json` (variant sizes, latent normalisation)."""
+    """Apply a checkpoint's own `pyramid_flow.json` (variant sizes, latent normalisation, sampling defaults)."""
     path = root / SETTINGS_FILE
     if not path.is_file():
         return family
@@ -130,4 +155,5 @@ def with_overrides(root: Path, family: Family) -> Family:
     normalization = family.normalization
     if "latent_normalization" in settings:
         normalization = LatentNormalization(**settings["latent_normalization"])
-    return replace(family, variants=variants, normalization=normalization)
+    sampling = sampling_defaults(settings["sampling"], path) if "sampling" in settings else family.sampling
+    return replace(family, variants=variants, normalization=normalization, sampling=sampling)

@@ -161,16 +161,19 @@ class PyramidFlowPipeline(DiffusionPipeline):
     # --- the engine -----------------------------------------------------------------------------
 
     def _generate(self, mode, prompt, condition_frames, *, negative_prompt=None, num_frames=None, duration=None,
-                  height=None, width=None, first_frame_steps=(20, 20, 20), video_steps=(10, 10, 10),
-                  guidance_scale=7.0, video_guidance_scale=5.0, video_guidance_decay=False, seed=None,
+                  height=None, width=None, first_frame_steps=None, video_steps=None,
+                  guidance_scale=None, video_guidance_scale=None, video_guidance_decay=False, seed=None,
                   generator=None, callback: Callable = None, previews: bool = True, interrupt=None,
                   output_type="frames") -> GenerationResult:
         spec = self.spec
         prompt = _check_prompt(prompt, required=condition_frames is None)
         height, width = _check_size(spec.height if height is None else height, spec.width if width is None else width,
                                     self._size_multiple)
-        first_frame_steps = _check_steps(first_frame_steps, "first_frame_steps", self.scheduler.config.stages)
-        video_steps = _check_steps(video_steps, "video_steps", self.scheduler.config.stages)
+        sampling = self.family.sampling.filled(first_frame_steps=first_frame_steps, video_steps=video_steps,
+                                               guidance_scale=guidance_scale, video_guidance_scale=video_guidance_scale)
+        first_frame_steps = _check_steps(sampling.first_frame_steps, "first_frame_steps", self.scheduler.config.stages)
+        video_steps = _check_steps(sampling.video_steps, "video_steps", self.scheduler.config.stages)
+        guidance_scale, video_guidance_scale = sampling.guidance_scale, sampling.video_guidance_scale
         _check_guidance(guidance_scale, "guidance_scale")
         _check_guidance(video_guidance_scale, "video_guidance_scale")
         if output_type not in ("frames", "latents"):

@@ -23,7 +23,14 @@ class Progress:
     stage: int
     step: int
     num_steps: int
+    unit_steps: tuple  # this unit's steps per stage
     latents: Optional[torch.Tensor] = None  # the finished unit's clean latent, for previews
+
+    @property
+    def fraction(self) -> float:
+        """How far the whole generation is: finished units plus the steps done in this one."""
+        done_in_unit = 1.0 if self.kind == "unit" else (sum(self.unit_steps[: self.stage]) + self.step + 1) / sum(self.unit_steps)
+        return min(1.0, (self.unit + done_in_unit) / self.num_units)
 
 
 def sample_unit(velocity: Callable, scheduler: PyramidFlowScheduler, start, history: list, unit: int,
@@ -64,12 +71,12 @@ def sample_video(velocity_for_unit: Callable, scheduler: PyramidFlowScheduler, s
 
         def report(stage, index):
             if callback:
-                callback(Progress("step", unit, total, stage, index, steps[stage]))
+                callback(Progress("step", unit, total, stage, index, steps[stage], tuple(steps)))
 
         start = noise[:, :, unit - first : unit - first + 1]
         frames.append(sample_unit(velocity_for_unit(unit), scheduler, start, pyramid, unit, steps, generator, report))
         if callback:
-            callback(Progress("unit", unit, total, num_stages - 1, steps[-1] - 1, steps[-1], frames[-1]))
+            callback(Progress("unit", unit, total, num_stages - 1, steps[-1] - 1, steps[-1], tuple(steps), frames[-1]))
         if interrupt is not None and interrupt() and unit + 1 < total:
             interrupted = True
             break

@@ -5,7 +5,8 @@ A menu value is "bundled", a hub repo id, or a local checkpoint folder.
 from dataclasses import dataclass
 from pathlib import Path
 
-from model_core.checkpoints import FAMILIES, VARIANTS, VariantSpec, available_variants, detect_family, with_overrides
+from model_core.checkpoints import (FAMILIES, VARIANTS, SamplingDefaults, VariantSpec, available_variants, detect_family,
+                                    with_overrides)
 from model_core.loading import HUB_ID
 
 from .settings import BUNDLED_MODEL
@@ -20,11 +21,13 @@ MISSING_BUNDLED = (f"The bundled model is not installed yet (expected `{BUNDLED_
 
 @dataclass(frozen=True)
 class ModelFacts:
-    """What the menu knows about a model before loading it: variants, their specs, a note for the user."""
+    """What the menu knows about a model before loading it: variants, their specs, its sampling defaults,
+    a note for the user."""
 
     variants: tuple  # without "auto"; "auto" means the first
     specs: dict
     note: str = ""
+    sampling: SamplingDefaults = SamplingDefaults()
 
     def spec(self, variant: str):
         """The spec that variant "auto" (or the named one) would load, or None when unknown."""
@@ -65,8 +68,10 @@ def model_facts(choice: str) -> ModelFacts:
             return ModelFacts((), {}, MISSING_BUNDLED)
         return _local_facts(BUNDLED_MODEL)
     if source in HUB_MODELS:
-        specs = {name: FAMILIES[HUB_MODELS[source]].variants[name] for name in PUBLISHED_VARIANTS}
-        return ModelFacts(PUBLISHED_VARIANTS, specs, f"`{source}` is downloaded from the Hugging Face Hub on first use.")
+        family = FAMILIES[HUB_MODELS[source]]
+        specs = {name: family.variants[name] for name in PUBLISHED_VARIANTS}
+        return ModelFacts(PUBLISHED_VARIANTS, specs, f"`{source}` is downloaded from the Hugging Face Hub on first use.",
+                          family.sampling)
     folder = Path(source).expanduser()
     if folder.is_dir():
         return _local_facts(folder)
@@ -76,11 +81,15 @@ def model_facts(choice: str) -> ModelFacts:
 
 
 def _local_facts(folder: Path) -> ModelFacts:
-    family = with_overrides(folder, detect_family(folder))
+    try:
+        family = with_overrides(folder, detect_family(folder))
+    except ValueError as error:  # a damaged or hand-edited pyramid_flow.json
+        return ModelFacts((), {}, f"`{folder}` cannot be used: {error}")
     variants = tuple(available_variants(folder, family))
     if not variants:
         return ModelFacts((), {}, f"`{folder}` has no `diffusion_transformer_<variant>/` folder.")
-    return ModelFacts(variants, {name: family.variants[name] for name in variants if name in family.variants})
+    return ModelFacts(variants, {name: family.variants[name] for name in variants if name in family.variants},
+                      sampling=family.sampling)
 
 
 def length_limits(spec: VariantSpec, extension: bool = False) -> tuple:

@@ -83,14 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--height", type=int, metavar="H", help="output height (default: the variant's)")
     sampling.add_argument("--width", type=int, metavar="W", help="output width (default: the variant's)")
     sampling.add_argument("--seed", type=int, metavar="S", help="same seed and settings, same frames (default: random)")
-    sampling.add_argument("--first-frame-steps", default="20,20,20", metavar="A,B,C",
-                          help="steps per pyramid stage for the first frame (default: 20,20,20)")
-    sampling.add_argument("--video-steps", default="10,10,10", metavar="A,B,C",
-                          help="steps per pyramid stage for later frames (default: 10,10,10)")
-    sampling.add_argument("--guidance", dest="guidance_scale", type=float, default=7.0, metavar="G",
-                          help="guidance scale of the first frame (default: 7)")
-    sampling.add_argument("--video-guidance", dest="video_guidance_scale", type=float, default=5.0, metavar="G",
-                          help="guidance scale of later frames (default: 5)")
+    sampling.add_argument("--first-frame-steps", metavar="A,B,C",
+                          help="steps per pyramid stage for the first frame (default: the model's; 20,20,20 for "
+                               "the published checkpoints)")
+    sampling.add_argument("--video-steps", metavar="A,B,C",
+                          help="steps per pyramid stage for later frames (default: the model's; 10,10,10 for the "
+                               "published checkpoints)")
+    sampling.add_argument("--guidance", dest="guidance_scale", type=float, metavar="G",
+                          help="guidance scale of the first frame (default: the model's; 7 for the published checkpoints)")
+    sampling.add_argument("--video-guidance", dest="video_guidance_scale", type=float, metavar="G",
+                          help="guidance scale of later frames (default: the model's; 5 for the published checkpoints)")
 
     model = generate.add_argument_group("model and memory")
     model.add_argument("--model", metavar="PATH_OR_REPO", help="checkpoint folder or hub repo id (default: bundled)")

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from . import gallery
 from .catalog import BUNDLED, MISSING_BUNDLED, is_local, source_for
 from .cli import USER_ERRORS, save
-from .jobs import Job, PipelineCache, StopSwitches, progress_fraction, progress_text, run_job
+from .jobs import Job, PipelineCache, StopSwitches, progress_text, run_job
 from .settings import STAGE_COUNT, GenerationOptions, ModelOptions
 from .video import read_image, read_video
 
@@ -69,7 +69,7 @@ class Endpoints:
                 if not hasattr(event, "kind"):
                     result = event
                 elif event.kind == "step":
-                    progress(progress_fraction(event, options), desc=progress_text(event))
+                    progress(event.fraction, desc=progress_text(event))
                 else:
                     frames = frames + _thumbnails(event.preview)
                     yield gr.skip(), frames, f"Generating… {progress_text(event)}", str(options.seed), gr.skip()

@@ -131,13 +131,6 @@ def run_job(pipe, job: Job, stop: threading.Event):
         worker.join()
 
 
-def progress_fraction(event, options: GenerationOptions) -> float:
-    """How far the whole generation is after `event`: finished units plus the steps done in this one."""
-    steps = options.first_frame_steps if event.unit == 0 else options.video_steps
-    done_in_unit = 1.0 if event.kind == "unit" else (sum(steps[: event.stage]) + event.step + 1) / sum(steps)
-    return min(1.0, (event.unit + done_in_unit) / event.num_units)
-
-
 def progress_text(event) -> str:
     position = f"unit {event.unit + 1}/{event.num_units}"
     if event.kind == "unit":

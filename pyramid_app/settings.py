@@ -104,7 +104,8 @@ class ModelOptions:
 
 @dataclass(frozen=True)
 class GenerationOptions:
-    """Sampling settings shared by every mode; None lets the pipeline pick the variant's default."""
+    """Sampling settings shared by every mode; None lets the pipeline pick the model's default (its length
+    and size from the variant, steps and guidance from the checkpoint's sampling defaults)."""
 
     negative_prompt: str = None
     num_frames: int = None
@@ -112,10 +113,10 @@ class GenerationOptions:
     height: int = None
     width: int = None
     seed: int = None
-    first_frame_steps: tuple = (20, 20, 20)
-    video_steps: tuple = (10, 10, 10)
-    guidance_scale: float = 7.0
-    video_guidance_scale: float = 5.0
+    first_frame_steps: tuple = None
+    video_steps: tuple = None
+    guidance_scale: float = None
+    video_guidance_scale: float = None
 
     def __post_init__(self):
         for name in ("num_frames", "height", "width"):
@@ -126,8 +127,9 @@ class GenerationOptions:
             raise ValueError("give num_frames or duration, not both")
         if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < SEED_LIMIT):
             raise ValueError(f"seed must be a whole number from 0 to {SEED_LIMIT - 1}; got {self.seed!r}")
-        object.__setattr__(self, "first_frame_steps", parse_steps(self.first_frame_steps, "first_frame_steps"))
-        object.__setattr__(self, "video_steps", parse_steps(self.video_steps, "video_steps"))
+        for name in ("first_frame_steps", "video_steps"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, parse_steps(getattr(self, name), name))
 
     def seeded(self) -> "GenerationOptions":
         """These options with a concrete seed: the given one, else a fresh random one to record."""

@@ -42,7 +42,8 @@ def build_studio(default_model=None, output_dir="outputs", pipelines=None) -> gr
             with gr.Column(scale=5):
                 tabs, inputs, buttons, lengths = _mode_tabs(spec)
                 stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
-                controls = {**_model_panel(endpoints.default_model, facts), **_sampling_panel(), **_memory_panel()}
+                controls = {**_model_panel(endpoints.default_model, facts), **_sampling_panel(facts.sampling),
+                            **_memory_panel()}
             with gr.Column(scale=6):
                 status = gr.Markdown("Ready.", label="Status", elem_id="status")
                 result_video = gr.Video(label="Result", buttons=["download"], autoplay=True, loop=True,
@@ -93,6 +94,8 @@ def build_studio(default_model=None, output_dir="outputs", pipelines=None) -> gr
             return [gr.update(choices=variants, value=variant), *lengths_for(choice, variant, *current)]
 
         controls["model"].change(model_changed, model_inputs, [controls["variant"], *length_outputs], **HELPERS)
+        sampling_controls = [controls[name] for name in sampling_values(facts.sampling)]
+        controls["model"].input(model_sampling, controls["model"], sampling_controls, **HELPERS)  # a pick, not a reuse
         controls["variant"].change(lengths_for, model_inputs, length_outputs, **HELPERS)
         for mode, slider in sliders.items():
             slider.change(lambda value, rate, extension=mode == "extend_video": _length_note(value, rate, extension),
@@ -183,22 +186,37 @@ def _model_panel(default_model, facts) -> dict:
     return {"model": model, "variant": variant}
 
 
-def _sampling_panel() -> dict:
+def sampling_values(sampling) -> dict:
+    """Sampling-panel control name -> the model's default value."""
+    values = {"guidance_scale": sampling.guidance_scale, "video_guidance_scale": sampling.video_guidance_scale}
+    for name in ("first_frame_steps", "video_steps"):
+        values.update({gallery.step_control(name, stage): steps for stage, steps in enumerate(getattr(sampling, name))})
+    return values
+
+
+def model_sampling(choice) -> list:
+    """The sampling panel's values (in `sampling_values` order) for the model picked in the menu."""
+    return list(sampling_values(model_facts(choice).sampling).values())
+
+
+def _sampling_panel(sampling) -> dict:
     with gr.Accordion("Sampling", open=False):
         negative_prompt = gr.Textbox("", label="Negative prompt", placeholder="what to steer away from")
         with gr.Row():
             seed = gr.Textbox("", label="Seed", placeholder="random", scale=4, elem_id="seed")
             randomize = gr.Button("🎲 Randomise", scale=1, elem_id="randomize")
         randomize.click(lambda: str(fresh_seed()), None, seed, **HELPERS)
-        guidance = gr.Slider(0, 15, value=7.0, step=0.5, label="Guidance (first frame)")
-        video_guidance = gr.Slider(0, 15, value=5.0, step=0.5, label="Video guidance (later frames)")
+        defaults = sampling_values(sampling)
+        guidance = gr.Slider(0, 15, value=defaults["guidance_scale"], step=0.5, label="Guidance (first frame)")
+        video_guidance = gr.Slider(0, 15, value=defaults["video_guidance_scale"], step=0.5,
+                                   label="Video guidance (later frames)")
         steps = {}
-        for name, label, default in (("first_frame_steps", "First-frame steps", 20), ("video_steps", "Video steps", 10)):
+        for name, label in (("first_frame_steps", "First-frame steps"), ("video_steps", "Video steps")):
             gr.Markdown(f"**{label}** per pyramid stage (low → full resolution)")
             with gr.Row():
                 for stage in range(STAGE_COUNT):
-                    steps[gallery.step_control(name, stage)] = gr.Slider(1, 50, value=default, step=1,
-                                                                         label=f"stage {stage + 1}")
+                    control = gallery.step_control(name, stage)
+                    steps[control] = gr.Slider(1, 50, value=defaults[control], step=1, label=f"stage {stage + 1}")
     return {"negative_prompt": negative_prompt, "seed": seed, "guidance_scale": guidance,
             "video_guidance_scale": video_guidance, **steps}
 

@@ -1,7 +1,9 @@
+import json
+
 import pytest
 import torch
 
-from model_core.checkpoints import FAMILIES
+from model_core.checkpoints import FAMILIES, SETTINGS_FILE, SamplingDefaults, with_overrides
 from reference import scheduler_tables
 
 NORMALIZATION = scheduler_tables()["latent_normalization"]
@@ -23,3 +25,27 @@ def test_normalize_uses_first_frame_constants_on_frame_zero_only(family):
     torch.testing.assert_close(out[:, :, 0], (z[:, :, 0] - n.first_shift) * n.first_scale)
     torch.testing.assert_close(out[:, :, 1:], (z[:, :, 1:] - n.later_shift) * n.later_scale)
     torch.testing.assert_close(n.denormalize(out), z)
+
+
+def write_settings(root, **settings):
+    root.mkdir(parents=True, exist_ok=True)
+    (root / SETTINGS_FILE).write_text(json.dumps(settings))
+    return root
+
+
+def test_published_families_sample_with_the_recommended_settings():
+    for family in FAMILIES.values():
+        assert family.sampling == SamplingDefaults((20, 20, 20), (10, 10, 10), 7.0, 5.0)
+
+
+def test_a_checkpoint_names_its_own_sampling_defaults(tmp_path):
+    root = write_settings(tmp_path, sampling={"video_steps": [4, 5, 6], "guidance_scale": 3.5})
+    sampling = with_overrides(root, FAMILIES["miniflux"]).sampling
+    assert sampling == SamplingDefaults((20, 20, 20), (4, 5, 6), 3.5, 5.0)
+    assert sampling.filled(guidance_scale=9.0, video_steps=None) == SamplingDefaults((20, 20, 20), (4, 5, 6), 9.0, 5.0)
+
+
+def test_unknown_sampling_settings_are_named(tmp_path):
+    root = write_settings(tmp_path, sampling={"guidance": 3})
+    with pytest.raises(ValueError, match="unknown sampling setting.*guidance; allowed: first_frame_steps"):
+        with_overrides(root, FAMILIES["miniflux"])

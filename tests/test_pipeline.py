@@ -1,4 +1,5 @@
 """The generation engine on tiny official-layout checkpoints: every mode, progress, stop, errors, memory options."""
+import json
 import threading
 
 import numpy as np
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from model_core import PyramidFlowPipeline
+from model_core.checkpoints import SETTINGS_FILE
 from model_core.temporal import frames_for_duration
 from tiny_checkpoint import build_tiny_checkpoint
 
@@ -99,6 +101,9 @@ def test_progress_events_and_previews(pipe):
     assert [(e.unit, e.num_units) for e in units] == [(0, 3), (1, 3), (2, 3)]
     assert units[0].preview.shape == (1, 64, 64, 3) and units[1].preview.shape == (8, 64, 64, 3)
     assert all(e.preview is None for e in steps)
+    fractions = [e.fraction for e in events]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert steps[0].fraction == pytest.approx(1 / 4 / 3) and units[0].fraction == pytest.approx(1 / 3)
 
 
 def test_interrupt_keeps_what_was_made(pipe):
@@ -236,3 +241,20 @@ def test_sd3_family_generates_video(tmp_path_factory):
     out = pipe.text_to_video("a green triangle moving up", num_frames=17, seed=0, **FAST)
     assert pipe.family.name == "sd3" and out.frames.shape == (17, 64, 64, 3)
     assert out.latents.shape == (1, 4, 3, 8, 8)
+
+
+def test_the_checkpoints_sampling_defaults_fill_what_the_caller_leaves_out(tmp_path):
+    root = build_tiny_checkpoint(tmp_path / "own-defaults")
+    settings = json.loads((root / SETTINGS_FILE).read_text())
+    settings["sampling"] = {"first_frame_steps": [1, 2, 1], "video_steps": [1, 1, 2], "guidance_scale": 2.5,
+                            "video_guidance_scale": 1.5}
+    (root / SETTINGS_FILE).write_text(json.dumps(settings))
+    pipe = PyramidFlowPipeline.from_pretrained(root)
+    events = []
+    out = pipe.text_to_video("a red circle moving left", num_frames=9, seed=0, callback=events.append)
+    assert (out.settings["first_frame_steps"], out.settings["video_steps"]) == ([1, 2, 1], [1, 1, 2])
+    assert (out.settings["guidance_scale"], out.settings["video_guidance_scale"]) == (2.5, 1.5)
+    assert len([e for e in events if e.kind == "step"]) == 4 + 4
+    given = pipe.text_to_video("a red circle moving left", num_frames=9, seed=0, guidance_scale=3.0, **FAST)
+    assert (given.settings["guidance_scale"], given.settings["video_guidance_scale"]) == (3.0, 1.5)
+    assert given.settings["first_frame_steps"] == [1, 1, 1]

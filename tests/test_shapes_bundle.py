@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from training.config import CONFIG_DIR
+from training.config import CONFIG_DIR, load_config
 from training.launch import main
 
 TINY = ["world.count=4", "world.heldout=2", "latent_statistics.clips=4",
@@ -38,6 +38,7 @@ def test_bundle_is_an_official_layout_checkpoint_of_copies(bundled):
     settings = json.loads((model / "pyramid_flow.json").read_text())
     assert settings["variants"]["64p"] == {"height": 64, "width": 64, "max_latent_frames": 3, "fps": 8}
     assert set(settings["latent_normalization"]) == {"first_shift", "first_scale", "later_shift", "later_scale"}
+    assert settings["sampling"] == load_config(CONFIG_DIR / "tiny_shapes.yaml")["bundle"]["sampling"]
     vae = json.loads((model / "causal_video_vae" / "config.json").read_text())
     assert vae["encoder_spatial_down_sample"] == [True, True, False, False]
 

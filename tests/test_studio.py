@@ -1,4 +1,5 @@
 """The studio without a browser: layout, flags, and every named endpoint through gradio_client on a tiny checkpoint."""
+import json
 import socket
 import time
 import urllib.error
@@ -12,6 +13,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
+from model_core.checkpoints import SETTINGS_FILE
 from pyramid_app import catalog, gallery, serve, studio
 from pyramid_app.jobs import PipelineCache
 from pyramid_app.settings import ModelOptions, memory_choices
@@ -241,3 +243,16 @@ def test_generating_with_the_missing_bundled_model_says_what_to_pick(monkeypatch
     monkeypatch.setattr(catalog, "BUNDLED_MODEL", tmp_path / "missing")
     with pytest.raises(gradio.Error, match="bundled model is not installed"):
         next(Endpoints(output_dir=tmp_path).text_to_image("a ball", [], model=catalog.BUNDLED))
+
+
+def test_sampling_panel_starts_at_the_models_defaults_and_follows_the_menu(tmp_path):
+    root = build_tiny_checkpoint(tmp_path / "own-defaults")
+    settings = json.loads((root / SETTINGS_FILE).read_text())
+    settings["sampling"] = {"first_frame_steps": [3, 4, 5], "guidance_scale": 2.5, "video_guidance_scale": 1.5}
+    (root / SETTINGS_FILE).write_text(json.dumps(settings))
+    demo = studio.build_studio(default_model=str(root), output_dir=tmp_path / "outputs")
+    sliders = [(block.label, block.value) for block in demo.blocks.values() if isinstance(block, gradio.Slider)]
+    assert ("Guidance (first frame)", 2.5) in sliders and ("Video guidance (later frames)", 1.5) in sliders
+    assert [value for label, value in sliders if label.startswith("stage ")] == [3, 4, 5, 10, 10, 10]
+    assert studio.model_sampling(str(root)) == [2.5, 1.5, 3, 4, 5, 10, 10, 10]
+    assert studio.model_sampling("rain1011/pyramid-flow-miniflux") == [7.0, 5.0, 20, 20, 20, 10, 10, 10]

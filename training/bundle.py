@@ -100,8 +100,9 @@ def extract_features(base: Path, world: Path, work: Path, spec: dict) -> tuple:
 
 
 def assemble(base: Path, flow_checkpoint: Path, vae_checkpoint: Path, variant: str, use_ema: bool, model_card: Path,
-             out: Path) -> Path:
-    """The base's text stack and settings with the trained transformer and VAE and the model card, copied into `out`."""
+             out: Path, sampling: dict = None) -> Path:
+    """The base's text stack and settings with the trained transformer and VAE and the model card, copied into `out`;
+    `sampling` (steps and guidance the model is generated with by default) goes into its settings."""
     staging = out.with_name(out.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     copy_folder(base, staging)
@@ -111,6 +112,8 @@ def assemble(base: Path, flow_checkpoint: Path, vae_checkpoint: Path, variant: s
     copy_folder(trained, staging / transformer_folder(variant))
     copy_folder(vae_checkpoint / VAE_FOLDER, staging / VAE_FOLDER)
     shutil.copy2(model_card, staging / MODEL_CARD)
+    if sampling:
+        update_settings(staging, {"sampling": sampling})
     old = out.with_name(out.name + ".old")
     if out.exists():
         out.rename(old)
@@ -156,6 +159,6 @@ def run_bundle(config: dict) -> Path:
         "data": {"annotations": [str(world)]}, "train": {"output_dir": str(after_vae / "vae_decoder"), "seed": seed}}))
     bundle = config["bundle"]
     out = assemble(base, flow, decoder, architecture["variant"], bundle["use_ema"], Path(bundle["model_card"]),
-                   Path(bundle["out"]))
+                   Path(bundle["out"]), bundle.get("sampling"))
     logger.info("bundled model written to %s", out)
     return out

@@ -123,3 +123,12 @@ def test_overrides_parse_as_yaml(tmp_path):
     config = load_config(recipe, ["train.seed=3", "data.buckets=[[64, 64]]", "model.lora={rank: 4}"])
     assert config["train"]["seed"] == 3 and config["data"]["buckets"] == [[64, 64]]
     assert config["model"]["lora"] == {"rank": 4}
+
+
+def test_lr_warms_up_then_stays_or_falls_on_a_line():
+    from training.loop import lr_factor
+
+    constant = lr_factor(warmup_steps=4, max_steps=20)
+    assert [constant(step) for step in (0, 1, 3, 10, 19)] == [0.25, 0.5, 1.0, 1.0, 1.0]
+    decaying = lr_factor(warmup_steps=4, max_steps=20, final_ratio=0.2)
+    assert decaying(3) == 1.0 and decaying(19) == pytest.approx(0.2) and decaying(11) == pytest.approx(0.6)

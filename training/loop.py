@@ -30,9 +30,16 @@ logger = logging.getLogger(__name__)
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def warmup_then_constant(warmup_steps: int):
-    """lr factor of the recipes (Table 4): linear warmup over `warmup_steps`, then constant."""
-    return lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
+def lr_factor(warmup_steps: int, max_steps: int, final_ratio: float = 1.0):
+    """lr factor: linear warmup over `warmup_steps`, then a line to `final_ratio` at `max_steps`
+    (1.0, the recipes' default: constant, as in Table 4)."""
+    def factor(step):
+        if step + 1 < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step + 1 - warmup_steps) / max(1, max_steps - warmup_steps))
+        return 1.0 + (final_ratio - 1.0) * progress
+
+    return factor
 
 
 def build_task(config: dict, annotations: list, device):
@@ -68,7 +75,8 @@ class Trainer:
         optimizer = torch.optim.AdamW([p for _, p in trainable(model)], lr=optim["lr"], betas=tuple(optim["betas"]),
                                       eps=optim["eps"], weight_decay=optim["weight_decay"])
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer.optimizer, warmup_then_constant(optim["warmup_steps"]))
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer.optimizer, lr_factor(
+            optim["warmup_steps"], self.max_steps, optim.get("final_lr_ratio", 1.0)))
         self.step, self.skipped = 0, 0
         if self.resume_from is not None:
             self.restore(load_training_state(self.resume_from))

@@ -1,10 +1,14 @@
-"""The evaluation runner scores a perfect generator 100% and a colour-blind one 0% on colour."""
+"""The evaluation runner scores a perfect generator 100% and a colour-blind one 0% on colour; the command
+samples with the model's own defaults."""
+import json
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from training.evaluate_shapes import evaluate
+from model_core.checkpoints import SETTINGS_FILE
+from tiny_checkpoint import build_tiny_checkpoint
+from training.evaluate_shapes import evaluate, main
 from training.shapes_world import HELDOUT_STREAM, parse_prompt, render_clip, world_pairs
 
 
@@ -58,3 +62,17 @@ def test_a_wrong_colour_is_counted_wrong():
     figures = evaluate(WorldPipeline(recolor="white"), pairs, {}, speed_runs=0)
     assert figures["text_to_video"]["color_accuracy"] == 0.0
     assert figures["text_to_video"]["shape_accuracy"] == pytest.approx(1.0)
+
+
+def test_the_command_samples_with_the_models_defaults_unless_told(tmp_path):
+    root = build_tiny_checkpoint(tmp_path / "model")
+    settings = json.loads((root / SETTINGS_FILE).read_text())
+    settings["sampling"] = {"first_frame_steps": [1, 1, 1], "video_steps": [1, 1, 2], "guidance_scale": 2.0}
+    (root / SETTINGS_FILE).write_text(json.dumps(settings))
+    out = tmp_path / "figures.json"
+    assert main(["--model", str(root), "--count", "1", "--speed-runs", "0", "--video-guidance-scale", "1.5",
+                 "--out", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    assert figures["options"] == {"first_frame_steps": [1, 1, 1], "video_steps": [1, 1, 2], "guidance_scale": 2.0,
+                                  "video_guidance_scale": 1.5}
+    assert figures["pairs"] == 1 and 0 <= figures["text_to_video"]["color_accuracy"] <= 1

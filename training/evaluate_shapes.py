@@ -5,9 +5,11 @@ VAE round trip of the world clips (the ceiling for generation) and text-to-video
 direction accuracy; image-to-video (first frame rendered by the world) and extension (9 world frames
 + 8 new ones): whether the subject keeps its colour and shape and moves
 in the prompted direction; speed: median seconds of a 17-frame text-to-video over `--speed-runs` runs.
+Steps and guidance are the model's sampling defaults unless given.
 """
 import argparse
 import json
+from dataclasses import asdict
 import statistics
 import sys
 import time
@@ -100,10 +102,10 @@ def parse_args(argv=None):
     parser.add_argument("--model", required=True, help="checkpoint folder (official layout)")
     parser.add_argument("--count", type=int, default=len(PROMPTS), help="held-out (prompt, seed) pairs to generate")
     parser.add_argument("--world-seed", type=int, default=0, help="seed of the world the model was trained on")
-    parser.add_argument("--first-frame-steps", type=steps, default=(10, 10, 10))
-    parser.add_argument("--video-steps", type=steps, default=(10, 10, 10))
-    parser.add_argument("--guidance-scale", type=float, default=4.0)
-    parser.add_argument("--video-guidance-scale", type=float, default=3.0)
+    parser.add_argument("--first-frame-steps", type=steps, help="A,B,C (default: the model's)")
+    parser.add_argument("--video-steps", type=steps, help="A,B,C (default: the model's)")
+    parser.add_argument("--guidance-scale", type=float, help="default: the model's")
+    parser.add_argument("--video-guidance-scale", type=float, help="default: the model's")
     parser.add_argument("--speed-runs", type=int, default=5)
     parser.add_argument("--out", help="write the figures here as JSON")
     return parser.parse_args(argv)
@@ -118,8 +120,9 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     pipe = PyramidFlowPipeline.from_pretrained(args.model, device="cpu")
-    options = {"first_frame_steps": args.first_frame_steps, "video_steps": args.video_steps,
-               "guidance_scale": args.guidance_scale, "video_guidance_scale": args.video_guidance_scale}
+    options = asdict(pipe.family.sampling.filled(first_frame_steps=args.first_frame_steps, video_steps=args.video_steps,
+                                               guidance_scale=args.guidance_scale,
+                                               video_guidance_scale=args.video_guidance_scale))
     figures = {"model": str(args.model), **evaluate(pipe, world_pairs(args.world_seed, HELDOUT_STREAM, args.count),
                                                     options, args.speed_runs)}
     print(json.dumps(figures, indent=2))

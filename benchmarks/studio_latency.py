@@ -97,7 +97,7 @@ def main(argv=None) -> None:
                 page = browser.new_page()
                 page.goto(url)
                 page.locator("#t2v-prompt textarea").wait_for()
-                first = click_to_video(page, "a red circle moving right")
+                first = click_to_video(page, "a blue circle moving right")
                 warm = [click_to_video(page, f"a blue square, take {i}") for i in range(args.repeats)]
                 browser.close()
         except Exception:

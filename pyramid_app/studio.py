@@ -19,7 +19,7 @@ PLACEHOLDER_SPEC = VARIANTS["384p"]  # slider limits until a model with known li
 THEME = gr.themes.Soft(primary_hue="indigo")
 CSS = "#frames .thumbnail-item { min-width: 48px; }"
 EXAMPLE_PROMPTS = [  # the bundled model's grammar: a {color} {shape} moving {direction}
-    "a red circle moving right",
+    "a blue circle moving right",
     "a blue square moving up",
     "a green triangle moving left",
     "a yellow circle moving down",

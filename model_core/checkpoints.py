@@ -136,6 +136,7 @@ def available_variants(root: Path, family: Family) -> list:
 
 
 def sampling_defaults(settings: dict, path: Path) -> SamplingDefaults:
+    """The "sampling" entry of `path` (a pyramid_flow.json); unknown names are refused, naming the allowed ones."""
     allowed = [field.name for field in fields(SamplingDefaults)]
     unknown = sorted(set(settings) - set(allowed))
     if unknown:

@@ -22,9 +22,13 @@ class Progress:
     num_units: int
     stage: int
     step: int
-    num_steps: int
     unit_steps: tuple  # this unit's steps per stage
     latents: Optional[torch.Tensor] = None  # the finished unit's clean latent, for previews
+
+    @property
+    def num_steps(self) -> int:
+        """Steps of the current stage."""
+        return self.unit_steps[self.stage]
 
     @property
     def fraction(self) -> float:
@@ -71,12 +75,12 @@ def sample_video(velocity_for_unit: Callable, scheduler: PyramidFlowScheduler, s
 
         def report(stage, index):
             if callback:
-                callback(Progress("step", unit, total, stage, index, steps[stage], tuple(steps)))
+                callback(Progress("step", unit, total, stage, index, tuple(steps)))
 
         start = noise[:, :, unit - first : unit - first + 1]
         frames.append(sample_unit(velocity_for_unit(unit), scheduler, start, pyramid, unit, steps, generator, report))
         if callback:
-            callback(Progress("unit", unit, total, num_stages - 1, steps[-1] - 1, steps[-1], tuple(steps), frames[-1]))
+            callback(Progress("unit", unit, total, num_stages - 1, steps[-1] - 1, tuple(steps), frames[-1]))
         if interrupt is not None and interrupt() and unit + 1 < total:
             interrupted = True
             break

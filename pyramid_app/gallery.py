@@ -51,19 +51,24 @@ def control_values(settings: dict) -> dict:
         "model": choice_for(settings.get("model")),
         "variant": settings.get("variant"),
         "num_frames": settings.get("num_frames"),
-        "guidance_scale": settings.get("guidance_scale"),
-        "video_guidance_scale": settings.get("video_guidance_scale"),
         "seed": None if settings.get("seed") is None else str(settings["seed"]),
         "offload": settings.get("offload"),
         "quantize": settings.get("quantize"),
         "dtype": settings.get("dtype"),
         "vae_tiling": settings.get("vae_tiling"),
+        **sampling_controls(settings),
     }
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def sampling_controls(settings: dict) -> dict:
+    """Guidance and steps per stage keyed by the sampling panel's control names (guidance first)."""
+    values = {name: settings.get(name) for name in ("guidance_scale", "video_guidance_scale")}
     for name in ("first_frame_steps", "video_steps"):
         steps = settings.get(name) or ()
         if len(steps) == STAGE_COUNT:
             values.update({step_control(name, stage): count for stage, count in enumerate(steps)})
-    return {name: value for name, value in values.items() if value is not None}
+    return values
 
 
 def step_control(name: str, stage: int) -> str:

@@ -3,6 +3,8 @@
 `build_studio()` returns the Blocks; `pyramid_app.serve` launches it. The generation handlers live in
 `endpoints`, the model menu in `catalog`, the session outputs in `gallery`.
 """
+from dataclasses import asdict
+
 import gradio as gr
 import torch
 
@@ -188,10 +190,7 @@ def _model_panel(default_model, facts) -> dict:
 
 def sampling_values(sampling) -> dict:
     """Sampling-panel control name -> the model's default value."""
-    values = {"guidance_scale": sampling.guidance_scale, "video_guidance_scale": sampling.video_guidance_scale}
-    for name in ("first_frame_steps", "video_steps"):
-        values.update({gallery.step_control(name, stage): steps for stage, steps in enumerate(getattr(sampling, name))})
-    return values
+    return gallery.sampling_controls(asdict(sampling))
 
 
 def model_sampling(choice) -> list:

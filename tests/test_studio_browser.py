@@ -68,10 +68,18 @@ def playable_video(page) -> dict:
 
 
 def set_seed(page, seed: str) -> None:
+    """Open the Sampling panel and type the seed; retyped until it survives the panel's first render settling
+    (on a loaded CI machine a fill during the accordion's opening was lost)."""
     page.get_by_text("Sampling").click()
     field = page.locator("#seed textarea, #seed input").first
-    field.wait_for()
-    field.fill(seed)
+    for _ in range(5):
+        field.click()  # waits until the opening panel stands still
+        field.fill(seed)
+        field.press("Tab")
+        page.wait_for_timeout(500)
+        if field.input_value() == seed:
+            return
+    raise AssertionError(f"the seed field did not keep {seed!r}")
 
 
 def test_generate_shows_a_playable_video_of_the_prompt(page, studio):

@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import sentencepiece
+from sentencepiece import sentencepiece_model_pb2
 import torch
 from tokenizers import pre_tokenizers
 from transformers import (
@@ -76,14 +77,24 @@ def write_tiny_text_stack(root, family="miniflux", *, t5_dim=32, clip_dim=16, se
 
 
 def t5_tokenizer_files(corpus) -> dict[str, bytes]:
-    """`spiece.model` of a T5-style SentencePiece unigram model (pad 0, </s> 1, <unk> 2) trained on `corpus`."""
+    """`spiece.model` of a T5-style SentencePiece unigram model (pad 0, </s> 1, <unk> 2) over `corpus`.
+
+    SentencePiece's unigram trainer collapses a small corpus to single characters, so the pieces come from its
+    BPE trainer (which keeps the corpus's frequent words whole) and every piece gets the same score: the
+    unigram segmentation is then the one with the fewest pieces, in SentencePiece and in `transformers` alike.
+    """
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus), model_writer=model, model_type="unigram", vocab_size=256,
+        sentence_iterator=iter(corpus), model_writer=model, model_type="bpe", vocab_size=256,
         hard_vocab_limit=False, character_coverage=1.0, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
         num_threads=1, minloglevel=2,
     )
-    return {"spiece.model": model.getvalue()}
+    proto = sentencepiece_model_pb2.ModelProto.FromString(model.getvalue())
+    proto.trainer_spec.model_type = sentencepiece_model_pb2.TrainerSpec.UNIGRAM
+    for piece in proto.pieces:
+        if piece.type == sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL:
+            piece.score = -1.0
+    return {"spiece.model": proto.SerializeToString()}
 
 
 def clip_tokenizer_files(corpus, num_merges=400) -> dict[str, bytes]:

@@ -190,3 +190,18 @@ def test_raw_tokenizer_files_alone_give_the_same_tokens(stacks, tmp_path):
     assert torch.equal(embeddings.attention_mask, expected.attention_mask)
     torch.testing.assert_close(embeddings.hidden_states, expected.hidden_states, rtol=0, atol=0)
     torch.testing.assert_close(embeddings.pooled, expected.pooled, rtol=0, atol=0)
+
+
+def test_t5_tokenizer_keeps_corpus_words_whole_as_sentencepiece_does(tmp_path):
+    """A small corpus's words are single pieces (a unigram trainer made them characters), and `transformers`
+    segments exactly as SentencePiece does."""
+    import sentencepiece
+
+    corpus = [f"a {color} {shape} moving {direction}" for color in ("red", "magenta", "cyan")
+              for shape in ("circle", "square", "triangle") for direction in ("left", "up")]
+    write_tiny_text_stack(tmp_path / "stack", corpus=corpus)
+    tokenizer = T5Tokenizer.from_pretrained(tmp_path / "stack" / "tokenizer_2")
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "stack" / "tokenizer_2" / "spiece.model"))
+    assert tokenizer.tokenize("a magenta square moving left") == ["▁a", "▁magenta", "▁square", "▁moving", "▁left"]
+    for text in ("a cyan triangle moving up", "a purple dog jumps", "magentas squared"):
+        assert tokenizer(text).input_ids == processor.encode(text) + [tokenizer.eos_token_id]

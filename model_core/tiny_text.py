@@ -82,10 +82,12 @@ def t5_tokenizer_files(corpus) -> dict[str, bytes]:
     SentencePiece's unigram trainer collapses a small corpus to single characters, so the pieces come from its
     BPE trainer (which keeps the corpus's frequent words whole) and every piece gets the same score: the
     unigram segmentation is then the one with the fewest pieces, in SentencePiece and in `transformers` alike.
+    Text is case-folded, as the CLIP tokenizer lowercases: `A Red Circle` gives the pieces of `a red circle`.
     """
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(corpus), model_writer=model, model_type="bpe", vocab_size=256,
+        normalization_rule_name="nmt_nfkc_cf",
         hard_vocab_limit=False, character_coverage=1.0, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
         num_threads=1, minloglevel=2,
     )

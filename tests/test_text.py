@@ -193,8 +193,8 @@ def test_raw_tokenizer_files_alone_give_the_same_tokens(stacks, tmp_path):
 
 
 def test_t5_tokenizer_keeps_corpus_words_whole_as_sentencepiece_does(tmp_path):
-    """A small corpus's words are single pieces (a unigram trainer made them characters), and `transformers`
-    segments exactly as SentencePiece does."""
+    """A small corpus's words are single pieces (a unigram trainer made them characters), case is folded (as
+    the CLIP tokenizer does), and `transformers` segments exactly as SentencePiece does."""
     import sentencepiece
 
     corpus = [f"a {color} {shape} moving {direction}" for color in ("red", "magenta", "cyan")
@@ -203,5 +203,6 @@ def test_t5_tokenizer_keeps_corpus_words_whole_as_sentencepiece_does(tmp_path):
     tokenizer = T5Tokenizer.from_pretrained(tmp_path / "stack" / "tokenizer_2")
     processor = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "stack" / "tokenizer_2" / "spiece.model"))
     assert tokenizer.tokenize("a magenta square moving left") == ["▁a", "▁magenta", "▁square", "▁moving", "▁left"]
-    for text in ("a cyan triangle moving up", "a purple dog jumps", "magentas squared"):
+    for text in ("a cyan triangle moving up", "a purple dog jumps", "magentas squared", "A Red Circle moving UP"):
         assert tokenizer(text).input_ids == processor.encode(text) + [tokenizer.eos_token_id]
+    assert tokenizer("A Red Circle moving UP").input_ids == tokenizer("a red circle moving up").input_ids  # case folded

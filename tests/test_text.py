@@ -4,6 +4,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import sentencepiece
 import torch
 from transformers import CLIPTokenizer, T5Tokenizer
 
@@ -195,8 +196,6 @@ def test_raw_tokenizer_files_alone_give_the_same_tokens(stacks, tmp_path):
 def test_t5_tokenizer_keeps_corpus_words_whole_as_sentencepiece_does(tmp_path):
     """A small corpus's words are single pieces (a unigram trainer made them characters), case is folded (as
     the CLIP tokenizer does), and `transformers` segments exactly as SentencePiece does."""
-    import sentencepiece
-
     corpus = [f"a {color} {shape} moving {direction}" for color in ("red", "magenta", "cyan")
               for shape in ("circle", "square", "triangle") for direction in ("left", "up")]
     write_tiny_text_stack(tmp_path / "stack", corpus=corpus)

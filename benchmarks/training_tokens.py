@@ -29,7 +29,7 @@ SMALL_MODEL = dict(in_channels=64, num_layers=2, num_single_layers=2, attention_
 
 
 def token_report(height: int, width: int, seconds: float, fps: int = 24) -> dict:
-    frames = frames_for_duration(seconds, fps)
+    frames = frames_for_duration(seconds, fps, 8)
     budget = token_budget(height, width, frames)
     latent_t, latent_h, latent_w = 1 + (frames - 1) // 8, height // 8, width // 8
     draws = [sample_tokens(latent_h, latent_w, latent_t, SampleChoices(k, (i + 0.5) / latent_t, 0, 0, False, 0, 0), 3)
@@ -54,7 +54,7 @@ def time_step(model, clips, target, timestep, repeats: int) -> float:
 
 def step_times(height: int, width: int, seconds: float, repeats: int) -> dict:
     generator = torch.Generator().manual_seed(0)
-    frames = frames_for_duration(seconds, 24)
+    frames = frames_for_duration(seconds, 24, 8)
     latents = torch.randn(1, 16, 1 + (frames - 1) // 8, height // 8, width // 8, generator=generator)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

@@ -8,6 +8,7 @@ sampling settings it is generated with by default.
 import json
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -54,10 +55,15 @@ class VariantSpec:
     width: int
     max_latent_frames: int
     fps: int = 24
+    frames_per_latent: int = 8  # pixel frames per later latent frame: the causal VAE's temporal compression
 
     @property
     def max_frames(self) -> int:
-        return 1 + 8 * (self.max_latent_frames - 1)
+        return 1 + self.frames_per_latent * (self.max_latent_frames - 1)
+
+    def frames(self, latent_frames: int) -> int:
+        """Pixel frames decoded from `latent_frames` latent frames (the first latent frame holds one)."""
+        return 1 + self.frames_per_latent * (latent_frames - 1)
 
 
 @dataclass(frozen=True)
@@ -145,16 +151,26 @@ def sampling_defaults(settings: dict, path: Path) -> SamplingDefaults:
 
 
 def with_overrides(root: Path, family: Family) -> Family:
-    """Apply a checkpoint's own `pyramid_flow.json` (variant sizes, latent normalisation, sampling defaults)."""
+    """Apply a checkpoint's own settings: its `pyramid_flow.json` (variant sizes, latent normalisation, sampling
+    defaults) and its VAE's temporal compression (the frame counts every variant allows)."""
     path = root / SETTINGS_FILE
-    if not path.is_file():
-        return family
-    settings = json.loads(path.read_text())
+    settings = json.loads(path.read_text()) if path.is_file() else {}
     variants = dict(family.variants)
     for name, spec in settings.get("variants", {}).items():
         variants[name] = VariantSpec(**spec)
+    frames_per_latent = vae_temporal_scale(root)
+    if frames_per_latent is not None:
+        variants = {name: replace(spec, frames_per_latent=frames_per_latent) for name, spec in variants.items()}
     normalization = family.normalization
     if "latent_normalization" in settings:
         normalization = LatentNormalization(**settings["latent_normalization"])
     sampling = sampling_defaults(settings["sampling"], path) if "sampling" in settings else family.sampling
     return replace(family, variants=variants, normalization=normalization, sampling=sampling)
+
+
+def vae_temporal_scale(root: Path) -> Optional[int]:
+    """Pixel frames per later latent frame of the checkpoint's causal VAE (from its config); None without one."""
+    config = root / VAE_FOLDER / "config.json"
+    if not config.is_file():
+        return None
+    return 2 ** sum(json.loads(config.read_text()).get("encoder_temporal_down_sample", (True, True, True, False)))

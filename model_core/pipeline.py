@@ -22,7 +22,7 @@ from .memory import (
 )
 from .sampling import Progress, sample_video
 from .scheduler import PyramidFlowScheduler
-from .temporal import LATENT_FRAMES_PER_UNIT, frames_for_duration
+from .temporal import frames_for_duration
 from .text import PROMPT_ENCODERS, PromptEmbeddings
 
 
@@ -179,7 +179,7 @@ class PyramidFlowPipeline(DiffusionPipeline):
         if output_type not in ("frames", "latents"):
             raise ValueError(f"output_type must be 'frames' or 'latents'; got {output_type!r}")
         if duration is not None:
-            num_frames = frames_for_duration(duration, spec.fps, new_frames_only=mode == "extend_video")
+            num_frames = frames_for_duration(duration, spec.fps, spec.frames_per_latent, new_frames_only=mode == "extend_video")
         history_frames, new_units = self._plan_units(mode, num_frames, condition_frames)
         if generator is None:
             seed = secrets.randbelow(2**63) if seed is None else int(seed)
@@ -230,25 +230,25 @@ class PyramidFlowPipeline(DiffusionPipeline):
     def _plan_units(self, mode, num_frames, condition_frames):
         """(conditioning pixel frames used, new latent units), validated against the checkpoint."""
         spec = self.spec
+        n = spec.frames_per_latent
         if mode == "extend_video":
-            if num_frames is None or num_frames <= 0 or num_frames % LATENT_FRAMES_PER_UNIT:
-                raise ValueError(f"num_frames counts the new frames of an extension and must be a positive multiple of {LATENT_FRAMES_PER_UNIT}; got {num_frames}")
-            new_units = num_frames // LATENT_FRAMES_PER_UNIT
+            if num_frames is None or num_frames <= 0 or num_frames % n:
+                raise ValueError(f"num_frames counts the new frames of an extension and must be a positive multiple of {n}; got {num_frames}")
+            new_units = num_frames // n
             room = spec.max_latent_frames - new_units
             if room < 1:
                 raise ValueError(f"this model makes at most {spec.max_frames} frames in all; ask for at most {spec.max_frames - 1} new frames")
-            usable = 1 + LATENT_FRAMES_PER_UNIT * ((len(condition_frames) - 1) // LATENT_FRAMES_PER_UNIT)
-            return min(usable, 1 + LATENT_FRAMES_PER_UNIT * (room - 1)), new_units
+            return min(spec.frames(1 + (len(condition_frames) - 1) // n), spec.frames(room)), new_units
         if num_frames is None:
             num_frames = 1 if mode == "text_to_image" else spec.max_frames
-        if not isinstance(num_frames, (int, np.integer)) or num_frames < 1 or (num_frames - 1) % LATENT_FRAMES_PER_UNIT or num_frames > spec.max_frames:
-            allowed = ", ".join(str(1 + LATENT_FRAMES_PER_UNIT * k) for k in range(min(spec.max_latent_frames, 4)))
+        if not isinstance(num_frames, (int, np.integer)) or num_frames < 1 or (num_frames - 1) % n or num_frames > spec.max_frames:
+            allowed = ", ".join(str(spec.frames(k)) for k in range(1, min(spec.max_latent_frames, 4) + 1))
             allowed += f", ..., {spec.max_frames}" if spec.max_latent_frames > 4 else ""
-            raise ValueError(f"num_frames must be 1 + 8k and at most {spec.max_frames} for this model ({allowed}); got {num_frames}")
-        units = 1 + (num_frames - 1) // LATENT_FRAMES_PER_UNIT
+            raise ValueError(f"num_frames must be 1 + {n}k and at most {spec.max_frames} for this model ({allowed}); got {num_frames}")
+        units = 1 + (num_frames - 1) // n
         if mode == "image_to_video":
             if units < 2:
-                raise ValueError("image_to_video needs at least 9 frames (the image plus one unit of motion)")
+                raise ValueError(f"image_to_video needs at least {spec.frames(2)} frames (the image plus one unit of motion)")
             return 1, units - 1
         return 0, units
 
@@ -298,7 +298,7 @@ class PyramidFlowPipeline(DiffusionPipeline):
             finished.append(event.latents)
             window = torch.cat(finished[-2:], dim=2)
             frames = self._decode(window)
-            preview = frames if len(finished) == 1 else frames[-LATENT_FRAMES_PER_UNIT:]
+            preview = frames if len(finished) == 1 else frames[-self.spec.frames_per_latent:]
             callback(PreviewProgress(**vars(event), preview=preview))
 
         return on_progress

@@ -3,7 +3,6 @@ what it costs in tokens. One latent frame per autoregressive unit, as in the pub
 from dataclasses import dataclass
 
 PATCH_SIZE = 2
-LATENT_FRAMES_PER_UNIT = 8  # pixel frames per later latent frame of the causal VAE (8x temporal compression)
 
 
 @dataclass(frozen=True)
@@ -85,10 +84,12 @@ def token_budget(height: int, width: int, num_frames: int, *, num_stages: int = 
     }
 
 
-def frames_for_duration(seconds: float, fps: int, new_frames_only: bool = False) -> int:
-    """The allowed frame count nearest to `seconds` at `fps`: 1 + 8k for a clip, 8k (k >= 1) for an extension."""
+def frames_for_duration(seconds: float, fps: int, frames_per_latent: int, new_frames_only: bool = False) -> int:
+    """The allowed frame count nearest to `seconds` at `fps`: 1 + nk for a clip, nk (k >= 1) for an extension,
+    n = `frames_per_latent` (the causal VAE's temporal compression: 8 in the published models)."""
     if not isinstance(seconds, (int, float)) or seconds <= 0:
         raise ValueError(f"duration must be a positive number of seconds; got {seconds}")
+    n = frames_per_latent
     if new_frames_only:
-        return LATENT_FRAMES_PER_UNIT * max(1, round(seconds * fps / LATENT_FRAMES_PER_UNIT))
-    return 1 + LATENT_FRAMES_PER_UNIT * max(0, round((seconds * fps - 1) / LATENT_FRAMES_PER_UNIT))
+        return n * max(1, round(seconds * fps / n))
+    return 1 + n * max(0, round((seconds * fps - 1) / n))

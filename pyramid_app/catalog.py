@@ -93,7 +93,9 @@ def _local_facts(folder: Path) -> ModelFacts:
 
 
 def length_limits(spec: VariantSpec, extension: bool = False) -> tuple:
-    """(minimum, maximum, step) of the frame slider: 1 + 8k frames for a clip, 8k new frames for an extension."""
+    """(minimum, maximum, step) of the frame slider: 1 + nk frames for a clip, nk new frames for an extension
+    (n = the VAE's `frames_per_latent`, 8 in the published models)."""
+    n = spec.frames_per_latent
     if extension:
-        return 8, max(8, spec.max_frames - 1), 8
-    return (9, spec.max_frames, 8) if spec.max_frames >= 9 else (1, 1, 8)
+        return n, max(n, spec.max_frames - 1), n
+    return (spec.frames(2), spec.max_frames, n) if spec.max_latent_frames >= 2 else (1, 1, n)

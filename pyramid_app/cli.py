@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--extend", type=Path, metavar="VIDEO", help="continue this video (new frames only count)")
     what.add_argument("--negative-prompt", metavar="TEXT", help="what to steer away from")
     length = what.add_mutually_exclusive_group()
-    length.add_argument("--num-frames", type=int, metavar="N", help="frames to generate (1 + 8k; 1 makes an image)")
-    length.add_argument("--duration", type=float, metavar="SECONDS", help="seconds of video, rounded to 1 + 8k frames")
+    length.add_argument("--num-frames", type=int, metavar="N", help="frames to generate (1 + 8k for the published models, 1 + 4k for a VAE with 4x temporal compression; 1 makes an image)")
+    length.add_argument("--duration", type=float, metavar="SECONDS", help="seconds of video, rounded to the nearest frame count the model allows")
 
     sampling = generate.add_argument_group("sampling")
     sampling.add_argument("--height", type=int, metavar="H", help="output height (default: the variant's)")

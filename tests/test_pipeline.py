@@ -126,8 +126,24 @@ def test_latents_output_type(pipe):
 
 
 def test_duration_picks_the_nearest_allowed_length(pipe):
-    assert frames_for_duration(2, 8) == 17 and frames_for_duration(5, 24) == 121 and frames_for_duration(0.01, 24) == 1
+    assert frames_for_duration(2, 8, 8) == 17 and frames_for_duration(5, 24, 8) == 121 and frames_for_duration(0.01, 24, 8) == 1
     assert pipe.text_to_video("x", duration=1.1, seed=0, **FAST).frames.shape[0] == 9
+
+
+def test_the_vaes_temporal_compression_sets_the_allowed_lengths(tmp_path):
+    pipe = PyramidFlowPipeline.from_pretrained(build_tiny_checkpoint(tmp_path, frames_per_latent=4))
+    assert pipe.spec.frames_per_latent == 4 and pipe.spec.max_frames == 9
+    events = []
+    clip = pipe.text_to_video("x", seed=0, callback=events.append, **FAST)
+    assert clip.frames.shape == (9, 64, 64, 3) and clip.latents.shape[2] == 3
+    assert [e.preview.shape[0] for e in events if e.kind == "unit"] == [1, 4, 4]
+    assert pipe.text_to_video("x", duration=0.6, seed=0, **FAST).frames.shape[0] == 5
+    extended = pipe.extend_video(clip.frames[:5], "more", num_frames=4, seed=1, **FAST)
+    assert extended.frames.shape[0] == 9 and np.array_equal(extended.frames[:5], clip.frames[:5])
+    with pytest.raises(ValueError, match=r"1 \+ 4k and at most 9 for this model \(1, 5, 9\); got 17"):
+        pipe.text_to_video("x", num_frames=17, seed=0, **FAST)
+    with pytest.raises(ValueError, match="positive multiple of 4; got 6"):
+        pipe.extend_video(clip.frames, "more", num_frames=6, seed=1, **FAST)
 
 
 def test_guidance_off_runs_single_pass(pipe):

@@ -64,7 +64,7 @@ def test_writer_cli_writes_clips_training_can_read(tmp_path):
     entries, malformed = read_annotations(tmp_path / "train.jsonl")
     assert len(entries) == 3 and malformed == 0
     assert len((tmp_path / "heldout.jsonl").read_text().splitlines()) == 2
-    sample, error = AnnotatedDataset(entries, [(64, 64)], 8, False, False)[SampleRequest(0, 0, 0, 17, 0.0)]
+    sample, error = AnnotatedDataset(entries, [(64, 64)], 8, 8, False, False)[SampleRequest(0, 0, 0, 17, 0.0)]
     assert error is None and sample.pixels.shape == (1, 3, 17, 64, 64)
     record = json.loads((tmp_path / "train.jsonl").read_text().splitlines()[0])
     assert record["text"] in PROMPTS

@@ -112,6 +112,12 @@ def test_model_menu_knows_limits_without_loading(tiny_model):
     assert "No checkpoint folder" in catalog.model_facts("/no/such/folder").note
 
 
+def test_the_length_sliders_follow_the_vaes_temporal_compression(tmp_path):
+    spec = catalog.model_facts(str(build_tiny_checkpoint(tmp_path, frames_per_latent=4))).spec("auto")
+    assert spec.max_frames == 9
+    assert catalog.length_limits(spec) == (5, 9, 4) and catalog.length_limits(spec, extension=True) == (4, 8, 4)
+
+
 # --- the named endpoints -------------------------------------------------------------------------
 
 

@@ -125,7 +125,7 @@ def test_extracted_features_are_what_the_loader_reads(world):
 
     entries, _ = read_annotations(world[2])
     assert len(entries) == 6 and all(e.latent and e.text_fea for e in entries)  # the broken clip was skipped
-    dataset = AnnotatedDataset(entries, [(64, 64)], 8, use_latents=True, use_text_features=True)
+    dataset = AnnotatedDataset(entries, [(64, 64)], 8, 8, use_latents=True, use_text_features=True)
     sample, error = dataset[SampleRequest(0, 0, 0, 17, 0.0)]
     assert error is None and sample.latent.shape == (1, 4, 3, 8, 8)
     assert sample.text_features.hidden_states.shape[:2] == (1, 128)

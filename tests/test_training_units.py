@@ -79,11 +79,18 @@ def test_balanced_bins_cover_all_items_evenly():
     assert max(loads) - min(loads) <= max(costs) and all(bins)
 
 
-def planner(num_bins, ratio=0.25):
+def planner(num_bins, ratio=0.25, seconds=2, frames_per_latent=8):
     entries = [Annotation("video", f"v{i}.mp4", "v", height=64, width=64) for i in range(6)]
     entries += [Annotation("image", f"i{i}.png", "i") for i in range(3)]
-    data = {"image_ratio": ratio, "fps": 8, "buckets": [[64, 64]], "clip_schedule": [{"seconds": 2}]}
-    return BatchPlanner(entries, data, OBJECTIVE, seed=0, global_batch=8, num_bins=num_bins)
+    data = {"image_ratio": ratio, "fps": 8, "buckets": [[64, 64]], "clip_schedule": [{"seconds": seconds}]}
+    return BatchPlanner(entries, data, OBJECTIVE, seed=0, global_batch=8, num_bins=num_bins,
+                        frames_per_latent=frames_per_latent)
+
+
+def test_clip_lengths_follow_the_vaes_temporal_compression():
+    for frames_per_latent, clip_frames in ((8, 9), (4, 13)):  # 1.5 s at 8 fps = 12 frames
+        requests = planner(1, seconds=1.5, frames_per_latent=frames_per_latent).requests(0)
+        assert sorted({r.num_frames for r in requests}) == [1, clip_frames]
 
 
 def test_global_batch_does_not_depend_on_the_rank_layout():
@@ -99,9 +106,10 @@ def test_clip_schedule_and_resampling():
     schedule = [{"until_step": 80_000, "seconds": 2}, {"until_step": None, "seconds": 5}]
     assert clip_seconds(schedule, 79_999, 0.5) == 2 and clip_seconds(schedule, 80_000, 0.5) == 5
     assert clip_seconds([{"seconds": [5, 10]}], 0, 0.5) == 7.5
-    assert resampled_indices(49, 24, 8, 17, 0.0) == [3 * j for j in range(17)]
-    assert len(resampled_indices(20, 24, 24, 17, 0.5)) == 17
-    assert len(resampled_indices(10, 24, 24, 17, 0.5)) == 9
+    assert resampled_indices(49, 24, 8, 17, 0.0, 8) == [3 * j for j in range(17)]
+    assert len(resampled_indices(20, 24, 24, 17, 0.5, 8)) == 17
+    assert len(resampled_indices(10, 24, 24, 17, 0.5, 8)) == 9
+    assert len(resampled_indices(14, 24, 24, 17, 0.5, 8)) == 9 and len(resampled_indices(14, 24, 24, 17, 0.5, 4)) == 13
     assert nearest_bucket(720, 1280, [(384, 640), (640, 384), (512, 512)]) == (384, 640)
 
 

@@ -46,8 +46,10 @@ def _save(model, folder: Path, class_name: str) -> None:
     name_as_published(folder / "config.json", class_name)
 
 
-def build_tiny_checkpoint(root: Path, family: str = "miniflux", seed: int = 0, variant: str = "384p") -> Path:
-    """Write a tiny checkpoint (64x64 px, up to 17 frames) in the official layout under `root`."""
+def build_tiny_checkpoint(root: Path, family: str = "miniflux", seed: int = 0, variant: str = "384p",
+                          frames_per_latent: int = 8) -> Path:
+    """Write a tiny checkpoint (64x64 px, 3 latent frames: up to 17 frames, or 9 with `frames_per_latent=4`) in the
+    official layout under `root`."""
     from model_core.transformers import PyramidFluxTransformer, PyramidMMDiT
     from model_core.vae import CausalVideoVAE
 
@@ -57,7 +59,9 @@ def build_tiny_checkpoint(root: Path, family: str = "miniflux", seed: int = 0, v
     root.mkdir(parents=True, exist_ok=True)
     dims = write_tiny_text_stack(root, family, t5_dim=32, clip_dim=16, seed=seed)
     generator = torch.Generator().manual_seed(seed)
-    vae = reinitialize(CausalVideoVAE.from_config(TINY_VAE), generator)
+    temporal = [2**i < frames_per_latent for i in range(4)]
+    vae_config = dict(TINY_VAE, encoder_temporal_down_sample=temporal, decoder_temporal_up_sample=temporal)
+    vae = reinitialize(CausalVideoVAE.from_config(vae_config), generator)
     transformer_class = PyramidMMDiT if family == "sd3" else PyramidFluxTransformer
     transformer = transformer_class.from_config(
         tiny_transformer_config(family, dims["joint_attention_dim"], dims["pooled_projection_dim"])

@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 
 from model_core.checkpoints import SETTINGS_FILE, VAE_FOLDER, transformer_folder
+from model_core.loading import resolve_checkpoint
 
 from .atomic import write_text
 from .checkpointing import checkpoint_path
@@ -83,16 +84,17 @@ def run_tool(module, argv: list) -> None:
         raise ValueError(f"{module.__name__} failed on {argv}; its message is above")
 
 
-def extract_features(base: Path, world: Path, work: Path, spec: dict) -> tuple:
-    """(annotations with latent + text features, empty-prompt features), each tool run once."""
+def extract_features(base: Path, world: Path, work: Path) -> tuple:
+    """(annotations with latent + text features, empty-prompt features), each tool run once; clips as long as the
+    base's variant allows."""
     from . import extract_latents, extract_text_features
 
     latents, text = work / "latents", work / "text"
-    seconds = (1 + 8 * (spec["max_latent_frames"] - 1)) / spec["fps"]
+    spec = resolve_checkpoint(base).spec
     if not (latents / "annotations.jsonl").is_file():
         run_tool(extract_latents, ["--model", str(base), "--annotations", str(world), "--output-dir", str(latents),
-                                   "--fps", str(spec["fps"]), "--seconds", str(seconds),
-                                   "--buckets", f"{spec['height']}x{spec['width']}"])
+                                   "--fps", str(spec.fps), "--seconds", str(spec.max_frames / spec.fps),
+                                   "--buckets", f"{spec.height}x{spec.width}"])
     if not (text / "annotations.jsonl").is_file():
         run_tool(extract_text_features, ["--model", str(base), "--annotations", str(latents / "annotations.jsonl"),
                                          "--output-dir", str(text)])
@@ -143,7 +145,7 @@ def run_bundle(config: dict) -> Path:
     if not base.is_dir():
         after_vae.mkdir(parents=True, exist_ok=True)
         build_base(init, vae, base)
-    features, empty_text = extract_features(base, world, after_vae, architecture["spec"])
+    features, empty_text = extract_features(base, world, after_vae)
     settings = json.loads((base / SETTINGS_FILE).read_text())
     if "latent_normalization" not in settings:
         from .latent_statistics import latent_normalization

@@ -42,7 +42,7 @@ class SampleRequest:
     entry: int  # index into the annotation list
     step: int
     slot: int  # position inside the global batch; seeds the sample's randomness
-    num_frames: int  # pixel frames wanted (1 + 8k); 1 for images
+    num_frames: int  # pixel frames wanted (1 + nk, n the VAE's frames per latent frame); 1 for images
     clip_start: float  # where the clip starts, as a fraction of the room left in the video
 
 
@@ -98,11 +98,13 @@ def nearest_bucket(height: int, width: int, buckets) -> tuple:
     return tuple(min(buckets, key=lambda b: abs(np.log(b[0] / b[1]) - ratio)))
 
 
-def resampled_indices(num_source: int, source_fps: float, target_fps: float, num_frames: int, start: float) -> list:
-    """Source frame indices of a `num_frames` clip at `target_fps`; fewer (1 + 8k) when the video is short."""
+def resampled_indices(num_source: int, source_fps: float, target_fps: float, num_frames: int, start: float,
+                      frames_per_latent: int) -> list:
+    """Source frame indices of a `num_frames` clip at `target_fps`; fewer (1 + nk, n = `frames_per_latent`) when
+    the video is short."""
     step = source_fps / target_fps
     available = int((num_source - 1) / step) + 1
-    num_frames = min(num_frames, 1 + 8 * ((available - 1) // 8))
+    num_frames = min(num_frames, 1 + frames_per_latent * ((available - 1) // frames_per_latent))
     first = int(start * (num_source - 1 - step * (num_frames - 1)))
     return [min(num_source - 1, round(first + step * j)) for j in range(num_frames)]
 
@@ -115,10 +117,10 @@ def load_text_features(path) -> PromptEmbeddings:
 class AnnotatedDataset(torch.utils.data.Dataset):
     """Map-style dataset indexed by `SampleRequest`; returns (TrainingSample or None, error or None)."""
 
-    def __init__(self, annotations, buckets, fps: float, use_latents: bool, use_text_features: bool):
+    def __init__(self, annotations, buckets, fps: float, frames_per_latent: int, use_latents: bool, use_text_features: bool):
         self.annotations = annotations
         self.buckets = [tuple(b) for b in buckets]
-        self.fps = fps
+        self.fps, self.frames_per_latent = fps, frames_per_latent
         self.use_latents = use_latents
         self.use_text_features = use_text_features
 
@@ -136,7 +138,7 @@ class AnnotatedDataset(torch.utils.data.Dataset):
         features = load_text_features(entry.text_fea) if self.use_text_features else None
         if self.use_latents:
             latent = load_file(str(entry.latent))[LATENT_KEY][None]
-            keep = 1 + (request.num_frames - 1) // 8
+            keep = 1 + (request.num_frames - 1) // self.frames_per_latent
             return TrainingSample(request, None, latent[:, :, :keep].float(), entry.text, features)
         return TrainingSample(request, self.pixels(entry, request), None, entry.text, features)
 
@@ -147,7 +149,8 @@ class AnnotatedDataset(torch.utils.data.Dataset):
             frames = read_image(entry.path)[None]
         else:
             frames, source_fps = read_video(entry.path)
-            frames = frames[resampled_indices(len(frames), source_fps, self.fps, request.num_frames, request.clip_start)]
+            frames = frames[resampled_indices(len(frames), source_fps, self.fps, request.num_frames, request.clip_start,
+                                             self.frames_per_latent)]
         height, width = nearest_bucket(frames.shape[1], frames.shape[2], self.buckets)
         return to_video_tensor(torch.from_numpy(frames), height, width)
 

@@ -25,7 +25,7 @@ def parse_args(argv=None):
     parser.add_argument("--annotations", required=True, nargs="+", help="input jsonl file(s)")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--fps", type=float, default=24)
-    parser.add_argument("--seconds", type=float, default=5.0, help="longest clip to encode (1 + 8k frames at --fps)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="longest clip to encode (1 + nk frames at --fps, n the VAE's temporal compression)")
     parser.add_argument("--buckets", default="384x640,640x384,512x512", help="HxW pixel buckets, comma separated")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default=None, help="torch device (default: accelerator if present, else cpu)")
@@ -47,10 +47,11 @@ def extract(args) -> tuple:
     base = base_checkpoint({"pretrained": args.model})
     vae = build_vae({"frozen_dtype": args.dtype}, base).to(device)
     entries, malformed = read_annotations(args.annotations)
-    dataset = AnnotatedDataset(entries, parse_buckets(args.buckets), args.fps, use_latents=False, use_text_features=False)
+    dataset = AnnotatedDataset(entries, parse_buckets(args.buckets), args.fps, vae.temporal_scale, use_latents=False,
+                               use_text_features=False)
     out = Path(args.output_dir)
     (out / "latents").mkdir(parents=True, exist_ok=True)
-    num_frames = frames_for_duration(args.seconds, args.fps)
+    num_frames = frames_for_duration(args.seconds, args.fps, vae.temporal_scale)
     records, skipped = [], malformed
     for index, entry in enumerate(entries):
         sample, error = dataset[SampleRequest(index, 0, index, num_frames, 0.0)]

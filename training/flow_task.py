@@ -39,6 +39,10 @@ class FlowTask:
         self.empty_text = load_text_features(empty) if empty else self.prompt_encoder.encode("", device=device)
 
     @property
+    def frames_per_latent(self) -> int:
+        return self.base.spec.frames_per_latent
+
+    @property
     def lora(self) -> bool:
         return bool(self.model_config.get("lora"))
 

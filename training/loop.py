@@ -81,8 +81,8 @@ class Trainer:
         if self.resume_from is not None:
             self.restore(load_training_state(self.resume_from))
         planner = BatchPlanner(annotations, config["data"], config["objective"], train["seed"], self.global_batch,
-                               self.world * self.accum)
-        dataset = AnnotatedDataset(annotations, config["data"]["buckets"], config["data"]["fps"],
+                               self.world * self.accum, self.task.frames_per_latent)
+        dataset = AnnotatedDataset(annotations, config["data"]["buckets"], config["data"]["fps"], self.task.frames_per_latent,
                                    getattr(self.task, "use_latents", False), getattr(self.task, "use_text_features", False))
         self.batches = torch.utils.data.DataLoader(
             dataset, batch_sampler=RankBatches(planner, self.rank, self.world, self.step, self.max_steps),

@@ -54,11 +54,12 @@ def balanced_bins(costs: list, num_bins: int) -> list:
 class BatchPlanner:
     """The requests of every step's global batch and their split into balanced bins."""
 
-    def __init__(self, annotations: list, data: dict, objective: dict, seed: int, global_batch: int, num_bins: int):
+    def __init__(self, annotations: list, data: dict, objective: dict, seed: int, global_batch: int, num_bins: int,
+                 frames_per_latent: int):
         if global_batch < num_bins:
             raise ValueError(f"global batch {global_batch} is smaller than processes x accumulation steps ({num_bins})")
         self.annotations, self.seed, self.global_batch, self.num_bins = annotations, seed, global_batch, num_bins
-        self.data, self.objective = data, objective
+        self.data, self.objective, self.frames_per_latent = data, objective, frames_per_latent
         images = [i for i, a in enumerate(annotations) if a.kind == "image"]
         videos = [i for i, a in enumerate(annotations) if a.kind == "video"]
         ratio = data.get("image_ratio")
@@ -85,7 +86,7 @@ class BatchPlanner:
             frames = 1
             if self.annotations[entry].kind == "video":
                 seconds = clip_seconds(self.data["clip_schedule"], step, choices.duration_fraction)
-                frames = frames_for_duration(seconds, self.data["fps"])
+                frames = frames_for_duration(seconds, self.data["fps"], self.frames_per_latent)
             requests.append(SampleRequest(entry, step, slot, frames, choices.clip_start))
         return requests
 
@@ -93,7 +94,7 @@ class BatchPlanner:
         entry = self.annotations[request.entry]
         buckets = self.data["buckets"]
         height, width = nearest_bucket(entry.height, entry.width, buckets) if entry.height and entry.width else buckets[0]
-        latent_frames = 1 + (request.num_frames - 1) // 8
+        latent_frames = 1 + (request.num_frames - 1) // self.frames_per_latent
         return sample_tokens(height // VAE_SCALE, width // VAE_SCALE, latent_frames,
                              self.choices(request.step, request.slot), self.objective.get("stages", 1))
 

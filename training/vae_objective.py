@@ -67,6 +67,10 @@ class VAETask:
             self.model.vae.quant_conv.requires_grad_(False)
         self.device = device
 
+    @property
+    def frames_per_latent(self) -> int:
+        return self.model.vae.temporal_scale
+
     def losses(self, model, samples: list, step: int) -> dict:
         losses, tokens = [], 0
         for sample in samples:

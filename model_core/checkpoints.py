@@ -59,7 +59,7 @@ class VariantSpec:
 
     @property
     def max_frames(self) -> int:
-        return 1 + self.frames_per_latent * (self.max_latent_frames - 1)
+        return self.frames(self.max_latent_frames)
 
     def frames(self, latent_frames: int) -> int:
         """Pixel frames decoded from `latent_frames` latent frames (the first latent frame holds one)."""

@@ -160,6 +160,7 @@ class PyramidFlowPipeline(DiffusionPipeline):
 
     # --- the engine -----------------------------------------------------------------------------
 
+    @torch.no_grad()  # inference: no autograd graph through the sampling loop
     def _generate(self, mode, prompt, condition_frames, *, negative_prompt=None, num_frames=None, duration=None,
                   height=None, width=None, first_frame_steps=None, video_steps=None,
                   guidance_scale=None, video_guidance_scale=None, video_guidance_decay=False, seed=None,

@@ -33,7 +33,7 @@ def test_model_card_states_recipe_time_and_figures():
         assert needed in card, needed
 
 
-@pytest.mark.parametrize("prompt, seed", [("a blue square moving left", 0)])
+@pytest.mark.parametrize("prompt, seed", [("a blue circle moving right", 0)])
 def test_cli_default_model_draws_the_prompt(tmp_path, prompt, seed):
     """No --model: a real process loads the bundled model offline and the video has the prompt's colour
     and motion (its shapes are the model's weak point: see the model card)."""

@@ -17,9 +17,8 @@ import time
 
 import torch
 
-from model_core.temporal import frames_for_duration
 from model_core.scheduler import PyramidFlowScheduler
-from model_core.temporal import token_budget
+from model_core.temporal import frames_for_duration, latent_frames, token_budget
 from model_core.transformers import PyramidFluxTransformer
 from training.objective import SampleChoices, build_column, sample_tokens
 
@@ -31,7 +30,7 @@ SMALL_MODEL = dict(in_channels=64, num_layers=2, num_single_layers=2, attention_
 def token_report(height: int, width: int, seconds: float, fps: int = 24) -> dict:
     frames = frames_for_duration(seconds, fps, 8)
     budget = token_budget(height, width, frames)
-    latent_t, latent_h, latent_w = 1 + (frames - 1) // 8, height // 8, width // 8
+    latent_t, latent_h, latent_w = latent_frames(frames, 8), height // 8, width // 8
     draws = [sample_tokens(latent_h, latent_w, latent_t, SampleChoices(k, (i + 0.5) / latent_t, 0, 0, False, 0, 0), 3)
              for i in range(latent_t) for k in range(3)]
     return {"frames": frames, "latent_frames": latent_t, **budget, "pyramid_mean_tokens": sum(draws) / len(draws)}
@@ -55,7 +54,7 @@ def time_step(model, clips, target, timestep, repeats: int) -> float:
 def step_times(height: int, width: int, seconds: float, repeats: int) -> dict:
     generator = torch.Generator().manual_seed(0)
     frames = frames_for_duration(seconds, 24, 8)
-    latents = torch.randn(1, 16, 1 + (frames - 1) // 8, height // 8, width // 8, generator=generator)
+    latents = torch.randn(1, 16, latent_frames(frames, 8), height // 8, width // 8, generator=generator)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = PyramidFluxTransformer(**SMALL_MODEL)

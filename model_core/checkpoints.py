@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 
+from .temporal import pixel_frames
+
 VAE_FOLDER = "causal_video_vae"
 SETTINGS_FILE = "pyramid_flow.json"
 
@@ -61,9 +63,9 @@ class VariantSpec:
     def max_frames(self) -> int:
         return self.frames(self.max_latent_frames)
 
-    def frames(self, latent_frames: int) -> int:
-        """Pixel frames decoded from `latent_frames` latent frames (the first latent frame holds one)."""
-        return 1 + self.frames_per_latent * (latent_frames - 1)
+    def frames(self, num_latent_frames: int) -> int:
+        """Pixel frames decoded from `num_latent_frames` latent frames."""
+        return pixel_frames(num_latent_frames, self.frames_per_latent)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from .memory import (
 )
 from .sampling import Progress, sample_video
 from .scheduler import PyramidFlowScheduler
-from .temporal import frames_for_duration
+from .temporal import frames_for_duration, latent_frames
 from .text import PROMPT_ENCODERS, PromptEmbeddings
 
 
@@ -239,14 +239,14 @@ class PyramidFlowPipeline(DiffusionPipeline):
             room = spec.max_latent_frames - new_units
             if room < 1:
                 raise ValueError(f"this model makes at most {spec.max_frames} frames in all; ask for at most {spec.max_frames - 1} new frames")
-            return min(spec.frames(1 + (len(condition_frames) - 1) // n), spec.frames(room)), new_units
+            return min(spec.frames(latent_frames(len(condition_frames), n)), spec.frames(room)), new_units
         if num_frames is None:
             num_frames = 1 if mode == "text_to_image" else spec.max_frames
         if not isinstance(num_frames, (int, np.integer)) or num_frames < 1 or (num_frames - 1) % n or num_frames > spec.max_frames:
             allowed = ", ".join(str(spec.frames(k)) for k in range(1, min(spec.max_latent_frames, 4) + 1))
             allowed += f", ..., {spec.max_frames}" if spec.max_latent_frames > 4 else ""
             raise ValueError(f"num_frames must be 1 + {n}k and at most {spec.max_frames} for this model ({allowed}); got {num_frames}")
-        units = 1 + (num_frames - 1) // n
+        units = latent_frames(num_frames, n)
         if mode == "image_to_video":
             if units < 2:
                 raise ValueError(f"image_to_video needs at least {spec.frames(2)} frames (the image plus one unit of motion)")

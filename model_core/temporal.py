@@ -5,6 +5,17 @@ from dataclasses import dataclass
 PATCH_SIZE = 2
 
 
+def latent_frames(num_frames: int, frames_per_latent: int) -> int:
+    """Latent frames the causal VAE makes of `num_frames` pixel frames: the first frame alone, then one per
+    `frames_per_latent` (its temporal compression)."""
+    return 1 + (num_frames - 1) // frames_per_latent
+
+
+def pixel_frames(num_latent_frames: int, frames_per_latent: int) -> int:
+    """Pixel frames decoded from `num_latent_frames` latent frames (the inverse of `latent_frames`)."""
+    return 1 + frames_per_latent * (num_latent_frames - 1)
+
+
 @dataclass(frozen=True)
 class HistoryClip:
     """A run of consecutive history latent frames [first, first + length) fed at one pyramid level."""
@@ -58,7 +69,7 @@ def _latent_grid(height: int, width: int, num_frames: int, vae_scale: int, vae_t
             f"num_frames must be 1 + {vae_temporal_scale}k (e.g. 1, {1 + vae_temporal_scale}, "
             f"{1 + 2 * vae_temporal_scale}, ...); got {num_frames}"
         )
-    return height // vae_scale, width // vae_scale, 1 + (num_frames - 1) // vae_temporal_scale
+    return height // vae_scale, width // vae_scale, latent_frames(num_frames, vae_temporal_scale)
 
 
 def tokens_per_frame(latent_height: int, latent_width: int, level: int, num_stages: int = 3) -> int:

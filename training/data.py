@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from model_core.media import to_video_tensor
+from model_core.temporal import latent_frames, pixel_frames
 from model_core.text import PromptEmbeddings
 
 from .atomic import write_text
@@ -104,7 +105,7 @@ def resampled_indices(num_source: int, source_fps: float, target_fps: float, num
     the video is short."""
     step = source_fps / target_fps
     available = int((num_source - 1) / step) + 1
-    num_frames = min(num_frames, 1 + frames_per_latent * ((available - 1) // frames_per_latent))
+    num_frames = min(num_frames, pixel_frames(latent_frames(available, frames_per_latent), frames_per_latent))
     first = int(start * (num_source - 1 - step * (num_frames - 1)))
     return [min(num_source - 1, round(first + step * j)) for j in range(num_frames)]
 
@@ -138,7 +139,7 @@ class AnnotatedDataset(torch.utils.data.Dataset):
         features = load_text_features(entry.text_fea) if self.use_text_features else None
         if self.use_latents:
             latent = load_file(str(entry.latent))[LATENT_KEY][None]
-            keep = 1 + (request.num_frames - 1) // self.frames_per_latent
+            keep = latent_frames(request.num_frames, self.frames_per_latent)
             return TrainingSample(request, None, latent[:, :, :keep].float(), entry.text, features)
         return TrainingSample(request, self.pixels(entry, request), None, entry.text, features)
 

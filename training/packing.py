@@ -11,7 +11,7 @@ import heapq
 import numpy as np
 import torch
 
-from model_core.temporal import frames_for_duration
+from model_core.temporal import frames_for_duration, latent_frames
 
 from .data import SampleRequest, nearest_bucket
 from .objective import draw_choices, sample_generator, sample_tokens
@@ -94,9 +94,9 @@ class BatchPlanner:
         entry = self.annotations[request.entry]
         buckets = self.data["buckets"]
         height, width = nearest_bucket(entry.height, entry.width, buckets) if entry.height and entry.width else buckets[0]
-        latent_frames = 1 + (request.num_frames - 1) // self.frames_per_latent
-        return sample_tokens(height // VAE_SCALE, width // VAE_SCALE, latent_frames,
-                             self.choices(request.step, request.slot), self.objective.get("stages", 1))
+        frames = latent_frames(request.num_frames, self.frames_per_latent)
+        return sample_tokens(height // VAE_SCALE, width // VAE_SCALE, frames, self.choices(request.step, request.slot),
+                             self.objective.get("stages", 1))
 
     def bins(self, step: int) -> list:
         """num_bins lists of requests; bin b runs on rank b % world in micro-step b // world."""

@@ -1,5 +1,5 @@
 """The evaluation runner scores a perfect generator 100% and a colour-blind one 0% on colour; the command
-samples with the model's own defaults."""
+samples with the model's own defaults and draws its pairs from the stream it is given."""
 import json
 from types import SimpleNamespace
 
@@ -9,7 +9,7 @@ import torch
 from model_core.checkpoints import SETTINGS_FILE
 from tiny_checkpoint import build_tiny_checkpoint
 from training.evaluate_shapes import evaluate, main
-from training.shapes_world import HELDOUT_STREAM, parse_prompt, render_clip, world_pairs
+from training.shapes_world import HELDOUT_STREAM, PROMPTS, TRAIN_STREAM, parse_prompt, render_clip, world_pairs
 
 
 class IdentityVAE:
@@ -76,3 +76,22 @@ def test_the_command_samples_with_the_models_defaults_unless_told(tmp_path):
     assert figures["options"] == {"first_frame_steps": [1, 1, 1], "video_steps": [1, 1, 2], "guidance_scale": 2.0,
                                   "video_guidance_scale": 1.5}
     assert figures["pairs"] == 1 and 0 <= figures["text_to_video"]["color_accuracy"] <= 1
+    assert figures["stream"] == HELDOUT_STREAM
+
+
+def test_a_tuning_stream_draws_seeds_outside_training_and_the_held_out_pairs(tmp_path, monkeypatch):
+    import training.evaluate_shapes as module
+
+    drawn = {}
+
+    def record_pairs(pipe, pairs, options, speed_runs):
+        drawn["pairs"] = pairs
+        return {}
+
+    monkeypatch.setattr(module, "evaluate", record_pairs)
+    root = build_tiny_checkpoint(tmp_path / "model")
+    assert main(["--model", str(root), "--count", "84", "--stream", "2", "--speed-runs", "0"]) == 0
+    seeds = {seed for _, seed in drawn["pairs"]}
+    assert len(seeds) == 84 and sorted({p for p, _ in drawn["pairs"]}) == sorted(PROMPTS)
+    assert not seeds & {s for _, s in world_pairs(0, TRAIN_STREAM, 840)}
+    assert not seeds & {s for _, s in world_pairs(0, HELDOUT_STREAM, 84)}

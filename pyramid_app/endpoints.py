@@ -23,6 +23,7 @@ from .video import read_image, read_video
 THUMBNAIL_SIDE = 160
 OUT_OF_MEMORY = ("Out of memory. Open Memory and try offload 'model' or 'sequential', quantization int8/nf4, "
                  "VAE tiling, or fewer frames.")
+PROGRESS_INTERVAL = 0.25  # seconds between progress-bar updates; each one is a message the browser renders
 MISSING_UPLOAD = {"image_to_video": "Upload an image to animate first.", "extend_video": "Upload a video clip to extend first."}
 
 
@@ -64,12 +65,14 @@ class Endpoints:
             options = _generation_options(controls, num_frames)
             progress(0, desc="loading model (a hub model is downloaded on first use)")
             pipe = self.pipelines.get(model, tqdm_class=tqdm)
-            frames = []
+            frames, shown = [], 0.0
             for event in run_job(pipe, Job(mode, prompt or "", condition, options), stop):
                 if not hasattr(event, "kind"):
                     result = event
                 elif event.kind == "step":
-                    progress(event.fraction, desc=progress_text(event))
+                    if time.monotonic() - shown >= PROGRESS_INTERVAL:
+                        progress(event.fraction, desc=progress_text(event))
+                        shown = time.monotonic()
                 else:
                     frames = frames + _thumbnails(event.preview)
                     yield gr.skip(), frames, f"Generating… {progress_text(event)}", str(options.seed), gr.skip()

@@ -262,3 +262,24 @@ def test_sampling_panel_starts_at_the_models_defaults_and_follows_the_menu(tmp_p
     assert [value for label, value in sliders if label.startswith("stage ")] == [3, 4, 5, 10, 10, 10]
     assert studio.model_sampling(str(root)) == [2.5, 1.5, 3, 4, 5, 10, 10, 10]
     assert studio.model_sampling("rain1011/pyramid-flow-miniflux") == [7.0, 5.0, 20, 20, 20, 10, 10, 10]
+
+
+def test_progress_updates_are_spaced_out(tiny_model, tmp_path):
+    """Every step event reaching the browser costs it a render on the cores the model uses: the handler
+    passes at most one per PROGRESS_INTERVAL on (the first step's always)."""
+    from pyramid_app.endpoints import PROGRESS_INTERVAL, Endpoints
+
+    controls = dict(model=str(tiny_model), variant="auto", dtype="float32", offload="none", quantize="none",
+                    vae_tiling=False, negative_prompt="", seed="3", guidance_scale=1, video_guidance_scale=1,
+                    **{f"{name}_stage_{stage}": 8 for name in ("first_frame_steps", "video_steps") for stage in (1, 2, 3)})
+    shown = []
+    started = time.monotonic()
+    outputs = list(Endpoints(tiny_model, tmp_path).text_to_video(
+        "a ball", 17, [], progress=lambda fraction, desc="": shown.append((time.monotonic(), desc)), **controls))
+    elapsed = time.monotonic() - started
+    steps = [desc for _, desc in shown if "step" in desc]
+    assert Path(outputs[-1][0]).is_file()
+    assert steps[0].endswith("step 1/8") and len(steps) <= elapsed / PROGRESS_INTERVAL + 1
+    assert len(steps) < 3 * 3 * 8  # three units of three stages of 8 steps each
+    times = [when for when, desc in shown if "step" in desc]
+    assert all(later - earlier >= PROGRESS_INTERVAL * 0.99 for earlier, later in zip(times, times[1:]))

@@ -65,7 +65,7 @@ class Endpoints:
             options = _generation_options(controls, num_frames)
             progress(0, desc="loading model (a hub model is downloaded on first use)")
             pipe = self.pipelines.get(model, tqdm_class=tqdm)
-            frames, shown = [], 0.0
+            frames, shown = [], float("-inf")
             for event in run_job(pipe, Job(mode, prompt or "", condition, options), stop):
                 if not hasattr(event, "kind"):
                     result = event

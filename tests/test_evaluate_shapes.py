@@ -95,3 +95,9 @@ def test_a_tuning_stream_draws_seeds_outside_training_and_the_held_out_pairs(tmp
     assert len(seeds) == 84 and sorted({p for p, _ in drawn["pairs"]}) == sorted(PROMPTS)
     assert not seeds & {s for _, s in world_pairs(0, TRAIN_STREAM, 840)}
     assert not seeds & {s for _, s in world_pairs(0, HELDOUT_STREAM, 84)}
+
+
+def test_the_training_stream_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["--model", "unused", "--stream", str(TRAIN_STREAM)])
+    assert "is not an evaluation stream" in capsys.readouterr().err

@@ -94,6 +94,14 @@ def evaluate(pipe, pairs, options: dict, speed_runs: int) -> dict:
     }
 
 
+def stream(text: str) -> int:
+    value = int(text)
+    if value < HELDOUT_STREAM:
+        raise argparse.ArgumentTypeError(f"{value} is not an evaluation stream: use {HELDOUT_STREAM} (the held-out pairs) or "
+                                         f"{HELDOUT_STREAM + 1} and up (seeds no split uses); {TRAIN_STREAM} is training's")
+    return value
+
+
 def steps(text: str) -> tuple:
     return tuple(int(s) for s in text.split(","))
 
@@ -101,11 +109,11 @@ def steps(text: str) -> tuple:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m training.evaluate_shapes", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="checkpoint folder (official layout)")
-    parser.add_argument("--count", type=int, default=len(PROMPTS), help="held-out (prompt, seed) pairs to generate")
+    parser.add_argument("--count", type=int, default=len(PROMPTS), help="(prompt, seed) pairs to generate")
     parser.add_argument("--world-seed", type=int, default=0, help="seed of the world the model was trained on")
-    parser.add_argument("--stream", type=int, default=HELDOUT_STREAM,
-                        help=f"seed stream of the pairs: {HELDOUT_STREAM} = the held-out pairs (default), {TRAIN_STREAM} = "
-                             f"training clips, {HELDOUT_STREAM + 1} and up = seeds no split uses (for tuning)")
+    parser.add_argument("--stream", type=stream, default=HELDOUT_STREAM,
+                        help=f"seed stream of the pairs: {HELDOUT_STREAM} = the held-out pairs (default), "
+                             f"{HELDOUT_STREAM + 1} and up = seeds no split uses (for tuning settings)")
     parser.add_argument("--first-frame-steps", type=steps, help="A,B,C (default: the model's)")
     parser.add_argument("--video-steps", type=steps, help="A,B,C (default: the model's)")
     parser.add_argument("--guidance-scale", type=float, help="default: the model's")

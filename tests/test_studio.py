@@ -271,7 +271,8 @@ def test_progress_updates_are_spaced_out(tiny_model, tmp_path):
 
     controls = dict(model=str(tiny_model), variant="auto", dtype="float32", offload="none", quantize="none",
                     vae_tiling=False, negative_prompt="", seed="3", guidance_scale=1, video_guidance_scale=1,
-                    **{f"{name}_stage_{stage}": 8 for name in ("first_frame_steps", "video_steps") for stage in (1, 2, 3)})
+                    **{gallery.step_control(name, stage): 8 for name in ("first_frame_steps", "video_steps")
+                       for stage in range(3)})
     shown = []
     started = time.monotonic()
     outputs = list(Endpoints(tiny_model, tmp_path).text_to_video(

@@ -94,8 +94,8 @@ class BatchPlanner:
         entry = self.annotations[request.entry]
         buckets = self.data["buckets"]
         height, width = nearest_bucket(entry.height, entry.width, buckets) if entry.height and entry.width else buckets[0]
-        frames = latent_frames(request.num_frames, self.frames_per_latent)
-        return sample_tokens(height // VAE_SCALE, width // VAE_SCALE, frames, self.choices(request.step, request.slot),
+        num_latent = latent_frames(request.num_frames, self.frames_per_latent)
+        return sample_tokens(height // VAE_SCALE, width // VAE_SCALE, num_latent, self.choices(request.step, request.slot),
                              self.objective.get("stages", 1))
 
     def bins(self, step: int) -> list:

@@ -4,6 +4,7 @@ Only safetensors and (weights_only) .bin files are read; no pickled code is ever
 """
 import json
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,10 @@ from .checkpoints import (
     transformer_folder,
     with_overrides,
 )
+
+# diffusers (accelerate's init_empty_weights) and transformers (the default dtype, init patches) change torch for
+# the whole process while they build a model; two builds in two threads can leave those changes behind for good.
+MODEL_BUILD_LOCK = threading.RLock()
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -156,7 +161,8 @@ def load_model(model_class, folder: Path, torch_dtype=torch.float32, **kwargs):
     check_weights_fit(model_class, folder)
     use_safetensors = weight_files(folder)[0].suffix == ".safetensors"
     try:
-        return model_class.from_pretrained(folder, torch_dtype=torch_dtype, use_safetensors=use_safetensors, **kwargs)
+        with MODEL_BUILD_LOCK:
+            return model_class.from_pretrained(folder, torch_dtype=torch_dtype, use_safetensors=use_safetensors, **kwargs)
     except (ValueError, RuntimeError) as error:
         if "size mismatch" in str(error) or "shape" in str(error):
             raise ValueError(f"checkpoint in {folder} does not fit its config.json: {error}") from error

@@ -3,6 +3,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
+from .loading import MODEL_BUILD_LOCK
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -16,7 +18,8 @@ def load_lora_adapter(transformer, folder, adapter_name: str = "default"):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder} is not a LoRA adapter: it lacks {name}")
     config = LoraConfig.from_pretrained(str(folder))
-    inject_adapter_in_model(config, transformer, adapter_name=adapter_name)
+    with MODEL_BUILD_LOCK:  # its new layers must not be built while another thread's load patches torch
+        inject_adapter_in_model(config, transformer, adapter_name=adapter_name)
     weights = load_file(str(folder / ADAPTER_WEIGHTS), device=str(next(transformer.parameters()).device))
     result = set_peft_model_state_dict(transformer, weights, adapter_name=adapter_name)
     if result.unexpected_keys:

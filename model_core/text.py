@@ -7,6 +7,7 @@ import torch
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
 from .checkpoints import detect_family
+from .loading import MODEL_BUILD_LOCK
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +167,8 @@ def _tokenize(tokenizer, prompts: list[str], max_length: int, name: str):
 
 
 def _load_encoder(folder: Path, model_class, torch_dtype, **kwargs) -> torch.nn.Module:
-    encoder = model_class.from_pretrained(folder, dtype=torch_dtype, use_safetensors=True, **kwargs)
+    with MODEL_BUILD_LOCK:
+        encoder = model_class.from_pretrained(folder, dtype=torch_dtype, use_safetensors=True, **kwargs)
     return encoder.eval().requires_grad_(False)
 
 

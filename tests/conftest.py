@@ -1,6 +1,7 @@
-"""Test-wide environment: offline hub, no analytics, GPU tests skip without CUDA."""
+"""Test-wide environment: offline hub, no analytics, GPU tests skip without CUDA, no model load outliving its test."""
 import os
 import sys
+import threading
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,3 +22,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _warm_up_finished():
+    """A studio loads its model on a background thread; while a load runs, diffusers builds every new module of
+    the process on the meta device, so the next test must not start before it ends."""
+    yield
+    for thread in threading.enumerate():
+        if thread.name == "pyramid-warm-up":
+            thread.join()

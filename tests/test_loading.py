@@ -136,3 +136,27 @@ def test_hub_id_resolves_through_the_hub_cache(checkpoint, tmp_path, monkeypatch
     pipe = PyramidFlowPipeline.from_pretrained(repo)
     assert pipe.checkpoint.root == snapshot
     assert pipe.text_to_image("a cube", first_frame_steps=(1, 1, 1), seed=1).frames.shape == (1, 64, 64, 3)
+
+
+def test_loads_in_parallel_threads_leave_module_construction_alone(checkpoint):
+    """diffusers and transformers patch torch process-wide while they build a model (accelerate's
+    init_empty_weights, the default dtype); two loads at once must not leave those patches behind."""
+    import threading
+
+    failures = []
+
+    def load():
+        try:
+            PyramidFlowPipeline.from_pretrained(checkpoint)
+        except Exception as error:  # reported below: a thread's exception would otherwise vanish
+            failures.append(error)
+
+    for _ in range(3):
+        threads = [threading.Thread(target=load) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert failures == []
+    layer = torch.nn.Linear(2, 2)
+    assert layer.weight.device.type == "cpu" and layer.weight.dtype == torch.float32

@@ -38,11 +38,12 @@ class Progress:
 
 
 def sample_unit(velocity: Callable, scheduler: PyramidFlowScheduler, start, history: list, unit: int,
-                steps, generator=None, on_step: Callable = None) -> torch.Tensor:
-    """Algorithm 1: integrate every stage, upsampling and renoising at each jump (Eq. 15)."""
+                steps, generator=None, on_step: Callable = None, first_stage: int = 0) -> torch.Tensor:
+    """Algorithm 1: integrate every stage from `first_stage` (whose start point, at that stage's resolution,
+    is `start`), upsampling and renoising at each jump (Eq. 15)."""
     x = start
-    for stage in range(scheduler.config.stages):
-        if stage > 0:
+    for stage in range(first_stage, scheduler.config.stages):
+        if stage > first_stage:
             scale, noise_std = scheduler.renoise_coefficients(stage)
             x = renoise_at_jump(x, scale, noise_std, generator=generator, correlation=-scheduler.config.gamma)
         scheduler.set_timesteps(steps[stage], stage_index=stage, device=x.device)

@@ -47,3 +47,18 @@ def test_cli_default_model_draws_the_prompt(tmp_path, prompt, seed):
     color, _, direction = parse_prompt(prompt)
     reading = read_clip(frames)
     assert (reading.color, reading.direction) == (color, direction)
+
+
+def test_shape_by_stage_reads_first_frames_from_each_stage_start(tmp_path):
+    """The diagnostic of benchmarks/shape_by_stage on one pair of a tuning stream: the VAE's own first frame
+    keeps its colour and shape, every start stage and every swapped shape word is sampled and read."""
+    from benchmarks import shape_by_stage
+
+    out = tmp_path / "figures.json"
+    assert shape_by_stage.main(["--model", str(MODEL), "--stream", "2", "--count", "1", "--out", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    rows = figures["first_frames"]
+    assert set(rows) == {"round trip", "from stage 0", "from stage 1", "from stage 2"}
+    assert rows["round trip"] == {"colour": 1.0, "shape": 1.0}
+    assert all(set(row) == {"colour", "shape"} and all(v in (0.0, 1.0) for v in row.values()) for row in rows.values())
+    assert sum(sum(reads.values()) for reads in figures["last_stage_shape_swaps"].values()) == 3

@@ -36,12 +36,15 @@ def stage_start(pipe, x1: torch.Tensor, stage: int, generator: torch.Generator) 
     return coupled_endpoints(x1, stage, window.start_signal, window.end_signal, noise, stages)[0]
 
 
-def first_frame_from(pipe, prompt: str, x1: torch.Tensor, stage: int, seed: int, guidance: float):
-    """The detector's reading of the first frame sampled from `stage`'s ground-truth start."""
-    generator = torch.Generator().manual_seed(seed)
+def guided_velocity(pipe, prompt: str, guidance: float):
     text = pipe.prompt_encoder.encode(prompt)
     negative = pipe.prompt_encoder.encode_negative(None, 1) if guidance > 1 else None
-    velocity = pipe._velocity(text, negative, guidance)
+    return pipe._velocity(text, negative, guidance)
+
+
+def first_frame_from(pipe, velocity, x1: torch.Tensor, stage: int, seed: int):
+    """The detector's reading of the first frame sampled from `stage`'s ground-truth start."""
+    generator = torch.Generator().manual_seed(seed)
     steps = (STEPS_PER_STAGE,) * pipe.scheduler.config.stages
     latent = sample_unit(velocity, pipe.scheduler, stage_start(pipe, x1, stage, generator), [], 0, steps,
                          generator, first_stage=stage)
@@ -57,19 +60,19 @@ def measure(pipe, pairs, guidance: float) -> dict:
         color, shape, direction = parse_prompt(prompt)
         frame = to_video_tensor(torch.from_numpy(render_clip(prompt, seed)[:1]), FRAME_SIZE, FRAME_SIZE)
         x1 = pipe._encode_video(frame)
-        round_trip = read_frame(pipe._decode(x1)[0])
-        hits["round trip", "colour"] += round_trip.color == color
-        hits["round trip", "shape"] += round_trip.shape == shape
-        seed = seed % 2**63
+        readings = {"round trip": read_frame(pipe._decode(x1)[0])}
+        velocity, seed = guided_velocity(pipe, prompt, guidance), seed % 2**63
         for stage in range(stages):
-            reading = first_frame_from(pipe, prompt, x1, stage, seed, guidance)
-            hits[f"from stage {stage}", "colour"] += reading.color == color
-            hits[f"from stage {stage}", "shape"] += reading.shape == shape
+            readings[f"from stage {stage}"] = first_frame_from(pipe, velocity, x1, stage, seed)
+        for name, reading in readings.items():
+            hits[name, "colour"] += reading.color == color
+            hits[name, "shape"] += reading.shape == shape
         for asked in SHAPES:
-            reading = first_frame_from(pipe, f"a {color} {asked} moving {direction}", x1, stages - 1, seed, guidance)
+            reading = readings[f"from stage {stages - 1}"] if asked == shape else first_frame_from(
+                pipe, guided_velocity(pipe, f"a {color} {asked} moving {direction}", guidance), x1, stages - 1, seed)
             asked_read[shape, asked, str(reading.shape)] += 1
     rows = {name: {"colour": hits[name, "colour"] / len(pairs), "shape": hits[name, "shape"] / len(pairs)}
-            for name in ["round trip"] + [f"from stage {k}" for k in range(stages)]}
+            for name in readings}
     swaps = {f"{true} asked {asked}": {read: asked_read[true, asked, read] for read in (*SHAPES, "None")
                                        if asked_read[true, asked, read]}
              for true in SHAPES for asked in SHAPES}

@@ -30,11 +30,3 @@ def test_sampling_from_the_last_stage_starts_exactly_at_the_given_point():
                       torch.Generator().manual_seed(1), first_stage=2)
     assert torch.equal(out, start)
 
-
-def test_sampling_from_stage_zero_is_plain_generation():
-    start = torch.randn(1, 4, 1, 4, 4, generator=torch.Generator().manual_seed(0))
-    velocity = lambda clips, t: 0.1 * clips[-1]  # noqa: E731
-    default = sample_unit(velocity, PyramidFlowScheduler(), start, [], 0, (2, 2, 2), torch.Generator().manual_seed(3))
-    explicit = sample_unit(velocity, PyramidFlowScheduler(), start, [], 0, (2, 2, 2), torch.Generator().manual_seed(3),
-                           first_stage=0)
-    assert default.shape == (1, 4, 1, 16, 16) and torch.equal(default, explicit)

@@ -212,3 +212,20 @@ def test_half_precision_runs(vae, latents, dtype):
     video = half.decode(latents[:, :, :2, :4, :4].to(dtype), temporal_chunk=True, window_size=1).sample
     assert video.dtype == dtype and video.shape == (1, 3, 9, 32, 32) and torch.isfinite(video).all()
     assert half.encode(video).latent_dist.mean.dtype == dtype
+
+
+def test_single_clip_convolution_matches_torch_in_value_and_gradient():
+    """A float32 CPU batch of one takes the oneDNN route (model_core.vae.causal_conv.conv3d); it must agree
+    with nn.Conv3d in the output and in every gradient, so training and inference are unchanged."""
+    layer = CausalConv3d(8, 8, 3)
+    x = torch.randn(1, 8, 5, 16, 16, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    fast = layer(x)
+    fast.square().sum().backward()
+    fast_grads = [x.grad.clone(), layer.conv.weight.grad.clone(), layer.conv.bias.grad.clone()]
+    x.grad = layer.conv.weight.grad = layer.conv.bias.grad = None
+    padded = torch.cat([x.new_zeros(1, 8, 2, 16, 16), x], dim=2)
+    reference = layer.conv(padded)
+    reference.square().sum().backward()
+    assert torch.allclose(fast, reference, atol=1e-5)
+    for got, want in zip(fast_grads, [x.grad, layer.conv.weight.grad, layer.conv.bias.grad]):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -22,6 +22,14 @@ class TimeChunk:
 FULL_VIDEO = TimeChunk(is_first=True, streaming=False)
 
 
+def conv3d(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """conv(x), with a float32 CPU batch of one sent to oneDNN: PyTorch's heuristic gives single small inputs
+    (batch x channels x frames x height <= 20480) its native conv3d, 5-17x slower on this VAE's layers."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] == 1 and torch.backends.mkldnn.is_available():
+        return torch.mkldnn_convolution(x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups)
+    return conv(x)
+
+
 def _triple(value) -> tuple:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,) * 3
 
@@ -55,7 +63,7 @@ class CausalConv3d(nn.Module):
         else:
             history = self.stream_tail
         padded = torch.cat([history, x], dim=2) if history.shape[2] else x
-        out = self.conv(padded)
+        out = conv3d(self.conv, padded)
         if chunk.streaming:
             self.stream_tail = padded[:, :, out.shape[2] * self.conv.stride[0]:].clone()
         return out

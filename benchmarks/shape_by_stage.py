@@ -19,21 +19,13 @@ import torch
 
 from model_core.media import to_video_tensor
 from model_core.pipeline import PyramidFlowPipeline
-from model_core.pyramid import coupled_endpoints, downsample, standard_normal
 from model_core.sampling import sample_unit
 from training.atomic import write_text
+from training.objective import stage_endpoints
 from training.shapes_detector import read_frame
 from training.shapes_world import FRAME_SIZE, SHAPES, parse_prompt, render_clip, world_pairs
 
 STEPS_PER_STAGE = 10
-
-
-def stage_start(pipe, x1: torch.Tensor, stage: int, generator: torch.Generator) -> torch.Tensor:
-    """The start of `stage` on x1's coupled path (Eq. 10), at that stage's resolution."""
-    stages = pipe.scheduler.config.stages
-    window = pipe.scheduler.windows[stage]
-    noise = standard_normal(downsample(x1, stages - 1 - stage).shape, generator)
-    return coupled_endpoints(x1, stage, window.start_signal, window.end_signal, noise, stages)[0]
 
 
 def guided_velocity(pipe, prompt: str, guidance: float):
@@ -46,8 +38,8 @@ def first_frame_from(pipe, velocity, x1: torch.Tensor, stage: int, seed: int):
     """The detector's reading of the first frame sampled from `stage`'s ground-truth start."""
     generator = torch.Generator().manual_seed(seed)
     steps = (STEPS_PER_STAGE,) * pipe.scheduler.config.stages
-    latent = sample_unit(velocity, pipe.scheduler, stage_start(pipe, x1, stage, generator), [], 0, steps,
-                         generator, first_stage=stage)
+    start = stage_endpoints(x1, stage, pipe.scheduler, generator)[0]
+    latent = sample_unit(velocity, pipe.scheduler, start, [], 0, steps, generator, first_stage=stage)
     return read_frame(pipe._decode(latent)[0])
 
 

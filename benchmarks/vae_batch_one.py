@@ -11,7 +11,6 @@ import statistics
 import time
 
 import numpy as np
-import torch
 
 from model_core.pipeline import PyramidFlowPipeline
 from model_core.vae import causal_conv

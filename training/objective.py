@@ -78,6 +78,14 @@ def sample_tokens(latent_height: int, latent_width: int, num_latent_frames: int,
     return history + tokens_per_frame(latent_height, latent_width, choices.stage, num_stages)
 
 
+def stage_endpoints(clean: torch.Tensor, stage: int, scheduler, generator: torch.Generator) -> tuple:
+    """(start, end) of `stage` on the clean latent's coupled path, at that stage's resolution (Eqs. 9-10)."""
+    num_stages = scheduler.config.stages
+    noise = standard_normal(downsample(clean, num_stages - 1 - stage).shape, generator, clean.device)
+    window = scheduler.windows[stage]
+    return coupled_endpoints(clean, stage, window.start_signal, window.end_signal, noise, num_stages)
+
+
 def build_column(latents: torch.Tensor, choices: SampleChoices, generator: torch.Generator, scheduler) -> Column:
     """The column of one sample from its normalised clean latents [1, C, T, H, W] (Eqs. 6, 9-11, 16)."""
     num_stages = scheduler.config.stages
@@ -86,10 +94,8 @@ def build_column(latents: torch.Tensor, choices: SampleChoices, generator: torch
     if unit:
         pyramid = latent_pyramid(latents[:, :, :unit], num_stages)
         history = [corrupt_history(c, choices.history_strength, generator) for c in history_clips(pyramid, unit, stage)]
-    current = latents[:, :, unit : unit + 1]
-    noise = standard_normal(downsample(current, num_stages - 1 - stage).shape, generator, latents.device)
     window = scheduler.windows[stage]
-    start, end = coupled_endpoints(current, stage, window.start_signal, window.end_signal, noise, num_stages)
+    start, end = stage_endpoints(latents[:, :, unit : unit + 1], stage, scheduler, generator)
     noisy = interpolate_on_path(start, end, choices.sigma)
     tokens = sum(clip.shape[2] * clip.shape[3] * clip.shape[4] // 4 for clip in [*history, noisy])
     return Column([*history, noisy], velocity_target(start, end), float(window.timestep(choices.sigma)), stage, tokens)

@@ -73,3 +73,20 @@ def test_unknown_trainable_part_is_rejected():
     config["model"] = {"pretrained": None, "trainable": "encoder"}  # refused before any checkpoint is read
     with pytest.raises(ValueError, match="model.trainable is 'encoder'"):
         VAETask(config, "cpu")
+
+
+def test_samples_coded_together_keep_the_losses_they_have_alone(tmp_path):
+    config = vae_config(reconstruction="l2", foreground_weight=5.0, kl_weight=1.0)
+    config["model"] = {"pretrained": str(build_tiny_checkpoint(tmp_path / "tiny"))}
+    task = VAETask(config, "cpu")
+    draw = torch.Generator().manual_seed(0)
+    shapes = [(1, 3, 9, 32, 32), (1, 3, 1, 32, 32), (1, 3, 9, 32, 32)]  # two shapes: two forwards
+    samples = [SimpleNamespace(pixels=torch.rand(s, generator=draw) * 2 - 1, request=SimpleNamespace(slot=slot))
+               for slot, s in enumerate(shapes)]
+    with torch.no_grad():
+        together = task.losses(task.model, samples, step=3)
+        alone = [task.losses(task.model, [s], step=3) for s in samples]
+    assert torch.allclose(together["loss"], torch.cat([a["loss"] for a in alone]), rtol=1e-5, atol=0)
+    assert together["tokens"] == sum(a["tokens"] for a in alone) == 2 * 9 * 32 * 32 + 32 * 32
+    other_step = task.losses(task.model, samples[:1], step=4)["loss"]
+    assert not torch.allclose(other_step, alone[0]["loss"])  # the posterior noise follows (seed, step, slot)

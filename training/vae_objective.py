@@ -25,9 +25,10 @@ class Autoencoding(nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, video: torch.Tensor, generator: torch.Generator):
+    def forward(self, video: torch.Tensor, generators: list):
+        """generators: one per batch element, so a sample's posterior noise does not depend on its batch."""
         posterior = self.vae.encode(video).latent_dist
-        return self.vae.decode(posterior.sample(generator)).sample, posterior.kl()
+        return self.vae.decode(posterior.sample(generators)).sample, posterior.kl()
 
 
 FOREGROUND_MARGIN = 0.1  # how far (in [-1, 1] pixel units) a pixel must be from the background to count
@@ -40,6 +41,14 @@ def foreground_weights(video: torch.Tensor, weight: float) -> torch.Tensor:
     background = video.flatten(-2).median(dim=-1).values[..., None, None]
     standing_out = (video - background).abs().amax(dim=1, keepdim=True) > FOREGROUND_MARGIN
     return 1 + weight * standing_out.to(video.dtype)
+
+
+def same_shape_groups(samples: list) -> dict:
+    """{pixel shape: indices of the samples with it}, in order: the batches one forward can take."""
+    groups = {}
+    for i, sample in enumerate(samples):
+        groups.setdefault(tuple(sample.pixels.shape), []).append(i)
+    return groups
 
 
 class VAETask:
@@ -72,15 +81,19 @@ class VAETask:
         return self.model.vae.temporal_scale
 
     def losses(self, model, samples: list, step: int) -> dict:
-        losses, tokens = [], 0
-        for sample in samples:
-            video = sample.pixels.to(self.device)
-            reconstruction, kl = model(video, sample_generator(self.seed, step, sample.request.slot))
+        """Samples of one shape are coded together (one call per shape); each keeps its own posterior noise."""
+        losses, tokens = [None] * len(samples), 0
+        for indices in same_shape_groups(samples).values():
+            video = torch.cat([samples[i].pixels for i in indices]).to(self.device)
+            generators = [sample_generator(self.seed, step, samples[i].request.slot) for i in indices]
+            reconstruction, kl = model(video, generators)
             error = self.error(reconstruction.float() - video)
             if self.foreground_weight:
                 error = error * foreground_weights(video, self.foreground_weight)
-            losses.append(error.mean() + self.kl_weight * kl.float().sum() / video.numel())
-            tokens += video[0, 0].numel()
+            per_sample = error.flatten(1).mean(dim=1) + self.kl_weight * kl.float() / video[0].numel()
+            for i, loss in zip(indices, per_sample):
+                losses[i] = loss
+            tokens += len(indices) * video[0, 0].numel()
         return {"loss": torch.stack(losses), "stage": [], "tokens": tokens}
 
     def save(self, folder, state: dict, ema_state) -> None:

@@ -88,7 +88,8 @@ class DiagonalGaussian:
         self.std = torch.exp(0.5 * self.logvar)
         self.var = torch.exp(self.logvar)
 
-    def sample(self, generator: torch.Generator = None) -> torch.Tensor:
+    def sample(self, generator=None) -> torch.Tensor:
+        """generator: one torch.Generator, or a list with one per batch element."""
         noise = randn_tensor(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
         return self.mean + self.std * noise
 

@@ -14,11 +14,11 @@ import torch
 from benchmarks.vae_batch_one import median_seconds
 from model_core.media import to_video_tensor
 from pyramid_app.settings import BUNDLED_MODEL
+from training.config import load_config
 from training.shapes_world import FRAME_SIZE, PROMPTS, render_clip
 from training.vae_objective import VAETask
 
-RECIPE = {"model": {"pretrained": str(BUNDLED_MODEL)}, "train": {"seed": 0},
-          "objective": {"kl_weight": 1e-6, "reconstruction": "l2", "foreground_weight": 20.0}}  # tiny_shapes_vae.yaml
+RECIPE = "training/configs/tiny_shapes_vae.yaml"  # its objective, applied to the bundled VAE
 
 
 def world_samples(count: int) -> list:
@@ -38,7 +38,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.vae_train_step", description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
-    task = VAETask(RECIPE, "cpu")
+    recipe = load_config(RECIPE, [f"model.pretrained={BUNDLED_MODEL}"])
+    task = VAETask(recipe, "cpu")
     samples = world_samples(2)
     one_call, per_clip = [samples], [[s] for s in samples]
     together = median_seconds(lambda: training_step(task, one_call), args.repeats)

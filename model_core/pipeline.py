@@ -124,16 +124,24 @@ class PyramidFlowPipeline(DiffusionPipeline):
             self.vae.enable_tiling()
         if offload == "model":
             self.enable_model_cpu_offload(device=device)
-        elif offload == "sequential":
-            self.enable_sequential_cpu_offload(device=device)
-        elif offload == "group":
-            self.enable_group_offload(onload_device=device, offload_type="block_level", num_blocks_per_group=1)
+        elif offload in ("sequential", "group"):
+            self._enable_layer_offload(device, offload)
         else:
             for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
                 module = getattr(self, name)
                 if module is not None and not getattr(module, "is_quantized", False):
                     module.to(device)
         self.settings_base = {"offload": offload, "quantize": quantize, "vae_tiling": vae_tiling, "dtype": str(dtype).replace("torch.", "")}
+
+    def _enable_layer_offload(self, device, offload):
+        """Weights stay on the CPU and reach the GPU a layer (`sequential`) or a block (`group`) at a time. The VAE is
+        offloaded per layer in both: it runs through encode/decode, which block-level hooks on its forward miss."""
+        from diffusers.hooks import apply_group_offloading
+
+        offload_type = "leaf_level" if offload == "sequential" else "block_level"
+        blocks = {"num_blocks_per_group": 1} if offload == "group" else {}
+        self.enable_group_offload(onload_device=device, offload_type=offload_type, exclude_modules=["vae"], **blocks)
+        apply_group_offloading(self.vae, onload_device=device, offload_type="leaf_level")
 
     # --- the four modes -------------------------------------------------------------------------
 

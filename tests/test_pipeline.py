@@ -238,6 +238,17 @@ def test_vae_tiling_option(checkpoint):
     assert pipe.text_to_video("x", num_frames=9, seed=0, **FAST).frames.shape == (9, 64, 64, 3)
 
 
+@pytest.mark.parametrize("offload", ["sequential", "group"])
+def test_layer_offload_changes_no_pixel(checkpoint, pipe, offload):
+    """The hooks of `sequential` and `group` (weights onloaded a layer or a block at a time) change where weights
+    live, not what is computed: with the CPU as onload device the video equals the plain pipeline's."""
+    offloaded = PyramidFlowPipeline.from_pretrained(checkpoint)
+    offloaded._enable_layer_offload(torch.device("cpu"), offload)
+    options = dict(num_frames=9, seed=0, **FAST)
+    assert np.array_equal(offloaded.text_to_video("a red circle", **options).frames,
+                          pipe.text_to_video("a red circle", **options).frames)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("offload", ["none", "model", "sequential", "group"])
 def test_offload_modes_on_cuda(checkpoint, offload):

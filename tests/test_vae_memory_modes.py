@@ -229,3 +229,22 @@ def test_single_clip_convolution_matches_torch_in_value_and_gradient():
     assert torch.allclose(fast, reference, atol=1e-5)
     for got, want in zip(fast_grads, [x.grad, layer.conv.weight.grad, layer.conv.bias.grad]):
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_encode_and_decode_move_an_offloaded_vae_to_its_device(video):
+    """Model offload (accelerate) moves a model when its forward runs; the pipeline calls encode and decode, so
+    both must fire the hook too, or an offloaded VAE computes on the CPU with inputs on the GPU."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    class CountCalls(ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            CountCalls.calls += 1
+            return args, kwargs
+
+    model = CausalVideoVAE.from_config(golden_cases(VAE)[0].spec()["constructor_kwargs"]).eval()
+    add_hook_to_module(model, CountCalls())
+    with torch.no_grad():
+        model.decode(model.encode(video[:, :, :9]).latent_dist.mean)
+    assert CountCalls.calls == 2

@@ -9,6 +9,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.vae import DecoderOutput
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils.accelerate_utils import apply_forward_hook
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
@@ -255,6 +256,7 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
         return run_in_tiles(code_all_frames, x, grid, self.tile_latent_size, self.tile_latent_overlap,
                             in_scale, out_scale)
 
+    @apply_forward_hook  # model offload moves the VAE to the GPU on encode/decode, not only on forward
     def encode(self, x: torch.Tensor, return_dict: bool = True, is_init_image: bool = True,
                temporal_chunk: bool = False, window_size: int = 8):
         """Video [B, 3, 1 + 8k, H, W] -> AutoencoderKLOutput(latent_dist=DiagonalGaussian).
@@ -268,6 +270,7 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
         posterior = DiagonalGaussian(moments)
         return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
 
+    @apply_forward_hook
     def decode(self, z: torch.Tensor, return_dict: bool = True, is_init_image: bool = True,
                temporal_chunk: bool = False, window_size: int = 2):
         """Latents [B, C, 1 + k, h, w] -> DecoderOutput(sample=[B, 3, 1 + 8k, 8h, 8w]), not clamped.

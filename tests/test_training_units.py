@@ -8,6 +8,7 @@ from model_core.scheduler import PyramidFlowScheduler
 from model_core.temporal import history_layout
 from training.checkpointing import latest_checkpoint, write_checkpoint
 from training.config import load_config
+from training.ema import EMA
 from training.data import Annotation, nearest_bucket, resampled_indices
 from training.objective import (
     SampleChoices,
@@ -140,3 +141,19 @@ def test_lr_warms_up_then_stays_or_falls_on_a_line():
     assert [constant(step) for step in (0, 1, 3, 10, 19)] == [0.25, 0.5, 1.0, 1.0, 1.0]
     decaying = lr_factor(warmup_steps=4, max_steps=20, final_ratio=0.2)
     assert decaying(3) == 1.0 and decaying(19) == pytest.approx(0.2) and decaying(11) == pytest.approx(0.6)
+
+
+def test_ema_follows_the_weights_to_their_device():
+    """The EMA is made before accelerate moves the model to its GPU; its averages move with the weights and are
+    saved from the CPU."""
+    model = torch.nn.Linear(2, 2)
+    ema = EMA(model.named_parameters(), decay=0.5)
+    model.to("meta")
+    ema.update(model.named_parameters())
+    assert {t.device.type for t in ema.shadow.values()} == {"meta"}
+    model = torch.nn.Linear(2, 2)
+    ema = EMA(model.named_parameters(), decay=0.5)
+    with torch.no_grad():
+        model.weight.add_(2.0)
+    ema.update(model.named_parameters())
+    assert torch.allclose(ema.state_dict()["weight"], model.weight - 1.0)

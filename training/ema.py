@@ -13,10 +13,13 @@ class EMA:
     def update(self, named_parameters) -> None:
         for name, p in named_parameters:
             if name in self.shadow:
-                self.shadow[name].lerp_(p.detach().float(), 1 - self.decay)
+                shadow = self.shadow[name]
+                if shadow.device != p.device:  # the model moved to its device after the EMA was made
+                    shadow = self.shadow[name] = shadow.to(p.device)
+                shadow.lerp_(p.detach().float(), 1 - self.decay)
 
     def state_dict(self) -> dict:
-        return {name: tensor.contiguous() for name, tensor in self.shadow.items()}
+        return {name: tensor.detach().cpu().contiguous() for name, tensor in self.shadow.items()}
 
     def load_state_dict(self, state: dict) -> None:
         missing = set(self.shadow) - set(state)

@@ -14,6 +14,7 @@ from training.shapes_world import HELDOUT_STREAM, PROMPTS, TRAIN_STREAM, parse_p
 
 class IdentityVAE:
     dtype = torch.float32
+    device = torch.device("cpu")
 
     def encode(self, video):
         return SimpleNamespace(latent_dist=SimpleNamespace(mean=video))

@@ -51,7 +51,7 @@ def vae_round_trip_frames(pipe):
     @torch.no_grad()
     def frames_of(prompt, seed):
         clip = to_video_tensor(torch.from_numpy(render_clip(prompt, seed)), FRAME_SIZE, FRAME_SIZE)
-        return to_frames(pipe.vae.decode(pipe.vae.encode(clip.to(pipe.vae.dtype)).latent_dist.mean).sample)
+        return to_frames(pipe.vae.decode(pipe.vae.encode(clip.to(pipe.vae.device, pipe.vae.dtype)).latent_dist.mean).sample)
 
     return frames_of
 
@@ -119,6 +119,7 @@ def parse_args(argv=None):
     parser.add_argument("--guidance-scale", type=float, help="default: the model's")
     parser.add_argument("--video-guidance-scale", type=float, help="default: the model's")
     parser.add_argument("--speed-runs", type=int, default=5)
+    parser.add_argument("--device", default="cpu", help="torch device to generate on, e.g. cuda (default: cpu)")
     parser.add_argument("--out", help="write the figures here as JSON")
     return parser.parse_args(argv)
 
@@ -131,7 +132,7 @@ def main(argv=None) -> int:
     from model_core.pipeline import PyramidFlowPipeline
 
     args = parse_args(argv)
-    pipe = PyramidFlowPipeline.from_pretrained(args.model, device="cpu")
+    pipe = PyramidFlowPipeline.from_pretrained(args.model, device=args.device)
     options = asdict(pipe.family.sampling.filled(first_frame_steps=args.first_frame_steps, video_steps=args.video_steps,
                                                guidance_scale=args.guidance_scale,
                                                video_guidance_scale=args.video_guidance_scale))

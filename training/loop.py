@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -61,6 +62,7 @@ class Trainer:
         self.config, self.output_dir = config, Path(output_dir)
         train, optim = config["train"], config["optim"]
         self.accum = train["gradient_accumulation_steps"]
+        AcceleratorState._reset_state()  # one bundle run trains phases of different precisions; keeps the process group
         self.accelerator = Accelerator(mixed_precision=train.get("mixed_precision") or "no",  # YAML reads `no` as false
                                        gradient_accumulation_steps=self.accum)
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index

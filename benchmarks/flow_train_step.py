@@ -13,8 +13,7 @@ from types import SimpleNamespace
 
 import torch
 
-from benchmarks.vae_batch_one import median_seconds
-from benchmarks.vae_train_step import world_samples
+from benchmarks.vae_train_step import timed_side_by_side, world_samples
 from pyramid_app.settings import BUNDLED_MODEL
 from training.config import load_config
 from training.flow_task import FlowTask
@@ -51,10 +50,8 @@ def main(argv=None) -> int:
     samples = flow_samples(task, recipe["train"]["global_batch_size"])
     float32 = contextlib.nullcontext
     bfloat16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
-    full = median_seconds(lambda: training_step(task, samples, float32), args.repeats)
-    mixed = median_seconds(lambda: training_step(task, samples, bfloat16), args.repeats)
-    full_losses, mixed_losses = training_step(task, samples, float32), training_step(task, samples, bfloat16)
-    difference = float((full_losses - mixed_losses).abs().max() / full_losses.abs().max())
+    full, mixed, difference = timed_side_by_side(lambda precision: training_step(task, samples, precision), float32,
+                                                 bfloat16, args.repeats)
     print(f"flow training step, batch {len(samples)}: float32 {full:.2f} s, bfloat16 autocast {mixed:.2f} s, "
           f"x{full / mixed:.2f}; largest relative loss difference {difference:.1e}")
     return 0

@@ -34,6 +34,15 @@ def training_step(task: VAETask, calls: list) -> torch.Tensor:
     return losses.detach()
 
 
+def timed_side_by_side(step, baseline, candidate, repeats: int) -> tuple:
+    """(median seconds of step(baseline), of step(candidate), largest loss difference relative to the baseline's)."""
+    baseline_seconds = median_seconds(lambda: step(baseline), repeats)
+    candidate_seconds = median_seconds(lambda: step(candidate), repeats)
+    baseline_losses, candidate_losses = step(baseline), step(candidate)
+    difference = float((candidate_losses - baseline_losses).abs().max() / baseline_losses.abs().max())
+    return baseline_seconds, candidate_seconds, difference
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.vae_train_step", description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -42,10 +51,8 @@ def main(argv=None) -> int:
     task = VAETask(recipe, "cpu")
     samples = world_samples(2)
     one_call, per_clip = [samples], [[s] for s in samples]
-    together = median_seconds(lambda: training_step(task, one_call), args.repeats)
-    apart = median_seconds(lambda: training_step(task, per_clip), args.repeats)
-    together_losses, apart_losses = training_step(task, one_call), training_step(task, per_clip)
-    difference = float((together_losses - apart_losses).abs().max() / apart_losses.abs().max())
+    apart, together, difference = timed_side_by_side(lambda calls: training_step(task, calls), per_clip, one_call,
+                                                     args.repeats)
     print(f"VAE training step, 2 clips of 17 frames: one call per clip {apart:.2f} s, one call {together:.2f} s, "
           f"x{apart / together:.1f}; largest relative loss difference {difference:.1e}")
     return 0

@@ -13,7 +13,8 @@ from types import SimpleNamespace
 
 import torch
 
-from benchmarks.vae_train_step import timed_side_by_side, world_samples
+from benchmarks.timing import timed_side_by_side
+from benchmarks.vae_train_step import world_samples
 from pyramid_app.settings import BUNDLED_MODEL
 from training.config import load_config
 from training.flow_task import FlowTask

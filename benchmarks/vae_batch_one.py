@@ -7,24 +7,13 @@ convs (model_core.vae.causal_conv.conv3d) send it to oneDNN instead. Both routes
 same latents; the frames must agree.
 """
 import argparse
-import statistics
-import time
 
 import numpy as np
 
+from benchmarks.timing import median_seconds
 from model_core.pipeline import PyramidFlowPipeline
 from model_core.vae import causal_conv
 from pyramid_app.settings import BUNDLED_MODEL
-
-
-def median_seconds(work, repeats: int) -> float:
-    work()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def main(argv=None) -> int:

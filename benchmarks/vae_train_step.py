@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import torch
 
-from benchmarks.vae_batch_one import median_seconds
+from benchmarks.timing import timed_side_by_side
 from model_core.media import to_video_tensor
 from pyramid_app.settings import BUNDLED_MODEL
 from training.config import load_config
@@ -32,15 +32,6 @@ def training_step(task: VAETask, calls: list) -> torch.Tensor:
     losses = torch.cat([task.losses(task.model, samples, step=0)["loss"] for samples in calls])
     losses.sum().backward()
     return losses.detach()
-
-
-def timed_side_by_side(step, baseline, candidate, repeats: int) -> tuple:
-    """(median seconds of step(baseline), of step(candidate), largest loss difference relative to the baseline's)."""
-    baseline_seconds = median_seconds(lambda: step(baseline), repeats)
-    candidate_seconds = median_seconds(lambda: step(candidate), repeats)
-    baseline_losses, candidate_losses = step(baseline), step(candidate)
-    difference = float((candidate_losses - baseline_losses).abs().max() / baseline_losses.abs().max())
-    return baseline_seconds, candidate_seconds, difference
 
 
 def main(argv=None) -> int:

@@ -1,21 +1,28 @@
 """Reads a shapes-world clip back: the subject's colour, shape and direction of motion.
 
-colour: nearest palette colour to the median of the subject's bright pixels; shape: nearest of three
-prototypes in (fill ratio of the bounding box, share of the area in the box's top half) — square
-(1, 1/2), circle (pi/4, 1/2), upright triangle (1/2, 1/4); direction: the larger axis of the centroid
-displacement from the first to the last frame, when it is at least `MIN_TRAVEL` of the frame.
+colour: nearest palette colour to the median of the subject's bright pixels; shape: of the subject's
+largest connected part, the world's shape (square, circle, upright triangle) that overlaps it most
+(intersection over union) once its box is fitted to the part, or None when none reaches `MIN_OVERLAP`;
+direction: the larger axis of the centroid displacement from the first to the last frame, when it is at
+least `MIN_TRAVEL` of the frame.
+
+The box is fitted rather than taken from the part's bounding box: a generated frame's subject has ragged
+edges and a faint trail along its motion, which widen the bounding box and leave a square filling too
+little of it — a rule on the fill of the bounding box read most generated squares as circles.
 """
-import math
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
-from .shapes_world import DIRECTIONS, PALETTE
+from .shapes_world import DIRECTIONS, PALETTE, SHAPES, box_coverage
 
 BRIGHT = 60  # a pixel whose brightest channel exceeds this belongs to the subject
 MIN_TRAVEL = 1 / 8
-SHAPE_PROTOTYPES = {"square": (1.0, 0.5), "circle": (math.pi / 4, 0.5), "triangle": (0.5, 0.25)}
+MIN_OVERLAP = 0.7  # a part no shape overlaps this well has no shape
+FIT_MARGIN = 3  # pixels a fitted box may reach beyond the part's bounding box
+SIDE_MOVES = np.concatenate([np.eye(4, dtype=int), -np.eye(4, dtype=int)])  # one pixel, one side (top, bottom, left, right)
 
 
 @dataclass(frozen=True)
@@ -41,16 +48,58 @@ def nearest_color(rgb) -> str:
     return min(PALETTE, key=lambda name: float(np.sum((np.asarray(PALETTE[name], float) - rgb) ** 2)))
 
 
+def largest_part(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected part of a boolean mask."""
+    labels = np.zeros(mask.shape, int)
+    sizes = [0]
+    for seed in zip(*np.nonzero(mask)):
+        if labels[seed]:
+            continue
+        sizes.append(0)
+        labels[seed] = len(sizes) - 1
+        queue = deque([seed])
+        while queue:
+            row, col = queue.popleft()
+            sizes[-1] += 1
+            for r in range(max(row - 1, 0), min(row + 2, mask.shape[0])):
+                for c in range(max(col - 1, 0), min(col + 2, mask.shape[1])):
+                    if mask[r, c] and not labels[r, c]:
+                        labels[r, c] = len(sizes) - 1
+                        queue.append((r, c))
+    return labels == int(np.argmax(sizes))
+
+
+def overlaps(part: np.ndarray, shape: str, boxes: np.ndarray) -> np.ndarray:
+    """Intersection over union of the part [H, W] with the shape drawn in each box [N, (top, bottom, left, right)]."""
+    top, bottom, left, right = boxes.T
+    coverage = box_coverage(shape, top, left, bottom - top, right - left, *part.shape)
+    return np.minimum(part, coverage).sum(axis=(-2, -1)) / np.maximum(part, coverage).sum(axis=(-2, -1))
+
+
+def fitted_overlap(part: np.ndarray, shape: str) -> float:
+    """The shape's best overlap with the part [H, W] (the part's bounding box plus `FIT_MARGIN` each side): its
+    box starts at the part's bounding box and moves one side by one pixel at a time while the overlap rises."""
+    box = np.array([FIT_MARGIN, part.shape[0] - FIT_MARGIN, FIT_MARGIN, part.shape[1] - FIT_MARGIN])
+    best = float(overlaps(part, shape, box[None])[0])
+    while True:
+        candidates = box + SIDE_MOVES
+        candidates = candidates[(candidates[:, 1] - candidates[:, 0] >= 2) & (candidates[:, 3] - candidates[:, 2] >= 2)
+                                & (candidates >= 0).all(axis=1) & (candidates[:, 1] <= part.shape[0]) & (candidates[:, 3] <= part.shape[1])]
+        scores = overlaps(part, shape, candidates)
+        if scores.max() <= best:
+            return best
+        best, box = float(scores.max()), candidates[int(scores.argmax())]
+
+
 def shape_of(mask: np.ndarray) -> Optional[str]:
-    rows, cols = np.nonzero(mask)
-    height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
-    if min(height, width) < 3:
+    part = largest_part(mask)
+    rows, cols = np.nonzero(part)
+    if min(np.ptp(rows), np.ptp(cols)) < 2:
         return None
-    box = mask[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
-    fill = box.sum() / box.size
-    above_midline = np.clip(height / 2 - np.arange(height), 0, 1)  # share of each row above the box's midline
-    top_share = float(box.sum(axis=1) @ above_midline) / box.sum()
-    return min(SHAPE_PROTOTYPES, key=lambda s: (fill - SHAPE_PROTOTYPES[s][0]) ** 2 + (top_share - SHAPE_PROTOTYPES[s][1]) ** 2)
+    part = np.pad(part[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1], FIT_MARGIN).astype(float)
+    fits = {shape: fitted_overlap(part, shape) for shape in SHAPES}
+    best = max(fits, key=fits.get)
+    return best if fits[best] >= MIN_OVERLAP else None
 
 
 def read_frame(frame: np.ndarray) -> FrameReading:
@@ -63,8 +112,9 @@ def read_frame(frame: np.ndarray) -> FrameReading:
 
 
 def majority(values) -> Optional[str]:
-    values = [v for v in values if v is not None]
-    return max(set(values), key=values.count) if values else None
+    """The most common reading; a tie goes to the one read first (not to the hash order of a set)."""
+    counts = Counter(v for v in values if v is not None)
+    return counts.most_common(1)[0][0] if counts else None
 
 
 def direction_between(first, last, frame_size: int) -> Optional[str]:

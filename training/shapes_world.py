@@ -59,19 +59,29 @@ def draw_motion(rng: np.random.Generator, direction: str, frame_size: int = FRAM
     return Motion(size, start_x, start_y, travel)
 
 
-def shape_coverage(shape: str, left: float, top: float, size: float, frame_size: int) -> np.ndarray:
-    """Fraction of each pixel [H, W] the shape covers, by supersampling."""
-    fine = (np.arange(frame_size * SUPERSAMPLING) + 0.5) / SUPERSAMPLING
-    u = (fine[None, :] - left) / size  # 0..1 across the shape's box
-    v = (fine[:, None] - top) / size
+def inside_shape(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Whether the points (u across, v down; 0..1 over the shape's box) lie inside the filled shape."""
     inside_box = (u >= 0) & (u <= 1) & (v >= 0) & (v <= 1)
     if shape == "square":
-        mask = inside_box
-    elif shape == "circle":
-        mask = (u - 0.5) ** 2 + (v - 0.5) ** 2 <= 0.25
-    else:  # upright triangle: apex at the top centre, base along the bottom
-        mask = inside_box & (np.abs(u - 0.5) <= v / 2)
-    return mask.reshape(frame_size, SUPERSAMPLING, frame_size, SUPERSAMPLING).mean(axis=(1, 3))
+        return inside_box
+    if shape == "circle":
+        return (u - 0.5) ** 2 + (v - 0.5) ** 2 <= 0.25
+    return inside_box & (np.abs(u - 0.5) <= v / 2)  # upright triangle: apex at the top centre, base along the bottom
+
+
+def box_coverage(shape: str, top, left, height, width, frame_height: int, frame_width: int) -> np.ndarray:
+    """Fraction of each pixel [..., H, W] the shape drawn in the box covers, by supersampling; the box's
+    numbers may be arrays of one shape [...] (one coverage per box)."""
+    top, left, height, width = (np.asarray(x, float)[..., None, None] for x in (top, left, height, width))
+    v = ((np.arange(frame_height * SUPERSAMPLING) + 0.5) / SUPERSAMPLING)[:, None]
+    u = ((np.arange(frame_width * SUPERSAMPLING) + 0.5) / SUPERSAMPLING)[None, :]
+    inside = inside_shape(shape, (u - left) / width, (v - top) / height)
+    return inside.reshape(*inside.shape[:-2], frame_height, SUPERSAMPLING, frame_width, SUPERSAMPLING).mean(axis=(-3, -1))
+
+
+def shape_coverage(shape: str, left: float, top: float, size: float, frame_size: int) -> np.ndarray:
+    """Fraction of each pixel [H, W] the shape covers, by supersampling."""
+    return box_coverage(shape, top, left, size, size, frame_size, frame_size)
 
 
 def render_clip(prompt: str, seed: int, num_frames: int = NUM_FRAMES, frame_size: int = FRAME_SIZE) -> np.ndarray:

@@ -35,8 +35,8 @@ def test_model_card_states_recipe_time_and_figures():
 
 @pytest.mark.parametrize("prompt, seed", [("a blue circle moving right", 0)])
 def test_cli_default_model_draws_the_prompt(tmp_path, prompt, seed):
-    """No --model: a real process loads the bundled model offline and the video has the prompt's colour
-    and motion (its shapes are the model's weak point: see the model card)."""
+    """No --model: a real process loads the bundled model offline and the video has the prompt's colour,
+    shape and motion."""
     out = tmp_path / "clip.mp4"
     completed = subprocess.run(
         [sys.executable, "-m", "pyramid_app", "generate", "--prompt", prompt, "--seed", str(seed), "--out", str(out),
@@ -44,9 +44,8 @@ def test_cli_default_model_draws_the_prompt(tmp_path, prompt, seed):
     assert completed.returncode == 0, completed.stderr
     frames, fps = read_video(out)
     assert frames.shape == (17, 64, 64, 3) and fps == 8
-    color, _, direction = parse_prompt(prompt)
     reading = read_clip(frames)
-    assert (reading.color, reading.direction) == (color, direction)
+    assert (reading.color, reading.shape, reading.direction) == parse_prompt(prompt)
 
 
 def test_shape_by_stage_reads_first_frames_from_each_stage_start(tmp_path):

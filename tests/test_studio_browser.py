@@ -91,8 +91,8 @@ def test_generate_shows_a_playable_video_of_the_prompt(page, studio):
     assert page.locator("#frames img").count() == 17
     assert page.locator("#seed-used textarea, #seed-used input").first.input_value() == PROMPT_SEED
     saved = max(Path(studio[1]).rglob("*.mp4"), key=lambda path: path.stat().st_mtime)
-    reading = read_clip(read_video(saved)[0])  # the bundled model draws the colour and motion asked for
-    assert (reading.color, reading.direction) == ("blue", "right")
+    reading = read_clip(read_video(saved)[0])  # the bundled model draws the colour, shape and motion asked for
+    assert (reading.color, reading.shape, reading.direction) == ("blue", "circle", "right")
     shot = page.screenshot(full_page=True)
     assert shot[:8] == b"\x89PNG\r\n\x1a\n"
     if os.environ.get("PYRAMID_UPDATE_SCREENSHOT"):  # refresh the README's picture on purpose only

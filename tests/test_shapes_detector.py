@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from training.shapes_detector import read_clip, read_frame
-from training.shapes_world import HELDOUT_STREAM, PROMPTS, parse_prompt, render_clip, world_pairs
+from training.shapes_world import DIRECTIONS, HELDOUT_STREAM, PROMPTS, parse_prompt, render_clip, world_pairs
 
 
 def test_reads_every_heldout_clip_right():
@@ -51,7 +51,7 @@ def generated_look(frame: np.ndarray, trail: tuple) -> np.ndarray:
                                     "a yellow square moving up", "a magenta triangle moving down", "a blue circle moving left"])
 def test_reads_soft_trailed_frames_by_their_shape(prompt):
     _, shape, direction = parse_prompt(prompt)
-    dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[direction]
+    dx, dy = DIRECTIONS[direction]
     frames = render_clip(prompt, 5)[::4]
     for frame in frames:
         assert read_frame(generated_look(frame, (-3 * dy, -3 * dx))).shape == shape, prompt

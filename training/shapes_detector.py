@@ -79,12 +79,12 @@ def overlaps(part: np.ndarray, shape: str, boxes: np.ndarray) -> np.ndarray:
 def fitted_overlap(part: np.ndarray, shape: str) -> float:
     """The shape's best overlap with the part [H, W] (the part's bounding box plus `FIT_MARGIN` each side): its
     box starts at the part's bounding box and moves one side by one pixel at a time while the overlap rises."""
-    box = np.array([FIT_MARGIN, part.shape[0] - FIT_MARGIN, FIT_MARGIN, part.shape[1] - FIT_MARGIN])
+    height, width = part.shape
+    box = np.array([FIT_MARGIN, height - FIT_MARGIN, FIT_MARGIN, width - FIT_MARGIN])
     best = float(overlaps(part, shape, box[None])[0])
     while True:
-        candidates = box + SIDE_MOVES
-        candidates = candidates[(candidates[:, 1] - candidates[:, 0] >= 2) & (candidates[:, 3] - candidates[:, 2] >= 2)
-                                & (candidates >= 0).all(axis=1) & (candidates[:, 1] <= part.shape[0]) & (candidates[:, 3] <= part.shape[1])]
+        candidates = np.array([(top, bottom, left, right) for top, bottom, left, right in box + SIDE_MOVES
+                               if 0 <= top < bottom - 1 and bottom <= height and 0 <= left < right - 1 and right <= width])
         scores = overlaps(part, shape, candidates)
         if scores.max() <= best:
             return best

@@ -1,6 +1,6 @@
 """Spatial pyramid vs plain flow matching on the shapes world, at equal training compute.
 
-    python -m benchmarks.pyramid_vs_plain [--work outputs/tiny_shapes/from-vae-checkpoint-3400] [--tokens 3e5]
+    python -m benchmarks.pyramid_vs_plain [--work outputs/tiny_shapes/from-vae-checkpoint-4500] [--tokens 3e5]
         [--checkpoints 4] [--count 28]
 
 Needs the base checkpoint and extracted features of a tiny-shapes run (`python -m training.launch
@@ -98,7 +98,7 @@ def svg_plot(rows: list, figures: tuple) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", default="outputs/tiny_shapes/from-vae-checkpoint-3400",
+    parser.add_argument("--work", default="outputs/tiny_shapes/from-vae-checkpoint-4500",
                         help="the tiny-shapes recipe's folder of base/ and text/ features")
     parser.add_argument("--tokens", type=float, default=3e5, help="transformer tokens each run trains on")
     parser.add_argument("--checkpoints", type=int, default=4)

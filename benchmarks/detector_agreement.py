@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
-from training.evaluate_shapes import image_to_video_frames, text_to_video_frames, write_json
+from training.evaluate_shapes import image_to_video_frames, report, text_to_video_frames
 from training.shapes_detector import read_clip
 from training.shapes_world import parse_prompt
 
@@ -62,9 +62,7 @@ def main(argv=None) -> int:
         clips = [c for c in labels["clips"] if c["task"] == task][: args.count]
         figures[task] = agreement([(parse_prompt(c["prompt"])[1], c["by_eye"], read_clip(frames_of(c["prompt"], c["seed"])).shape)
                                    for c in clips])
-    print(json.dumps(figures, indent=2))
-    if args.out:
-        write_json(args.out, figures)
+    report(figures, args.out)
     return 0
 
 

@@ -128,6 +128,13 @@ def write_json(path, figures: dict) -> None:
     write_text(path, json.dumps(figures, indent=2))
 
 
+def report(figures: dict, out=None) -> None:
+    """Print the figures as JSON, and write them to `out` too when given."""
+    print(json.dumps(figures, indent=2))
+    if out:
+        write_json(out, figures)
+
+
 def main(argv=None) -> int:
     from model_core.pipeline import PyramidFlowPipeline
 
@@ -137,10 +144,7 @@ def main(argv=None) -> int:
                                                guidance_scale=args.guidance_scale,
                                                video_guidance_scale=args.video_guidance_scale))
     pairs = world_pairs(args.world_seed, args.stream, args.count)
-    figures = {"model": str(args.model), "stream": args.stream, **evaluate(pipe, pairs, options, args.speed_runs)}
-    print(json.dumps(figures, indent=2))
-    if args.out:
-        write_json(args.out, figures)
+    report({"model": str(args.model), "stream": args.stream, **evaluate(pipe, pairs, options, args.speed_runs)}, args.out)
     return 0
 
 

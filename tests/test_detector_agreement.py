@@ -7,7 +7,7 @@ from training.shapes_world import HELDOUT_STREAM, SHAPES, world_pairs
 
 def test_labels_cover_every_heldout_pair_of_both_tasks():
     clips = json.loads(detector_agreement.LABELS.read_text())["clips"]
-    pairs = [(p, s) for p, s in world_pairs(0, HELDOUT_STREAM, 84)]
+    pairs = world_pairs(0, HELDOUT_STREAM, 84)
     for task in detector_agreement.FRAMES_OF:
         assert [(c["prompt"], c["seed"]) for c in clips if c["task"] == task] == pairs
     assert {c["by_eye"] for c in clips} == set(SHAPES)

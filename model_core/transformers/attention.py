@@ -4,14 +4,17 @@ The packed sequence is [text ; image]. A query may attend a key when the key's f
 later than the query's (text counts as frame 0) and the key is valid text or an image token.
 Image tokens are in non-decreasing frame order, so the queries split into contiguous groups
 (group 0 = all text + the oldest frame) and each group attends to a prefix of the keys: one
-SDPA call per group with a [B, 1, 1, L] key-padding mask; no L x L mask is ever built.
+attention call per group with a [B, 1, 1, L] key-padding mask; no L x L mask is ever built.
+Each call goes through diffusers' attention dispatch with the backend the attention modules
+carry (`transformer.set_attention_backend(name)`; see attention_backends.py).
 """
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+from diffusers.models.attention import AttentionModuleMixin
 from torch import nn
 
+from .attention_backends import DEFAULT_ATTENTION_BACKEND, attend_key_prefix
 from .embeddings import apply_rope
 
 
@@ -36,18 +39,18 @@ def causal_group_ends(num_text: int, frame_token_counts, causal: bool = True) ->
     return ends
 
 
-def blockwise_causal_attention(q, k, v, group_ends, key_valid) -> torch.Tensor:
+def blockwise_causal_attention(q, k, v, group_ends, key_valid, backend=DEFAULT_ATTENTION_BACKEND) -> torch.Tensor:
     """Blockwise causal attention (Sec. 3.4): query group g attends to keys [0, group_ends[g]).
 
     q, k, v: [B, heads, L, D]; key_valid: [B, L] bool. Padded-text queries see valid keys only,
     so their (unused) outputs stay finite.
     """
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # the dispatch's [B, L, heads, D]
     outputs, start = [], 0
     for end in group_ends:
-        mask = key_valid[:, None, None, :end]
-        outputs.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end], attn_mask=mask))
+        outputs.append(attend_key_prefix(q[:, start:end], k[:, :end], v[:, :end], key_valid[:, :end], backend))
         start = end
-    return torch.cat(outputs, dim=2)
+    return torch.cat(outputs, dim=1).transpose(1, 2)
 
 
 def dense_block_causal_mask(frame_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -83,18 +86,31 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).flatten(2)
 
 
-def attend(q, k, v, layout: AttentionLayout) -> torch.Tensor:
-    """Rotary positions then blockwise causal attention; [B, heads, L, D] -> [B, L, heads·D]."""
-    if layout.rope is not None:
-        q, k = apply_rope(q, *layout.rope), apply_rope(k, *layout.rope)
-    return merge_heads(blockwise_causal_attention(q, k, v, layout.group_ends, layout.key_valid))
+class BlockwiseCausalAttnProcessor:
+    """Rotary positions then blockwise causal attention; [B, heads, L, D] -> [B, L, heads·D].
+
+    Holds the attention backend the way diffusers' processors do (`_attention_backend`, None =
+    native SDPA), so `ModelMixin.set_attention_backend` / `reset_attention_backend` reach it.
+    """
+
+    def __init__(self):
+        self._attention_backend = None
+
+    def __call__(self, q, k, v, layout: AttentionLayout) -> torch.Tensor:
+        if layout.rope is not None:
+            q, k = apply_rope(q, *layout.rope), apply_rope(k, *layout.rope)
+        backend = getattr(self._attention_backend, "value", self._attention_backend) or DEFAULT_ATTENTION_BACKEND
+        return merge_heads(blockwise_causal_attention(q, k, v, layout.group_ends, layout.key_valid, backend))
 
 
-class SelfAttention(nn.Module):
+class SelfAttention(nn.Module, AttentionModuleMixin):
     """q/k/v projections with per-head RMS qk-norm over one stream (the single-stream block's attention)."""
+
+    _supports_qkv_fusion = False
 
     def __init__(self, dim: int, heads: int, qk_eps: float):
         super().__init__()
+        self.processor = BlockwiseCausalAttnProcessor()
         self.heads = heads
         self.norm_q = RMSNorm(dim // heads, eps=qk_eps)
         self.norm_k = RMSNorm(dim // heads, eps=qk_eps)
@@ -108,7 +124,7 @@ class SelfAttention(nn.Module):
         return self.norm_q(q), self.norm_k(k), v
 
     def forward(self, x: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
-        return attend(*self.project(x), layout)
+        return self.processor(*self.project(x), layout)
 
 
 class JointAttention(SelfAttention):
@@ -144,7 +160,7 @@ class JointAttention(SelfAttention):
     def forward(self, image: torch.Tensor, text: torch.Tensor, layout: AttentionLayout):
         """Returns (image output, text output); the text output is None for a context-pre-only block."""
         heads = [torch.cat(pair, dim=2) for pair in zip(self.project_text(text), self.project(image))]
-        out = attend(*heads, layout)
+        out = self.processor(*heads, layout)
         text_out, image_out = out[:, : text.shape[1]], out[:, text.shape[1] :]
         image_out = self.to_out[1](self.to_out[0](image_out))
         return image_out, None if self.to_add_out is None else self.to_add_out(text_out)

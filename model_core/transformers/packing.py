@@ -14,6 +14,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 
 from .attention import AttentionLayout, causal_group_ends
+from .attention_backends import check_attention_backend
 from .embeddings import PATCH, clip_positions, unpatchify
 
 
@@ -111,6 +112,11 @@ class PyramidTransformer(ModelMixin, ConfigMixin):
                 raise ValueError(
                     f"`{name}` must have shape {expected} to match encoder_hidden_states; got {tuple(got)}."
                 )
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Route every blockwise causal attention call through `backend` (see attention_backends.py);
+        a backend whose package is missing is refused with a ValueError naming the installed ones."""
+        super().set_attention_backend(check_attention_backend(backend))
 
     def call_block(self, block, index: int, num_blocks: int, *args):
         """Run a block, through activation checkpointing for the first `gradient_checkpointing_ratio` of them."""

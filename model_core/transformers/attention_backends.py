@@ -1,0 +1,93 @@
+"""Attention backends for the blockwise causal attention, through diffusers' attention dispatch.
+
+Each causal query group attends to a prefix of the keys (Sec. 3.4) in which padded text keys
+must be ignored. How that key-padding is honoured depends on the kernel:
+
+- `native` and `flex` take a boolean key mask [B, 1, 1, L_k];
+- `flash_varlen` and `sage_varlen` read a key mask only as per-row valid lengths of a key
+  prefix, so the keys are reordered valid-first (attention does not depend on key order) and
+  the mask becomes such a prefix;
+- `flash` and `sage` take no mask at all, so each row attends to its valid keys only, one call
+  per batch row when the rows' text lengths differ.
+
+Every style computes the same attention; only rounding differs between kernels.
+"""
+import torch
+from diffusers.models import attention_dispatch
+from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
+
+DEFAULT_ATTENTION_BACKEND = "native"
+MASK_STYLES = {  # backend -> how the key-padding mask reaches the kernel (see the module docstring)
+    "native": "mask",
+    "flex": "mask",
+    "flash": "compact",
+    "sage": "compact",
+    "flash_varlen": "prefix",
+    "sage_varlen": "prefix",
+}
+CUDA_ONLY = {"flash", "flash_varlen", "sage", "sage_varlen"}
+HALF_PRECISION_ONLY = {"flash", "flash_varlen", "sage", "sage_varlen"}
+
+
+def installed_attention_backends() -> list:
+    """The offered backends whose packages are installed here (device aside)."""
+    packages = {
+        "native": True,
+        "flex": attention_dispatch._CAN_USE_FLEX_ATTN,
+        "flash": attention_dispatch._CAN_USE_FLASH_ATTN,
+        "flash_varlen": attention_dispatch._CAN_USE_FLASH_ATTN,
+        "sage": attention_dispatch._CAN_USE_SAGE_ATTN,
+        "sage_varlen": attention_dispatch._CAN_USE_SAGE_ATTN,
+    }
+    return [name for name in MASK_STYLES if packages[name]]
+
+
+def usable_attention_backends(device=None, dtype=None) -> list:
+    """Installed backends that also run on `device` with `dtype` (CUDA half precision for flash / sage)."""
+    names = installed_attention_backends()
+    if device is not None and torch.device(device).type != "cuda":
+        names = [name for name in names if name not in CUDA_ONLY]
+    if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
+        names = [name for name in names if name not in HALF_PRECISION_ONLY]
+    return names
+
+
+def check_attention_backend(name, device=None, dtype=None) -> str:
+    """The canonical backend name (`flash-varlen` is accepted for `flash_varlen`), or a ValueError that
+    says what is usable here."""
+    canonical = str(name).strip().lower().replace("-", "_")
+    usable = usable_attention_backends(device, dtype)
+    if canonical not in usable:
+        where = " on this device" if device is not None else ""
+        why = ""
+        if canonical in installed_attention_backends():
+            why = " (it needs a CUDA GPU and float16 or bfloat16 weights)"
+        elif canonical in MASK_STYLES:
+            why = " (its package is not installed)"
+        raise ValueError(
+            f"attention_backend {name!r} is not available{why}; usable{where}: {', '.join(usable)}."
+        )
+    return canonical
+
+
+def attend_key_prefix(q, k, v, key_valid, backend: str = DEFAULT_ATTENTION_BACKEND, style: str = None):
+    """Attention of queries q [B, Lq, heads, D] to keys/values [B, Lk, heads, D] whose `key_valid` [B, Lk] is True.
+
+    `style` defaults to the backend's (MASK_STYLES); tests pass another to check a style with the native kernel.
+    """
+    kernel = AttentionBackendName(backend)
+    style = style or MASK_STYLES.get(backend, "mask")
+    if style == "mask":
+        return dispatch_attention_fn(q, k, v, attn_mask=key_valid[:, None, None, :], backend=kernel)
+    if style == "prefix":
+        order = torch.argsort(~key_valid, dim=1, stable=True)  # valid keys first, in their order
+        gather = order[:, :, None, None].expand_as(k)
+        mask = key_valid.gather(1, order)
+        return dispatch_attention_fn(q, k.gather(1, gather), v.gather(1, gather), attn_mask=mask, backend=kernel)
+    if bool(key_valid.all()):
+        return dispatch_attention_fn(q, k, v, backend=kernel)
+    rows = [
+        dispatch_attention_fn(q[row : row + 1], k[row : row + 1, valid], v[row : row + 1, valid], backend=kernel)
+        for row, valid in enumerate(key_valid)
+    ]
+    return torch.cat(rows)

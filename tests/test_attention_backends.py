@@ -1,0 +1,108 @@
+"""Attention backends: every key-padding style and CPU backend equals native SDPA; set_attention_backend
+really changes the kernel the transformer calls."""
+import pytest
+import torch
+from diffusers.models import attention_dispatch
+from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+from model_core.transformers.attention import blockwise_causal_attention, causal_group_ends
+from model_core.transformers.attention_backends import (
+    attend_key_prefix,
+    check_attention_backend,
+    installed_attention_backends,
+    usable_attention_backends,
+)
+from tests.test_transformer_behaviour import TINY, pyramid_column, randn, text_inputs, tiny_model, velocity
+
+CPU_BACKENDS = usable_attention_backends("cpu", torch.float32)
+
+
+def padded_keys(rows=2, length=19, heads=2, dim=8):
+    """q/k/v in the dispatch layout [B, L, heads, D]; row 0 has three padded text keys in the middle."""
+    q = randn(rows, 7, heads, dim, seed=1)
+    k, v = (randn(rows, length, heads, dim, seed=s) for s in (2, 3))
+    valid = torch.ones(rows, length, dtype=torch.bool)
+    valid[0, 2:5] = False
+    return q, k, v, valid
+
+
+@pytest.mark.parametrize("style", ["prefix", "compact"])
+def test_each_key_padding_style_equals_the_masked_call(style):
+    q, k, v, valid = padded_keys()
+    masked = attend_key_prefix(q, k, v, valid, "native", style="mask")
+    torch.testing.assert_close(attend_key_prefix(q, k, v, valid, "native", style=style), masked, atol=1e-6, rtol=1e-5)
+
+
+def test_padded_keys_change_nothing_in_the_masked_call():
+    q, k, v, valid = padded_keys()
+    scrambled_k, scrambled_v = k.clone(), v.clone()
+    scrambled_k[0, 2:5], scrambled_v[0, 2:5] = 100.0, -100.0
+    torch.testing.assert_close(attend_key_prefix(q, scrambled_k, scrambled_v, valid), attend_key_prefix(q, k, v, valid))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_cpu_backend_equals_native_blockwise_attention(backend):
+    frame_tokens, num_text = [3, 3, 5, 7], 4
+    length = num_text + sum(frame_tokens)
+    valid = torch.ones(2, length, dtype=torch.bool)
+    valid[0, 2:num_text] = False
+    q, k, v = (randn(2, 2, length, 8, seed=s) for s in range(3))
+    ends = causal_group_ends(num_text, frame_tokens)
+    native = blockwise_causal_attention(q, k, v, ends, valid)
+    torch.testing.assert_close(blockwise_causal_attention(q, k, v, ends, valid, backend), native, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", sorted(TINY))
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_transformer_with_each_cpu_backend_equals_native(kind, backend):
+    model = tiny_model(kind)
+    clips, inputs = pyramid_column(), text_inputs(model, 2)
+    with torch.no_grad():
+        native = velocity(model, clips, inputs)
+        model.set_attention_backend(backend)
+        chosen = velocity(model, clips, inputs)
+    torch.testing.assert_close(chosen, native, atol=1e-5, rtol=0)
+
+
+def counting(monkeypatch, name):
+    """Replace the dispatch's kernel for backend `name` by a counting wrapper; returns the call list."""
+    key = AttentionBackendName(name)
+    kernel, calls = _AttentionBackendRegistry._backends[key], []
+
+    def counted(**kwargs):
+        calls.append(kwargs["query"].shape)
+        return kernel(**kwargs)
+
+    monkeypatch.setitem(_AttentionBackendRegistry._backends, key, counted)
+    return calls
+
+
+@pytest.mark.skipif("flex" not in CPU_BACKENDS, reason="flex attention is not available in this torch")
+def test_set_attention_backend_changes_the_called_kernel(monkeypatch):
+    model = tiny_model("flux")  # one dual- and one single-stream block: two attention layers
+    clips, inputs = pyramid_column(), text_inputs(model, 2)
+    native_calls, flex_calls = counting(monkeypatch, "native"), counting(monkeypatch, "flex")
+    groups = 2 + 1 + 1  # the quarter-res history has 2 frames, then the half-res frame, then the current unit
+    with torch.no_grad():
+        velocity(model, clips, inputs)
+        assert (len(native_calls), len(flex_calls)) == (2 * groups, 0)
+        model.set_attention_backend("flex")
+        velocity(model, clips, inputs)
+        assert (len(native_calls), len(flex_calls)) == (2 * groups, 2 * groups)
+        model.reset_attention_backend()
+        velocity(model, clips, inputs)
+    assert (len(native_calls), len(flex_calls)) == (4 * groups, 2 * groups)
+
+
+def test_unavailable_backend_is_refused_with_the_usable_ones(monkeypatch):
+    model = tiny_model("mmdit")
+    missing = "sage" if "sage" not in installed_attention_backends() else "flash"
+    with pytest.raises(ValueError, match="not installed.*usable: native"):
+        model.set_attention_backend(missing)
+    with pytest.raises(ValueError, match="usable: native"):
+        check_attention_backend("nonsense")
+    monkeypatch.setattr(attention_dispatch, "_CAN_USE_FLASH_ATTN", True)
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        check_attention_backend("flash-varlen", "cpu", torch.bfloat16)
+    assert check_attention_backend("flash-varlen") == "flash_varlen"
+    assert check_attention_backend("Native", "cpu", torch.float32) == "native"

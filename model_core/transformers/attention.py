@@ -25,6 +25,7 @@ class AttentionLayout:
     group_ends: list  # exclusive end (in the packed sequence) of each query group
     key_valid: torch.Tensor  # [B, L] bool: valid text and all image tokens
     rope: tuple = None  # (cos, sin) [L, head_dim/2] or None
+    context: object = None  # a model_core.parallel.UlyssesContext when ranks share the sequence
 
 
 def causal_group_ends(num_text: int, frame_token_counts, causal: bool = True) -> list:
@@ -91,16 +92,20 @@ class BlockwiseCausalAttnProcessor:
 
     Holds the attention backend the way diffusers' processors do (`_attention_backend`, None =
     native SDPA), so `ModelMixin.set_attention_backend` / `reset_attention_backend` reach it.
+    Under context parallel the ranks first swap sequence for heads (Ulysses) and swap back after.
     """
 
     def __init__(self):
         self._attention_backend = None
 
     def __call__(self, q, k, v, layout: AttentionLayout) -> torch.Tensor:
+        if layout.context is not None:
+            q, k, v = (layout.context.to_heads(x) for x in (q, k, v))
         if layout.rope is not None:
             q, k = apply_rope(q, *layout.rope), apply_rope(k, *layout.rope)
         backend = getattr(self._attention_backend, "value", self._attention_backend) or DEFAULT_ATTENTION_BACKEND
-        return merge_heads(blockwise_causal_attention(q, k, v, layout.group_ends, layout.key_valid, backend))
+        out = blockwise_causal_attention(q, k, v, layout.group_ends, layout.key_valid, backend)
+        return merge_heads(out if layout.context is None else layout.context.to_sequence(out))
 
 
 class SelfAttention(nn.Module, AttentionModuleMixin):

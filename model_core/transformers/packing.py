@@ -74,6 +74,7 @@ class PyramidTransformer(ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = True
+    context_parallel = None  # a model_core.parallel.UlyssesContext: this rank keeps a slice of the sequence
     _skip_layerwise_casting_patterns = ["pos_embed", "norm"]
 
     def check_columns(self, columns, rows: int):
@@ -144,7 +145,13 @@ class PyramidTransformer(ModelMixin, ConfigMixin):
         """Velocity [B, C, T, H, W] of the current unit (the last clip) of one column."""
         grids = [clip_grid(clip) for clip in clips]
         layout = self.attention_layout(text_valid, grids)
-        image = self.run_blocks(self.embed_clips(clips, grids), text, temb, layout)
+        image = self.embed_clips(clips, grids)
+        context = self.context_parallel
+        if context is not None:
+            text, image, layout = context.shard(text, image, layout)
+        image = self.run_blocks(image, text, temb, layout)
+        if context is not None:
+            image = context.gather(image)
         current = grids[-1]
         tokens = self.proj_out(self.norm_out(image[:, -current.tokens :], temb))
         return unpatchify(tokens, *current)

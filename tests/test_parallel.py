@@ -1,0 +1,90 @@
+"""Several processes, one generation: context parallel (Ulysses) and guidance parallel equal one process."""
+import pytest
+import torch
+import torch.distributed as dist
+
+from distributed import run_ranks
+from tiny_checkpoint import build_tiny_checkpoint
+
+
+def _transformer(root, family):
+    from model_core.checkpoints import transformer_folder
+    from model_core.transformers import PyramidFluxTransformer, PyramidMMDiT
+
+    model_class = PyramidMMDiT if family == "sd3" else PyramidFluxTransformer
+    return model_class.from_pretrained(root / transformer_folder("384p")).eval()
+
+
+def _transformer_inputs(transformer):
+    """A pyramid column whose text (7 tokens, 2 padded) and image (1 + 4 + 16 tokens) do not split evenly over 2 ranks."""
+    generator = torch.Generator().manual_seed(1)
+    channels = transformer.latent_channels
+    history = [torch.randn(2, channels, 1, 2, 2, generator=generator), torch.randn(2, channels, 1, 4, 4, generator=generator)]
+    current = torch.randn(2, channels, 1, 8, 8, generator=generator)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[:, 5:] = 0
+    return dict(
+        sample=[*history, current],
+        encoder_hidden_states=torch.randn(2, 7, transformer.config.joint_attention_dim, generator=generator),
+        encoder_attention_mask=mask,
+        pooled_projections=torch.randn(2, transformer.config.pooled_projection_dim, generator=generator),
+        timestep=torch.tensor([900.0, 300.0]),
+        return_dict=False,
+    )
+
+
+def _context_parallel_forward(rank, roots, out):
+    from model_core.parallel import enable_parallelism
+
+    results = {}
+    for family, root in roots.items():
+        transformer = _transformer(root, family)
+        inputs = _transformer_inputs(transformer)
+        with torch.no_grad():
+            single = transformer(**inputs)[0][0]
+            engine = enable_parallelism(transformer, {"guidance": 1, "context": 2})
+            parallel = transformer(**inputs)[0][0]
+        assert engine.settings() == {"world_size": 2, "guidance": 1, "context": 2}
+        assert (engine.context.text_slice, engine.context.image_slice) == (4, 11)  # 7 -> 8 and 21 -> 22 tokens
+        results[family] = {"single": single, "parallel": parallel}
+    if rank == 0:
+        torch.save(results, out)
+
+
+def test_context_parallel_forward_equals_one_process(tmp_path):
+    roots = {family: build_tiny_checkpoint(tmp_path / family, family) for family in ("miniflux", "sd3")}
+    out = tmp_path / "velocity.pt"
+    run_ranks(_context_parallel_forward, 2, tmp_path, roots, out, timeout=180)
+    for family, result in torch.load(out, weights_only=True).items():
+        assert result["single"].shape == (2, 4, 1, 8, 8), family
+        assert result["single"].abs().max() > 0.1, family
+        assert (result["parallel"] - result["single"]).abs().max() <= 1e-5, family
+
+
+@pytest.mark.parametrize("parallel, world_size, expected", [
+    ("auto", 4, (2, 2)), ("auto", 3, (1, 3)), ({"guidance": 2}, 2, (2, 1)), ({"context": 2}, 2, (1, 2)),
+])
+def test_layouts_resolve_to_guidance_times_context(parallel, world_size, expected):
+    from model_core.parallel import as_config
+
+    config = as_config(parallel, world_size)
+    assert (config.guidance, config.context) == expected
+
+
+@pytest.mark.parametrize("parallel, message", [
+    ({"guidance": 3}, "1 or 2 ranks"), ({"guidance": 2, "context": 3}, "must equal the world size 4"),
+    ({"ring": 2}, "'guidance' and 'context'"), ("fast", "'auto', a dict"),
+])
+def test_bad_layouts_are_explained(parallel, message):
+    from model_core.parallel import as_config
+
+    with pytest.raises(ValueError, match=message):
+        as_config(parallel, 4)
+
+
+def test_parallelism_needs_a_process_group():
+    from model_core.parallel import Parallelism
+
+    assert not dist.is_initialized()
+    with pytest.raises(ValueError, match="torchrun"):
+        Parallelism("auto", torch.device("cpu"))

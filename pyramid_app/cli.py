@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .job_queue import JobQueue, run_jobs
+from .queue_runner import Stopped, generate_job, model_options, queued_jobs_from_request, seeded_job
 from .settings import (
     DEVICES,
     DTYPES,
@@ -60,6 +62,7 @@ class Request:
     condition: np.ndarray  # the --image or --extend frames, else None
     model: ModelOptions
     options: GenerationOptions
+    source: Path = None  # the --image or --extend file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,7 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--quantize", choices=QUANTIZE_MODES, default="none", help="store weights in fewer bits")
     model.add_argument("--vae-tiling", action="store_true", help="decode in tiles to save memory")
     model.add_argument("--lora", metavar="FOLDER", help="apply a LoRA adapter trained with training/configs/lora.yaml")
+    generate.add_argument("--save-queue", type=Path, metavar="QUEUE_FILE",
+                          help="add the job(s) to this queue file instead of generating (run it with run-queue)")
     generate.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+    run_queue = commands.add_parser("run-queue", help="run a saved queue; finished jobs are skipped, so it resumes")
+    run_queue.add_argument("queue_file", type=Path, metavar="QUEUE_FILE",
+                           help="a queue saved by the studio (Export) or by generate --save-queue")
+    run_queue.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return parser
 
 
@@ -125,7 +135,7 @@ def plan(args) -> Request:
     model.check_device_available()
     model_source(model.model)
     condition = read_image(args.image) if args.image else read_video(args.extend)[0] if args.extend else None
-    return Request(mode, jobs, condition, model, options)
+    return Request(mode, jobs, condition, model, options, args.image or args.extend)
 
 
 def _mode(args) -> str:
@@ -178,6 +188,52 @@ def load_pipeline(model: ModelOptions):
     from model_core import PyramidFlowPipeline
 
     return PyramidFlowPipeline.from_pretrained(model_source(model.model), **model.to_load_kwargs())
+
+
+def save_queue(request: Request, path: Path) -> int:
+    """Append the request's jobs to a queue file (created if missing) for `run-queue`; no model loads."""
+    queue = JobQueue(path)
+    for job in queued_jobs_from_request(request, path.parent):
+        queue.add(job)
+    print(f"{path}\t{len(request.jobs)} job(s) added, {queue.counts()['pending']} pending", flush=True)
+    return 0
+
+
+def run_queue(path: Path, quiet: bool = False) -> int:
+    """Run a saved queue's pending jobs in order, each model loaded once per run of jobs that share it;
+    every job's state is saved as it changes, so a crashed run resumes where it stopped."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no such queue file: {path}")
+    report = (lambda message: None) if quiet else _stderr_line
+    if quiet:
+        _silence_library_progress_bars()
+    queue = JobQueue(path)
+    loaded = {}
+
+    def run_one(job):
+        job = seeded_job(queue, job)
+        model = model_options(job)
+        if model not in loaded:
+            loaded.clear()
+            report("loading model ...")
+            loaded[model] = load_pipeline(model)
+        report(f"job {job.id}: {job.mode.replace('_', ' ')}, seed {job.options['seed']}")
+        with _stop_on_ctrl_c() as stop:
+            out = generate_job(loaded[model], job, path.parent, save, callback=None if quiet else ProgressPrinter(),
+                               previews=False, interrupt=stop)
+        print(f"{out}\tseed={job.options['seed']}", flush=True)
+        return out
+
+    try:
+        counts = run_jobs(queue, run_one, USER_ERRORS)
+    except Stopped as stopped:
+        report(f"interrupted: {stopped}; run-queue again to redo that job")
+        return EXIT_INTERRUPTED
+    for job in queue.jobs:
+        if job.state == "failed":
+            report(f"job {job.id} failed: {job.error}")
+    report(f"{counts['done']} done, {counts['failed']} failed, {counts['pending']} pending")
+    return EXIT_FAILED if counts["failed"] else 0
 
 
 def run(request: Request, quiet: bool = False) -> int:
@@ -269,6 +325,10 @@ def _first_line(error: BaseException) -> str:
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if args.command == "run-queue":
+            return run_queue(args.queue_file, quiet=args.quiet)
+        if args.save_queue is not None:
+            return save_queue(plan(args), args.save_queue)
         return run(plan(args), quiet=args.quiet)
     except USER_ERRORS as error:
         _stderr_line(f"error: {_first_line(error)}")

@@ -248,3 +248,36 @@ def test_encode_and_decode_move_an_offloaded_vae_to_its_device(video):
     with torch.no_grad():
         model.decode(model.encode(video[:, :, :9]).latent_dist.mean)
     assert CountCalls.calls == 2
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("split", [(1, 1, 1), (2, 1), (1, 2)])
+def test_streamed_decode_unit_by_unit_equals_one_decode(vae, latents, full_video, split):
+    """The pipeline decodes each unit as it finishes; the convs' caches carry over between calls."""
+    stream = vae.start_decode_stream()
+    parts, first = [], 0
+    for size in split:
+        parts.append(vae.decode_stream(latents[:, :, first : first + size], stream))
+        first += size
+    assert [p.shape[2] for p in parts] == [1 + 8 * (size - 1) if i == 0 else 8 * size for i, size in enumerate(split)]
+    assert max_error(torch.cat(parts, dim=2), full_video) <= ATOL
+    assert all(m.stream_tail is None for m in vae.modules() if isinstance(m, CausalConv3d))  # state lives in the stream
+
+
+@torch.no_grad()
+def test_streamed_decode_with_tiling_equals_tiled_decode(vae, latents, tiling):
+    whole = vae.decode(latents).sample
+    stream = vae.start_decode_stream()
+    parts = [vae.decode_stream(latents[:, :, unit : unit + 1], stream) for unit in range(latents.shape[2])]
+    assert max_error(torch.cat(parts, dim=2), whole) <= ATOL
+
+
+@torch.no_grad()
+def test_two_streams_do_not_share_caches(vae, latents, full_video):
+    one, two = vae.start_decode_stream(), vae.start_decode_stream()
+    a0 = vae.decode_stream(latents[:, :, :1], one)
+    b0 = vae.decode_stream(latents[:, :, :1], two)
+    a1 = vae.decode_stream(latents[:, :, 1:], one)
+    b1 = vae.decode_stream(latents[:, :, 1:], two)
+    assert torch.equal(a0, b0) and torch.equal(a1, b1)
+    assert max_error(torch.cat([a0, a1], dim=2), full_video) <= ATOL

@@ -15,6 +15,7 @@ from torch import nn
 
 from .blocks import CausalGroupNorm, DownEncoderBlockCausal3D, MidBlockCausal3D, UpDecoderBlockCausal3D
 from .causal_conv import FULL_VIDEO, CausalConv3d, TimeChunk
+from .streaming import DecodeStream
 from .tiling import run_in_tiles, run_in_time_chunks
 
 CODER_TYPE = "causal_vae_conv"
@@ -282,6 +283,17 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
         self._check_call(is_init_image, window_size, 1)
         video = self._code(self._decode_chunk, z, temporal_chunk, window_size, 1, self.spatial_scale)
         return DecoderOutput(sample=video) if return_dict else (video,)
+
+    def start_decode_stream(self) -> DecodeStream:
+        """A stream for `decode_stream`: decode a video unit by unit as its latents are made."""
+        return DecodeStream(self)
+
+    @apply_forward_hook
+    def decode_stream(self, z: torch.Tensor, stream: DecodeStream) -> torch.Tensor:
+        """The next latent frames of a streamed video -> their pixel frames, equal to the matching frames of one
+        `decode` of all the latents; the first call starts the video (its first latent frame gives one frame)."""
+        self._check_latents(z)
+        return stream.decode(self, z)
 
     def forward(self, sample: torch.Tensor, sample_posterior: bool = False, generator: torch.Generator = None,
                 return_dict: bool = True):

@@ -21,7 +21,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     pipe = PyramidFlowPipeline.from_pretrained(BUNDLED_MODEL, device="cpu")
-    latents = pipe.text_to_video("a red circle moving right", seed=0, num_frames=17, output_type="latents").latents
+    latents = pipe.text_to_video("a red circle moving right", seed=0, num_frames=17, output_type="latent").latents
     routed = median_seconds(lambda: pipe._decode(latents), args.repeats)
     frames = pipe._decode(latents)
     onednn_route = causal_conv.conv3d

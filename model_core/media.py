@@ -28,7 +28,9 @@ def to_video_tensor(frames: torch.Tensor, height: int, width: int, device=None, 
     return video.permute(1, 0, 2, 3).unsqueeze(0).to(dtype)
 
 
-def to_frames(video: torch.Tensor) -> np.ndarray:
-    """[1, 3, T, H, W] in [-1, 1] -> uint8 numpy [T, H, W, 3]."""
-    pixels = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+def to_frames(video: torch.Tensor, truncate: bool = False) -> np.ndarray:
+    """[1, 3, T, H, W] in [-1, 1] -> uint8 numpy [T, H, W, 3], rounded to the nearest level (or truncated towards
+    zero, as the authors' implementation converts)."""
+    pixels = ((video[0].float().clamp(-1, 1) + 1) * 127.5)
+    pixels = (pixels if truncate else pixels.round()).to(torch.uint8)
     return pixels.permute(1, 2, 3, 0).cpu().numpy()

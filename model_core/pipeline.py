@@ -1,14 +1,17 @@
 """PyramidFlowPipeline: text-to-video, text-to-image, image-to-video and video extension."""
+import math
 import secrets
-from dataclasses import dataclass, field
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+from PIL import Image
 
 from . import __version__
-from .checkpoints import FAMILIES, Family, VariantSpec
+from .checkpoints import FAMILIES, SETTINGS_FILE, Family, VariantSpec
 from .loading import ResolvedCheckpoint, load_model, resolve_checkpoint
 from .media import as_frames, to_frames, to_video_tensor
 from .memory import (
@@ -27,29 +30,35 @@ from .text import PROMPT_ENCODERS, PromptEmbeddings
 
 
 
-@dataclass
-class GenerationResult:
-    """A finished (or stopped) generation: uint8 frames [T, H, W, 3] and what made them."""
+OFFICIAL_PROMPT_SUFFIX = ", hyper quality, Ultra HD, 8K"  # the authors' `generate` appends it to every prompt
+OFFICIAL_NEGATIVE_PROMPT = ("cartoon style, worst quality, low quality, blurry, absolute black, absolute white, low res, "
+                            "extra limbs, extra digits, misplaced objects, mutated anatomy, monochrome, horror")
+OUTPUT_TYPES = ("np", "pil", "latent")
 
-    frames: np.ndarray
-    latents: torch.Tensor
+
+@dataclass
+class PyramidFlowPipelineOutput(BaseOutput):
+    """A finished (or stopped) generation. `frames`: uint8 [T, H, W, 3] ("np"), a list of PIL images ("pil") or None
+    ("latent"); `latents`: the normalised latents [1, C, T, h, w]; `settings`: everything needed to reproduce it."""
+
+    frames: Optional[Union[np.ndarray, list]]
+    latents: Optional[torch.Tensor]
     fps: int
     interrupted: bool
-    settings: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class PreviewProgress(Progress):
-    """A progress event; `preview` holds the finished unit's frames (uint8 [t, H, W, 3]) on unit events."""
-
-    preview: Optional[np.ndarray] = None
+    settings: dict
 
 
 class PyramidFlowPipeline(DiffusionPipeline):
-    """Pyramidal flow matching generation from a published (or our own) checkpoint."""
+    """Pyramidal flow matching generation from a published (or our own) checkpoint.
+
+    Calls follow diffusers' pipeline conventions: `pipe(prompt, ...)` is text-to-video and returns a
+    `PyramidFlowPipelineOutput`; `callback_on_step_end(pipe, step_index, timestep, callback_kwargs)` runs after every
+    transformer step, `pipe.progress` says where the generation is, and setting `pipe._interrupt = True` stops it
+    after that step (finished units are kept)."""
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->transformer->vae"
     _optional_components = ["text_encoder_3", "tokenizer_3"]
+    _callback_tensor_inputs = ["latents", "unit_latents", "video_latents", "prompt_embeds", "negative_prompt_embeds"]
 
     def __init__(self, vae, transformer, scheduler, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
                  text_encoder_3=None, tokenizer_3=None):
@@ -60,11 +69,14 @@ class PyramidFlowPipeline(DiffusionPipeline):
         self.checkpoint = ResolvedCheckpoint(None, FAMILIES["sd3" if text_encoder_3 is not None else "miniflux"], "384p")
         self.compute_dtype = next(transformer.parameters()).dtype
         self.source = None
+        self.official_defaults = False
         self.settings_base = {"offload": "none", "quantize": "none", "vae_tiling": False, "dtype": str(self.compute_dtype).replace("torch.", "")}
         names = ["text_encoder", "text_encoder_2", "text_encoder_3"][: 3 if text_encoder_3 is not None else 2]
         self.prompt_encoder = PROMPT_ENCODERS[self.family.name](
             {n: getattr(self, n) for n in names}, {n: getattr(self, n.replace("text_encoder", "tokenizer")) for n in names}
         )
+        self._interrupt = False
+        self._progress = None
 
     @property
     def family(self) -> Family:
@@ -78,14 +90,27 @@ class PyramidFlowPipeline(DiffusionPipeline):
     def spec(self) -> VariantSpec:
         return self.checkpoint.spec
 
+    @property
+    def interrupt(self) -> bool:
+        """Set `pipe._interrupt = True` (e.g. in `callback_on_step_end`) to stop after the current step."""
+        return self._interrupt
+
+    @property
+    def progress(self) -> Optional[Progress]:
+        """The step just done (unit, stage, step, fraction), as `callback_on_step_end` sees it."""
+        return self._progress
+
     @classmethod
     def from_pretrained(cls, source, variant: str = "auto", model: str = "auto", torch_dtype="float32", device=None,
                         offload: str = "none", quantize: str = "none", vae_tiling: bool = False, lora=None,
-                        tqdm_class=None):
+                        official_defaults: Optional[bool] = None, tqdm_class=None):
         """Load a checkpoint folder or hub repo id (only the needed subfolders are fetched).
 
         offload: none | model | sequential | group; quantize: none | int8 | nf4 | fp8 (see model_core.memory);
-        lora: a folder with a LoRA adapter trained by `training` (recipe lora.yaml) to apply to the transformer.
+        lora: a folder with a LoRA adapter trained by `training` (recipe lora.yaml) to apply to the transformer;
+        official_defaults: generate as the authors' code does (prompt suffix, default negative prompt, guidance when the
+        scale is > 0, uint8 by truncation, timesteps in the compute dtype); None turns it on for the published
+        checkpoints (those without our `pyramid_flow.json`) and off for our own models.
         """
         device, dtype = resolve_device(device), resolve_dtype(torch_dtype)
         check_memory_options(device, dtype, offload, quantize)
@@ -111,6 +136,7 @@ class PyramidFlowPipeline(DiffusionPipeline):
         pipe.compute_dtype = dtype
         pipe._apply_memory_options(device, dtype, offload, quantize, vae_tiling)
         pipe.source = str(source)
+        pipe.official_defaults = not (checkpoint.root / SETTINGS_FILE).is_file() if official_defaults is None else bool(official_defaults)
         return pipe
 
     def _apply_memory_options(self, device, dtype, offload, quantize, vae_tiling):
@@ -145,26 +171,45 @@ class PyramidFlowPipeline(DiffusionPipeline):
 
     # --- the four modes -------------------------------------------------------------------------
 
-    def text_to_video(self, prompt: str, **options) -> GenerationResult:
+    def text_to_video(self, prompt: Optional[str] = None, **options):
         """A video from a prompt: first frame with `first_frame_steps`, later units with `video_steps`."""
         return self._generate("text_to_video", prompt, None, **options)
 
     __call__ = text_to_video
 
-    def text_to_image(self, prompt: str, **options) -> GenerationResult:
+    def text_to_image(self, prompt: Optional[str] = None, **options):
         """One frame (a single autoregressive unit)."""
         if options.get("num_frames", 1) != 1:
             raise ValueError("text_to_image makes one frame; leave num_frames unset or 1")
         return self._generate("text_to_image", prompt, None, **{**options, "num_frames": 1})
 
-    def image_to_video(self, image, prompt: str = "", **options) -> GenerationResult:
+    def image_to_video(self, image, prompt: Optional[str] = "", **options):
         """Animate `image` (PIL or uint8 [H, W, 3]): it becomes the first unit, encoded by the VAE."""
         return self._generate("image_to_video", prompt, as_frames(image, "the image")[:1], **options)
 
-    def extend_video(self, video, prompt: str = "", **options) -> GenerationResult:
+    def extend_video(self, video, prompt: Optional[str] = "", **options):
         """Continue `video` (uint8 [T, H, W, 3]); `num_frames` counts the new frames (a multiple of 8).
         The output is the input followed by the continuation."""
         return self._generate("extend_video", prompt, as_frames(video, "the video"), **options)
+
+    # --- prompts ---------------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str, negative_prompt: Optional[str] = None, device=None,
+                      do_classifier_free_guidance: bool = True) -> tuple:
+        """(prompt_embeds, negative_prompt_embeds or None) for `prompt_embeds=` / `negative_prompt_embeds=`.
+        With `official_defaults` the prompt gets the authors' suffix and a missing negative prompt their default."""
+        device = device or self._execution_device
+        text = self.prompt_encoder.encode(prompt + OFFICIAL_PROMPT_SUFFIX if self.official_defaults else prompt, device=device)
+        negative = self._negative_embeddings(negative_prompt, device) if do_classifier_free_guidance else None
+        return text, negative
+
+    def _effective_negative_prompt(self, negative_prompt: Optional[str]) -> str:
+        if negative_prompt is None and self.official_defaults:
+            return OFFICIAL_NEGATIVE_PROMPT
+        return negative_prompt or ""
+
+    def _negative_embeddings(self, negative_prompt: Optional[str], device) -> PromptEmbeddings:
+        return self.prompt_encoder.encode_negative(self._effective_negative_prompt(negative_prompt), 1, device=device)
 
     # --- the engine -----------------------------------------------------------------------------
 
@@ -172,10 +217,14 @@ class PyramidFlowPipeline(DiffusionPipeline):
     def _generate(self, mode, prompt, condition_frames, *, negative_prompt=None, num_frames=None, duration=None,
                   height=None, width=None, first_frame_steps=None, video_steps=None,
                   guidance_scale=None, video_guidance_scale=None, video_guidance_decay=False, seed=None,
-                  generator=None, callback: Callable = None, previews: bool = True, interrupt=None,
-                  output_type="frames") -> GenerationResult:
+                  generator=None, prompt_embeds: Optional[PromptEmbeddings] = None,
+                  negative_prompt_embeds: Optional[PromptEmbeddings] = None, output_type: str = "np",
+                  return_dict: bool = True, callback_on_step_end: Optional[Callable] = None,
+                  callback_on_step_end_tensor_inputs=("latents",)):
         spec = self.spec
-        prompt = _check_prompt(prompt, required=condition_frames is None)
+        prompt = _check_prompt(prompt, required=condition_frames is None and prompt_embeds is None)
+        _check_embeddings(prompt_embeds, "prompt_embeds")
+        _check_embeddings(negative_prompt_embeds, "negative_prompt_embeds")
         height, width = _check_size(spec.height if height is None else height, spec.width if width is None else width,
                                     self._size_multiple)
         sampling = self.family.sampling.filled(first_frame_steps=first_frame_steps, video_steps=video_steps,
@@ -185,8 +234,12 @@ class PyramidFlowPipeline(DiffusionPipeline):
         guidance_scale, video_guidance_scale = sampling.guidance_scale, sampling.video_guidance_scale
         _check_guidance(guidance_scale, "guidance_scale")
         _check_guidance(video_guidance_scale, "video_guidance_scale")
-        if output_type not in ("frames", "latents"):
-            raise ValueError(f"output_type must be 'frames' or 'latents'; got {output_type!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}; got {output_type!r}")
+        tensor_inputs = list(callback_on_step_end_tensor_inputs or ())
+        unknown = [name for name in tensor_inputs if name not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs may name {', '.join(self._callback_tensor_inputs)}; got {unknown}")
         if duration is not None:
             num_frames = frames_for_duration(duration, spec.fps, spec.frames_per_latent, new_frames_only=mode == "extend_video")
         history_frames, new_units = self._plan_units(mode, num_frames, condition_frames)
@@ -195,37 +248,69 @@ class PyramidFlowPipeline(DiffusionPipeline):
             generator = torch.Generator().manual_seed(seed)
         device = self._execution_device
 
-        text = self.prompt_encoder.encode(prompt, device=device)
-        guided = guidance_scale > 1 or video_guidance_scale > 1
-        negative = self.prompt_encoder.encode_negative(negative_prompt, 1, device=device) if guided else None
+        scale = self.vae.spatial_scale
+        latent_shape = (1, self._latent_channels, new_units, height // scale, width // scale)
         history = condition = None
         if condition_frames is not None:  # resized once: encoded as history, and spliced back for extensions
             condition = to_video_tensor(condition_frames, height, width, device=device)
             history = self._encode_video(condition[:, :, -history_frames:])
-        scale = self.vae.spatial_scale
-        latent_shape = (1, self._latent_channels, new_units, height // scale, width // scale)
         total_units = (history.shape[2] if history is not None else 0) + new_units
         scales = _unit_guidance(guidance_scale, video_guidance_scale, video_guidance_decay, total_units)
+        guided = [guidance_scale > 0 if self.official_defaults else s > 1 for s in scales]
+        if prompt_embeds is None:
+            text, negative = self.encode_prompt(prompt, negative_prompt, device, any(guided))
+        else:
+            text, negative = prompt_embeds.to(device), negative_prompt_embeds
+            if any(guided):
+                negative = self._negative_embeddings(negative_prompt, device) if negative is None else negative.to(device)
 
         def velocity_for_unit(unit):
-            return self._velocity(text, negative if scales[unit] > 1 else None, scales[unit])
+            return self._velocity(text, negative if guided[unit] else None, scales[unit])
+
+        self._interrupt, self._progress = False, None
+        finished = list(history.split(1, dim=2)) if history is not None else []
+        step_index = 0
+
+        def on_step(progress: Progress, t, x):
+            nonlocal step_index
+            self._progress = progress
+            if callback_on_step_end is not None:
+                available = {"latents": x, "prompt_embeds": text, "negative_prompt_embeds": negative,
+                             "unit_latents": x if progress.kind == "unit" else None,
+                             "video_latents": torch.cat([*finished, x], dim=2) if progress.kind == "unit" else None}
+                returned = callback_on_step_end(self, step_index, t, {name: available[name] for name in tensor_inputs})
+                x = (returned or {}).get("latents", x)
+            if progress.kind == "unit":
+                finished.append(x)
+            step_index += 1
+            return x
 
         latents, interrupted = sample_video(
             velocity_for_unit, self.scheduler, latent_shape, history, first_frame_steps, video_steps,
-            generator=generator, callback=self._with_previews(callback) if previews else callback, interrupt=_as_check(interrupt), device=device,
+            generator=generator, on_step=on_step, stop=lambda: self._interrupt, device=device,
         )
-        frames = self._decode(latents) if output_type == "frames" else None
+        if latents is None:  # stopped before the first unit was finished
+            latents = torch.zeros(*latent_shape[:2], 0, *latent_shape[3:], device=device)
+        frames = self.decode_latents(latents) if output_type != "latent" else None
         if mode == "extend_video" and frames is not None:
             frames = np.concatenate([to_frames(condition), frames[history_frames:]])
         settings = {
             **self.settings_base, "mode": mode, "model": getattr(self, "source", None), "family": self.family.name,
-            "variant": self.variant, "prompt": prompt, "negative_prompt": negative_prompt or "", "seed": seed,
+            "variant": self.variant, "prompt": prompt,
+            "negative_prompt": self._effective_negative_prompt(negative_prompt), "seed": seed,
             "num_frames": int(frames.shape[0]) if frames is not None else None, "height": height, "width": width,
             "fps": spec.fps, "first_frame_steps": list(first_frame_steps), "video_steps": list(video_steps),
             "guidance_scale": guidance_scale, "video_guidance_scale": video_guidance_scale,
-            "video_guidance_decay": video_guidance_decay, "interrupted": interrupted, "version": __version__,
+            "video_guidance_decay": video_guidance_decay, "official_defaults": self.official_defaults,
+            "interrupted": interrupted, "version": __version__,
         }
-        return GenerationResult(frames, latents, spec.fps, interrupted, settings)
+        if prompt_embeds is not None:
+            settings["prompt_embeds"] = "given"
+        if output_type == "pil" and frames is not None:
+            frames = [Image.fromarray(frame) for frame in frames]
+        if not return_dict:
+            return frames, settings
+        return PyramidFlowPipelineOutput(frames=frames, latents=latents, fps=spec.fps, interrupted=interrupted, settings=settings)
 
     @property
     def _latent_channels(self) -> int:
@@ -265,6 +350,7 @@ class PyramidFlowPipeline(DiffusionPipeline):
         """v(clips, t) from the transformer, with classifier-free guidance when `negative` is given."""
         embeddings = text if negative is None else _concat(negative, text)
         dtype = self.compute_dtype
+        timestep_dtype = dtype if self.official_defaults else torch.float32  # the authors cast t to the latents' dtype
 
         def velocity(clips, t):
             clips = [c.to(dtype) for c in clips]
@@ -274,7 +360,7 @@ class PyramidFlowPipeline(DiffusionPipeline):
             v = self.transformer(
                 sample=[clips], encoder_hidden_states=embeddings.hidden_states.to(dtype),
                 encoder_attention_mask=embeddings.attention_mask, pooled_projections=embeddings.pooled.to(dtype),
-                timestep=t.to(clips[-1].device, torch.float32).expand(batch), return_dict=False,
+                timestep=t.to(clips[-1].device, timestep_dtype).expand(batch), return_dict=False,
             )[0][0].float()
             if negative is None:
                 return v
@@ -290,27 +376,19 @@ class PyramidFlowPipeline(DiffusionPipeline):
         return self.family.normalization.normalize(posterior.mean.float())
 
     @torch.no_grad()
-    def _decode(self, latents: torch.Tensor) -> np.ndarray:
-        z = self.family.normalization.denormalize(latents).to(self.vae.dtype)
-        return to_frames(self.vae.decode(z, temporal_chunk=True).sample)
+    def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
+        """Normalised latents [1, C, T, h, w] -> uint8 frames [1 + n(T - 1), H, W, 3] (decoded in causal time chunks)."""
+        if latents.shape[2] == 0:
+            scale = self.vae.spatial_scale
+            return np.zeros((0, latents.shape[3] * scale, latents.shape[4] * scale, 3), np.uint8)
+        z = self.family.normalization.denormalize(latents.float()).to(self.vae.dtype)
+        return to_frames(self.vae.decode(z, temporal_chunk=True).sample, truncate=self.official_defaults)
 
-    def _with_previews(self, callback):
-        """Wrap a user callback so that unit events carry decoded preview frames of that unit."""
-        if callback is None:
-            return None
-        finished = []
-
-        def on_progress(event: Progress):
-            if event.kind != "unit":
-                callback(PreviewProgress(**vars(event)))
-                return
-            finished.append(event.latents)
-            window = torch.cat(finished[-2:], dim=2)
-            frames = self._decode(window)
-            preview = frames if len(finished) == 1 else frames[-self.spec.frames_per_latent:]
-            callback(PreviewProgress(**vars(event), preview=preview))
-
-        return on_progress
+    def unit_preview(self, video_latents: torch.Tensor) -> np.ndarray:
+        """The frames of the last unit of `video_latents` (the callback's "video_latents"): the causal VAE decodes it
+        with the unit before it as context; the first unit is one frame, later ones `frames_per_latent`."""
+        frames = self.decode_latents(video_latents[:, :, -2:])
+        return frames if video_latents.shape[2] == 1 else frames[-self.spec.frames_per_latent:]
 
 
 def _check_prompt(prompt, required: bool) -> str:
@@ -321,6 +399,11 @@ def _check_prompt(prompt, required: bool) -> str:
     if required and not prompt.strip():
         raise ValueError("the prompt is empty; describe the video you want")
     return prompt
+
+
+def _check_embeddings(embeddings, name: str) -> None:
+    if embeddings is not None and not (isinstance(embeddings, PromptEmbeddings) and embeddings.hidden_states.shape[0] == 1):
+        raise ValueError(f"{name} must be the PromptEmbeddings of one prompt, as `encode_prompt` returns them")
 
 
 def _check_size(height, width, multiple: int) -> tuple:
@@ -338,7 +421,7 @@ def _check_steps(steps, name: str, stages: int) -> tuple:
 
 
 def _check_guidance(value, name: str) -> None:
-    if not isinstance(value, (int, float)) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a number >= 0 (1 or less turns guidance off); got {value!r}")
 
 
@@ -351,10 +434,3 @@ def _unit_guidance(first: float, video: float, decay: bool, units: int) -> list:
 def _concat(a: PromptEmbeddings, b: PromptEmbeddings) -> PromptEmbeddings:
     return PromptEmbeddings(torch.cat([a.hidden_states, b.hidden_states]), torch.cat([a.attention_mask, b.attention_mask]),
                             torch.cat([a.pooled, b.pooled]))
-
-
-def _as_check(interrupt):
-    """Accept a threading.Event, a callable, or None."""
-    if interrupt is None or callable(interrupt):
-        return interrupt
-    return interrupt.is_set

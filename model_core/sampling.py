@@ -15,7 +15,7 @@ from .temporal import history_clips
 
 @dataclass(frozen=True)
 class Progress:
-    """What a progress callback receives: after every step (`kind="step"`) and every finished unit."""
+    """Where a generation is after a transformer step: `kind` is "unit" on the step that finishes a unit."""
 
     kind: str  # "step" | "unit"
     unit: int
@@ -23,7 +23,6 @@ class Progress:
     stage: int
     step: int
     unit_steps: tuple  # this unit's steps per stage
-    latents: Optional[torch.Tensor] = None  # the finished unit's clean latent, for previews
 
     @property
     def num_steps(self) -> int:
@@ -38,10 +37,14 @@ class Progress:
 
 
 def sample_unit(velocity: Callable, scheduler: PyramidFlowScheduler, start, history: list, unit: int,
-                steps, generator=None, on_step: Callable = None, first_stage: int = 0) -> torch.Tensor:
+                steps, generator=None, on_step: Callable = None, first_stage: int = 0, stop: Callable = None):
     """Algorithm 1: integrate every stage from `first_stage` (whose start point, at that stage's resolution,
-    is `start`), upsampling and renoising at each jump (Eq. 15)."""
+    is `start`), upsampling and renoising at each jump (Eq. 15).
+
+    `on_step(stage, index, t, x)` sees each step's result and returns the latent to go on from. When `stop()`
+    turns true before the last step, the unit is abandoned and None returned."""
     x = start
+    last_stage = scheduler.config.stages - 1
     for stage in range(first_stage, scheduler.config.stages):
         if stage > first_stage:
             scale, noise_std = scheduler.renoise_coefficients(stage)
@@ -50,39 +53,43 @@ def sample_unit(velocity: Callable, scheduler: PyramidFlowScheduler, start, hist
         conditions = history_clips(history, unit, stage) if unit else []
         for index, t in enumerate(scheduler.timesteps):
             x = scheduler.step(velocity([*conditions, x], t), t, x).prev_sample
-            if on_step:
-                on_step(stage, index)
+            if on_step is not None:
+                x = on_step(stage, index, t, x)
+            finished = stage == last_stage and index == steps[stage] - 1
+            if stop is not None and not finished and stop():
+                return None
     return x
 
 
 def sample_video(velocity_for_unit: Callable, scheduler: PyramidFlowScheduler, shape, history=None,
                  first_frame_steps=(20, 20, 20), video_steps=(10, 10, 10), generator=None,
-                 callback: Callable = None, interrupt: Callable = None, device=None) -> tuple:
+                 on_step: Callable = None, stop: Callable = None, device=None) -> tuple:
     """Generate latent frames one unit at a time, each conditioned on the clean, temporally
     pyramided history of the ones before it (Eq. 17).
 
     `shape` is [B, C, T_new, H, W] at full latent resolution; `history` [B, C, T_h, H, W] or None.
-    Returns (latents of history + new units, interrupted). `interrupt()` is checked after each unit.
+    `on_step(progress, t, x)` runs after every transformer step and returns the latent to go on from; `stop()` is
+    checked after each step: the unit under way is dropped, finished ones are kept.
+    Returns (latents of history + finished units, interrupted).
     """
     batch, channels, new_units, height, width = shape
     num_stages = scheduler.config.stages
     noise = initial_noise(shape, num_stages, generator=generator, device=device)
     frames = list(history.split(1, dim=2)) if history is not None else []
     first, total = len(frames), len(frames) + new_units
-    interrupted = False
     for unit in range(first, total):
-        steps = first_frame_steps if unit == 0 else video_steps
+        steps = tuple(first_frame_steps if unit == 0 else video_steps)
         pyramid = latent_pyramid(torch.cat(frames, dim=2), num_stages) if frames else []
 
-        def report(stage, index):
-            if callback:
-                callback(Progress("step", unit, total, stage, index, tuple(steps)))
+        def report(stage, index, t, x):
+            kind = "unit" if stage == num_stages - 1 and index == steps[-1] - 1 else "step"
+            return on_step(Progress(kind, unit, total, stage, index, steps), t, x) if on_step else x
 
         start = noise[:, :, unit - first : unit - first + 1]
-        frames.append(sample_unit(velocity_for_unit(unit), scheduler, start, pyramid, unit, steps, generator, report))
-        if callback:
-            callback(Progress("unit", unit, total, num_stages - 1, steps[-1] - 1, tuple(steps), frames[-1]))
-        if interrupt is not None and interrupt() and unit + 1 < total:
-            interrupted = True
-            break
-    return torch.cat(frames, dim=2), interrupted
+        latent = sample_unit(velocity_for_unit(unit), scheduler, start, pyramid, unit, steps, generator, report, stop=stop)
+        if latent is None:
+            return torch.cat(frames, dim=2) if frames else None, True
+        frames.append(latent)
+        if stop is not None and unit + 1 < total and stop():
+            return torch.cat(frames, dim=2), True
+    return torch.cat(frames, dim=2), False

@@ -122,15 +122,25 @@ class PyramidFlowScheduler(SchedulerMixin, ConfigMixin):
         noise_std = (1 - window.start_signal) / math.sqrt(1 + self.config.gamma)
         return scale, noise_std
 
+    def _last_train_timestep(self, window: StageWindow) -> float:
+        """The stage's smallest training timestep on the official float32 grid: element N-1 of an (N+1)-point
+        float32 linspace from the stage's first to its last global timestep (N = num_train_timesteps)."""
+        n = self.config.num_train_timesteps
+        grid = np.linspace(np.float32(window.timestep_start), np.float32(window.timestep_end), n + 1, dtype=np.float32)
+        return float(grid[n - 1])
+
     def set_timesteps(self, num_inference_steps: int, stage_index: int = 0, device: Union[str, torch.device] = None):
-        """Evenly spaced stage-local sigmas from 1 to 1/num_train_timesteps, and their global timesteps."""
+        """Evenly spaced stage-local sigmas from 1 to 1/num_train_timesteps, and their global timesteps, both on the
+        official grids, so the steps equal the authors' implementation bit for bit."""
         if not isinstance(num_inference_steps, (int, np.integer)) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer; got {num_inference_steps!r}")
         self._check_stage(stage_index)
-        local = np.linspace(1.0, 1.0 / self.config.num_train_timesteps, num_inference_steps)
+        n = self.config.num_train_timesteps
         window = self.windows[stage_index]
+        timesteps = np.linspace(window.timestep_start, self._last_train_timestep(window), num_inference_steps)
+        local = np.linspace(1.0, np.linspace(1.0, 0.0, n + 1)[n - 1], num_inference_steps)
         dtype = torch.float32 if torch.device(device or "cpu").type == "mps" else torch.float64  # MPS has no float64
-        self.timesteps = torch.from_numpy(window.timestep(local)).to(device, dtype)
+        self.timesteps = torch.from_numpy(timesteps).to(device, dtype)
         self.sigmas = torch.from_numpy(np.append(local, 0.0)).to(device, dtype)
         self.num_inference_steps = num_inference_steps
         self.stage_index = stage_index

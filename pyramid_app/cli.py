@@ -1,7 +1,7 @@
 """`python -m pyramid_app generate`: a prompt (plus an image or a clip) in, an mp4 or png out.
 
 Everything a person can get wrong is checked before the model loads; any error ends the run with
-one line `error: ...` on stderr. Ctrl-C stops after the current unit and still saves the video.
+one line `error: ...` on stderr. Ctrl-C stops after the current step and still saves the finished units.
 """
 import argparse
 import signal
@@ -249,7 +249,10 @@ def run(request: Request, quiet: bool = False) -> int:
         report(f"{job.out.name}: {request.mode.replace('_', ' ')}, seed {seeded.seed}")
         with _stop_on_ctrl_c() as stop:
             result = getattr(pipe, request.mode)(*inputs, job.prompt, **seeded.to_pipeline_kwargs(request.mode),
-                                                 callback=None if quiet else ProgressPrinter(), previews=False, interrupt=stop)
+                                                 callback_on_step_end=step_callback(None if quiet else ProgressPrinter(), stop))
+        if len(result.frames) == 0:
+            report(f"interrupted before the first frame was finished: nothing saved to {job.out}")
+            return EXIT_INTERRUPTED
         save(result, job.out)
         print(f"{job.out}\tseed={seeded.seed}", flush=True)
         if result.interrupted:
@@ -262,6 +265,17 @@ def save(result, out: Path) -> Path:
     if out.suffix.lower() == ".png":
         return write_image(result.frames[0], out, result.settings)
     return write_video(result.frames, out, result.fps, result.settings)
+
+
+def step_callback(on_progress, stop: threading.Event):
+    """A `callback_on_step_end` that reports each step's `pipe.progress` and stops the pipeline once `stop` is set."""
+    def on_step_end(pipe, step_index, timestep, callback_kwargs):
+        if on_progress is not None:
+            on_progress(pipe.progress)
+        pipe._interrupt = stop.is_set()
+        return {}
+
+    return on_step_end
 
 
 class ProgressPrinter:
@@ -286,7 +300,7 @@ class ProgressPrinter:
 
 @contextmanager
 def _stop_on_ctrl_c():
-    """First Ctrl-C asks the pipeline to stop after the current unit; a second one aborts."""
+    """First Ctrl-C asks the pipeline to stop after the current step; a second one aborts."""
     stop = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield stop
@@ -296,7 +310,7 @@ def _stop_on_ctrl_c():
         if stop.is_set():
             raise KeyboardInterrupt
         stop.set()
-        _stderr_line("stopping after the current unit (Ctrl-C again to abort without saving)")
+        _stderr_line("stopping after the current step (Ctrl-C again to abort without saving)")
 
     previous = signal.signal(signal.SIGINT, request_stop)
     try:

@@ -16,7 +16,9 @@ from tqdm.auto import tqdm
 from . import gallery
 from .catalog import BUNDLED, MISSING_BUNDLED, is_local, source_for
 from .cli import USER_ERRORS, save
-from .jobs import Job, PipelineCache, StopSwitches, progress_text, run_job
+from model_core.sampling import Progress
+
+from .jobs import Job, PipelineCache, StopSwitches, UnitPreview, progress_text, run_job
 from .settings import STAGE_COUNT, GenerationOptions, ModelOptions
 from .video import read_image, read_video
 
@@ -24,6 +26,7 @@ THUMBNAIL_SIDE = 160
 OUT_OF_MEMORY = ("Out of memory. Open Memory and try offload 'model' or 'sequential', quantization int8/nf4, "
                  "VAE tiling, or fewer frames.")
 PROGRESS_INTERVAL = 0.25  # seconds between progress-bar updates; each one is a message the browser renders
+NOTHING_FINISHED = "Stopped before the first frame was finished; nothing was saved."
 MISSING_UPLOAD = {"image_to_video": "Upload an image to animate first.", "extend_video": "Upload a video clip to extend first."}
 
 
@@ -67,15 +70,18 @@ class Endpoints:
             pipe = self.pipelines.get(model, tqdm_class=tqdm)
             frames, shown = [], float("-inf")
             for event in run_job(pipe, Job(mode, prompt or "", condition, options), stop):
-                if not hasattr(event, "kind"):
-                    result = event
-                elif event.kind == "step":
+                if isinstance(event, UnitPreview):
+                    frames = frames + _thumbnails(event.frames)
+                    yield gr.skip(), frames, f"Generating… {progress_text(event.progress)}", str(options.seed), gr.skip()
+                elif isinstance(event, Progress):
                     if time.monotonic() - shown >= PROGRESS_INTERVAL:
                         progress(event.fraction, desc=progress_text(event))
                         shown = time.monotonic()
                 else:
-                    frames = frames + _thumbnails(event.preview)
-                    yield gr.skip(), frames, f"Generating… {progress_text(event)}", str(options.seed), gr.skip()
+                    result = event
+            if len(result.frames) == 0:
+                yield gr.skip(), [], NOTHING_FINISHED, str(options.seed), gr.skip()
+                return
             out = save(result, self.output_dir / _output_name(mode, result))
         except USER_ERRORS as error:
             raise gr.Error(_message(error, upload), print_exception=False) from None
@@ -98,9 +104,9 @@ class Endpoints:
     # --- helpers behind the other controls ----------------------------------------------------
 
     def stop(self, request: gr.Request = None) -> str:
-        """`/stop`: the caller's running generation ends after its current unit and keeps its frames."""
+        """`/stop`: the caller's running generation ends after its current step and keeps its finished units."""
         if self.stops.stop(getattr(request, "session_hash", None) or "local"):
-            return "Stopping after the current unit; the frames so far will be saved."
+            return "Stopping after the current step; the finished frames will be saved."
         return "Nothing is generating."
 
 

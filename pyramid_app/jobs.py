@@ -1,7 +1,7 @@
 """Generation sessions for the studio: loaded pipelines kept warm, a worker per run, Stop per browser session.
 
 `run_job` drives one pipeline call on a worker thread and yields its progress events as they come,
-then the finished (or stopped) `GenerationResult`; the caller decides what to show.
+then the finished (or stopped) `PyramidFlowPipelineOutput`; the caller decides what to show.
 """
 import contextlib
 import gc
@@ -12,6 +12,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+
+from model_core.sampling import Progress
 
 from .cli import USER_ERRORS
 from .settings import GenerationOptions, ModelOptions, model_source
@@ -72,7 +74,7 @@ class StopSwitches:
             return self._events[session]
 
     def stop(self, session: str) -> bool:
-        """Ask the session's running generation to stop after its current unit; False when none runs."""
+        """Ask the session's running generation to stop after its current step; False when none runs."""
         with self._lock:
             event = self._events.get(session)
         if event is None:
@@ -100,19 +102,35 @@ class _Failed:
     error: BaseException
 
 
+@dataclass(frozen=True)
+class UnitPreview:
+    """A finished unit: its progress and its frames (uint8 [t, H, W, 3])."""
+
+    progress: object
+    frames: np.ndarray
+
+
 def run_job(pipe, job: Job, stop: threading.Event):
-    """Yield the pipeline's progress events (unit events carry `.preview` frames), then its result.
+    """Yield the pipeline's progress (`Progress` after each step, `UnitPreview` after each unit), then its result.
 
     The worker is joined before this generator finishes, also when the consumer goes away early,
-    so a device never runs two generations at once.
+    so a device never runs two generations at once. `stop` ends the run after the current step.
     """
     events = queue.Queue()
     inputs = () if job.condition is None else (job.condition,)
 
+    def on_step_end(pipe, step_index, timestep, callback_kwargs):
+        progress = pipe.progress
+        events.put(UnitPreview(progress, pipe.unit_preview(callback_kwargs["video_latents"])) if progress.kind == "unit"
+                   else progress)
+        pipe._interrupt = stop.is_set()
+        return {}
+
     def work():
         try:
             events.put(getattr(pipe, job.mode)(*inputs, job.prompt, **job.options.to_pipeline_kwargs(job.mode),
-                                               callback=events.put, previews=True, interrupt=stop))
+                                               callback_on_step_end=on_step_end,
+                                               callback_on_step_end_tensor_inputs=["video_latents"]))
         except BaseException as error:  # handed to the consumer thread, which re-raises it
             events.put(_Failed(error))
 
@@ -124,7 +142,7 @@ def run_job(pipe, job: Job, stop: threading.Event):
             if isinstance(event, _Failed):
                 raise event.error
             yield event
-            if not hasattr(event, "kind"):
+            if not isinstance(event, (Progress, UnitPreview)):
                 return
     finally:
         stop.set()

@@ -72,7 +72,7 @@ def test_image_to_video_starts_from_the_image(pipe, image):
     assert out.frames.shape == (9, 64, 64, 3)
     from model_core.media import as_frames, to_video_tensor
 
-    expected = pipe._decode(pipe._encode_video(to_video_tensor(as_frames(image, "image"), 64, 64)))
+    expected = pipe.decode_latents(pipe._encode_video(to_video_tensor(as_frames(image, "image"), 64, 64)))
     assert np.array_equal(out.frames[0], expected[0])
     assert out.latents.shape[2] == 2
 
@@ -92,38 +92,106 @@ def test_extend_uses_only_what_fits_the_model(pipe):
     assert out.latents.shape[2] == 3
 
 
-def test_progress_events_and_previews(pipe):
+def recorder(events, tensors=()):
+    """A callback_on_step_end that keeps (progress, step_index, the requested tensors) of every step."""
+    def on_step_end(pipe, step_index, timestep, callback_kwargs):
+        events.append((pipe.progress, step_index, callback_kwargs))
+        return {}
+
+    return on_step_end
+
+
+def test_progress_and_unit_previews_through_callback_on_step_end(pipe):
     events = []
-    pipe.text_to_video("x", num_frames=17, seed=0, first_frame_steps=(2, 1, 1), video_steps=(1, 2, 1), callback=events.append)
-    steps = [e for e in events if e.kind == "step"]
-    units = [e for e in events if e.kind == "unit"]
-    assert len(steps) == 4 + 2 * 4
-    assert [(e.unit, e.num_units) for e in units] == [(0, 3), (1, 3), (2, 3)]
-    assert units[0].preview.shape == (1, 64, 64, 3) and units[1].preview.shape == (8, 64, 64, 3)
-    assert all(e.preview is None for e in steps)
-    fractions = [e.fraction for e in events]
+    pipe.text_to_video("x", num_frames=17, seed=0, first_frame_steps=(2, 1, 1), video_steps=(1, 2, 1),
+                       callback_on_step_end=recorder(events), callback_on_step_end_tensor_inputs=["video_latents"])
+    progress = [e[0] for e in events]
+    assert [e[1] for e in events] == list(range(4 + 2 * 4))  # one call per transformer step, counted over the video
+    units = [p for p in progress if p.kind == "unit"]
+    assert [(p.unit, p.num_units) for p in units] == [(0, 3), (1, 3), (2, 3)]
+    previews = [pipe.unit_preview(kw["video_latents"]) for p, _, kw in events if p.kind == "unit"]
+    assert [frames.shape for frames in previews] == [(1, 64, 64, 3), (8, 64, 64, 3), (8, 64, 64, 3)]
+    assert all(kw["video_latents"] is None for p, _, kw in events if p.kind == "step")
+    fractions = [p.fraction for p in progress]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
-    assert steps[0].fraction == pytest.approx(1 / 4 / 3) and units[0].fraction == pytest.approx(1 / 3)
+    assert progress[0].fraction == pytest.approx(1 / 4 / 3) and units[0].fraction == pytest.approx(1 / 3)
+    full = pipe.text_to_video("x", num_frames=17, seed=0, first_frame_steps=(2, 1, 1), video_steps=(1, 2, 1))
+    assert np.array_equal(previews[0], full.frames[:1])  # later previews decode with one unit of context only
 
 
-def test_interrupt_keeps_what_was_made(pipe):
-    stop = threading.Event()
+def test_callback_on_step_end_can_change_the_latents(pipe):
+    def zero_at_the_end(pipe, step_index, timestep, callback_kwargs):
+        return {"latents": torch.zeros_like(callback_kwargs["latents"])} if pipe.progress.kind == "unit" else {}
 
-    def on_progress(event):
-        if event.kind == "unit" and event.unit == 1:
-            stop.set()
+    out = pipe.text_to_video("x", num_frames=9, seed=0, output_type="latent", callback_on_step_end=zero_at_the_end, **FAST)
+    assert torch.equal(out.latents, torch.zeros_like(out.latents))
+    plain = pipe.text_to_video("x", num_frames=9, seed=0, output_type="latent", **FAST)
+    assert plain.latents.abs().sum() > 0
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs may name"):
+        pipe.text_to_video("x", callback_on_step_end=zero_at_the_end, callback_on_step_end_tensor_inputs=["noise"])
 
-    out = pipe.text_to_video("x", num_frames=17, seed=0, callback=on_progress, interrupt=stop, **FAST)
-    assert out.interrupted and out.settings["interrupted"]
+
+def test_interrupt_after_a_finished_unit_keeps_what_was_made(pipe):
+    def stop_after_unit_1(pipe, step_index, timestep, callback_kwargs):
+        pipe._interrupt = pipe.progress.kind == "unit" and pipe.progress.unit == 1
+        return {}
+
+    out = pipe.text_to_video("x", num_frames=17, seed=0, callback_on_step_end=stop_after_unit_1, **FAST)
+    assert out.interrupted and out.settings["interrupted"] and pipe.interrupt
     assert out.frames.shape == (9, 64, 64, 3)
     full = pipe.text_to_video("x", num_frames=17, seed=0, **FAST)
-    assert np.array_equal(out.frames[:1], full.frames[:1])
+    assert not pipe.interrupt  # each call starts afresh
+    assert np.array_equal(out.frames, full.frames[:9])
 
 
-def test_latents_output_type(pipe):
-    out = pipe.text_to_video("x", num_frames=9, seed=0, output_type="latents", **FAST)
-    assert out.frames is None and out.latents.shape == (1, 4, 2, 8, 8)
-    assert not out.latents.requires_grad  # sampled without an autograd graph (it doubled the studio's time)
+def test_interrupt_stops_within_one_step_and_drops_the_unfinished_unit(pipe):
+    calls = []
+    hook = pipe.transformer.register_forward_hook(lambda *args: calls.append(1))
+
+    def stop_in_unit_2(pipe, step_index, timestep, callback_kwargs):
+        pipe._interrupt = pipe.progress.unit == 2 and pipe.progress.stage == 0
+        return {}
+
+    try:
+        out = pipe.text_to_video("x", num_frames=17, seed=0, first_frame_steps=(2, 2, 2), video_steps=(3, 3, 3),
+                                 callback_on_step_end=stop_in_unit_2)
+    finally:
+        hook.remove()
+    assert out.interrupted and out.frames.shape == (9, 64, 64, 3) and out.latents.shape[2] == 2
+    assert len(calls) == 6 + 9 + 1  # units 0 and 1 whole, then the one step of unit 2 during which Stop came
+
+
+def test_interrupt_during_the_first_unit_gives_no_frames(pipe):
+    def stop_at_once(pipe, step_index, timestep, callback_kwargs):
+        pipe._interrupt = True
+        return {}
+
+    out = pipe.text_to_video("x", num_frames=17, seed=0, callback_on_step_end=stop_at_once, **FAST)
+    assert out.interrupted and out.frames.shape == (0, 64, 64, 3) and out.latents.shape[2] == 0
+
+
+def test_output_types_and_tuple_return(pipe):
+    latent = pipe.text_to_video("x", num_frames=9, seed=0, output_type="latent", **FAST)
+    assert latent.frames is None and latent.latents.shape == (1, 4, 2, 8, 8)
+    assert not latent.latents.requires_grad  # sampled without an autograd graph (it doubled the studio's time)
+    frames = pipe.text_to_video("x", num_frames=9, seed=0, **FAST).frames
+    images = pipe.text_to_video("x", num_frames=9, seed=0, output_type="pil", **FAST).frames
+    assert len(images) == 9 and np.array_equal(np.stack([np.asarray(i) for i in images]), frames)
+    assert np.array_equal(pipe.decode_latents(latent.latents), frames)
+    as_tuple, settings = pipe("x", num_frames=9, seed=0, return_dict=False, **FAST)
+    assert np.array_equal(as_tuple, frames) and settings["seed"] == 0
+
+
+def test_encode_prompt_and_prompt_embeds_give_the_same_video(pipe):
+    text, negative = pipe.encode_prompt("a red circle", "blurry")
+    direct = pipe.text_to_video("a red circle", negative_prompt="blurry", num_frames=9, seed=3, guidance_scale=4.0,
+                                video_guidance_scale=3.0, **FAST)
+    embedded = pipe.text_to_video(prompt_embeds=text, negative_prompt_embeds=negative, num_frames=9, seed=3,
+                                  guidance_scale=4.0, video_guidance_scale=3.0, **FAST)
+    assert np.array_equal(direct.frames, embedded.frames)
+    assert pipe.encode_prompt("x", do_classifier_free_guidance=False)[1] is None
+    with pytest.raises(ValueError, match="prompt_embeds must be the PromptEmbeddings of one prompt"):
+        pipe.text_to_video(prompt_embeds=text.repeat(2), **FAST)
 
 
 def test_duration_picks_the_nearest_allowed_length(pipe):
@@ -135,9 +203,10 @@ def test_the_vaes_temporal_compression_sets_the_allowed_lengths(tmp_path):
     pipe = PyramidFlowPipeline.from_pretrained(build_tiny_checkpoint(tmp_path, frames_per_latent=4))
     assert pipe.spec.frames_per_latent == 4 and pipe.spec.max_frames == 9
     events = []
-    clip = pipe.text_to_video("x", seed=0, callback=events.append, **FAST)
+    clip = pipe.text_to_video("x", seed=0, callback_on_step_end=recorder(events),
+                              callback_on_step_end_tensor_inputs=["video_latents"], **FAST)
     assert clip.frames.shape == (9, 64, 64, 3) and clip.latents.shape[2] == 3
-    assert [e.preview.shape[0] for e in events if e.kind == "unit"] == [1, 4, 4]
+    assert [len(pipe.unit_preview(kw["video_latents"])) for p, _, kw in events if p.kind == "unit"] == [1, 4, 4]
     assert pipe.text_to_video("x", duration=0.6, seed=0, **FAST).frames.shape[0] == 5
     extended = pipe.extend_video(clip.frames[:5], "more", num_frames=4, seed=1, **FAST)
     assert extended.frames.shape[0] == 9 and np.array_equal(extended.frames[:5], clip.frames[:5])
@@ -179,7 +248,8 @@ def test_negative_prompt_changes_the_result(pipe):
         (lambda p: p.text_to_video("x", first_frame_steps=(0, 1, 1)), "first_frame_steps must be 3 positive integers"),
         (lambda p: p.text_to_video("x", video_steps=(1, 1)), "video_steps must be 3 positive integers"),
         (lambda p: p.text_to_video("x", guidance_scale=-1), "guidance_scale must be a number >= 0"),
-        (lambda p: p.text_to_video("x", output_type="pil"), "output_type"),
+        (lambda p: p.text_to_video("x", output_type="latents"), "output_type must be one of 'np', 'pil', 'latent'"),
+        (lambda p: p.text_to_video("x", guidance_scale=float("nan")), "guidance_scale must be a number >= 0"),
         (lambda p: p.text_to_video("x", duration=-2), "duration must be a positive"),
         (lambda p: p.image_to_video(np.zeros((8, 8), np.uint8), "x"), "RGB frames"),
         (lambda p: p.image_to_video(np.zeros((8, 8, 3), np.float32), "x"), "uint8"),
@@ -215,8 +285,8 @@ def test_cpu_int8_quantization_runs_and_stays_close(checkpoint, pipe):
     dynamic_linear = torch.ao.nn.quantized.dynamic.Linear
     assert any(isinstance(m, dynamic_linear) for m in quantized.transformer.modules())
     assert not any(type(m) is torch.nn.Linear for m in quantized.transformer.modules())
-    a = pipe.text_to_image("x", seed=0, output_type="latents", **FAST).latents
-    b = quantized.text_to_image("x", seed=0, output_type="latents", **FAST).latents
+    a = pipe.text_to_image("x", seed=0, output_type="latent", **FAST).latents
+    b = quantized.text_to_image("x", seed=0, output_type="latent", **FAST).latents
     assert (a - b).abs().mean() < 0.25 * a.abs().mean()
 
 
@@ -279,10 +349,10 @@ def test_the_checkpoints_sampling_defaults_fill_what_the_caller_leaves_out(tmp_p
     (root / SETTINGS_FILE).write_text(json.dumps(settings))
     pipe = PyramidFlowPipeline.from_pretrained(root)
     events = []
-    out = pipe.text_to_video("a red circle moving left", num_frames=9, seed=0, callback=events.append)
+    out = pipe.text_to_video("a red circle moving left", num_frames=9, seed=0, callback_on_step_end=recorder(events))
     assert (out.settings["first_frame_steps"], out.settings["video_steps"]) == ([1, 2, 1], [1, 1, 2])
     assert (out.settings["guidance_scale"], out.settings["video_guidance_scale"]) == (2.5, 1.5)
-    assert len([e for e in events if e.kind == "step"]) == 4 + 4
+    assert len(events) == 4 + 4
     given = pipe.text_to_video("a red circle moving left", num_frames=9, seed=0, guidance_scale=3.0, **FAST)
     assert (given.settings["guidance_scale"], given.settings["video_guidance_scale"]) == (3.0, 1.5)
     assert given.settings["first_frame_steps"] == [1, 1, 1]

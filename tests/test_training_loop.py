@@ -110,7 +110,7 @@ def test_lora_adapter_trains_and_loads(world, tmp_path):
     weights = load_file(adapter / "adapter_model.safetensors")
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())
     options = dict(num_frames=9, height=64, width=64, first_frame_steps=(1, 1, 1), video_steps=(1, 1, 1),
-                   guidance_scale=1.0, video_guidance_scale=1.0, seed=0, output_type="latents")
+                   guidance_scale=1.0, video_guidance_scale=1.0, seed=0, output_type="latent")
     pipe = PyramidFlowPipeline.from_pretrained(checkpoint)
     base = pipe.text_to_video("a red square", **options).latents
     load_lora_adapter(pipe.transformer, adapter)

@@ -1,5 +1,5 @@
-"""The people-facing side of Pyramid Flow Studio: command line, user settings, media files.
+"""The people-facing side of Pyramid Flow Studio: command line, user settings, the studio.
 
-Submodules are imported directly (`pyramid_app.cli`, `pyramid_app.video`, `pyramid_app.settings`),
-so reading a video does not load torch or the model.
+Submodules are imported directly (`pyramid_app.cli`, `pyramid_app.settings`); media files are read
+and written by `model_core.media_files`, which loads neither torch nor the model.
 """

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model_core.media_files import read_image, read_video, write_image, write_video
+
 from .job_queue import JobQueue, run_jobs
 from .queue_runner import Stopped, generate_job, model_options, queued_jobs_from_request, seeded_job
 from .settings import (
@@ -26,7 +28,6 @@ from .settings import (
     ModelOptions,
     model_source,
 )
-from .video import read_image, read_video, write_image, write_video
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2

@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from model_core.media_files import read_image, read_video
+
 from . import gallery
 from .catalog import BUNDLED, MISSING_BUNDLED, is_local, source_for
 from .cli import USER_ERRORS, save
@@ -20,7 +22,6 @@ from model_core.sampling import Progress
 
 from .jobs import Job, PipelineCache, StopSwitches, UnitPreview, progress_text, run_job
 from .settings import STAGE_COUNT, GenerationOptions, ModelOptions
-from .video import read_image, read_video
 
 THUMBNAIL_SIDE = 160
 OUT_OF_MEMORY = ("Out of memory. Open Memory and try offload 'model' or 'sequential', quantization int8/nf4, "

@@ -7,11 +7,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
+from model_core.media_files import read_image, read_video
 from model_core.storyboard import Storyboard
 
 from .job_queue import JobQueue, QueuedJob
 from .settings import GenerationOptions, ModelOptions
-from .video import read_image, read_video
 
 
 class Stopped(Exception):

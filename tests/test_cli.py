@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
+from model_core.media_files import read_image, read_metadata, read_video, write_video
 from pyramid_app import cli, settings
-from pyramid_app.video import read_image, read_metadata, read_video, write_video
 from tiny_checkpoint import build_tiny_checkpoint
 
 FAST = ["--first-frame-steps", "1,1,1", "--video-steps", "1,1,1", "--guidance", 1, "--video-guidance", 1, "--quiet"]

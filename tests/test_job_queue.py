@@ -3,9 +3,9 @@ import json
 
 import pytest
 
+from model_core.media_files import read_metadata, read_video
 from pyramid_app import cli
 from pyramid_app.job_queue import JobQueue, QueuedJob, SessionQueues, read_queue, run_jobs
-from pyramid_app.video import read_metadata, read_video
 from tiny_checkpoint import build_tiny_checkpoint
 
 FAST = ["--first-frame-steps", "1,1,1", "--video-steps", "1,1,1", "--guidance", 1, "--video-guidance", 1, "--quiet"]

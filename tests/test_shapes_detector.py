@@ -13,7 +13,7 @@ def test_reads_every_heldout_clip_right():
 
 
 def test_reads_clips_after_an_mp4_round_trip(tmp_path):
-    from pyramid_app.video import read_video, write_video
+    from model_core.media_files import read_video, write_video
 
     for index, prompt in enumerate(PROMPTS[::7]):
         path = write_video(render_clip(prompt, index), tmp_path / f"{index}.mp4", 8, {})

@@ -14,10 +14,10 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 from model_core.checkpoints import SETTINGS_FILE
+from model_core.media_files import read_metadata, read_video, write_video
 from pyramid_app import catalog, gallery, serve, studio
 from pyramid_app.jobs import PipelineCache
 from pyramid_app.settings import ModelOptions, memory_choices
-from pyramid_app.video import read_metadata, read_video, write_video
 from tiny_checkpoint import build_tiny_checkpoint
 
 FAST = dict(guidance_scale=1, video_guidance_scale=1, first_frame_steps_stage_1=1, first_frame_steps_stage_2=1,

@@ -82,7 +82,7 @@ def test_corrupt_sample_is_skipped_and_counted(world, tmp_path):
 def test_checkpoint_loads_in_the_app_and_renders_validation(world, tmp_path):
     from model_core.pipeline import PyramidFlowPipeline
     from model_core.transformers import PyramidFluxTransformer
-    from pyramid_app.video import read_video
+    from model_core.media_files import read_video
 
     run(world, tmp_path / "run", 2, "validation.every_steps=2", "validation.num_frames=9",
         "validation.first_frame_steps=[1, 1, 1]", "validation.video_steps=[1, 1, 1]")

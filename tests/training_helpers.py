@@ -22,7 +22,7 @@ def square_frames(num_frames: int, colour, size: int = 64) -> np.ndarray:
 
 def write_synthetic_world(root: Path, videos: int = 4, images: int = 4, corrupt: int = 0) -> Path:
     """mp4 clips (17 frames, 8 fps, 64x64), PNG images and optionally damaged files; returns the jsonl."""
-    from pyramid_app.video import write_video
+    from model_core.media_files import write_video
 
     root.mkdir(parents=True, exist_ok=True)
     lines = []

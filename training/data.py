@@ -144,7 +144,7 @@ class AnnotatedDataset(torch.utils.data.Dataset):
         return TrainingSample(request, self.pixels(entry, request), None, entry.text, features)
 
     def pixels(self, entry: Annotation, request: SampleRequest) -> torch.Tensor:
-        from pyramid_app.video import read_image, read_video
+        from model_core.media_files import read_image, read_video
 
         if entry.kind == "image":
             frames = read_image(entry.path)[None]

@@ -124,7 +124,7 @@ class FlowTask:
         """Render the recipe's validation prompts with the pipeline the app uses, from the saved checkpoint."""
         from model_core.lora import load_lora_adapter
         from model_core.pipeline import PyramidFlowPipeline
-        from pyramid_app.video import write_video
+        from model_core.media_files import write_video
 
         if self.lora:
             pipe = PyramidFlowPipeline.from_pretrained(self.base.root, variant=self.base.variant, device=self.device)

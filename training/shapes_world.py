@@ -112,7 +112,7 @@ def world_pairs(world_seed: int, stream: int, count: int) -> list:
 
 def write_world(out, count: int, seed: int, heldout: int, num_frames: int = NUM_FRAMES) -> Path:
     """Write the clips and `train.jsonl` / `heldout.jsonl` under `out`; returns the train jsonl."""
-    from pyramid_app.video import write_video
+    from model_core.media_files import write_video
 
     from .data import write_annotations
 

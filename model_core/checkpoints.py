@@ -6,7 +6,7 @@ of our own may add `pyramid_flow.json` at its root to override sizes, latent sta
 sampling settings it is generated with by default.
 """
 import json
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Optional
 
@@ -176,3 +176,22 @@ def vae_temporal_scale(root: Path) -> Optional[int]:
     if not config.is_file():
         return None
     return 2 ** sum(json.loads(config.read_text()).get("encoder_temporal_down_sample", (True, True, True, False)))
+
+
+def describe(family: Family, variant: str) -> dict:
+    """The JSON facts that a pipeline saved in the diffusers layout records in its model_index.json, so it loads
+    without the official folders: family, the variant's spec, latent normalisation and sampling defaults."""
+    return {"family": family.name, "variant": variant, "spec": asdict(family.variants[variant]),
+            "latent_normalization": asdict(family.normalization), "sampling": asdict(family.sampling)}
+
+
+def from_description(description: dict, where: str) -> tuple:
+    """(Family, variant) from `describe`'s output, read from the file named `where`."""
+    family = family_named(description.get("family"))
+    variant = description["variant"]
+    return replace(
+        family,
+        variants={**family.variants, variant: VariantSpec(**description["spec"])},
+        normalization=LatentNormalization(**description["latent_normalization"]),
+        sampling=sampling_defaults(description.get("sampling", {}), where),
+    ), variant

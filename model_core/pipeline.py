@@ -1,7 +1,9 @@
 """PyramidFlowPipeline: text-to-video, text-to-image, image-to-video and video extension."""
+import json
 import math
 import secrets
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional, Union
 
 import numpy as np
@@ -11,8 +13,8 @@ from diffusers.utils import BaseOutput
 from PIL import Image
 
 from . import __version__
-from .checkpoints import FAMILIES, SETTINGS_FILE, Family, VariantSpec
-from .loading import ResolvedCheckpoint, load_model, resolve_checkpoint
+from .checkpoints import FAMILIES, SETTINGS_FILE, Family, VariantSpec, describe, from_description
+from .loading import MODEL_BUILD_LOCK, ResolvedCheckpoint, load_model, resolve_checkpoint
 from .media import as_frames, to_frames, to_video_tensor
 from .memory import (
     bitsandbytes_configs,
@@ -34,6 +36,11 @@ OFFICIAL_PROMPT_SUFFIX = ", hyper quality, Ultra HD, 8K"  # the authors' `genera
 OFFICIAL_NEGATIVE_PROMPT = ("cartoon style, worst quality, low quality, blurry, absolute black, absolute white, low res, "
                             "extra limbs, extra digits, misplaced objects, mutated anatomy, monochrome, horror")
 OUTPUT_TYPES = ("np", "pil", "latent")
+MODEL_INDEX = "model_index.json"
+CUSTOM_PIPELINE_MODULE = (  # what `save_pretrained` writes as pipeline.py, for DiffusionPipeline(custom_pipeline=...)
+    '''"""Pyramid Flow Studio's pipeline, for `DiffusionPipeline.from_pretrained(<folder>, custom_pipeline=<folder>, trust_remote_code=True)`."""\n'''
+    "from model_core.pipeline import PyramidFlowPipeline  # noqa: F401\n"
+)
 
 
 @dataclass
@@ -61,15 +68,21 @@ class PyramidFlowPipeline(DiffusionPipeline):
     _callback_tensor_inputs = ["latents", "unit_latents", "video_latents", "prompt_embeds", "negative_prompt_embeds"]
 
     def __init__(self, vae, transformer, scheduler, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
-                 text_encoder_3=None, tokenizer_3=None):
+                 text_encoder_3=None, tokenizer_3=None, pyramid_flow: Optional[dict] = None):
+        """`pyramid_flow`: the checkpoint facts (`model_core.checkpoints.describe` plus "official_defaults") that
+        `save_pretrained` records in model_index.json; None means a published 384p checkpoint of the family."""
         super().__init__()
         self.register_modules(vae=vae, transformer=transformer, scheduler=scheduler, text_encoder=text_encoder,
                               tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
                               text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
-        self.checkpoint = ResolvedCheckpoint(None, FAMILIES["sd3" if text_encoder_3 is not None else "miniflux"], "384p")
+        self.register_to_config(pyramid_flow=pyramid_flow)
+        if pyramid_flow:
+            self.checkpoint = ResolvedCheckpoint(None, *from_description(pyramid_flow, "model_index.json"))
+        else:
+            self.checkpoint = ResolvedCheckpoint(None, FAMILIES["sd3" if text_encoder_3 is not None else "miniflux"], "384p")
         self.compute_dtype = next(transformer.parameters()).dtype
         self.source = None
-        self.official_defaults = False
+        self.official_defaults = bool((pyramid_flow or {}).get("official_defaults", False))
         self.settings_base = {"offload": "none", "quantize": "none", "vae_tiling": False, "dtype": str(self.compute_dtype).replace("torch.", "")}
         names = ["text_encoder", "text_encoder_2", "text_encoder_3"][: 3 if text_encoder_3 is not None else 2]
         self.prompt_encoder = PROMPT_ENCODERS[self.family.name](
@@ -114,6 +127,9 @@ class PyramidFlowPipeline(DiffusionPipeline):
         """
         device, dtype = resolve_device(device), resolve_dtype(torch_dtype)
         check_memory_options(device, dtype, offload, quantize)
+        if (Path(source).expanduser() / MODEL_INDEX).is_file():
+            return cls._from_saved_pipeline(Path(source).expanduser(), device, dtype, offload, quantize, vae_tiling, lora,
+                                            official_defaults)
         checkpoint = resolve_checkpoint(source, variant, model, tqdm_class=tqdm_class)
         from .transformers import PyramidFluxTransformer, PyramidMMDiT
         from .vae import CausalVideoVAE
@@ -137,7 +153,43 @@ class PyramidFlowPipeline(DiffusionPipeline):
         pipe._apply_memory_options(device, dtype, offload, quantize, vae_tiling)
         pipe.source = str(source)
         pipe.official_defaults = not (checkpoint.root / SETTINGS_FILE).is_file() if official_defaults is None else bool(official_defaults)
+        pipe.register_to_config(pyramid_flow={**describe(checkpoint.family, checkpoint.variant),
+                                              "official_defaults": pipe.official_defaults})
         return pipe
+
+    @classmethod
+    def _from_saved_pipeline(cls, root: Path, device, dtype, offload, quantize, vae_tiling, lora, official_defaults):
+        """A folder written by `save_pretrained` (diffusers layout: model_index.json and a folder per component)."""
+        facts = json.loads((root / MODEL_INDEX).read_text()).get("pyramid_flow")
+        if not isinstance(facts, dict):
+            raise ValueError(f"{root / MODEL_INDEX} was not written by PyramidFlowPipeline.save_pretrained (no 'pyramid_flow' entry)")
+        quantization = None
+        if uses_bitsandbytes(quantize, device):
+            from diffusers import PipelineQuantizationConfig
+
+            t5 = PROMPT_ENCODERS[facts["family"]].t5_folder
+            dit_quant, t5_quant = bitsandbytes_configs(quantize, dtype)
+            quantization = PipelineQuantizationConfig(quant_mapping={"transformer": dit_quant, t5: t5_quant})
+        with MODEL_BUILD_LOCK:
+            pipe = super().from_pretrained(root, dtype=dtype, quantization_config=quantization)
+        if lora is not None:
+            from .lora import load_lora_adapter
+
+            load_lora_adapter(pipe.transformer, lora)
+        pipe.compute_dtype = dtype
+        pipe._apply_memory_options(device, dtype, offload, quantize, vae_tiling)
+        pipe.source = str(root)
+        if official_defaults is not None:
+            pipe.official_defaults = bool(official_defaults)
+            pipe.register_to_config(pyramid_flow={**facts, "official_defaults": pipe.official_defaults})
+        return pipe
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """Save in diffusers' layout (model_index.json, a folder per component) with a `pipeline.py` beside it, so
+        `PyramidFlowPipeline.from_pretrained(dir)` and `DiffusionPipeline.from_pretrained(dir, custom_pipeline=dir)`
+        both load it back. The published checkpoints' official layout stays the one `from_pretrained` reads from the hub."""
+        super().save_pretrained(save_directory, **kwargs)
+        (Path(save_directory) / "pipeline.py").write_text(CUSTOM_PIPELINE_MODULE)
 
     def _apply_memory_options(self, device, dtype, offload, quantize, vae_tiling):
         t5 = self.prompt_encoder.encoders[self.prompt_encoder.t5_folder]

@@ -1,6 +1,7 @@
 """miniFLUX pyramid transformer: dual-stream then single-stream blocks with 3-axis (t, h, w) RoPE."""
 import torch
 from diffusers.configuration_utils import register_to_config
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (diffusers' pipeline loader finds the base class here)
 from torch import nn
 
 from .attention import AttentionLayout, SelfAttention

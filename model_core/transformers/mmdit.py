@@ -2,6 +2,7 @@
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import register_to_config
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (diffusers' pipeline loader finds the base class here)
 from torch import nn
 
 from .blocks import AdaLayerNormContinuous, DualStreamBlock

@@ -38,7 +38,9 @@ _swept_folders = set()
 
 class VideoInfo(NamedTuple):
     """What a video's headers say. `num_frames` is the stream's frame count when the container
-    stores one (mp4, mov), else estimated as round(duration x fps) (webm, mkv, some gifs)."""
+    stores one (mp4, mov), else estimated as round(duration x fps) (webm, mkv, some gifs).
+    `width` and `height` are the coded size: `read_video` turns a video with a display rotation
+    of a quarter turn (phone videos) upright, so its frames are `height` wide and `width` high."""
 
     width: int
     height: int
@@ -60,8 +62,9 @@ def probe_video(path) -> VideoInfo:
 def read_video(path, max_frames=None, max_pixels=None) -> tuple:
     """Decode frame by frame into one `uint8 [T, H, W, 3]` RGB array sized from the header; returns (frames, fps).
 
-    A video with more than `max_frames` frames or more than `max_pixels` pixels per frame is refused
-    with a ValueError before any frame is decoded (and again while decoding, should the header understate).
+    A video with more than `max_frames` frames or more than `max_pixels` pixels per frame is refused with a
+    ValueError before any frame is decoded (and again while decoding, should the header understate). Frames
+    come out upright: a display rotation (phone videos) is applied as ffmpeg's autorotate does.
     """
     with _opened_video(path) as (container, stream):
         info = _video_info(path, container, stream)
@@ -69,14 +72,16 @@ def read_video(path, max_frames=None, max_pixels=None) -> tuple:
         if max_frames is not None and info.num_frames > max_frames:
             raise ValueError(f"video {path} has {info.num_frames} frames; at most {max_frames} are allowed")
         stream.thread_type = "AUTO"
-        frames = np.empty((info.num_frames, info.height, info.width, 3), np.uint8)  # filled in place
-        extra = []  # frames beyond an estimated count
+        frames, extra = None, []  # extra: frames beyond an estimated count
         count = 0
         try:
             for frame in container.decode(stream):
                 if max_frames is not None and count == max_frames:
                     raise ValueError(f"video {path} has more than {max_frames} frames; at most {max_frames} are allowed")
-                pixels = frame.to_ndarray(format="rgb24", width=info.width, height=info.height, interpolation=SCALING)
+                pixels = _upright(frame.to_ndarray(format="rgb24", width=info.width, height=info.height,
+                                                   interpolation=SCALING), frame.rotation)
+                if frames is None:
+                    frames = np.empty((info.num_frames, *pixels.shape), np.uint8)  # filled in place
                 if count < len(frames):
                     frames[count] = pixels
                 else:
@@ -248,17 +253,14 @@ class VideoWriter:
             self._encoded = None
 
 
-def _opened_video_container(path):
-    path = _existing(path)
-    try:
-        return av.open(str(path), metadata_errors="replace")
-    except av.FFmpegError as error:
-        raise ValueError(f"cannot read video {path}: expected {VIDEO_KINDS}") from error
-
-
 @contextmanager
 def _opened_video(path):
-    with _opened_video_container(path) as container:
+    path = _existing(path)
+    try:
+        container = av.open(str(path), metadata_errors="replace")
+    except av.FFmpegError as error:
+        raise ValueError(f"cannot read video {path}: expected {VIDEO_KINDS}") from error
+    with container:
         if not container.streams.video:
             raise ValueError(f"cannot read video {path}: it has no video stream; expected {VIDEO_KINDS}")
         yield container, container.streams.video[0]
@@ -291,6 +293,11 @@ def _opened_image(path):
         raise ValueError(f"cannot read image {path}: expected {IMAGE_KINDS}") from error
     with image:
         yield image
+
+
+def _upright(pixels: np.ndarray, rotation) -> np.ndarray:
+    """Turn a decoded frame by its display rotation (degrees counter-clockwise) in quarter turns."""
+    return np.rot90(pixels, k=round(rotation / 90)) if rotation else pixels
 
 
 def _refuse_oversized(what: str, width: int, height: int, max_pixels) -> None:

@@ -21,6 +21,7 @@ from model_core.media_files import (VideoWriter, probe_image, probe_video, read_
 
 ROOT = Path(__file__).resolve().parents[1]
 WRITTEN_BY_MOVIEPY = Path(__file__).parent / "media" / "written_by_moviepy.mp4"  # by the moviepy/ffmpeg writer before PyAV
+SHAPES_CLIP_BY_MOVIEPY = Path(__file__).parent / "media" / "shapes_clip_by_moviepy.mp4"  # "a red circle moving up", seed 11
 SETTINGS = {
     "mode": "text_to_video", "prompt": 'a "red" ball; x = y # not a comment \\ backslash\nnew line, héllo ✓',
     "seed": 2**40 + 7, "first_frame_steps": [20, 20, 20], "guidance_scale": 7.0, "negative_prompt": "",
@@ -39,12 +40,12 @@ def leftovers(folder, keep) -> list:
     return sorted(p.name for p in folder.iterdir() if p.name not in keep)
 
 
-def copy_stream(source, target, container_format, comment=None) -> Path:
-    """Remux the video stream of `source` into `target` (no re-encode), with or without a comment tag."""
+def copy_stream(source, target, container_format, rotation=None) -> Path:
+    """Remux the video stream of `source` into `target` (no re-encode, no comment), optionally marked rotated."""
     with av.open(str(source)) as inp, av.open(str(target), "w", format=container_format) as out:
-        if comment is not None:
-            out.metadata["comment"] = comment
         copy = out.add_stream_from_template(inp.streams.video[0])
+        if rotation is not None:
+            copy.set_display_rotation(rotation)
         for packet in inp.demux(inp.streams.video[0]):
             if packet.dts is not None:
                 packet.stream = copy
@@ -98,6 +99,15 @@ def test_odd_sizes_are_padded_to_even_by_repeating_the_edge(tmp_path):
     assert np.abs(frames[:, :33, :47].astype(int) - clip).mean() < 3
 
 
+@pytest.mark.parametrize("rotation", [90, 180, -90])
+def test_phone_videos_with_a_display_rotation_come_out_upright(tmp_path, rotation):
+    """The rotated copy must read as ffmpeg's autorotate shows it: the stored frames turned counter-clockwise."""
+    stored, _ = read_video(write_video(smooth_clip(), tmp_path / "stored.mp4", fps=24, metadata={}))
+    rotated = copy_stream(tmp_path / "stored.mp4", tmp_path / "rotated.mp4", "mp4", rotation=rotation)
+    frames, _ = read_video(rotated)
+    assert np.array_equal(frames, np.rot90(stored, k=rotation // 90, axes=(1, 2)))
+
+
 def test_metadata_round_trips_exactly_from_mp4_png_and_sidecar(tmp_path):
     mp4 = write_video(smooth_clip(), tmp_path / "clip.mp4", fps=24, metadata=SETTINGS)
     png = write_image(smooth_clip(1)[0], tmp_path / "still.png", metadata=SETTINGS)
@@ -113,6 +123,17 @@ def test_videos_written_before_pyav_still_read_back():
     frames, fps = read_video(WRITTEN_BY_MOVIEPY)
     assert fps == 8 and frames.shape == (4, 16, 24, 3)
     assert np.abs(frames.astype(int) - smooth_clip(4, 16, 24)).mean() < 3
+
+
+def test_shapes_world_clips_decode_as_they_did_with_the_moviepy_writer(tmp_path):
+    """The bundled model was trained and is evaluated on these clips: the encoder must not move their pixels."""
+    from training.shapes_world import FPS, NUM_FRAMES, render_clip
+
+    before, _ = read_video(SHAPES_CLIP_BY_MOVIEPY)
+    now, _ = read_video(write_video(render_clip("a red circle moving up", 11, NUM_FRAMES), tmp_path / "clip.mp4",
+                                    fps=FPS, metadata={}))
+    # 0 where the reference was written (same x264 threads); bilinear colour conversion would give about 0.2
+    assert np.abs(now.astype(int) - before).mean() < 0.05
 
 
 def test_metadata_falls_back_to_the_sidecar(tmp_path):

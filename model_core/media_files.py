@@ -448,7 +448,7 @@ def _same_file(path: Path, handle: int) -> bool:
 def _remove_if_abandoned(path: Path) -> bool:
     """Remove a staged file unless a live writer holds its lock (the lock dies with the writer's process)."""
     try:
-        handle = os.open(path, os.O_RDONLY)
+        handle = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
         return False
     try:

@@ -4,6 +4,7 @@
 image or clip where there is one); every other argument defaults to the control's value in the UI.
 """
 import secrets
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from model_core.sampling import Progress
 
 from .jobs import Job, PipelineCache, StopSwitches, UnitPreview, progress_text, run_job
 from .settings import STAGE_COUNT, GenerationOptions, ModelOptions
+from .studio_queue import StudioQueues, job_id_at, queue_rows
 
 THUMBNAIL_SIDE = 160
 OUT_OF_MEMORY = ("Out of memory. Open Memory and try offload 'model' or 'sequential', quantization int8/nf4, "
@@ -39,6 +41,8 @@ class Endpoints:
         self.output_dir = Path(output_dir).resolve()
         self.pipelines = pipelines or PipelineCache()
         self.stops = StopSwitches()
+        self.device_lock = threading.Lock()  # one generation at a time: Generate or a queued job
+        self.queues = StudioQueues(self.output_dir, self.pipelines, self.device_lock, save)
 
     # --- the four API endpoints ---------------------------------------------------------------
 
@@ -61,7 +65,7 @@ class Endpoints:
     def _generate(self, mode, prompt, upload, num_frames, history, controls, request, progress):
         """Yield (result, frames, status, seed used, history): frames as units finish, the saved file last."""
         started = time.monotonic()
-        session = getattr(request, "session_hash", None) or "local"
+        session = _session(request)
         stop = self.stops.start(session)  # Stop works from the moment the request runs, loading included
         try:
             condition = _read_upload(mode, upload)
@@ -70,16 +74,17 @@ class Endpoints:
             progress(0, desc="loading model (a hub model is downloaded on first use)")
             pipe = self.pipelines.get(model, tqdm_class=tqdm)
             frames, shown = [], float("-inf")
-            for event in run_job(pipe, Job(mode, prompt or "", condition, options), stop):
-                if isinstance(event, UnitPreview):
-                    frames = frames + _thumbnails(event.frames)
-                    yield gr.skip(), frames, f"Generating… {progress_text(event.progress)}", str(options.seed), gr.skip()
-                elif isinstance(event, Progress):
-                    if time.monotonic() - shown >= PROGRESS_INTERVAL:
-                        progress(event.fraction, desc=progress_text(event))
-                        shown = time.monotonic()
-                else:
-                    result = event
+            with self.device_lock:
+                for event in run_job(pipe, Job(mode, prompt or "", condition, options), stop):
+                    if isinstance(event, UnitPreview):
+                        frames = frames + _thumbnails(event.frames)
+                        yield gr.skip(), frames, f"Generating… {progress_text(event.progress)}", str(options.seed), gr.skip()
+                    elif isinstance(event, Progress):
+                        if time.monotonic() - shown >= PROGRESS_INTERVAL:
+                            progress(event.fraction, desc=progress_text(event))
+                            shown = time.monotonic()
+                    else:
+                        result = event
             if len(result.frames) == 0:
                 yield gr.skip(), [], NOTHING_FINISHED, str(options.seed), gr.skip()
                 return
@@ -102,6 +107,73 @@ class Endpoints:
                             dtype=controls["dtype"], offload=controls["offload"], quantize=controls["quantize"],
                             vae_tiling=bool(controls["vae_tiling"]))
 
+    # --- the queue ----------------------------------------------------------------------------
+
+    def queue_text_to_video(self, prompt: str, num_frames: int, request: gr.Request = None, **controls):
+        return self.add_to_queue("text_to_video", prompt, None, num_frames, request, **controls)
+
+    def queue_image_to_video(self, image: str, prompt: str, num_frames: int, request: gr.Request = None, **controls):
+        return self.add_to_queue("image_to_video", prompt, image, num_frames, request, **controls)
+
+    def queue_extend_video(self, video: str, prompt: str, num_frames: int, request: gr.Request = None, **controls):
+        return self.add_to_queue("extend_video", prompt, video, num_frames, request, **controls)
+
+    def queue_text_to_image(self, prompt: str, request: gr.Request = None, **controls):
+        return self.add_to_queue("text_to_image", prompt, None, None, request, **controls)
+
+    def add_to_queue(self, mode: str, prompt: str, upload, num_frames, request: gr.Request = None, **controls):
+        """Queue the job the tab's controls describe; returns the queue's rows and a status line."""
+        session = _session(request)
+        try:
+            if mode in MISSING_UPLOAD:
+                _read_upload(mode, upload)
+            job = self.queues.add(session, mode, prompt, None, upload, _generation_options(controls, num_frames, seeded=False),
+                                  self._model_options(controls))
+        except (*USER_ERRORS, OSError) as error:
+            raise gr.Error(_message(error, upload), print_exception=False) from None
+        queue = self.queues.queue(session)
+        return queue_rows(queue), f"Queued as #{[j.id for j in queue.jobs].index(job.id) + 1}: {job.text or mode}"
+
+    def queue_view(self, request: gr.Request = None):
+        """The rows of the caller's queue and whether it is paused."""
+        queue = self.queues.queue(_session(request))
+        return queue_rows(queue), queue.paused
+
+    def queue_action(self, action: str, position=None, request: gr.Request = None):
+        """up / down / remove the job at `position`, pause / resume, clear (finished jobs); returns the rows."""
+        session = _session(request)
+        queue = self.queues.queue(session)
+        try:
+            if action in ("up", "down", "remove"):
+                job_id = job_id_at(queue, position)
+                if action == "remove":
+                    queue.remove(job_id)
+                else:
+                    queue.move(job_id, -1 if action == "up" else 1)
+            elif action in ("pause", "resume"):
+                queue.set_paused(action == "pause")
+                if action == "resume":
+                    self.queues.start(session)
+            elif action == "clear":
+                queue.clear()
+        except ValueError as error:
+            raise gr.Error(_message(error), print_exception=False) from None
+        return queue_rows(queue)
+
+    def export_queue(self, request: gr.Request = None) -> str:
+        queue = self.queues.queue(_session(request))
+        return str(queue.export(queue.path.parent / "queue-export.json"))
+
+    def import_queue(self, path, request: gr.Request = None):
+        session = _session(request)
+        queue = self.queues.queue(session)
+        try:
+            queue.merge(path)
+        except (*USER_ERRORS, OSError) as error:
+            raise gr.Error(_message(error, path), print_exception=False) from None
+        self.queues.start(session)
+        return queue_rows(queue)
+
     # --- helpers behind the other controls ----------------------------------------------------
 
     def stop(self, request: gr.Request = None) -> str:
@@ -119,14 +191,19 @@ def _read_upload(mode, upload):
     return read_image(upload) if mode == "image_to_video" else read_video(upload)[0]
 
 
-def _generation_options(controls, num_frames) -> GenerationOptions:
+def _session(request) -> str:
+    return getattr(request, "session_hash", None) or "local"
+
+
+def _generation_options(controls, num_frames, seeded: bool = True) -> GenerationOptions:
     steps = {name: tuple(int(controls[gallery.step_control(name, stage)]) for stage in range(STAGE_COUNT))
              for name in ("first_frame_steps", "video_steps")}
-    return GenerationOptions(
+    options = GenerationOptions(
         negative_prompt=controls["negative_prompt"] or None, num_frames=None if num_frames is None else int(num_frames),
         seed=_seed(controls["seed"]), guidance_scale=float(controls["guidance_scale"]),
         video_guidance_scale=float(controls["video_guidance_scale"]), **steps,
-    ).seeded()
+    )
+    return options.seeded() if seeded else options
 
 
 def _seed(text):

@@ -53,10 +53,10 @@ class QueuedJob:
             raise ValueError(f"{where}: unknown job field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
         return cls(**data)
 
-    def summary(self) -> str:
-        """One line for lists: state, mode, and the prompt (or the storyboard's prompts)."""
-        text = " → ".join(s["prompt"] for s in self.storyboard["segments"]) if self.storyboard else self.prompt
-        return f"[{self.state}] {self.mode.replace('_', ' ')}: {text}"
+    @property
+    def text(self) -> str:
+        """The prompt, or the storyboard's prompts in order."""
+        return " → ".join(s["prompt"] for s in self.storyboard["segments"]) if self.storyboard else self.prompt
 
 
 class JobQueue:

@@ -15,6 +15,7 @@ from . import gallery
 from .catalog import is_local, length_limits, model_choices, model_facts, source_for
 from .endpoints import Endpoints
 from .settings import DTYPES, OFFLOAD_MODES, QUANTIZE_MODES, STAGE_COUNT, ModelOptions, fresh_seed, memory_choices
+from .studio_queue import QUEUE_HEADERS
 
 GENERATION_QUEUE = "generation"  # one concurrency group: one generation at a time on this device
 PLACEHOLDER_SPEC = VARIANTS["384p"]  # slider limits until a model with known limits is picked
@@ -42,7 +43,7 @@ def build_studio(default_model=None, output_dir="outputs", pipelines=None) -> gr
         history, selected, fps = gr.State([]), gr.State(None), gr.State(spec.fps)
         with gr.Row():
             with gr.Column(scale=5):
-                tabs, inputs, buttons, lengths = _mode_tabs(spec)
+                tabs, inputs, buttons, lengths, queue_buttons = _mode_tabs(spec)
                 stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
                 controls = {**_model_panel(endpoints.default_model, facts), **_sampling_panel(facts.sampling),
                             **_memory_panel()}
@@ -55,6 +56,10 @@ def build_studio(default_model=None, output_dir="outputs", pipelines=None) -> gr
                 seed_used = gr.Textbox(label="Seed used", interactive=False, elem_id="seed-used")
                 frames = gr.Gallery(label="Frames", columns=9, height=220,
                                     object_fit="contain", fit_columns=False, elem_id="frames")
+        queue_table, queue_status = _queue_panel(endpoints)
+        for mode, button in queue_buttons.items():
+            button.click(getattr(endpoints, f"queue_{mode}"), inputs[mode], [queue_table, queue_status],
+                         api_name=f"queue_{mode}", inputs_kwargs=controls, concurrency_limit=None)
         with gr.Accordion("This session's outputs", open=True):
             with gr.Row():
                 outputs = gr.Gallery(label="Outputs", columns=4, height=260, allow_preview=False,
@@ -125,13 +130,14 @@ def build_studio(default_model=None, output_dir="outputs", pipelines=None) -> gr
 
 def _mode_tabs(spec) -> tuple:
     """The four tabs: per mode its API inputs (upload, prompt, length), Generate button and length note."""
-    inputs, buttons, lengths = {}, {}, {}
+    inputs, buttons, lengths, queue_buttons = {}, {}, {}, {}
     with gr.Tabs(selected="text_to_video") as tabs:
         with gr.Tab("Text → Video", id="text_to_video"):
             prompt = gr.Textbox(label="Prompt", lines=2, placeholder="Describe the video", elem_id="t2v-prompt")
             inputs["text_to_video"] = [prompt, _frames_slider(spec, "Duration (frames)", "t2v-frames")]
             lengths["text_to_video"] = gr.Markdown(_length_note(spec.max_frames, spec.fps))
             buttons["text_to_video"] = gr.Button("Generate video", variant="primary", elem_id="t2v-generate")
+            queue_buttons["text_to_video"] = gr.Button("Add to queue", elem_id="t2v-queue")
             gr.Examples([[text] for text in EXAMPLE_PROMPTS], prompt, label="Example prompts for the bundled model",
                         cache_examples=False)
         with gr.Tab("Image → Video", id="image_to_video"):
@@ -140,6 +146,7 @@ def _mode_tabs(spec) -> tuple:
             inputs["image_to_video"] = [image, prompt, _frames_slider(spec, "Duration (frames)", "i2v-frames")]
             lengths["image_to_video"] = gr.Markdown(_length_note(spec.max_frames, spec.fps))
             buttons["image_to_video"] = gr.Button("Animate image", variant="primary", elem_id="i2v-generate")
+            queue_buttons["image_to_video"] = gr.Button("Add to queue", elem_id="i2v-queue")
         with gr.Tab("Extend a video", id="extend_video"):
             video = gr.Video(label="Clip to continue", sources=["upload"], include_audio=True, elem_id="extend-video")
             prompt = gr.Textbox("", label="Prompt (optional)", lines=2, placeholder="What happens next?")
@@ -147,11 +154,51 @@ def _mode_tabs(spec) -> tuple:
             inputs["extend_video"] = [video, prompt, new_frames]
             lengths["extend_video"] = gr.Markdown(_length_note(new_frames.value, spec.fps, extension=True))
             buttons["extend_video"] = gr.Button("Extend video", variant="primary", elem_id="extend-generate")
+            queue_buttons["extend_video"] = gr.Button("Add to queue", elem_id="extend-queue")
         with gr.Tab("Text → Image", id="text_to_image"):
             inputs["text_to_image"] = [gr.Textbox(label="Prompt", lines=2, placeholder="Describe the image",
                                                   elem_id="t2i-prompt")]
             buttons["text_to_image"] = gr.Button("Generate image", variant="primary", elem_id="t2i-generate")
-    return tabs, inputs, buttons, lengths
+            queue_buttons["text_to_image"] = gr.Button("Add to queue", elem_id="t2i-queue")
+    return tabs, inputs, buttons, lengths, queue_buttons
+
+
+def _queue_panel(endpoints) -> tuple:
+    """The queue: its jobs, what to do with them, export / import; refreshed every 2 s while the app is open."""
+    with gr.Accordion("Queue", open=False, elem_id="queue"):
+        gr.Markdown("Jobs added with **Add to queue** run one after another, also when this tab is closed; the queue "
+                    "is saved in the output folder and survives a restart. `python -m pyramid_app run-queue FILE` "
+                    "runs an exported queue without the studio.")
+        table = gr.Dataframe(headers=QUEUE_HEADERS, interactive=False, wrap=True, elem_id="queue-table")
+        status = gr.Markdown("", elem_id="queue-status")
+        with gr.Row():
+            position = gr.Number(1, label="Job #", precision=0, minimum=1, scale=1, elem_id="queue-position")
+            buttons = {action: gr.Button(label, size="sm", elem_id=f"queue-{action}")
+                       for action, label in (("up", "Move up"), ("down", "Move down"), ("remove", "Remove"))}
+        with gr.Row():
+            paused = gr.Checkbox(False, label="Paused (the running job finishes, no other starts)", elem_id="queue-paused")
+            clear = gr.Button("Clear finished", size="sm", elem_id="queue-clear")
+            export = gr.DownloadButton("Export queue", size="sm", elem_id="queue-export")
+            upload = gr.UploadButton("Import queue", file_types=[".json"], size="sm", elem_id="queue-import")
+    for action, button in {**buttons, "clear": clear}.items():
+        button.click(_queue_action(endpoints, action), position, table, **HELPERS)
+
+    def pause_or_resume(value, request: gr.Request):
+        return endpoints.queue_action("pause" if value else "resume", None, request)
+
+    paused.input(pause_or_resume, paused, table, **HELPERS)
+    export.click(endpoints.export_queue, None, export, **HELPERS)
+    upload.upload(endpoints.import_queue, upload, table, **HELPERS)
+    timer = gr.Timer(2.0)
+    timer.tick(endpoints.queue_view, None, [table, paused], **HELPERS)
+    return table, status
+
+
+def _queue_action(endpoints, action):
+    def act(position, request: gr.Request):
+        return endpoints.queue_action(action, position, request)
+
+    return act
 
 
 def _frames_slider(spec, label, elem_id, extension=False) -> gr.Slider:

@@ -1,0 +1,73 @@
+"""The studio's queue through its API on a tiny checkpoint: jobs run in the background, the queue outlives the app."""
+import time
+
+import pytest
+from gradio_client import Client
+
+from pyramid_app.job_queue import JobQueue, QueuedJob, read_queue
+from pyramid_app.video import read_metadata
+from test_studio import FAST, launch_studio, local_path
+from tiny_checkpoint import build_tiny_checkpoint
+
+QUEUE_TIMEOUT_S = 120
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "miniflux")
+
+
+def wait_until_done(queue_file, count):
+    deadline = time.monotonic() + QUEUE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        jobs = read_queue(queue_file)[0] if queue_file.is_file() else []
+        if len(jobs) == count and all(job.state in ("done", "failed") for job in jobs):
+            return jobs
+        time.sleep(0.2)
+    raise AssertionError(f"the queue did not finish: {[job.state for job in read_queue(queue_file)[0]]}")
+
+
+def test_queued_jobs_run_and_the_queue_survives_a_restart(tiny_model, tmp_path):
+    output_dir, queue_file = tmp_path / "outputs", tmp_path / "outputs" / "queue.json"
+    demo, url = launch_studio(tiny_model, output_dir)
+    try:
+        client = Client(url, verbose=False, download_files=False)
+        rows, status = client.predict("a red ball", num_frames=9, seed="5", **FAST, api_name="/queue_text_to_video")
+        assert status.startswith("Queued as #1") and [row[3] for row in rows["data"]] == ["a red ball"]
+        first = wait_until_done(queue_file, 1)[0]
+        assert first.state == "done", first.error
+    finally:
+        demo.close()
+    made = output_dir / first.output
+    assert read_metadata(made)["prompt"] == "a red ball" and read_metadata(made)["seed"] == 5
+    # a job left pending while the app was down runs when it starts again; the finished one is not redone
+    JobQueue(queue_file).add(QueuedJob(mode="text_to_video", prompt="a blue cube", model={"model": str(tiny_model)},
+                                       options={"num_frames": 9, "seed": 6, "guidance_scale": 1, "video_guidance_scale": 1,
+                                                "first_frame_steps": [1, 1, 1], "video_steps": [1, 1, 1]}))
+    stamp = made.stat().st_mtime_ns
+    demo, url = launch_studio(tiny_model, output_dir)
+    try:
+        jobs = wait_until_done(queue_file, 2)
+        assert [(job.prompt, job.state) for job in jobs] == [("a red ball", "done"), ("a blue cube", "done")]
+        assert made.stat().st_mtime_ns == stamp
+        assert read_metadata(output_dir / jobs[1].output)["prompt"] == "a blue cube"
+        client = Client(url, verbose=False, download_files=False)
+        rows, _ = client.predict("a green cone", num_frames=9, **FAST, api_name="/queue_text_to_video")
+        assert [row[1:4] for row in rows["data"]][:2] == [["done", "text to video", "a red ball"],
+                                                          ["done", "text to video", "a blue cube"]]
+        assert wait_until_done(queue_file, 3)[2].state == "done"
+    finally:
+        demo.close()
+
+
+def test_a_bad_queued_request_is_refused_with_a_sentence(tiny_model, tmp_path):
+    demo, url = launch_studio(tiny_model, tmp_path / "outputs")
+    try:
+        client = Client(url, verbose=False, download_files=False)
+        with pytest.raises(Exception, match="Upload an image to animate first"):
+            client.predict(None, "it drifts", num_frames=9, **FAST, api_name="/queue_image_to_video")
+        with pytest.raises(Exception, match="seed must be a whole number"):
+            client.predict("a red ball", seed="abc", **FAST, api_name="/queue_text_to_video")
+    finally:
+        demo.close()
+    assert not (tmp_path / "outputs" / "queue.json").exists()

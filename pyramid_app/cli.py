@@ -220,8 +220,8 @@ def run_queue(path: Path, quiet: bool = False) -> int:
             loaded[model] = load_pipeline(model)
         report(f"job {job.id}: {job.mode.replace('_', ' ')}, seed {job.options['seed']}")
         with _stop_on_ctrl_c() as stop:
-            out = generate_job(loaded[model], job, path.parent, save, callback=None if quiet else ProgressPrinter(),
-                               previews=False, interrupt=stop)
+            out = generate_job(loaded[model], job, path.parent, save,
+                               callback_on_step_end=step_callback(None if quiet else ProgressPrinter(), stop))
         print(f"{out}\tseed={job.options['seed']}", flush=True)
         return out
 

@@ -50,6 +50,8 @@ def generate_job(pipe, job: QueuedJob, folder: Path, save: Callable, **call_opti
     result = getattr(pipe, job.mode)(*job_inputs(job, folder), job_prompt(job),
                                      **options.to_pipeline_kwargs(job.mode), **call_options)
     out = job_output(job, folder)
+    if len(result.frames) == 0:
+        raise Stopped("stopped before the first frame was finished; nothing was saved")
     out.parent.mkdir(parents=True, exist_ok=True)
     save(result, out)
     if result.interrupted:

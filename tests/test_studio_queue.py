@@ -5,7 +5,7 @@ import pytest
 from gradio_client import Client
 
 from pyramid_app.job_queue import JobQueue, QueuedJob, read_queue
-from pyramid_app.video import read_metadata
+from model_core.media_files import read_metadata
 from test_studio import FAST, launch_studio, local_path
 from tiny_checkpoint import build_tiny_checkpoint
 

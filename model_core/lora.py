@@ -1,30 +1,149 @@
-"""Load a peft LoRA adapter (adapter_config.json + adapter_model.safetensors) into a transformer for inference."""
+"""LoRA adapters the diffusers way: the transformers are `PeftAdapterMixin`s, the pipeline gets `load_lora_weights`.
+
+Two file layouts are read: a peft adapter folder (adapter_config.json + adapter_model.safetensors, what
+`training` writes for recipe lora.yaml) and diffusers' `pytorch_lora_weights.safetensors` (or any
+.safetensors file of LoRA weights), whose keys may carry the pipeline's `transformer.` prefix.
+"""
+import json
 from pathlib import Path
 
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from .loading import MODEL_BUILD_LOCK
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
+PREFIX = "transformer."
 
 
-def load_lora_adapter(transformer, folder, adapter_name: str = "default"):
-    """Inject the adapter's LoRA layers into `transformer` and load their weights; returns the transformer."""
-    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+def lora_name(source) -> str:
+    """The default adapter name: the folder's name (the file's stem for a lone file)."""
+    path = Path(source)
+    return path.stem if path.is_file() else path.name
 
-    folder = Path(folder)
-    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder} is not a LoRA adapter: it lacks {name}")
-    config = LoraConfig.from_pretrained(str(folder))
+
+def _peft_config(folder: Path) -> dict:
+    from peft import LoraConfig
+
+    config = LoraConfig.from_pretrained(str(folder)).to_dict()
+    return {key: sorted(value) if isinstance(value, set) else value for key, value in config.items()}
+
+
+def _file_metadata(file: Path):
+    with safe_open(str(file), framework="pt") as handle:
+        raw = (handle.metadata() or {}).get(DIFFUSERS_METADATA_KEY)
+    return json.loads(raw) if raw else None
+
+
+def _unprefixed(mapping):
+    """Drop the pipeline's `transformer.` key prefix (diffusers' pipeline files carry it, model files do not)."""
+    if mapping is None or not any(key.startswith(PREFIX) for key in mapping):
+        return mapping
+    return {key.removeprefix(PREFIX): value for key, value in mapping.items() if key.startswith(PREFIX)}
+
+
+def read_lora(source, device="cpu") -> tuple:
+    """(state dict without prefix, LoraConfig kwargs or None) of a peft folder, a diffusers folder or a file."""
+    path = Path(source)
+    if path.is_dir() and (path / PEFT_CONFIG).is_file() and (path / PEFT_WEIGHTS).is_file():
+        return load_file(str(path / PEFT_WEIGHTS), device=str(device)), _peft_config(path)
+    file = path / DIFFUSERS_WEIGHTS if path.is_dir() else path
+    if not (file.is_file() and file.suffix == ".safetensors"):
+        raise FileNotFoundError(f"{source} is not a LoRA: expected a folder with {PEFT_CONFIG} + {PEFT_WEIGHTS} "
+                                f"(what training writes), a folder with {DIFFUSERS_WEIGHTS}, or a .safetensors file")
+    weights = load_file(str(file), device=str(device))
+    other = sorted({key.split(".")[0] for key in weights if not key.startswith(PREFIX)})
+    if any(key.startswith(PREFIX) for key in weights) and other:
+        raise ValueError(f"{source} also has LoRA weights for {', '.join(other)}; only transformer LoRAs are supported")
+    if not any(".lora_A." in key or ".lora_down." in key for key in weights):
+        raise ValueError(f"{file} holds no LoRA weights (no lora_A / lora_down keys)")
+    return _unprefixed(weights), _unprefixed(_file_metadata(file))
+
+
+def load_lora_adapter(transformer, source, adapter_name: str = None) -> str:
+    """Add the LoRA at `source` to `transformer` (a PeftAdapterMixin) as `adapter_name`; returns the name used."""
+    name = adapter_name or lora_name(source)
+    if name in getattr(transformer, "peft_config", {}):
+        raise ValueError(f"a LoRA named {name!r} is already loaded; pass another adapter_name")
+    weights, config = read_lora(source, device=next(transformer.parameters()).device)
     with MODEL_BUILD_LOCK:  # its new layers must not be built while another thread's load patches torch
-        inject_adapter_in_model(config, transformer, adapter_name=adapter_name)
-    weights = load_file(str(folder / ADAPTER_WEIGHTS), device=str(next(transformer.parameters()).device))
-    result = set_peft_model_state_dict(transformer, weights, adapter_name=adapter_name)
-    if result.unexpected_keys:
-        raise ValueError(f"the adapter in {folder} does not fit this transformer, e.g. {result.unexpected_keys[:3]}")
-    for module in transformer.modules():  # new LoRA layers start in float32; match the transformer
-        if hasattr(module, "lora_A"):
-            module.to(transformer.dtype)
-    return transformer.eval()
+        try:
+            transformer.load_lora_adapter(weights, prefix=None, adapter_name=name, metadata=config)
+        except (RuntimeError, KeyError) as error:
+            raise ValueError(f"the LoRA at {source} does not fit this transformer: {error}") from error
+    loaded = [m for m in transformer.modules() if hasattr(m, "lora_A") and name in m.lora_A]
+    if not loaded:
+        raise ValueError(f"the LoRA at {source} names no layer of this transformer")
+    for module in loaded:  # new LoRA layers start in float32; compute in the transformer's dtype
+        module.lora_A[name].to(transformer.dtype)
+        module.lora_B[name].to(transformer.dtype)
+    transformer.eval()
+    return name
+
+
+class PyramidLoraLoaderMixin:
+    """Pipeline-level LoRA loading in diffusers' style, for pipelines whose only LoRA target is `transformer`.
+
+    `self._lora_weights` keeps {adapter name: weight} of the loaded adapters, in load order; `lora_settings()`
+    is what the outputs record.
+    """
+
+    def _loras(self) -> dict:
+        if not hasattr(self, "_lora_weights"):
+            self._lora_weights = {}
+        return self._lora_weights
+
+    def load_lora_weights(self, source, adapter_name: str = None, weight: float = 1.0) -> str:
+        """Load a LoRA (peft adapter folder, diffusers folder or .safetensors file) and activate it at `weight`."""
+        weight = float(weight)
+        name = load_lora_adapter(self.transformer, source, adapter_name)
+        self._loras()[name] = weight
+        self.set_adapters(list(self._loras()), list(self._loras().values()))
+        return name
+
+    def set_adapters(self, adapter_names, adapter_weights=None) -> None:
+        """Activate these adapters (a name or a list) with these weights (one number or one per name)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [name for name in names if name not in self._loras()]
+        if unknown:
+            raise ValueError(f"no LoRA named {', '.join(map(repr, unknown))} is loaded; loaded: {list(self._loras())}")
+        if adapter_weights is None:
+            adapter_weights = [self._loras()[name] for name in names]
+        weights = [adapter_weights] * len(names) if isinstance(adapter_weights, (int, float)) else list(adapter_weights)
+        if len(weights) != len(names):
+            raise ValueError(f"give one weight per adapter: {len(names)} names, {len(weights)} weights")
+        self.transformer.set_adapters(names, [float(w) for w in weights])
+        self._active_loras = dict(zip(names, map(float, weights)))
+        self._loras().update(self._active_loras)
+
+    def get_active_adapters(self) -> list:
+        return list(getattr(self, "_active_loras", {}))
+
+    def fuse_lora(self, lora_scale: float = 1.0, adapter_names=None) -> None:
+        """Merge the active adapters into the transformer's weights (faster sampling; `unfuse_lora` undoes it)."""
+        self.transformer.fuse_lora(lora_scale=lora_scale, adapter_names=adapter_names)
+
+    def unfuse_lora(self) -> None:
+        self.transformer.unfuse_lora()
+
+    def delete_adapters(self, adapter_names) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self.transformer.delete_adapters(names)
+        for name in names:
+            self._loras().pop(name, None)
+            getattr(self, "_active_loras", {}).pop(name, None)
+
+    def unload_lora_weights(self) -> None:
+        """Remove every LoRA (unfusing fused ones first): the transformer is the base model again."""
+        if any(getattr(module, "merged", False) for module in self.transformer.modules()):
+            self.transformer.unfuse_lora()
+        if self._loras():
+            self.transformer.unload_lora()
+        self._lora_weights, self._active_loras = {}, {}
+
+    def lora_settings(self) -> list:
+        """[{"name", "weight"}] of the active adapters, for an output's settings."""
+        return [{"name": name, "weight": weight} for name, weight in getattr(self, "_active_loras", {}).items()]

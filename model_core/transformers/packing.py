@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import torch
 from diffusers.configuration_utils import ConfigMixin
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 
@@ -59,7 +60,7 @@ def pyramid_positions(grids, interpolate: bool) -> torch.Tensor:
     return torch.cat(positions)
 
 
-class PyramidTransformer(ModelMixin, ConfigMixin):
+class PyramidTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
     """Shared forward of the pyramid flow transformers: velocity of the current unit of each column.
 
     A subclass defines `latent_channels`, `embed_clips(clips, grids)` (image tokens [B, L_img, D]),
@@ -70,7 +71,8 @@ class PyramidTransformer(ModelMixin, ConfigMixin):
 
     `use_flash_attn` is kept for config compatibility only: attention always keeps the blockwise
     causal mask (the official flash path drops it). `use_temporal_causal=False` lets every token
-    attend to every valid token.
+    attend to every valid token. LoRA adapters come through diffusers' `PeftAdapterMixin`
+    (`load_lora_adapter`, `set_adapters`, `fuse_lora`, `unload_lora`; see model_core.lora).
     """
 
     _supports_gradient_checkpointing = True

@@ -1,0 +1,166 @@
+"""LoRA through diffusers' PeftAdapterMixin: the two file layouts, fuse / unfuse / unload, several adapters."""
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from model_core.lora import DIFFUSERS_METADATA_KEY, PyramidLoraLoaderMixin, load_lora_adapter, read_lora
+from model_core.transformers import PyramidFluxTransformer
+from training.models import add_lora
+from training.weights import save_lora_weights
+
+from test_transformer_behaviour import TINY, pyramid_column, text_inputs, velocity
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+
+def tiny_transformer():
+    cls, config = TINY["flux"]
+    return cls.from_config(config).eval()
+
+
+def trained_adapter(folder, seed, rank=4, alpha=8):
+    """What training writes (training.weights.save_lora_weights) for a LoRA with non-zero B matrices."""
+    model = tiny_transformer()
+    lora = {"rank": rank, "alpha": alpha, "target_modules": TARGETS}
+    add_lora(model, lora, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    save_lora_weights(folder, model, lora, model.state_dict())
+    return folder, model
+
+
+def base_weights(model) -> dict:
+    """The state dict of `model` without its LoRA layers."""
+    return {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if ".lora_" not in k}
+
+
+@pytest.fixture
+def inputs():
+    model = tiny_transformer()
+    return model, pyramid_column(), text_inputs(model, 2)
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loras")
+    return {name: trained_adapter(root / name, seed) for name, seed in (("a", 1), ("b", 2))}
+
+
+def run(model, clips, text):
+    with torch.no_grad():
+        return velocity(model, clips, text)
+
+
+def test_peft_folder_gives_the_trained_model(adapters, inputs):
+    folder, trained = adapters["a"]
+    model, clips, text = inputs
+    model.load_state_dict(base_weights(trained))
+    base = run(model, clips, text)
+    assert load_lora_adapter(model, folder) == "a"
+    assert model.peft_config["a"].lora_alpha == 8 and model.peft_config["a"].r == 4
+    adapted = run(model, clips, text)
+    assert not torch.allclose(base, adapted, atol=1e-3)
+    torch.testing.assert_close(adapted, run(trained, clips, text), rtol=0, atol=1e-6)
+
+
+def test_fuse_unfuse_and_unload(adapters, inputs):
+    model, clips, text = inputs
+    base = run(model, clips, text)
+    weights_before = {k: v.clone() for k, v in model.state_dict().items()}
+    holder = PipelineLike(model)
+    holder.load_lora_weights(adapters["a"][0], weight=0.7)
+    unfused = run(model, clips, text)
+    holder.unload_lora_weights()
+    assert torch.equal(run(model, clips, text), base)
+    assert all(torch.equal(v, weights_before[k]) for k, v in model.state_dict().items())
+    assert holder.lora_settings() == [] and not any("lora" in name for name, _ in model.named_modules())
+
+    holder.load_lora_weights(adapters["a"][0], weight=0.7)
+    torch.testing.assert_close(run(model, clips, text), unfused, rtol=0, atol=0)
+    holder.fuse_lora()
+    fused = run(model, clips, text)
+    torch.testing.assert_close(fused, unfused, rtol=0, atol=1e-5)
+    assert not torch.allclose(fused, base, atol=1e-3)
+    holder.unfuse_lora()
+    torch.testing.assert_close(run(model, clips, text), unfused, rtol=0, atol=1e-5)
+    holder.fuse_lora()
+    holder.unload_lora_weights()  # unfuses first: the base weights come back up to rounding
+    torch.testing.assert_close(run(model, clips, text), base, rtol=0, atol=1e-5)
+
+
+def test_two_adapters_with_weights(adapters, inputs):
+    model, clips, text = inputs
+    holder = PipelineLike(model)
+    holder.load_lora_weights(adapters["a"][0], weight=0.5)
+    only_a = run(model, clips, text)
+    holder.load_lora_weights(adapters["b"][0], adapter_name="second", weight=1.5)
+    assert holder.lora_settings() == [{"name": "a", "weight": 0.5}, {"name": "second", "weight": 1.5}]
+    both = run(model, clips, text)
+    assert not torch.allclose(both, only_a, atol=1e-3)
+    # one projection by hand: base + sum of weight * (alpha / r) * B A x over the adapters
+    layer = model.transformer_blocks[0].attn.to_q
+    x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(5))
+    expected = layer.base_layer(x)
+    for name, weight in (("a", 0.5), ("second", 1.5)):
+        expected = expected + weight * (8 / 4) * layer.lora_B[name](layer.lora_A[name](x))
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-6)
+    holder.set_adapters(["a", "second"], [0.5, 0.0])
+    torch.testing.assert_close(run(model, clips, text), only_a, rtol=0, atol=1e-6)
+    holder.set_adapters("second", 1.5)
+    assert holder.get_active_adapters() == ["second"] and holder.lora_settings() == [{"name": "second", "weight": 1.5}]
+    with pytest.raises(ValueError, match="no LoRA named 'c'"):
+        holder.set_adapters(["a", "c"])
+    with pytest.raises(ValueError, match="one weight per adapter"):
+        holder.set_adapters(["a", "second"], [1.0])
+
+
+def test_diffusers_files_load_like_the_peft_folder(adapters, inputs, tmp_path):
+    model, clips, text = inputs
+    folder, trained = adapters["a"]
+    model.load_state_dict(base_weights(trained))
+    reference = run(trained, clips, text)
+    weights, config = read_lora(folder)
+    # a pipeline-level file: keys under `transformer.`, config in the safetensors metadata, as diffusers writes it
+    prefixed = tmp_path / "pipeline-file"
+    prefixed.mkdir()
+    metadata = {DIFFUSERS_METADATA_KEY: json.dumps({f"transformer.{k}": v for k, v in config.items()})}
+    save_file({f"transformer.{k}": v for k, v in weights.items()}, str(prefixed / "pytorch_lora_weights.safetensors"),
+              metadata=metadata)
+    load_lora_adapter(model, prefixed)
+    torch.testing.assert_close(run(model, clips, text), reference, rtol=0, atol=1e-6)
+    # a model-level file written by diffusers itself (save_lora_adapter), read as a lone .safetensors file
+    model.save_lora_adapter(tmp_path / "model-file", adapter_name="pipeline-file")
+    fresh = tiny_transformer()
+    fresh.load_state_dict(base_weights(model))
+    assert load_lora_adapter(fresh, tmp_path / "model-file" / "pytorch_lora_weights.safetensors") == "pytorch_lora_weights"
+    torch.testing.assert_close(run(fresh, clips, text), reference, rtol=0, atol=1e-6)
+    with safe_open(str(tmp_path / "model-file" / "pytorch_lora_weights.safetensors"), "pt") as handle:
+        assert not any(key.startswith("transformer.") for key in handle.keys())
+
+
+def test_bad_loras_are_refused_with_a_sentence(adapters, inputs, tmp_path):
+    model = inputs[0]
+    with pytest.raises(FileNotFoundError, match="is not a LoRA: expected a folder with adapter_config.json"):
+        load_lora_adapter(model, tmp_path / "nothing-here")
+    load_lora_adapter(model, adapters["a"][0])
+    with pytest.raises(ValueError, match="a LoRA named 'a' is already loaded"):
+        load_lora_adapter(model, adapters["a"][0])
+    save_file({"transformer.x.weight": torch.zeros(2), "text_encoder.y.lora_A.weight": torch.zeros(2, 2)},
+              str(tmp_path / "mixed.safetensors"))
+    with pytest.raises(ValueError, match="only transformer LoRAs are supported"):
+        read_lora(tmp_path / "mixed.safetensors")
+    wide = PyramidFluxTransformer.from_config({**TINY["flux"][1], "num_attention_heads": 4})
+    with pytest.raises(ValueError, match="does not fit this transformer"):
+        load_lora_adapter(wide, adapters["b"][0])
+
+
+class PipelineLike(PyramidLoraLoaderMixin):
+    def __init__(self, transformer):
+        self.transformer = transformer

@@ -25,6 +25,7 @@ from .memory import (
     store_in_fp8,
     uses_bitsandbytes,
 )
+from .parallel import SINGLE_PROCESS
 from .sampling import Progress, sample_video
 from .scheduler import PyramidFlowScheduler
 from .temporal import frames_for_duration, latent_frames
@@ -116,7 +117,7 @@ class PyramidFlowPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(cls, source, variant: str = "auto", model: str = "auto", torch_dtype="float32", device=None,
                         offload: str = "none", quantize: str = "none", vae_tiling: bool = False, lora=None,
-                        official_defaults: Optional[bool] = None, tqdm_class=None):
+                        official_defaults: Optional[bool] = None, tqdm_class=None, parallel=None):
         """Load a checkpoint folder or hub repo id (only the needed subfolders are fetched).
 
         offload: none | model | sequential | group; quantize: none | int8 | nf4 | fp8 (see model_core.memory);
@@ -124,12 +125,16 @@ class PyramidFlowPipeline(DiffusionPipeline):
         official_defaults: generate as the authors' code does (prompt suffix, default negative prompt, guidance when the
         scale is > 0, uint8 by truncation, timesteps in the compute dtype); None turns it on for the published
         checkpoints (those without our `pyramid_flow.json`) and off for our own models.
+        parallel: split each generation over the ranks of the initialised process group (see `enable_parallelism`).
         """
         device, dtype = resolve_device(device), resolve_dtype(torch_dtype)
         check_memory_options(device, dtype, offload, quantize)
         if (Path(source).expanduser() / MODEL_INDEX).is_file():
-            return cls._from_saved_pipeline(Path(source).expanduser(), device, dtype, offload, quantize, vae_tiling, lora,
+            pipe = cls._from_saved_pipeline(Path(source).expanduser(), device, dtype, offload, quantize, vae_tiling, lora,
                                             official_defaults)
+            if parallel is not None:
+                pipe.enable_parallelism(parallel)
+            return pipe
         checkpoint = resolve_checkpoint(source, variant, model, tqdm_class=tqdm_class)
         from .transformers import PyramidFluxTransformer, PyramidMMDiT
         from .vae import CausalVideoVAE
@@ -155,7 +160,20 @@ class PyramidFlowPipeline(DiffusionPipeline):
         pipe.official_defaults = not (checkpoint.root / SETTINGS_FILE).is_file() if official_defaults is None else bool(official_defaults)
         pipe.register_to_config(pyramid_flow={**describe(checkpoint.family, checkpoint.variant),
                                               "official_defaults": pipe.official_defaults})
+        if parallel is not None:
+            pipe.enable_parallelism(parallel)
         return pipe
+
+    parallel = None  # a model_core.parallel.Parallelism once `enable_parallelism` ran
+
+    def enable_parallelism(self, parallel="auto"):
+        """Split every generation over the ranks of the initialised process group (torchrun): "auto" (guidance
+        parallel on an even number of ranks, context parallel over the rest) or {"guidance": G, "context": C}
+        with G x C = world size. Every rank must make the same calls; they return the same result on each."""
+        from .parallel import enable_parallelism
+
+        self.parallel = enable_parallelism(self.transformer, parallel, device=self._execution_device)
+        return self.parallel
 
     @classmethod
     def _from_saved_pipeline(cls, root: Path, device, dtype, offload, quantize, vae_tiling, lora, official_defaults):
@@ -297,6 +315,8 @@ class PyramidFlowPipeline(DiffusionPipeline):
         history_frames, new_units = self._plan_units(mode, num_frames, condition_frames)
         if generator is None:
             seed = secrets.randbelow(2**63) if seed is None else int(seed)
+            if self.parallel is not None:  # the same noise on every rank
+                seed = self.parallel.agree(seed)
             generator = torch.Generator().manual_seed(seed)
         device = self._execution_device
 
@@ -339,7 +359,7 @@ class PyramidFlowPipeline(DiffusionPipeline):
 
         latents, interrupted = sample_video(
             velocity_for_unit, self.scheduler, latent_shape, history, first_frame_steps, video_steps,
-            generator=generator, on_step=on_step, stop=lambda: self._interrupt, device=device,
+            generator=generator, on_step=on_step, stop=self._stop_requested, device=device,
         )
         if latents is None:  # stopped before the first unit was finished
             latents = torch.zeros(*latent_shape[:2], 0, *latent_shape[3:], device=device)
@@ -355,6 +375,7 @@ class PyramidFlowPipeline(DiffusionPipeline):
             "guidance_scale": guidance_scale, "video_guidance_scale": video_guidance_scale,
             "video_guidance_decay": video_guidance_decay, "official_defaults": self.official_defaults,
             "interrupted": interrupted, "version": __version__,
+            "parallel": SINGLE_PROCESS if self.parallel is None else self.parallel.settings(),
         }
         if prompt_embeds is not None:
             settings["prompt_embeds"] = "given"
@@ -403,10 +424,13 @@ class PyramidFlowPipeline(DiffusionPipeline):
         embeddings = text if negative is None else _concat(negative, text)
         dtype = self.compute_dtype
         timestep_dtype = dtype if self.official_defaults else torch.float32  # the authors cast t to the latents' dtype
+        split = negative is not None and self.parallel is not None and self.parallel.config.guidance == 2
+        if split:  # guidance parallel: this rank predicts one branch, the two ranks swap velocities
+            embeddings = PromptEmbeddings(*(self.parallel.guidance_branch(x) for x in (embeddings.hidden_states, embeddings.attention_mask, embeddings.pooled)))
 
         def velocity(clips, t):
             clips = [c.to(dtype) for c in clips]
-            if negative is not None:
+            if negative is not None and not split:
                 clips = [torch.cat([c, c]) for c in clips]
             batch = clips[-1].shape[0]
             v = self.transformer(
@@ -414,12 +438,20 @@ class PyramidFlowPipeline(DiffusionPipeline):
                 encoder_attention_mask=embeddings.attention_mask, pooled_projections=embeddings.pooled.to(dtype),
                 timestep=t.to(clips[-1].device, timestep_dtype).expand(batch), return_dict=False,
             )[0][0].float()
+            if split:
+                v = self.parallel.gather_guidance(v)
             if negative is None:
                 return v
             unconditional, conditional = v.chunk(2)
             return unconditional + scale * (conditional - unconditional)
 
         return velocity
+
+    def _stop_requested(self) -> bool:
+        """`pipe._interrupt`; under parallel, rank 0's on every rank, so all ranks stop after the same step."""
+        if self.parallel is not None:
+            self._interrupt = self.parallel.agree(bool(self._interrupt))
+        return self._interrupt
 
     @torch.no_grad()
     def _encode_video(self, video: torch.Tensor) -> torch.Tensor:

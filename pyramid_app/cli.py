@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ import torch
 
 from model_core.media_files import read_image, read_video, write_image, write_video
 
+from . import ranks
 from .job_queue import JobQueue, run_jobs
 from .queue_runner import Stopped, generate_job, model_options, queued_jobs_from_request, seeded_job
 from .settings import (
@@ -64,6 +65,7 @@ class Request:
     model: ModelOptions
     options: GenerationOptions
     source: Path = None  # the --image or --extend file
+    parallel: object = "auto"  # under torchrun: how the ranks split each generation
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--quantize", choices=QUANTIZE_MODES, default="none", help="store weights in fewer bits")
     model.add_argument("--vae-tiling", action="store_true", help="decode in tiles to save memory")
     model.add_argument("--lora", metavar="FOLDER", help="apply a LoRA adapter trained with training/configs/lora.yaml")
+    model.add_argument("--parallel", default="auto", metavar="GxC",
+                       help="under torchrun: guidance x context ranks, e.g. 2x1 or 2x2 (default: auto, guidance "
+                            "parallel on an even number of ranks, context parallel over the rest)")
     generate.add_argument("--save-queue", type=Path, metavar="QUEUE_FILE",
                           help="add the job(s) to this queue file instead of generating (run it with run-queue)")
     generate.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -136,7 +141,11 @@ def plan(args) -> Request:
     model.check_device_available()
     model_source(model.model)
     condition = read_image(args.image) if args.image else read_video(args.extend)[0] if args.extend else None
-    return Request(mode, jobs, condition, model, options, args.image or args.extend)
+    parallel = ranks.parse_layout(args.parallel)
+    if args.parallel != "auto" and not ranks.launched_with_several_ranks():
+        raise UsageError("--parallel splits a run over several processes; start it with "
+                         "torchrun --nproc_per_node N -m pyramid_app generate ...")
+    return Request(mode, jobs, condition, model, options, args.image or args.extend, parallel)
 
 
 def _mode(args) -> str:
@@ -185,10 +194,10 @@ def _check_output(out: Path, mode: str, args) -> None:
         raise UsageError(f"--out {out} is a folder; give a file name ending in .mp4 or .png")
 
 
-def load_pipeline(model: ModelOptions):
+def load_pipeline(model: ModelOptions, parallel=None):
     from model_core import PyramidFlowPipeline
 
-    return PyramidFlowPipeline.from_pretrained(model_source(model.model), **model.to_load_kwargs())
+    return PyramidFlowPipeline.from_pretrained(model_source(model.model), **model.to_load_kwargs(), parallel=parallel)
 
 
 def save_queue(request: Request, path: Path) -> int:
@@ -238,15 +247,22 @@ def run_queue(path: Path, quiet: bool = False) -> int:
 
 
 def run(request: Request, quiet: bool = False) -> int:
-    """Load the model once, generate every job in order, write each file as it finishes."""
+    """Load the model once, generate every job in order, write each file as it finishes.
+
+    Under torchrun every rank computes each job and rank 0 alone reports and writes."""
+    from model_core.memory import resolve_device
+
+    several = ranks.start(resolve_device(None if request.model.device == "auto" else request.model.device))
+    quiet = quiet or not ranks.is_main()
     report = (lambda message: None) if quiet else _stderr_line
     if quiet:
         _silence_library_progress_bars()
     report("loading model ...")
-    pipe = load_pipeline(request.model)
+    pipe = load_pipeline(request.model, request.parallel if several else None)
     inputs = () if request.condition is None else (request.condition,)
     for job in request.jobs:
         seeded = request.options.seeded()
+        seeded = replace(seeded, seed=ranks.agree(seeded.seed))  # the same noise on every rank
         report(f"{job.out.name}: {request.mode.replace('_', ' ')}, seed {seeded.seed}")
         with _stop_on_ctrl_c() as stop:
             result = getattr(pipe, request.mode)(*inputs, job.prompt, **seeded.to_pipeline_kwargs(request.mode),
@@ -254,8 +270,9 @@ def run(request: Request, quiet: bool = False) -> int:
         if len(result.frames) == 0:
             report(f"interrupted before the first frame was finished: nothing saved to {job.out}")
             return EXIT_INTERRUPTED
-        save(result, job.out)
-        print(f"{job.out}\tseed={seeded.seed}", flush=True)
+        if ranks.is_main():
+            save(result, job.out)
+            print(f"{job.out}\tseed={seeded.seed}", flush=True)
         if result.interrupted:
             report(f"interrupted: saved {len(result.frames)} frames to {job.out}")
             return EXIT_INTERRUPTED
@@ -346,14 +363,24 @@ def main(argv=None) -> int:
             return save_queue(plan(args), args.save_queue)
         return run(plan(args), quiet=args.quiet)
     except USER_ERRORS as error:
-        _stderr_line(f"error: {_first_line(error)}")
+        _error_line(_first_line(error), every_rank_sees_it=True)
         return EXIT_USAGE
     except torch.OutOfMemoryError:
-        _stderr_line(f"error: {OUT_OF_MEMORY_HINT}")
+        _error_line(OUT_OF_MEMORY_HINT)
         return EXIT_FAILED
     except OSError as error:
-        _stderr_line(f"error: {_first_line(error)}")
+        _error_line(_first_line(error))
         return EXIT_FAILED
     except KeyboardInterrupt:
-        _stderr_line("error: interrupted; nothing was saved for the current output")
+        _error_line("interrupted; nothing was saved for the current output", every_rank_sees_it=True)
         return EXIT_INTERRUPTED
+    finally:
+        ranks.stop()
+
+
+def _error_line(message: str, every_rank_sees_it: bool = False) -> None:
+    """Rank 0 prints every error; another rank prints, naming itself, only what may have happened to it alone."""
+    if ranks.is_main():
+        _stderr_line(f"error: {message}")
+    elif not every_rank_sees_it:
+        _stderr_line(f"error (rank {ranks.rank()}): {message}")

@@ -1,7 +1,9 @@
 """The command line: argument errors before any model loads, then real runs on a tiny checkpoint."""
+import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -310,3 +312,29 @@ def test_ctrl_c_saves_the_units_finished_so_far(tiny_model, tmp_path, capsys, mo
     assert "unit 2/3 done" in err and "interrupted: saved 9 frames" in err
     assert read_video(out)[0].shape[0] == 9 and read_metadata(out)["interrupted"] is True
     assert stdout.strip() == f"{out}\tseed={read_metadata(out)['seed']}"
+
+
+def test_torchrun_two_ranks_write_one_video_equal_to_one_process(tiny_model, tmp_path, capsys):
+    common = ["--model", tiny_model, "--prompt", "a red square", "--num-frames", 9, "--seed", 5,
+              "--first-frame-steps", "1,1,1", "--video-steps", "1,1,1", "--guidance", 4, "--video-guidance", 3]
+    code, _, _ = run_cli(capsys, *common, "--out", tmp_path / "one.mp4", "--quiet")
+    assert code == 0
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "pyramid_app", "generate", *map(str, common), "--out", str(tmp_path / "two.mp4"),
+               "--parallel", "2x1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines() == [f"{tmp_path / 'two.mp4'}\tseed=5"]  # rank 0 alone prints
+    one, two = read_video(tmp_path / "one.mp4")[0], read_video(tmp_path / "two.mp4")[0]
+    assert one.shape == two.shape == (9, 64, 64, 3)
+    assert np.abs(one.astype(int) - two.astype(int)).max() <= 2
+    assert read_metadata(tmp_path / "two.mp4")["parallel"] == {"world_size": 2, "guidance": 2, "context": 1}
+    assert read_metadata(tmp_path / "one.mp4")["parallel"] == {"world_size": 1, "guidance": 1, "context": 1}
+
+
+def test_parallel_layout_needs_torchrun(capsys, no_model_load, tmp_path):
+    code, _, err = run_cli(capsys, "--prompt", "x", "--out", tmp_path / "a.mp4", "--parallel", "2x1")
+    assert_one_line_error(code, err, "torchrun --nproc_per_node")
+    code, _, err = run_cli(capsys, "--prompt", "x", "--out", tmp_path / "a.mp4", "--parallel", "two")
+    assert_one_line_error(code, err, "GxC")

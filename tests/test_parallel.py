@@ -1,7 +1,9 @@
 """Several processes, one generation: context parallel (Ulysses) and guidance parallel equal one process."""
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from distributed import run_ranks
 from tiny_checkpoint import build_tiny_checkpoint
@@ -88,3 +90,75 @@ def test_parallelism_needs_a_process_group():
     assert not dist.is_initialized()
     with pytest.raises(ValueError, match="torchrun"):
         Parallelism("auto", torch.device("cpu"))
+
+
+GENERATION = dict(num_frames=9, first_frame_steps=(2, 1, 1), video_steps=(1, 1, 1), guidance_scale=4.0,
+                  video_guidance_scale=3.0, seed=3, output_type="latents")
+IMAGE = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+
+
+def _generations(pipe) -> dict:
+    """Latents and decoded frames of a text-to-video and an image-to-video."""
+    results = {}
+    for mode, args in (("text_to_video", ("a red square",)), ("image_to_video", (IMAGE, "it moves"))):
+        result = getattr(pipe, mode)(*args, **GENERATION)
+        results[mode] = {"latents": result.latents, "frames": torch.from_numpy(pipe._decode(result.latents)),
+                         "parallel": result.settings["parallel"]}
+    return results
+
+
+def _parallel_generations(rank, root, layouts, out):
+    from model_core import PyramidFlowPipeline
+
+    pipe = PyramidFlowPipeline.from_pretrained(root)
+    results = {"single": _generations(pipe)}
+    for layout in layouts:
+        pipe.enable_parallelism(layout)
+        results[f"{layout['guidance']}x{layout['context']}"] = _generations(pipe)
+    if rank == 0:
+        torch.save(results, out)
+
+
+def _check_same_generations(out, layouts):
+    results = torch.load(out, weights_only=True)
+    for mode, single in results["single"].items():
+        assert single["parallel"] == {"world_size": 1, "guidance": 1, "context": 1}
+        assert single["latents"].shape == (1, 4, 2, 8, 8)
+        for layout in layouts:
+            name = f"{layout['guidance']}x{layout['context']}"
+            parallel = results[name][mode]
+            assert parallel["parallel"] == {"world_size": layout["guidance"] * layout["context"], **layout}
+            assert (parallel["latents"] - single["latents"]).abs().max() <= 1e-4, (name, mode)
+            assert (parallel["frames"].int() - single["frames"].int()).abs().max() <= 1, (name, mode)
+
+
+def test_guidance_and_context_parallel_generate_the_same_video_on_two_ranks(tmp_path):
+    root = build_tiny_checkpoint(tmp_path / "ckpt")
+    layouts = [{"guidance": 2, "context": 1}, {"guidance": 1, "context": 2}]
+    run_ranks(_parallel_generations, 2, tmp_path, root, layouts, tmp_path / "out.pt", timeout=300)
+    _check_same_generations(tmp_path / "out.pt", layouts)
+
+
+@pytest.mark.slow  # four processes: about 3 min on a busy 2-core machine
+def test_guidance_times_context_parallel_on_four_ranks(tmp_path):
+    root = build_tiny_checkpoint(tmp_path / "ckpt")
+    layouts = [{"guidance": 2, "context": 2}]
+    run_ranks(_parallel_generations, 4, tmp_path, root, layouts, tmp_path / "out.pt", timeout=300)
+    _check_same_generations(tmp_path / "out.pt", layouts)
+
+
+def _one_rank_fails(rank, root):
+    from model_core import PyramidFlowPipeline
+
+    def fail_on_rank_one(event):
+        if rank == 1 and event.kind == "step" and event.step == 1:
+            raise RuntimeError("rank 1 ran out of luck")
+
+    pipe = PyramidFlowPipeline.from_pretrained(root, parallel={"guidance": 1, "context": 2})
+    pipe.text_to_video("a red square", **GENERATION, callback=fail_on_rank_one)
+
+
+def test_a_failing_rank_ends_every_rank_with_its_error(tmp_path):
+    root = build_tiny_checkpoint(tmp_path / "ckpt")
+    with pytest.raises(mp.ProcessRaisedException, match="rank 1 ran out of luck"):
+        run_ranks(_one_rank_fails, 2, tmp_path, root, timeout=180)

@@ -1,4 +1,9 @@
-from pyramid_app import serve, studio
+from pyramid_app import ranks, serve, studio
 
 flags = serve.parse_flags()
-serve.launch(studio.build_studio(default_model=flags.model, output_dir=flags.output_dir), flags)
+if ranks.launched_with_several_ranks():  # torchrun: rank 0 serves, every rank computes
+    from pyramid_app.studio_ranks import serve_on_every_rank
+
+    serve_on_every_rank(flags, studio.build_studio, serve.launch)
+else:
+    serve.launch(studio.build_studio(default_model=flags.model, output_dir=flags.output_dir), flags)

@@ -20,10 +20,12 @@ from .settings import GenerationOptions, ModelOptions, model_source
 
 
 class PipelineCache:
-    """Loaded pipelines keyed by (model, variant, memory options); the oldest is dropped beyond `capacity`."""
+    """Loaded pipelines keyed by (model, variant, memory options); the oldest is dropped beyond `capacity`.
+    Under torchrun, `parallel` is the layout each loaded pipeline splits its generations by."""
 
-    def __init__(self, capacity: int = 1):
+    def __init__(self, capacity: int = 1, parallel=None):
         self.capacity = capacity
+        self.parallel = parallel
         self._loaded = OrderedDict()
         self._lock = threading.Lock()
 
@@ -38,7 +40,8 @@ class PipelineCache:
                 _release_memory()
             from model_core import PyramidFlowPipeline
 
-            pipe = PyramidFlowPipeline.from_pretrained(key.model, **key.to_load_kwargs(), tqdm_class=tqdm_class)
+            pipe = PyramidFlowPipeline.from_pretrained(key.model, **key.to_load_kwargs(), tqdm_class=tqdm_class,
+                                                       parallel=self.parallel)
             self._loaded[key] = pipe
             return pipe
 

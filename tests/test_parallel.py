@@ -162,3 +162,37 @@ def test_a_failing_rank_ends_every_rank_with_its_error(tmp_path):
     root = build_tiny_checkpoint(tmp_path / "ckpt")
     with pytest.raises(mp.ProcessRaisedException, match="rank 1 ran out of luck"):
         run_ranks(_one_rank_fails, 2, tmp_path, root, timeout=180)
+
+
+def _studio_ranks(rank, root, out):
+    import threading
+
+    from pyramid_app.jobs import PipelineCache
+    from pyramid_app.settings import ModelOptions
+    from pyramid_app.studio_ranks import MirroredPipelineCache, RankChannel, follow
+
+    channel = RankChannel()
+    layout = {"guidance": 2, "context": 1}
+    if rank != 0:
+        follow(channel, PipelineCache(parallel=layout))
+        return
+    pipe = MirroredPipelineCache(channel, parallel=layout).get(ModelOptions(model=str(root)))
+    try:
+        pipe.text_to_video("a red square", num_frames=4)
+    except ValueError as error:
+        refused = str(error)
+    stop = threading.Event()
+    stop.set()  # Stop pressed on rank 0 only: every rank stops after the first unit
+    stopped = pipe.text_to_video("a red square", **GENERATION, interrupt=stop, callback=lambda event: None)
+    channel.send(("quit",))
+    torch.save({"refused": refused, "interrupted": stopped.interrupted, "units": stopped.latents.shape[2],
+                "parallel": stopped.settings["parallel"]}, out)
+
+
+def test_studio_ranks_follow_rank_zero_through_errors_and_stop(tmp_path):
+    root = build_tiny_checkpoint(tmp_path / "ckpt")
+    run_ranks(_studio_ranks, 2, tmp_path, root, tmp_path / "out.pt", timeout=180)
+    result = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert "num_frames must be 1 + 8k" in result["refused"]
+    assert (result["interrupted"], result["units"]) == (True, 1)
+    assert result["parallel"] == {"world_size": 2, "guidance": 2, "context": 1}

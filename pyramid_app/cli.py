@@ -194,10 +194,10 @@ def _check_output(out: Path, mode: str, args) -> None:
         raise UsageError(f"--out {out} is a folder; give a file name ending in .mp4 or .png")
 
 
-def load_pipeline(model: ModelOptions, parallel=None):
+def load_pipeline(model: ModelOptions):
     from model_core import PyramidFlowPipeline
 
-    return PyramidFlowPipeline.from_pretrained(model_source(model.model), **model.to_load_kwargs(), parallel=parallel)
+    return PyramidFlowPipeline.from_pretrained(model_source(model.model), **model.to_load_kwargs())
 
 
 def save_queue(request: Request, path: Path) -> int:
@@ -258,7 +258,9 @@ def run(request: Request, quiet: bool = False) -> int:
     if quiet:
         _silence_library_progress_bars()
     report("loading model ...")
-    pipe = load_pipeline(request.model, request.parallel if several else None)
+    pipe = load_pipeline(request.model)
+    if several:
+        pipe.enable_parallelism(request.parallel)
     inputs = () if request.condition is None else (request.condition,)
     for job in request.jobs:
         seeded = request.options.seeded()

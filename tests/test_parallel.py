@@ -93,7 +93,7 @@ def test_parallelism_needs_a_process_group():
 
 
 GENERATION = dict(num_frames=9, first_frame_steps=(2, 1, 1), video_steps=(1, 1, 1), guidance_scale=4.0,
-                  video_guidance_scale=3.0, seed=3, output_type="latents")
+                  video_guidance_scale=3.0, seed=3, output_type="latent")
 IMAGE = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
 
 
@@ -102,7 +102,7 @@ def _generations(pipe) -> dict:
     results = {}
     for mode, args in (("text_to_video", ("a red square",)), ("image_to_video", (IMAGE, "it moves"))):
         result = getattr(pipe, mode)(*args, **GENERATION)
-        results[mode] = {"latents": result.latents, "frames": torch.from_numpy(pipe._decode(result.latents)),
+        results[mode] = {"latents": result.latents, "frames": torch.from_numpy(pipe.decode_latents(result.latents)),
                          "parallel": result.settings["parallel"]}
     return results
 
@@ -150,12 +150,13 @@ def test_guidance_times_context_parallel_on_four_ranks(tmp_path):
 def _one_rank_fails(rank, root):
     from model_core import PyramidFlowPipeline
 
-    def fail_on_rank_one(event):
-        if rank == 1 and event.kind == "step" and event.step == 1:
+    def fail_on_rank_one(pipe, step_index, timestep, callback_kwargs):
+        if rank == 1 and step_index == 1:
             raise RuntimeError("rank 1 ran out of luck")
+        return {}
 
     pipe = PyramidFlowPipeline.from_pretrained(root, parallel={"guidance": 1, "context": 2})
-    pipe.text_to_video("a red square", **GENERATION, callback=fail_on_rank_one)
+    pipe.text_to_video("a red square", **GENERATION, callback_on_step_end=fail_on_rank_one)
 
 
 def test_a_failing_rank_ends_every_rank_with_its_error(tmp_path):
@@ -165,8 +166,6 @@ def test_a_failing_rank_ends_every_rank_with_its_error(tmp_path):
 
 
 def _studio_ranks(rank, root, out):
-    import threading
-
     from pyramid_app.jobs import PipelineCache
     from pyramid_app.settings import ModelOptions
     from pyramid_app.studio_ranks import MirroredPipelineCache, RankChannel, follow
@@ -181,9 +180,11 @@ def _studio_ranks(rank, root, out):
         pipe.text_to_video("a red square", num_frames=4)
     except ValueError as error:
         refused = str(error)
-    stop = threading.Event()
-    stop.set()  # Stop pressed on rank 0 only: every rank stops after the first unit
-    stopped = pipe.text_to_video("a red square", **GENERATION, interrupt=stop, callback=lambda event: None)
+    def stop_after_first_unit(pipe, step_index, timestep, callback_kwargs):  # Stop pressed on rank 0 only
+        pipe._interrupt = pipe.progress.kind == "unit"
+        return {}
+
+    stopped = pipe.text_to_video("a red square", **GENERATION, callback_on_step_end=stop_after_first_unit)
     channel.send(("quit",))
     torch.save({"refused": refused, "interrupted": stopped.interrupted, "units": stopped.latents.shape[2],
                 "parallel": stopped.settings["parallel"]}, out)

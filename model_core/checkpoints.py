@@ -12,10 +12,11 @@ from typing import Optional
 
 import torch
 
-from .temporal import pixel_frames
+from .temporal import frames_for_duration, pixel_frames
 
 VAE_FOLDER = "causal_video_vae"
 SETTINGS_FILE = "pyramid_flow.json"
+LONG_VIDEO_SECONDS = 20.0  # longest video made beyond the published lengths (5 s at 384p, 10 s at 768p)
 
 
 def transformer_folder(variant: str) -> str:
@@ -31,11 +32,13 @@ class LatentNormalization:
     later_shift: float = -0.2343
     later_scale: float = 1 / 3.0986
 
-    def _per_frame(self, z: torch.Tensor) -> tuple:
-        """Shift and scale broadcast over [B, C, T, H, W]: frame 0 uses the first-frame constants."""
+    def _per_frame(self, z: torch.Tensor, starts_video: bool = True) -> tuple:
+        """Shift and scale broadcast over [B, C, T, H, W]: frame 0 uses the first-frame constants when `z` starts
+        its video (a later piece of a video, streamed unit by unit, has later frames only)."""
         shift = torch.full((z.shape[2],), self.later_shift, dtype=z.dtype, device=z.device)
         scale = torch.full((z.shape[2],), self.later_scale, dtype=z.dtype, device=z.device)
-        shift[0], scale[0] = self.first_shift, self.first_scale
+        if starts_video:
+            shift[0], scale[0] = self.first_shift, self.first_scale
         return shift.view(1, 1, -1, 1, 1), scale.view(1, 1, -1, 1, 1)
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
@@ -43,9 +46,9 @@ class LatentNormalization:
         shift, scale = self._per_frame(z)
         return (z - shift) * scale
 
-    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+    def denormalize(self, z: torch.Tensor, starts_video: bool = True) -> torch.Tensor:
         """The transformer's latent space -> VAE latents."""
-        shift, scale = self._per_frame(z)
+        shift, scale = self._per_frame(z, starts_video)
         return z / scale + shift
 
 
@@ -62,6 +65,13 @@ class VariantSpec:
     @property
     def max_frames(self) -> int:
         return self.frames(self.max_latent_frames)
+
+    @property
+    def longest_latent_frames(self) -> int:
+        """Latent frames of the longest video made: the published length, or LONG_VIDEO_SECONDS if that is longer
+        (the temporal RoPE positions have no table to run out of; quality past the trained length is the model's)."""
+        long_video = 1 + (frames_for_duration(LONG_VIDEO_SECONDS, self.fps, self.frames_per_latent) - 1) // self.frames_per_latent
+        return max(self.max_latent_frames, long_video)
 
     def frames(self, num_latent_frames: int) -> int:
         """Pixel frames decoded from `num_latent_frames` latent frames."""

@@ -28,6 +28,7 @@ from .memory import (
 from .parallel import SINGLE_PROCESS
 from .sampling import Progress, sample_video
 from .scheduler import PyramidFlowScheduler
+from .storyboard import Storyboard, unit_texts
 from .temporal import frames_for_duration, latent_frames
 from .text import PROMPT_ENCODERS, PromptEmbeddings
 
@@ -241,8 +242,12 @@ class PyramidFlowPipeline(DiffusionPipeline):
 
     # --- the four modes -------------------------------------------------------------------------
 
-    def text_to_video(self, prompt: Optional[str] = None, **options):
-        """A video from a prompt: first frame with `first_frame_steps`, later units with `video_steps`."""
+    def text_to_video(self, prompt: Optional[Union[str, Storyboard, list]] = None, **options):
+        """A video from a prompt: first frame with `first_frame_steps`, later units with `video_steps`.
+
+        `prompt` may be a storyboard (a `Storyboard` or a list of (seconds, prompt) pairs; also `storyboard=`): each
+        unit is generated with the text of the segment it starts in, over the history of all units before it; the
+        segments' seconds set the length. Every mode but text_to_image takes one."""
         return self._generate("text_to_video", prompt, None, **options)
 
     __call__ = text_to_video
@@ -290,8 +295,21 @@ class PyramidFlowPipeline(DiffusionPipeline):
                   generator=None, prompt_embeds: Optional[PromptEmbeddings] = None,
                   negative_prompt_embeds: Optional[PromptEmbeddings] = None, output_type: str = "np",
                   return_dict: bool = True, callback_on_step_end: Optional[Callable] = None,
-                  callback_on_step_end_tensor_inputs=("latents",)):
+                  callback_on_step_end_tensor_inputs=("latents",), storyboard=None, stream_to=None):
+        """`stream_to` (an object with `write(frames)`, e.g. model_core.media_files.VideoWriter): each finished unit is
+        decoded at once, the causal VAE keeping its caches, and its uint8 frames written there, so no more than a
+        unit's frames are held; the output's `frames` is then None."""
         spec = self.spec
+        storyboard = _storyboard_of(prompt, storyboard)
+        if storyboard is not None:
+            if mode == "text_to_image":
+                raise ValueError("text_to_image makes one frame; a storyboard needs a video mode")
+            if num_frames is not None or duration is not None:
+                raise ValueError("a storyboard sets the length from its segments' seconds; leave num_frames and duration unset")
+            if prompt_embeds is not None:
+                raise ValueError("give a storyboard or prompt_embeds, not both")
+            prompt = storyboard.segments[0].prompt
+            num_frames = storyboard.num_frames(spec.fps, spec.frames_per_latent, continues=mode == "extend_video")
         prompt = _check_prompt(prompt, required=condition_frames is None and prompt_embeds is None)
         _check_embeddings(prompt_embeds, "prompt_embeds")
         _check_embeddings(negative_prompt_embeds, "negative_prompt_embeds")
@@ -306,6 +324,8 @@ class PyramidFlowPipeline(DiffusionPipeline):
         _check_guidance(video_guidance_scale, "video_guidance_scale")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}; got {output_type!r}")
+        if stream_to is not None and output_type != "np":
+            raise ValueError("stream_to writes uint8 frames as units finish; leave output_type at 'np'")
         tensor_inputs = list(callback_on_step_end_tensor_inputs or ())
         unknown = [name for name in tensor_inputs if name not in self._callback_tensor_inputs]
         if unknown:
@@ -336,8 +356,23 @@ class PyramidFlowPipeline(DiffusionPipeline):
             if any(guided):
                 negative = self._negative_embeddings(negative_prompt, device) if negative is None else negative.to(device)
 
+        texts = [text] * total_units
+        if storyboard is not None:
+            embeddings = [text, *(self.encode_prompt(s.prompt, None, device, False)[0] for s in storyboard.segments[1:])]
+            segment_of_unit = storyboard.unit_segments(spec.fps, spec.frames_per_latent, continues=mode == "extend_video")
+            history_units = total_units - len(segment_of_unit)  # an extension's given clip: not generated, no text
+            texts = [text] * history_units + unit_texts(segment_of_unit, embeddings, storyboard.blend)
+
         def velocity_for_unit(unit):
-            return self._velocity(text, negative if guided[unit] else None, scales[unit])
+            return self._velocity(texts[unit], negative if guided[unit] else None, scales[unit])
+
+        decode_unit = None
+        if stream_to is not None:
+            decode_unit = self._streamed_decoder(stream_to.write)
+            if mode == "extend_video":
+                decode_unit.write(to_frames(condition, truncate=self.official_defaults))
+            if history is not None:  # the causal VAE's context: written for an image, only read for an extension
+                decode_unit(history, keep=mode != "extend_video")
 
         self._interrupt, self._progress = False, None
         finished = list(history.split(1, dim=2)) if history is not None else []
@@ -354,6 +389,8 @@ class PyramidFlowPipeline(DiffusionPipeline):
                 x = (returned or {}).get("latents", x)
             if progress.kind == "unit":
                 finished.append(x)
+                if decode_unit is not None:
+                    decode_unit(x)
             step_index += 1
             return x
 
@@ -363,14 +400,15 @@ class PyramidFlowPipeline(DiffusionPipeline):
         )
         if latents is None:  # stopped before the first unit was finished
             latents = torch.zeros(*latent_shape[:2], 0, *latent_shape[3:], device=device)
-        frames = self.decode_latents(latents) if output_type != "latent" else None
+        frames = self.decode_latents(latents) if output_type != "latent" and stream_to is None else None
         if mode == "extend_video" and frames is not None:
             frames = np.concatenate([to_frames(condition), frames[history_frames:]])
         settings = {
             **self.settings_base, "mode": mode, "model": getattr(self, "source", None), "family": self.family.name,
             "variant": self.variant, "prompt": prompt,
             "negative_prompt": self._effective_negative_prompt(negative_prompt), "seed": seed,
-            "num_frames": int(frames.shape[0]) if frames is not None else None, "height": height, "width": width,
+            "num_frames": int(frames.shape[0]) if frames is not None else decode_unit.frames_written if decode_unit else None,
+            "height": height, "width": width,
             "fps": spec.fps, "first_frame_steps": list(first_frame_steps), "video_steps": list(video_steps),
             "guidance_scale": guidance_scale, "video_guidance_scale": video_guidance_scale,
             "video_guidance_decay": video_guidance_decay, "official_defaults": self.official_defaults,
@@ -379,6 +417,8 @@ class PyramidFlowPipeline(DiffusionPipeline):
         }
         if prompt_embeds is not None:
             settings["prompt_embeds"] = "given"
+        if storyboard is not None:
+            settings["storyboard"] = storyboard.to_settings()
         if output_type == "pil" and frames is not None:
             frames = [Image.fromarray(frame) for frame in frames]
         if not return_dict:
@@ -394,6 +434,13 @@ class PyramidFlowPipeline(DiffusionPipeline):
         """Pixels per token at the coarsest pyramid level: VAE downsampling x 2x2 patches x 2^(K-1)."""
         return self.vae.spatial_scale * 2 * 2 ** (self.scheduler.config.stages - 1)
 
+    @property
+    def _longest_units(self) -> int:
+        """Latent frames of the longest video: the variant's long-video length, within the temporal positions the
+        transformer's config declares (`max_num_frames`, MM-DiT) where it declares any."""
+        declared = getattr(self.transformer.config, "max_num_frames", None)
+        return min(self.spec.longest_latent_frames, declared) if declared else self.spec.longest_latent_frames
+
     def _plan_units(self, mode, num_frames, condition_frames):
         """(conditioning pixel frames used, new latent units), validated against the checkpoint."""
         spec = self.spec
@@ -402,16 +449,19 @@ class PyramidFlowPipeline(DiffusionPipeline):
             if num_frames is None or num_frames <= 0 or num_frames % n:
                 raise ValueError(f"num_frames counts the new frames of an extension and must be a positive multiple of {n}; got {num_frames}")
             new_units = num_frames // n
-            room = spec.max_latent_frames - new_units
-            if room < 1:
-                raise ValueError(f"this model makes at most {spec.max_frames} frames in all; ask for at most {spec.max_frames - 1} new frames")
+            if new_units >= self._longest_units:
+                longest = spec.frames(self._longest_units)
+                raise ValueError(f"this model makes at most {longest} frames in all; ask for at most {longest - 1} new frames")
+            room = max(1, spec.max_latent_frames - new_units)  # the given clip's units kept within the trained window
             return min(spec.frames(latent_frames(len(condition_frames), n)), spec.frames(room)), new_units
         if num_frames is None:
             num_frames = 1 if mode == "text_to_image" else spec.max_frames
-        if not isinstance(num_frames, (int, np.integer)) or num_frames < 1 or (num_frames - 1) % n or num_frames > spec.max_frames:
-            allowed = ", ".join(str(spec.frames(k)) for k in range(1, min(spec.max_latent_frames, 4) + 1))
-            allowed += f", ..., {spec.max_frames}" if spec.max_latent_frames > 4 else ""
-            raise ValueError(f"num_frames must be 1 + {n}k and at most {spec.max_frames} for this model ({allowed}); got {num_frames}")
+        longest = spec.frames(self._longest_units)
+        if not isinstance(num_frames, (int, np.integer)) or num_frames < 1 or (num_frames - 1) % n or num_frames > longest:
+            allowed = ", ".join(str(spec.frames(k)) for k in range(1, min(self._longest_units, 4) + 1))
+            allowed += f", ..., {longest}" if self._longest_units > 4 else ""
+            raise ValueError(f"num_frames must be 1 + {n}k and at most {longest} for this model ({allowed}; "
+                             f"{longest / spec.fps:.0f} s at {spec.fps} fps); got {num_frames}")
         units = latent_frames(num_frames, n)
         if mode == "image_to_video":
             if units < 2:
@@ -468,11 +518,40 @@ class PyramidFlowPipeline(DiffusionPipeline):
         z = self.family.normalization.denormalize(latents.float()).to(self.vae.dtype)
         return to_frames(self.vae.decode(z, temporal_chunk=True).sample, truncate=self.official_defaults)
 
+    def _streamed_decoder(self, write: Callable):
+        """decode(latents, keep=True): the normalised latents of the next units of a video -> their uint8 frames, passed
+        to `write` when kept. The causal VAE keeps its caches between calls, so the frames equal one decode of all."""
+        stream = self.vae.start_decode_stream()
+
+        def write_frames(frames):
+            write(frames)
+            decode.frames_written += len(frames)
+
+        def decode(latents, keep=True):
+            z = self.family.normalization.denormalize(latents.float(), starts_video=not stream.started)
+            frames = to_frames(self.vae.decode_stream(z.to(self.vae.dtype), stream), truncate=self.official_defaults)
+            if keep:
+                write_frames(frames)
+
+        decode.frames_written, decode.write = 0, write_frames
+        return decode
+
     def unit_preview(self, video_latents: torch.Tensor) -> np.ndarray:
         """The frames of the last unit of `video_latents` (the callback's "video_latents"): the causal VAE decodes it
         with the unit before it as context; the first unit is one frame, later ones `frames_per_latent`."""
         frames = self.decode_latents(video_latents[:, :, -2:])
         return frames if video_latents.shape[2] == 1 else frames[-self.spec.frames_per_latent:]
+
+
+def _storyboard_of(prompt, storyboard) -> Optional[Storyboard]:
+    """The storyboard given as `storyboard=` or as the prompt (a Storyboard or (seconds, prompt) pairs), else None."""
+    if storyboard is not None:
+        if prompt:
+            raise ValueError("give the prompt or a storyboard, not both (a storyboard holds a prompt per segment)")
+        return Storyboard.coerce(storyboard)
+    if isinstance(prompt, (Storyboard, list, tuple)):
+        return Storyboard.coerce(prompt)
+    return None
 
 
 def _check_prompt(prompt, required: bool) -> str:

@@ -57,9 +57,17 @@ def control_values(settings: dict) -> dict:
         "quantize": settings.get("quantize"),
         "dtype": settings.get("dtype"),
         "vae_tiling": settings.get("vae_tiling"),
+        "storyboard": storyboard_rows(settings.get("storyboard")),
         **sampling_controls(settings),
     }
     return {name: value for name, value in values.items() if value is not None}
+
+
+def storyboard_rows(storyboard) -> list:
+    """A recorded storyboard as the studio's segment table rows [seconds, prompt]; None without one."""
+    if not storyboard:
+        return None
+    return [[segment["seconds"], segment["prompt"]] for segment in storyboard["segments"]]
 
 
 def sampling_controls(settings: dict) -> dict:

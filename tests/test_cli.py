@@ -142,12 +142,12 @@ def test_module_entry_point_prints_no_traceback(tiny_model, tmp_path):
     """A request the loaded model rejects, in a real process: one line, exit 2, no traceback."""
     completed = subprocess.run(
         [sys.executable, "-m", "pyramid_app", "generate", "--prompt", "a cat", "--out", str(tmp_path / "o.mp4"),
-         "--model", str(tiny_model), "--num-frames", "25", "--quiet"],
+         "--model", str(tiny_model), "--num-frames", "169", "--quiet"],
         capture_output=True, text=True, cwd=settings.BUNDLED_MODEL.parents[2],
     )
     assert completed.returncode == cli.EXIT_USAGE
     lines = completed.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: num_frames must be 1 + 8k and at most 17"), completed.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: num_frames must be 1 + 8k and at most 161"), completed.stderr
     assert completed.stdout == "" and not (tmp_path / "o.mp4").exists()
 
 
@@ -247,7 +247,7 @@ def test_random_seed_is_recorded_and_reproduces(tiny_model, tmp_path, capsys, ge
 
 
 @pytest.mark.parametrize("arguments, fragment", [
-    (["--num-frames", 25], "at most 17"),
+    (["--num-frames", 169], "at most 161"),
     (["--num-frames", 4], "1 + 8k"),
     (["--height", 48], "multiple of 64"),
     (["--variant", "768p"], "768p"),

@@ -155,10 +155,10 @@ def test_save_queue_then_run_queue_resumes_after_a_crash(tiny_model, tmp_path, c
 def test_run_queue_with_a_failing_job_exits_nonzero_and_names_it(tiny_model, tmp_path, capsys):
     queue = JobQueue(tmp_path / "queue.json")
     queue.add(QueuedJob(mode="text_to_video", prompt="a red ball", model={"model": str(tiny_model)},
-                        options={"num_frames": 25}))
+                        options={"num_frames": 169}))
     assert cli.main(["run-queue", str(queue.path)]) == cli.EXIT_FAILED
     err = capsys.readouterr().err
-    assert "failed: num_frames must be 1 + 8k and at most 17" in err and "Traceback" not in err
+    assert "failed: num_frames must be 1 + 8k and at most 161" in err and "Traceback" not in err
     assert read_queue(queue.path)[0][0].state == "failed"
 
 

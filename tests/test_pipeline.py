@@ -210,8 +210,8 @@ def test_the_vaes_temporal_compression_sets_the_allowed_lengths(tmp_path):
     assert pipe.text_to_video("x", duration=0.6, seed=0, **FAST).frames.shape[0] == 5
     extended = pipe.extend_video(clip.frames[:5], "more", num_frames=4, seed=1, **FAST)
     assert extended.frames.shape[0] == 9 and np.array_equal(extended.frames[:5], clip.frames[:5])
-    with pytest.raises(ValueError, match=r"1 \+ 4k and at most 9 for this model \(1, 5, 9\); got 17"):
-        pipe.text_to_video("x", num_frames=17, seed=0, **FAST)
+    with pytest.raises(ValueError, match=r"1 \+ 4k and at most 161 for this model \(1, 5, 9, 13, \.\.\., 161; 20 s at 8 fps\); got 165"):
+        pipe.text_to_video("x", num_frames=165, seed=0, **FAST)
     with pytest.raises(ValueError, match="positive multiple of 4; got 6"):
         pipe.extend_video(clip.frames, "more", num_frames=6, seed=1, **FAST)
 
@@ -239,12 +239,13 @@ def test_negative_prompt_changes_the_result(pipe):
     [
         (lambda p: p.text_to_video("x", num_frames=0), "num_frames must be 1 \\+ 8k"),
         (lambda p: p.text_to_video("x", num_frames=10), "num_frames must be 1 \\+ 8k"),
-        (lambda p: p.text_to_video("x", num_frames=25), "at most 17"),
+        (lambda p: p.text_to_video("x", num_frames=169), "at most 161"),
         (lambda p: p.text_to_video("x", height=100), "height must be a positive multiple of 64"),
         (lambda p: p.text_to_video("x", width=0), "width must be a positive multiple of 64"),
         (lambda p: p.text_to_video("  "), "prompt is empty"),
         (lambda p: p.text_to_video(None), "prompt is empty"),
-        (lambda p: p.text_to_video(["a", "b"]), "must be a string"),
+        (lambda p: p.text_to_video(["a", "b"]), "storyboard segment is a \\(seconds, prompt\\) pair"),
+        (lambda p: p.text_to_video(3), "must be a string"),
         (lambda p: p.text_to_video("x", first_frame_steps=(0, 1, 1)), "first_frame_steps must be 3 positive integers"),
         (lambda p: p.text_to_video("x", video_steps=(1, 1)), "video_steps must be 3 positive integers"),
         (lambda p: p.text_to_video("x", guidance_scale=-1), "guidance_scale must be a number >= 0"),
@@ -255,7 +256,7 @@ def test_negative_prompt_changes_the_result(pipe):
         (lambda p: p.image_to_video(np.zeros((8, 8, 3), np.float32), "x"), "uint8"),
         (lambda p: p.image_to_video(np.zeros((8, 8, 3), np.uint8), "x", num_frames=1), "at least 9 frames"),
         (lambda p: p.extend_video(np.zeros((9, 8, 8, 3), np.uint8), "x", num_frames=5), "multiple of 8"),
-        (lambda p: p.extend_video(np.zeros((9, 8, 8, 3), np.uint8), "x", num_frames=24), "at most 16 new frames"),
+        (lambda p: p.extend_video(np.zeros((9, 8, 8, 3), np.uint8), "x", num_frames=168), "at most 160 new frames"),
     ],
 )
 def test_bad_input_is_explained(pipe, call, message):

@@ -74,10 +74,36 @@ def bitsandbytes_configs(quantize: str, dtype: torch.dtype) -> tuple:
 
 
 def quantize_linear_int8_cpu(module: torch.nn.Module) -> torch.nn.Module:
-    """Dynamic int8 for every nn.Linear (weights int8, activations quantised on the fly): the CPU speed option."""
-    from torch.ao.quantization import quantize_dynamic
+    """Dynamic int8 for every nn.Linear (weights int8, activations quantised per token on the fly, torchao):
+    the CPU speed option."""
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
-    return quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    quantize_(module, Int8DynamicActivationInt8WeightConfig())
+    return module
+
+
+def fp8_compute_supported(device: torch.device) -> bool:
+    """float8 matrix products (torch._scaled_mm) exist on CUDA GPUs of compute capability 8.9 (Ada) and newer."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9) and importlib.util.find_spec("torchao") is not None
+
+
+def compute_in_fp8(module: torch.nn.Module, device: torch.device) -> None:
+    """Every nn.Linear computes in float8 on `device`: weights stored in float8 per output row, activations
+    quantised per row on the fly (torchao's float8 dynamic activation + weight)."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    quantize_(module, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), device=device)
+
+
+def apply_fp8(module: torch.nn.Module, compute_dtype: torch.dtype, device: torch.device, offload: str = "none") -> str:
+    """quantize='fp8': float8 compute on `device` where the GPU supports it and the weights stay there (offload
+    'none'), else float8 storage with `compute_dtype` compute (layerwise casting). Returns which one was used
+    ("compute" or "storage"), for the output's settings."""
+    if fp8_compute_supported(device) and compute_dtype == torch.bfloat16 and offload == "none":
+        compute_in_fp8(module, device)
+        return "compute"
+    store_in_fp8(module, compute_dtype)
+    return "storage"
 
 
 def store_in_fp8(module: torch.nn.Module, compute_dtype: torch.dtype) -> None:

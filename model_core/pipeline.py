@@ -17,12 +17,12 @@ from .checkpoints import FAMILIES, SETTINGS_FILE, Family, VariantSpec, describe,
 from .loading import MODEL_BUILD_LOCK, ResolvedCheckpoint, load_model, resolve_checkpoint
 from .media import as_frames, to_frames, to_video_tensor
 from .memory import (
+    apply_fp8,
     bitsandbytes_configs,
     check_memory_options,
     quantize_linear_int8_cpu,
     resolve_device,
     resolve_dtype,
-    store_in_fp8,
     uses_bitsandbytes,
 )
 from .parallel import SINGLE_PROCESS
@@ -212,8 +212,9 @@ class PyramidFlowPipeline(DiffusionPipeline):
 
     def _apply_memory_options(self, device, dtype, offload, quantize, vae_tiling):
         t5 = self.prompt_encoder.encoders[self.prompt_encoder.t5_folder]
+        fp8 = None
         if quantize == "fp8":  # the DiT only: T5 casts activations to its weights' storage dtype itself
-            store_in_fp8(self.transformer, dtype)
+            fp8 = apply_fp8(self.transformer, dtype, device, offload)
         if quantize == "int8" and device.type == "cpu":
             quantize_linear_int8_cpu(self.transformer)
             quantize_linear_int8_cpu(t5)
@@ -229,6 +230,8 @@ class PyramidFlowPipeline(DiffusionPipeline):
                 if module is not None and not getattr(module, "is_quantized", False):
                     module.to(device)
         self.settings_base = {"offload": offload, "quantize": quantize, "vae_tiling": vae_tiling, "dtype": str(dtype).replace("torch.", "")}
+        if fp8 is not None:
+            self.settings_base["fp8"] = fp8  # "compute" (float8 matmuls) or "storage" (float8 weights only)
 
     def _enable_layer_offload(self, device, offload):
         """Weights stay on the CPU and reach the GPU a layer (`sequential`) or a block (`group`) at a time. The VAE is

@@ -1,0 +1,308 @@
+"""GPU suite (issue 22): time and peak memory of a 5-s text-to-video at 384p and 768p, per speed and memory option.
+
+Random-weight miniFLUX transformer and causal VAE at the published sizes (benchmarks.random_models), bfloat16,
+random prompt embeddings (no text encoder: T5 would only add a constant). Each row builds fresh models, applies its
+options, runs an untimed warm-up (two short units, three for `compile` so every history shape is compiled), then
+times one 5-s clip (121 frames = 16 latent units; first frame [20, 20, 20] steps, later units [10, 10, 10];
+guidance 7 / 5, so every forward is a batch of 2). Per row: sampling and decoding seconds, peak GPU memory (torch's
+allocator), and the transformer's achieved TFLOP/s (benchmarks.dit_flops: counted from token counts) against a
+big bfloat16 matmul measured here and the datasheet's dense bf16 figure.
+
+Rows run most important first. The JSON (and the markdown table) is rewritten after every row, so a run cut short
+keeps what it measured; the suite stops a row whose time runs past its budget (--budget-s, counted from start)
+and skips the rest with a note; a failing row records its error and the suite goes on. Options this build does
+not have are refused as "not available in this build". Nothing is estimated.
+
+    python -m benchmarks.gpu_suite --out results/       # on a CUDA GPU (H100/H200: about 7 minutes)
+    python -m benchmarks.gpu_suite --smoke --out /tmp/s # the same code path on the CPU with tiny models (< 1 min)
+"""
+import argparse
+import gc
+import importlib.util
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.dit_flops import generation_flops  # noqa: E402
+from benchmarks.random_models import (  # noqa: E402
+    Clip, TimeBudgetReached, build_transformer, build_vae, model_configs, random_prompt, synchronize, text_to_video,
+)
+from model_core.memory import apply_fp8  # noqa: E402
+
+GIB = 2**30
+SIZES = {"384p": (384, 640), "768p": (768, 1280)}
+SMOKE_SIZES = {"384p": (64, 64), "768p": (64, 128)}
+UNITS, SMOKE_UNITS = 16, 2  # 5 s at 24 fps = 121 frames = 16 latent units
+SMOKE_STEPS = ((1, 1, 1), (1, 1, 1))
+DATASHEET_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4}  # dense, no sparsity
+CACHE_SETTINGS = (("first-block", 0.05), ("first-block", 0.1), ("mag", 0.05), ("taylorseer", 0.05))
+ATTENTION_BACKENDS = ("flex", "flash", "flash_varlen", "sage", "sage_varlen")
+
+
+@dataclass
+class Row:
+    """One measurement: a resolution and the options applied to fresh models before the run."""
+
+    name: str
+    size: str
+    fp8: bool = False
+    compile: bool = False
+    offload: str = "none"
+    cache: tuple = None  # (name, threshold)
+    attention_backend: str = None
+    settings: dict = field(default_factory=dict)
+
+
+def suite_rows() -> list:
+    """Most important first: the two baselines, then what should make 384p fast, then what makes 768p small."""
+    first_block = CACHE_SETTINGS[0]
+    rows = [Row("baseline", "384p"), Row("baseline", "768p"), Row("quantize=fp8", "384p", fp8=True),
+            Row("compile", "384p", compile=True), Row(_cache_name(first_block), "384p", cache=first_block)]
+    rows += [Row(f"attention={backend}", "384p", attention_backend=backend) for backend in ATTENTION_BACKENDS]
+    rows += [Row("fp8 + compile + cache", "384p", fp8=True, compile=True, cache=first_block),
+             Row("offload=model", "384p", offload="model"), Row("offload=group", "384p", offload="group"),
+             Row("offload=model + fp8", "768p", offload="model", fp8=True)]
+    rows += [Row(_cache_name(setting), "384p", cache=setting) for setting in CACHE_SETTINGS[1:]]
+    rows += [Row("fp8 + compile + cache", "768p", fp8=True, compile=True, cache=first_block),
+             Row("offload=sequential", "384p", offload="sequential")]
+    return rows
+
+
+def _cache_name(setting) -> str:
+    return f"cache={setting[0]} ({setting[1]})"
+
+
+class Unavailable(Exception):
+    """This option cannot run here; the message says why."""
+
+
+def apply_row_options(row: Row, transformer, vae, device: torch.device, compile_backend: str = "inductor") -> dict:
+    """Apply the row's options to fresh models (weights still on `device`); returns the settings really used.
+    `compile_backend` is torch.compile's backend (the smoke run traces with "eager" instead of generating code)."""
+    settings = {}
+    if row.attention_backend is not None:
+        from model_core.transformers.attention_backends import check_attention_backend
+
+        try:
+            name = check_attention_backend(row.attention_backend, device, transformer.dtype)
+        except ValueError as refusal:
+            raise Unavailable(f"attention_backend={row.attention_backend}: {refusal}") from None
+        transformer.set_attention_backend(name)
+        settings["attention_backend"] = name
+    if row.cache is not None:
+        name, threshold = row.cache
+        if importlib.util.find_spec("model_core.step_cache") is None:
+            raise Unavailable("cache: not available in this build")
+        from model_core.step_cache import CACHE_MODES, enable_step_cache
+
+        if name not in CACHE_MODES:
+            raise Unavailable(f"cache={name}: not available in this build (it has {', '.join(CACHE_MODES)})")
+        enable_step_cache(transformer, name, threshold)
+        settings["cache"], settings["cache_threshold"] = name, threshold
+    if row.fp8:
+        if device.type != "cuda":
+            raise Unavailable("quantize=fp8 is timed on a CUDA GPU only")
+        settings["fp8"] = apply_fp8(transformer, transformer.dtype, device, row.offload)
+    if row.compile:
+        transformer.compile_repeated_blocks(dynamic=True, backend=compile_backend)
+        settings["compile"] = f"repeated blocks, dynamic shapes, {compile_backend}"
+    if row.offload != "none":
+        if device.type != "cuda":
+            raise Unavailable(f"offload={row.offload} moves weights between the CPU and a GPU; there is no GPU")
+        apply_offload(row.offload, transformer, vae, device)
+        settings["offload"] = row.offload
+    return settings
+
+
+def apply_offload(offload: str, transformer, vae, device: torch.device):
+    """The pipeline's offload modes on bare models: `model` moves each whole model to the GPU while it runs,
+    `group` one block at a time, `sequential` one layer at a time (the VAE per layer in both)."""
+    from accelerate import cpu_offload_with_hook
+    from diffusers.hooks import apply_group_offloading
+
+    transformer.to("cpu")
+    vae.to("cpu")
+    if offload == "model":
+        _, hook = cpu_offload_with_hook(transformer, device)
+        cpu_offload_with_hook(vae, device, prev_module_hook=hook)
+        return
+    level = "leaf_level" if offload == "sequential" else "block_level"
+    blocks = {"num_blocks_per_group": 1} if offload == "group" else {}
+    apply_group_offloading(transformer, onload_device=device, offload_type=level, **blocks)
+    apply_group_offloading(vae, onload_device=device, offload_type="leaf_level")
+
+
+def matmul_tflops(device: torch.device, smoke: bool) -> float:
+    """Achieved TFLOP/s of a big square bfloat16 matmul (float32 on the CPU): the practical ceiling here."""
+    n, dtype = (256, torch.float32) if smoke else (8192, torch.bfloat16)
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, generator=generator, device=device).to(dtype)
+    b = torch.randn(n, n, generator=generator, device=device).to(dtype)
+    repeats = 3 if smoke else 50
+    for _ in range(3):
+        a @ b
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - started) / 1e12
+
+
+def _significant(value: float) -> float:
+    return float(f"{value:.4g}")
+
+
+def datasheet_tflops(device: torch.device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((value for key, value in DATASHEET_BF16_TFLOPS.items() if key in name), None)
+
+
+class Suite:
+    """Runs rows under one time budget and rewrites the report after each."""
+
+    def __init__(self, out: Path, smoke: bool, budget_s: float, reserve_s: float, rows: list):
+        self.out, self.smoke, self.rows = out, smoke, rows
+        self.started = time.monotonic()
+        self.deadline = self.started + budget_s
+        self.reserve_s = reserve_s
+        self.device = torch.device("cpu" if smoke else "cuda")
+        self.dtype = torch.float32 if smoke else torch.bfloat16
+        self.transformer_config, self.vae_config = model_configs(tiny=smoke)
+        self.text = random_prompt(self.transformer_config, valid_tokens=24, seed=1, device=self.device)
+        self.negative = random_prompt(self.transformer_config, valid_tokens=40, seed=2, device=self.device)
+        self.report = {"device": self._describe_device(), "smoke": smoke, "budget_s": budget_s, "rows": []}
+
+    def _describe_device(self) -> dict:
+        versions = {"torch": torch.__version__}
+        for package in ("diffusers", "torchao", "accelerate"):
+            if importlib.util.find_spec(package) is not None:
+                versions[package] = __import__(package).__version__
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        return {"name": name, "versions": versions}
+
+    def clip(self, size: str, warm_up_units: int = 0) -> Clip:
+        height, width = (SMOKE_SIZES if self.smoke else SIZES)[size]
+        steps = SMOKE_STEPS if self.smoke else ((20, 20, 20), (10, 10, 10))
+        if warm_up_units:
+            return Clip(height, width, warm_up_units, (1, 1, 1), (1, 1, 1))
+        return Clip(height, width, SMOKE_UNITS if self.smoke else UNITS, *steps)
+
+    def run(self):
+        self.report["matmul_tflops"] = matmul_tflops(self.device, self.smoke)
+        self.report["datasheet_bf16_tflops"] = datasheet_tflops(self.device)
+        self.write()
+        for row in self.rows:
+            left = self.deadline - time.monotonic()
+            if left < self.reserve_s:
+                self.record(row, {"status": "skipped", "note": f"time budget near its end ({left:.0f} s left)"})
+                continue
+            self.record(row, self.measure(row))
+        self.report["total_s"] = time.monotonic() - self.started
+        self.write()
+
+    def measure(self, row: Row) -> dict:
+        transformer = vae = None
+        try:
+            transformer = build_transformer(self.transformer_config, self.device, self.dtype)
+            vae = build_vae(self.vae_config, self.device, self.dtype)
+            settings = apply_row_options(row, transformer, vae, self.device, "eager" if self.smoke else "inductor")
+            clip = self.clip(row.size)
+            started = time.perf_counter()
+            warm_up = self.clip(row.size, warm_up_units=2 if self.smoke else 3 if row.compile else 2)
+            text_to_video(transformer, vae, warm_up, self.text, self.negative, self.device, decode=False, deadline=self.deadline)
+            warm_up_s = time.perf_counter() - started
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            result = text_to_video(transformer, vae, clip, self.text, self.negative, self.device, deadline=self.deadline)
+            flops = generation_flops(self.transformer_config, clip.height, clip.width, clip.num_units,
+                                     clip.first_frame_steps, clip.video_steps, guided=True)
+            achieved = flops / result["sampling_s"] / 1e12
+            datasheet = self.report["datasheet_bf16_tflops"]
+            return {
+                "status": "ok", "settings": settings, "warm_up_s": round(warm_up_s, 2),
+                "sampling_s": round(result["sampling_s"], 2), "decode_s": round(result["decode_s"], 2),
+                "total_s": round(result["sampling_s"] + result["decode_s"], 2),
+                "peak_vram_gib": round(torch.cuda.max_memory_allocated(self.device) / GIB, 2) if self.device.type == "cuda" else None,
+                "dit_tflop": _significant(flops / 1e12), "dit_tflops": _significant(achieved),
+                "of_matmul": round(achieved / self.report["matmul_tflops"], 3),
+                "of_datasheet": round(achieved / datasheet, 3) if datasheet else None,
+                "finite": bool(torch.isfinite(result["latents"]).all()),
+            }
+        except Unavailable as reason:
+            return {"status": "unavailable", "note": str(reason)}
+        except TimeBudgetReached as reason:
+            return {"status": "stopped", "note": str(reason)}
+        except Exception as error:  # a failing row is a result: record it and go on
+            return {"status": "error", "note": f"{type(error).__name__}: {error}",
+                    "traceback": traceback.format_exc(limit=4)}
+        finally:
+            del transformer, vae
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if row.compile:
+                torch._dynamo.reset()
+
+    def record(self, row: Row, result: dict):
+        clip = self.clip(row.size)
+        entry = {"row": row.name, "size": row.size, "height": clip.height, "width": clip.width,
+                 "units": clip.num_units, **result}
+        self.report["rows"].append(entry)
+        print(json.dumps({k: v for k, v in entry.items() if k != "traceback"}), flush=True)
+        self.write()
+
+    def write(self):
+        self.out.mkdir(parents=True, exist_ok=True)
+        for name, text in (("gpu_suite.json", json.dumps(self.report, indent=1)), ("gpu_suite.md", markdown(self.report))):
+            temporary = self.out / f".{name}.tmp"
+            temporary.write_text(text)
+            os.replace(temporary, self.out / name)
+
+
+def markdown(report: dict) -> str:
+    """The RESULTS.md section of a report."""
+    device = report["device"]
+    lines = [f"Device: {device['name']}; " + ", ".join(f"{k} {v}" for k, v in device["versions"].items()) + ".",
+             f"bf16 matmul ceiling measured here: {report.get('matmul_tflops', 0):.0f} TFLOP/s; "
+             f"datasheet dense bf16: {report.get('datasheet_bf16_tflops') or 'unknown'} TFLOP/s.", "",
+             "| size | row | total s | sampling s | decode s | peak VRAM GiB | DiT TFLOP/s | of matmul | note |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in report["rows"]:
+        if row["status"] == "ok":
+            note = ", ".join(f"{k}={v}" for k, v in row["settings"].items()) + ("" if row["finite"] else "; non-finite latents")
+            lines.append(f"| {row['size']} | {row['row']} | {row['total_s']} | {row['sampling_s']} | {row['decode_s']} | "
+                         f"{row['peak_vram_gib']} | {row['dit_tflops']} | {row['of_matmul']} | {note} |")
+        else:
+            lines.append(f"| {row['size']} | {row['row']} | - | - | - | - | - | - | {row['status']}: {row['note']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None,
+                        help="folder for gpu_suite.json and gpu_suite.md (default: $OUT)")
+    parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the code path")
+    parser.add_argument("--budget-s", type=float, default=330.0, help="wall-clock budget from start, warm-ups included")
+    parser.add_argument("--reserve-s", type=float, default=20.0, help="skip the remaining rows when less is left")
+    args = parser.parse_args(argv)
+    if args.out is None:
+        parser.error("--out is required when $OUT is not set")
+    if not args.smoke and not torch.cuda.is_available():
+        parser.error("the suite times a CUDA GPU; none is visible here (use --smoke to check the code path on the CPU)")
+    suite = Suite(args.out, args.smoke, args.budget_s, args.reserve_s, suite_rows())
+    suite.run()
+    return suite.report
+
+
+if __name__ == "__main__":
+    main()

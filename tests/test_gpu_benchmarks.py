@@ -1,0 +1,150 @@
+"""The GPU suite's FLOP count, its smoke run on the CPU, its budget and failure handling, and the side-by-side
+with the official code (when a checkout of it is present)."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks import gpu_suite
+from benchmarks.dit_flops import forward_flops, generation_flops
+from benchmarks.random_models import build_transformer, model_configs, random_prompt
+from model_core.temporal import history_layout, tokens_per_frame
+from reference import REFERENCE_DIR
+
+OFFICIAL = Path(os.environ.get("PYRAMID_FLOW_OFFICIAL", Path(__file__).resolve().parents[1] / ".official"))
+
+
+@pytest.mark.parametrize("name, index", [("layout_miniflux_transformer.json", 0), ("layout_causal_vae.json", 1)])
+def test_published_configs_are_the_official_layouts(name, index):
+    reference = json.loads((REFERENCE_DIR / name).read_text())["config"]
+    config = model_configs(tiny=False)[index]
+    assert {key: _listed(config[key]) for key in reference} == {key: _listed(value) for key, value in reference.items()}
+
+
+def _listed(value):
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def test_counted_flops_equal_what_a_guided_forward_multiplies(monkeypatch):
+    """Matrix products as torch's FlopCounterMode counts them, attention as the SDPA calls' shapes say."""
+    config, _ = model_configs(tiny=True)
+    transformer = build_transformer(config, "cpu", torch.float32)
+    latent_h, latent_w, unit, stage, text_tokens = 16, 24, 3, 2, 10
+    clips = []
+    for clip in history_layout(unit, stage):
+        shrink = 2 ** (2 - clip.level)
+        clips.append(torch.randn(2, 16, clip.length, latent_h // shrink, latent_w // shrink))
+    clips.append(torch.randn(2, 16, 1, latent_h, latent_w))
+    prompt = random_prompt(config, valid_tokens=4, seed=0, device="cpu", text_tokens=text_tokens).repeat(2)
+    attention = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counted_sdpa(*args, **kwargs):
+        q, k = (kwargs[name] if name in kwargs else args[index] for index, name in enumerate(("query", "key")))
+        attention.append(4 * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.shape[3])
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted_sdpa)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        transformer(sample=[clips], encoder_hidden_states=prompt.hidden_states, encoder_attention_mask=prompt.attention_mask,
+                    pooled_projections=prompt.pooled, timestep=torch.tensor([500.0, 500.0]))
+    products = sum(v for op, v in counter.get_flop_counts()["Global"].items() if str(op) in ("aten.addmm", "aten.mm", "aten.bmm"))
+    frames = [tokens_per_frame(latent_h, latent_w, c.level) for c in history_layout(unit, stage) for _ in range(c.length)]
+    frames.append(tokens_per_frame(latent_h, latent_w, stage))
+    assert len(attention) == 2 * len(frames)  # one call per causal group in each of the two blocks
+    assert forward_flops(config, frames, batch=2, text_tokens=text_tokens) == products + sum(attention)
+
+
+def test_generation_flops_of_the_published_384p_clip():
+    config, _ = model_configs(tiny=False)
+    guided = generation_flops(config, 384, 640, 16, (20, 20, 20), (10, 10, 10), guided=True)
+    assert guided == 2 * generation_flops(config, 384, 640, 16, (20, 20, 20), (10, 10, 10), guided=False)
+    # about 2.1 GFLOP per token and forward (24 blocks of 12 D^2 multiply-adds, D = 1,920): a few PFLOP in all
+    assert 1e15 < guided < 1e16
+
+
+@pytest.mark.slow  # every row: over a minute of CPU time (compile traces the blocks for every history shape)
+def test_smoke_run_measures_baselines_and_refuses_what_is_not_here(tmp_path):
+    gpu_suite.main(["--smoke", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "gpu_suite.json").read_text())
+    rows = {(r["row"], r["size"]): r for r in report["rows"]}
+    assert [r["row"] for r in report["rows"]] == [r.name for r in gpu_suite.suite_rows()]
+    for key in (("baseline", "384p"), ("baseline", "768p"), ("compile", "384p")):
+        assert rows[key]["status"] == "ok" and rows[key]["sampling_s"] > 0 and rows[key]["dit_tflops"] > 0
+        assert rows[key]["finite"]
+    assert rows[("compile", "384p")]["settings"]["compile"].endswith("eager")
+    assert rows[("quantize=fp8", "384p")]["status"] == "unavailable"
+    assert rows[("offload=group", "384p")]["note"].startswith("offload=group moves weights")
+    assert rows[("cache=first-block (0.05)", "384p")]["status"] == "ok"
+    assert rows[("attention=flex", "384p")]["status"] == "ok"
+    assert rows[("attention=flash", "384p")]["status"] == "unavailable"
+    assert "| 384p | baseline |" in (tmp_path / "gpu_suite.md").read_text()
+
+
+def test_a_short_smoke_run_measures_and_refuses(tmp_path):
+    suite = _suite(tmp_path, [gpu_suite.Row("baseline", "384p"), gpu_suite.Row("offload=model", "384p", offload="model")])
+    suite.run()
+    baseline, offload = json.loads((tmp_path / "gpu_suite.json").read_text())["rows"]
+    assert baseline["status"] == "ok" and baseline["total_s"] >= baseline["sampling_s"] > 0 and baseline["dit_tflops"] > 0
+    assert offload["status"] == "unavailable"
+
+
+def _suite(tmp_path, rows, budget_s=600.0):
+    return gpu_suite.Suite(tmp_path, smoke=True, budget_s=budget_s, reserve_s=20.0, rows=rows)
+
+
+def test_rows_past_the_budget_are_skipped_with_a_note(tmp_path):
+    suite = _suite(tmp_path, gpu_suite.suite_rows()[:3], budget_s=5.0)
+    suite.run()
+    report = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert [r["status"] for r in report["rows"]] == ["skipped"] * 3
+    assert "time budget near its end" in report["rows"][0]["note"]
+
+
+def test_a_failing_row_is_recorded_and_the_suite_goes_on(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(gpu_suite, "build_transformer", fail)
+    written = []
+    suite = _suite(tmp_path, [gpu_suite.Row("baseline", "384p"), gpu_suite.Row("offload=model", "384p", offload="model")])
+    monkeypatch.setattr(suite, "write", lambda: written.append(len(suite.report["rows"])))
+    suite.run()
+    first, second = suite.report["rows"]
+    assert first["status"] == "error" and first["note"] == "RuntimeError: out of memory (simulated)"
+    assert second["status"] == "error"  # every row builds its own models
+    assert written[:3] == [0, 1, 2]  # written before the rows, then after each
+
+
+def test_options_missing_here_are_refused_with_the_reason():
+    config, _ = model_configs(tiny=True)
+    transformer = build_transformer(config, "cpu", torch.float32)
+    for row, message in ((gpu_suite.Row("c", "384p", cache=("mag", 0.05)), "cache=mag: not available in this build"),
+                         (gpu_suite.Row("a", "384p", attention_backend="flash"), "attention_backend=flash: "),
+                         (gpu_suite.Row("o", "384p", offload="group"), "offload=group moves weights")):
+        with pytest.raises(gpu_suite.Unavailable, match=message):
+            gpu_suite.apply_row_options(row, transformer, None, torch.device("cpu"))
+
+
+def test_cache_and_flex_rows_apply_on_the_cpu():
+    config, _ = model_configs(tiny=True)
+    transformer = build_transformer(config, "cpu", torch.float32)
+    settings = gpu_suite.apply_row_options(gpu_suite.Row("c", "384p", cache=("first-block", 0.1), attention_backend="flex"),
+                                           transformer, None, torch.device("cpu"))
+    assert settings == {"attention_backend": "flex", "cache": "first-block", "cache_threshold": 0.1}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (OFFICIAL / "pyramid_dit").is_dir(), reason="no checkout of the official code (set PYRAMID_FLOW_OFFICIAL)")
+def test_official_side_by_side_matches_on_tiny_models(tmp_path):
+    from benchmarks import official_side_by_side
+
+    result = official_side_by_side.main(["--official", str(OFFICIAL), "--units", "2", "--repeats", "1",
+                                         "--first-frame-steps", "1", "2", "1", "--video-steps", "1", "1", "2",
+                                         "--out", str(tmp_path)])
+    assert result["max_latent_difference"] < 1e-3
+    assert result["ours_s"] > 0 and result["official_s"] > 0 and result["time_ratio"] > 0
+    assert json.loads((tmp_path / "official_side_by_side.json").read_text()) == result

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from model_core.media_files import read_image, read_video, write_image, write_video
+from model_core.storyboard import Storyboard
 
 from . import ranks
 from .job_queue import JobQueue, run_jobs
@@ -51,7 +52,7 @@ class _Parser(argparse.ArgumentParser):
 
 @dataclass(frozen=True)
 class Job:
-    prompt: str
+    prompt: object  # the text, or a Storyboard (--storyboard)
     out: Path
 
 
@@ -77,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--prompt", metavar="TEXT", help="text prompt (optional with --image or --extend)")
     what.add_argument("--out", type=Path, metavar="FILE", help="output file, .mp4 or .png")
     what.add_argument("--prompts-file", type=Path, metavar="FILE", help="batch mode: one prompt per non-empty line")
+    what.add_argument("--storyboard", type=Path, metavar="FILE",
+                      help="a prompt per segment: each non-empty line is 'SECONDS | PROMPT'; the seconds set the length")
     what.add_argument("--out-dir", type=Path, metavar="DIR", help="batch mode: folder for 0000.mp4, 0001.mp4, ...")
     what.add_argument("--image", type=Path, metavar="IMG", help="animate this image (image-to-video)")
     what.add_argument("--extend", type=Path, metavar="VIDEO", help="continue this video (new frames only count)")
@@ -158,8 +161,10 @@ def _mode(args) -> str:
 
 
 def _jobs(args, mode: str) -> tuple:
-    if args.prompt is not None and args.prompts_file is not None:
-        raise UsageError("use either --prompt or --prompts-file, not both")
+    if sum(given is not None for given in (args.prompt, args.prompts_file, args.storyboard)) > 1:
+        raise UsageError("use one of --prompt, --prompts-file and --storyboard")
+    if args.storyboard is not None:
+        return (Job(_read_storyboard(args, mode), args.out),)
     if args.prompts_file is not None:
         if args.out_dir is None:
             raise UsageError("--prompts-file needs --out-dir for the generated files")
@@ -173,6 +178,21 @@ def _jobs(args, mode: str) -> tuple:
         raise UsageError("missing --out FILE.mp4 (or FILE.png for a single image)")
     _check_output(args.out, mode, args)
     return (Job(prompt, args.out),)
+
+
+def _read_storyboard(args, mode: str) -> Storyboard:
+    if mode == "text_to_image" or args.num_frames is not None or args.duration is not None:
+        raise UsageError("a storyboard makes a video whose length its seconds set; drop --num-frames / --duration "
+                         "and name --out FILE.mp4")
+    if args.out is None:
+        raise UsageError("missing --out FILE.mp4")
+    _check_output(args.out, mode, args)
+    if not args.storyboard.is_file():
+        raise FileNotFoundError(f"no such storyboard file: {args.storyboard}")
+    try:
+        return Storyboard.parse(args.storyboard.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise UsageError(f"{args.storyboard}: {error}") from None
 
 
 def _read_prompts(path: Path) -> list:

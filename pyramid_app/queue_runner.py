@@ -68,8 +68,9 @@ def queued_jobs_from_request(request, folder: Path) -> list:
     options = {name: value for name, value in asdict(request.options).items() if value is not None}
     model = {name: value for name, value in asdict(request.model).items() if value != getattr(ModelOptions, name)}
     source = None if request.source is None else _relative(request.source, folder)
-    return [QueuedJob(mode=request.mode, prompt=job.prompt, options=options, model=model,
-                      input=source, out=_relative(job.out, folder)) for job in request.jobs]
+    return [QueuedJob(mode=request.mode, prompt="" if isinstance(job.prompt, Storyboard) else job.prompt,
+                      storyboard=job.prompt.to_settings() if isinstance(job.prompt, Storyboard) else None,
+                      options=options, model=model, input=source, out=_relative(job.out, folder)) for job in request.jobs]
 
 
 def _relative(path: Path, folder: Path) -> str:

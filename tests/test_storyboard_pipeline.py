@@ -144,3 +144,30 @@ def test_streamed_frames_equal_the_decoded_output(tiny, mode):
     assert len(sink.chunks) == {"text_to_video": 4, "image_to_video": 4, "extend_video": 3}[mode]
     assert np.abs(sink.frames.astype(int) - whole.frames).max() <= 1  # float rounding of the chunked causal decode
     assert streamed.settings == {**whole.settings, "num_frames": len(whole.frames)}
+
+
+# --- the command line: --storyboard FILE, also into a queue ---------------------------------------------
+
+
+def test_cli_storyboard_file_makes_the_summed_length_and_records_it(tmp_path, capsys):
+    from pyramid_app import cli
+
+    (tmp_path / "story.txt").write_text("# right, then left\n1 | a red circle moving right\n1 | a red circle moving left\n")
+    out = tmp_path / "story.mp4"
+    fast = ["--first-frame-steps", "1,1,1", "--video-steps", "1,1,1", "--quiet"]
+    assert cli.main(["generate", "--storyboard", str(tmp_path / "story.txt"), "--out", str(out), "--seed", "3", *fast]) == 0
+    settings = read_metadata(out)
+    assert settings["num_frames"] == 17 and [s["prompt"] for s in settings["storyboard"]["segments"]] == [
+        "a red circle moving right", "a red circle moving left"]
+    queue_file = tmp_path / "queue.json"
+    assert cli.main(["generate", "--storyboard", str(tmp_path / "story.txt"), "--out", str(out), "--save-queue",
+                     str(queue_file), *fast]) == 0
+    from pyramid_app.job_queue import read_queue
+
+    assert read_queue(queue_file)[0][0].storyboard == settings["storyboard"]
+    (tmp_path / "bad.txt").write_text("1 | fine\nsoon | later\n")
+    capsys.readouterr()
+    assert cli.main(["generate", "--storyboard", str(tmp_path / "bad.txt"), "--out", str(out)]) == cli.EXIT_USAGE
+    assert "bad.txt: storyboard line 2 starts with 'soon', not a number" in capsys.readouterr().err
+    assert cli.main(["generate", "--storyboard", str(tmp_path / "story.txt"), "--out", str(out),
+                     "--num-frames", "9"]) == cli.EXIT_USAGE

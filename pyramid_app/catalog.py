@@ -1,6 +1,8 @@
 """The studio's model menu: which checkpoints to offer, their variants and length limits, without loading any.
 
-A menu value is "bundled", a hub repo id, or a local checkpoint folder.
+A menu value is "bundled", a hub repo id, or a local checkpoint folder. In hosted mode the menu is an
+allow-list: the bundled model, the published repos and the folders the operator named, each folder offered
+under its name; any other value a client sends is refused with one sentence that says nothing about the disk.
 """
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,13 +37,77 @@ class ModelFacts:
         return self.specs.get(name)
 
 
-def model_choices(default_model=None) -> list:
-    """(label, value) pairs for the model dropdown; a given default model comes first."""
+class ModelMenu:
+    """The models a studio offers. Local mode: `models` first, and any folder or repo id typed in.
+    Hosted mode: only the bundled model, the published repos and `models` (operator folders or repo ids)."""
+
+    def __init__(self, models=(), hosted: bool = False):
+        self.hosted = hosted
+        self.folders = {}  # menu value -> folder, for the operator's folders
+        extra = []
+        for model in models or ():
+            model = str(model)
+            if model in HUB_MODELS or model == BUNDLED or not (hosted and Path(model).expanduser().is_dir()):
+                extra.append((model, model))
+                continue
+            name = _unique(Path(model).name, self.folders)
+            self.folders[name] = str(Path(model).expanduser().resolve())
+            extra.append((name, name))
+        self.offered = list(dict.fromkeys([*extra, *_base_choices()]))
+        self.default = self.offered[0][1]
+
+    def choices(self) -> list:
+        """(label, value) pairs for the dropdown; local folders are labelled by their name."""
+        return [(_label(label), value) for label, value in self.offered]
+
+    def source_for(self, choice) -> str:
+        """The `ModelOptions.model` a menu value names (None: the bundled model); hosted mode refuses others."""
+        if self.hosted:
+            allowed = {value for _, value in self.offered}
+            if not isinstance(choice, str) or choice not in allowed:
+                raise ValueError(f"This studio offers only these models: {', '.join(sorted(allowed))}; "
+                                 "pick one from the Model menu.")
+            return self.folders.get(choice) or source_for(choice)
+        if choice is not None and not isinstance(choice, str):
+            raise ValueError(f"the model must be a menu value, folder or hub repo id (text); got {type(choice).__name__}")
+        return source_for(choice)
+
+    def facts(self, choice) -> "ModelFacts":
+        try:
+            source = self.source_for(choice)
+        except ValueError as error:
+            return ModelFacts((), {}, str(error))
+        return model_facts(BUNDLED if source is None else source)
+
+    def choice_for(self, source) -> str:
+        """The menu value for a model recorded in an output's settings (a hosted folder by its name)."""
+        by_folder = {folder: name for name, folder in self.folders.items()}
+        return by_folder.get(str(source), choice_for(source))
+
+    def is_local(self, choice) -> bool:
+        try:
+            source = self.source_for(choice)
+        except ValueError:
+            return False
+        return is_local(BUNDLED if source is None else source)
+
+
+def _base_choices() -> list:
     bundled_label = f"{BUNDLED_MODEL.name} (bundled)" + ("" if BUNDLED_MODEL.is_dir() else " — not installed")
-    choices = [(bundled_label, BUNDLED)] + [(repo, repo) for repo in HUB_MODELS]
-    if default_model and str(default_model) not in HUB_MODELS:
-        choices.insert(0, (str(default_model), str(default_model)))
-    return choices
+    return [(bundled_label, BUNDLED)] + [(repo, repo) for repo in HUB_MODELS]
+
+
+def _unique(name: str, taken: dict) -> str:
+    candidate, number = name, 2
+    while candidate in taken or candidate in HUB_MODELS or candidate == BUNDLED:
+        candidate, number = f"{name}-{number}", number + 1
+    return candidate
+
+
+def _label(value: str) -> str:
+    """A local folder by its name, not the server's absolute path."""
+    path = Path(value).expanduser()
+    return f"{path.name} (local folder)" if path.is_absolute() else value
 
 
 def source_for(choice: str):

@@ -1,8 +1,12 @@
 """The studio's generation endpoints: options from the controls, a pipeline run with live frames, the saved file.
 
 `/text_to_video`, `/image_to_video`, `/extend_video` and `/text_to_image` take the prompt first (after the
-image or clip where there is one); every other argument defaults to the control's value in the UI.
+image or clip where there is one); every other argument defaults to the control's value in the UI. The
+handlers receive the values as the client sent them and check every one (`limits`) before loading a model or
+decoding an upload; any failure reaches the client as one `gr.Error` sentence.
 """
+import asyncio
+import logging
 import secrets
 import threading
 import time
@@ -14,98 +18,128 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from model_core.media_files import read_image, read_video
-
-from . import gallery
-from .catalog import BUNDLED, MISSING_BUNDLED, is_local, source_for
-from .cli import USER_ERRORS, save
 from model_core.sampling import Progress
 
+from . import gallery, limits
+from .catalog import BUNDLED, MISSING_BUNDLED, ModelMenu, is_local, length_limits
+from .cli import USER_ERRORS, save
 from .jobs import Job, PipelineCache, StopSwitches, UnitPreview, progress_text, run_job
+from .outputs import SessionOutputs
 from .settings import STAGE_COUNT, GenerationOptions, ModelOptions
 from .studio_queue import StudioQueues, job_id_at, queue_rows
+from .uploads import image_frames, video_frames
 
 THUMBNAIL_SIDE = 160
 OUT_OF_MEMORY = ("Out of memory. Open Memory and try offload 'model' or 'sequential', quantization int8/nf4, "
                  "VAE tiling, or fewer frames.")
 PROGRESS_INTERVAL = 0.25  # seconds between progress-bar updates; each one is a message the browser renders
 NOTHING_FINISHED = "Stopped before the first frame was finished; nothing was saved."
+HOSTED_QUEUE_CAP = 10  # waiting jobs per session in hosted mode
 MISSING_UPLOAD = {"image_to_video": "Upload an image to animate first.", "extend_video": "Upload a video clip to extend first."}
+LOG = logging.getLogger(__name__)
 
 
 class Endpoints:
-    """Generation handlers and their state: loaded pipelines, stop switches, where outputs go."""
+    """Generation handlers and their state: the model menu, loaded pipelines, stop switches, where outputs go."""
 
-    def __init__(self, default_model=None, output_dir="outputs", pipelines=None):
-        self.default_model = str(default_model) if default_model else BUNDLED
-        self.output_dir = Path(output_dir).resolve()
+    def __init__(self, default_model=None, output_dir="outputs", pipelines=None, menu: ModelMenu = None):
+        self.menu = menu or ModelMenu([default_model] if default_model else [])
+        self.default_model = self.menu.default
+        self.outputs = SessionOutputs(output_dir, hosted=self.menu.hosted)
+        self.output_dir = self.outputs.root
         self.pipelines = pipelines or PipelineCache()
         self.stops = StopSwitches()
         self.device_lock = threading.Lock()  # one generation at a time: Generate or a queued job
-        self.queues = StudioQueues(self.output_dir, self.pipelines, self.device_lock, save)
+        self.queues = StudioQueues(self.output_dir, self.pipelines, self.device_lock, save, per_session=self.menu.hosted,
+                                   cap=HOSTED_QUEUE_CAP if self.menu.hosted else None)
 
     # --- the four API endpoints ---------------------------------------------------------------
 
-    def text_to_video(self, prompt: str, num_frames: int, history: list, request: gr.Request = None,
-                      progress=gr.Progress(track_tqdm=True), **controls):
-        yield from self._generate("text_to_video", prompt, None, num_frames, history, controls, request, progress)
+    async def text_to_video(self, prompt: str, num_frames: int, history: list, request: gr.Request = None,
+                            progress=gr.Progress(track_tqdm=True), **controls):
+        async for update in self._generate("text_to_video", prompt, None, num_frames, history, controls, request, progress):
+            yield update
 
-    def image_to_video(self, image: str, prompt: str, num_frames: int, history: list, request: gr.Request = None,
-                       progress=gr.Progress(track_tqdm=True), **controls):
-        yield from self._generate("image_to_video", prompt, image, num_frames, history, controls, request, progress)
+    async def image_to_video(self, image: str, prompt: str, num_frames: int, history: list, request: gr.Request = None,
+                             progress=gr.Progress(track_tqdm=True), **controls):
+        async for update in self._generate("image_to_video", prompt, image, num_frames, history, controls, request, progress):
+            yield update
 
-    def extend_video(self, video: str, prompt: str, num_frames: int, history: list, request: gr.Request = None,
-                     progress=gr.Progress(track_tqdm=True), **controls):
-        yield from self._generate("extend_video", prompt, video, num_frames, history, controls, request, progress)
+    async def extend_video(self, video: str, prompt: str, num_frames: int, history: list, request: gr.Request = None,
+                           progress=gr.Progress(track_tqdm=True), **controls):
+        async for update in self._generate("extend_video", prompt, video, num_frames, history, controls, request, progress):
+            yield update
 
-    def text_to_image(self, prompt: str, history: list, request: gr.Request = None,
-                      progress=gr.Progress(track_tqdm=True), **controls):
-        yield from self._generate("text_to_image", prompt, None, None, history, controls, request, progress)
+    async def text_to_image(self, prompt: str, history: list, request: gr.Request = None,
+                            progress=gr.Progress(track_tqdm=True), **controls):
+        async for update in self._generate("text_to_image", prompt, None, None, history, controls, request, progress):
+            yield update
 
-    def _generate(self, mode, prompt, upload, num_frames, history, controls, request, progress):
+    async def _generate(self, mode, prompt, upload, num_frames, history, controls, request, progress):
         """Yield (result, frames, status, seed used, history): frames as units finish, the saved file last."""
         started = time.monotonic()
         session = _session(request)
         stop = self.stops.start(session)  # Stop works from the moment the request runs, loading included
+        upload = _upload_path(upload)
         try:
-            condition = _read_upload(mode, upload)
-            model = self._model_options(controls)
-            options = _generation_options(controls, num_frames)
+            model, prompt, options = self._checked(mode, prompt, num_frames, controls)
+            condition = await asyncio.to_thread(_read_upload, mode, upload)
             progress(0, desc="loading model (a hub model is downloaded on first use)")
-            pipe = self.pipelines.get(model, tqdm_class=tqdm)
+            pipe = await asyncio.to_thread(self.pipelines.get, model, tqdm)
             frames, shown = [], float("-inf")
-            with self.device_lock:
-                for event in run_job(pipe, Job(mode, prompt or "", condition, options), stop):
-                    if isinstance(event, UnitPreview):
-                        frames = frames + _thumbnails(event.frames)
-                        yield gr.skip(), frames, f"Generating… {progress_text(event.progress)}", str(options.seed), gr.skip()
-                    elif isinstance(event, Progress):
-                        if time.monotonic() - shown >= PROGRESS_INTERVAL:
-                            progress(event.fraction, desc=progress_text(event))
-                            shown = time.monotonic()
-                    else:
-                        result = event
+            async for event in run_job(pipe, Job(mode, prompt, condition, options), stop, self.device_lock):
+                if isinstance(event, UnitPreview):
+                    frames = frames + _thumbnails(event.frames)
+                    yield gr.skip(), frames, f"Generating… {progress_text(event.progress)}", str(options.seed), gr.skip()
+                elif isinstance(event, Progress):
+                    if time.monotonic() - shown >= PROGRESS_INTERVAL:
+                        progress(event.fraction, desc=progress_text(event))
+                        shown = time.monotonic()
+                else:
+                    result = event
             if len(result.frames) == 0:
                 yield gr.skip(), [], NOTHING_FINISHED, str(options.seed), gr.skip()
                 return
-            out = save(result, self.output_dir / _output_name(mode, result))
+            if self.menu.hosted:  # the menu value, not the server's folder
+                result.settings["model"] = controls["model"]
+            self.outputs.sweep()
+            out = await asyncio.to_thread(save, result, self.outputs.folder(session) / _output_name(mode, result))
         except USER_ERRORS as error:
             raise gr.Error(_message(error, upload), print_exception=False) from None
         except torch.OutOfMemoryError:
             raise gr.Error(OUT_OF_MEMORY, print_exception=False) from None
         except OSError as error:
             raise gr.Error(_message(error, upload), print_exception=False) from None
+        except Exception as error:  # a fault of the app, not of the request: logged in full, named to the user
+            LOG.exception("%s failed", mode)
+            raise gr.Error(f"The generation failed ({type(error).__name__}: {_message(error, upload)}); "
+                           "the server log has the details.", print_exception=False) from None
         finally:
             self.stops.finish(session)
         history = gallery.add(history or [], out, result.settings)
         yield str(out), frames or _thumbnails(result.frames), _finished_text(result, out, started), str(options.seed), history
 
-    def _model_options(self, controls) -> ModelOptions:
-        if not is_local(BUNDLED) and source_for(controls["model"]) is None:
+    def _checked(self, mode, prompt, num_frames, controls) -> tuple:
+        """(ModelOptions, prompt, GenerationOptions with a seed), every value checked."""
+        model, spec = self._model_options(controls)
+        prompt = limits.prompt(prompt)
+        if mode in ("text_to_video", "text_to_image") and not prompt.strip():
+            raise ValueError("the prompt is empty; describe what you want to see")
+        return model, prompt, _generation_options(mode, controls, num_frames, spec)
+
+    def _model_options(self, controls) -> tuple:
+        """The checked ModelOptions and the spec of the variant they name (its size and length limits)."""
+        source = self.menu.source_for(controls["model"])
+        if source is None and not is_local(BUNDLED):
             raise FileNotFoundError(MISSING_BUNDLED)
-        return ModelOptions(model=source_for(controls["model"]), variant=controls["variant"] or "auto",
-                            dtype=controls["dtype"], offload=controls["offload"], quantize=controls["quantize"],
-                            vae_tiling=bool(controls["vae_tiling"]))
+        facts = self.menu.facts(controls["model"])
+        variant = controls["variant"] or "auto"
+        if not facts.variants and facts.note:
+            raise ValueError(facts.note)
+        spec = facts.spec(variant) if isinstance(variant, str) else None
+        if spec is None and facts.variants:
+            raise ValueError(f"this model has no variant {limits.shown(variant)}; pick one of: auto, {', '.join(facts.variants)}")
+        return ModelOptions(model=source, variant=variant, **limits.memory_controls(controls)), spec
 
     # --- the queue ----------------------------------------------------------------------------
 
@@ -125,10 +159,13 @@ class Endpoints:
         """Queue the job the tab's controls describe; returns the queue's rows and a status line."""
         session = _session(request)
         try:
+            model, spec = self._model_options(controls)
+            prompt = limits.prompt(prompt)
+            options = _generation_options(mode, controls, num_frames, spec, seeded=False)
+            upload = _upload_path(upload)
             if mode in MISSING_UPLOAD:
                 _read_upload(mode, upload)
-            job = self.queues.add(session, mode, prompt, None, upload, _generation_options(controls, num_frames, seeded=False),
-                                  self._model_options(controls))
+            job = self.queues.add(session, mode, prompt, None, upload, options, model)
         except (*USER_ERRORS, OSError) as error:
             raise gr.Error(_message(error, upload), print_exception=False) from None
         queue = self.queues.queue(session)
@@ -183,36 +220,45 @@ class Endpoints:
         return "Nothing is generating."
 
 
-def _read_upload(mode, upload):
-    if mode not in MISSING_UPLOAD:
-        return None
-    if not upload:
-        raise ValueError(MISSING_UPLOAD[mode])
-    return read_image(upload) if mode == "image_to_video" else read_video(upload)[0]
+
+def _upload_path(payload):
+    """The local path of an uploaded file as the handler receives it: a path, a FileData dict, or a video
+    payload {"video": FileData}; None when there is none."""
+    if isinstance(payload, dict):
+        payload = payload.get("video", payload)
+        payload = payload.get("path") if isinstance(payload, dict) else payload
+    if payload is not None and not isinstance(payload, str):
+        raise ValueError(f"the upload must be a file; got {type(payload).__name__}")
+    return payload
 
 
 def _session(request) -> str:
     return getattr(request, "session_hash", None) or "local"
 
 
-def _generation_options(controls, num_frames, seeded: bool = True) -> GenerationOptions:
-    steps = {name: tuple(int(controls[gallery.step_control(name, stage)]) for stage in range(STAGE_COUNT))
-             for name in ("first_frame_steps", "video_steps")}
-    options = GenerationOptions(
-        negative_prompt=controls["negative_prompt"] or None, num_frames=None if num_frames is None else int(num_frames),
-        seed=_seed(controls["seed"]), guidance_scale=float(controls["guidance_scale"]),
-        video_guidance_scale=float(controls["video_guidance_scale"]), **steps,
-    )
-    return options.seeded() if seeded else options
-
-
-def _seed(text):
-    text = str(text if text is not None else "").strip()
-    if not text:
+def _read_upload(mode, upload):
+    if mode not in MISSING_UPLOAD:
         return None
-    if not text.isdigit():
-        raise ValueError(f"the seed must be a whole number (or empty for a random one); got {text!r}")
-    return int(text)
+    if not upload:
+        raise ValueError(MISSING_UPLOAD[mode])
+    return image_frames(upload) if mode == "image_to_video" else video_frames(upload)
+
+
+def _generation_options(mode, controls, num_frames, spec, seeded: bool = True) -> GenerationOptions:
+    """Sampling options from the controls, each checked, and the length checked against the model's limits."""
+    low_steps, high_steps = limits.STEPS_RANGE
+    steps = {name: tuple(limits.whole(controls[gallery.step_control(name, stage)], f"{name} (stage {stage + 1})",
+                                      low_steps, high_steps) for stage in range(STAGE_COUNT))
+             for name in ("first_frame_steps", "video_steps")}
+    guidance = {name: limits.number(controls[name], name, *limits.GUIDANCE_RANGE)
+                for name in ("guidance_scale", "video_guidance_scale")}
+    if mode != "text_to_image":
+        num_frames = limits.frame_count(num_frames, *length_limits(spec, mode == "extend_video"),
+                                        what="new frames" if mode == "extend_video" else "num_frames")
+    negative = limits.prompt(controls["negative_prompt"], "the negative prompt")
+    options = GenerationOptions(negative_prompt=negative or None, num_frames=None if mode == "text_to_image" else num_frames,
+                                seed=limits.seed(controls["seed"]), **guidance, **steps)
+    return options.seeded() if seeded else options
 
 
 def _thumbnails(frames: np.ndarray) -> list:
@@ -239,9 +285,12 @@ def _finished_text(result, out: Path, started: float) -> str:
 
 
 def _message(error: BaseException, upload=None) -> str:
-    """The first line of a user error, with the upload folder dropped from the uploaded file's path."""
+    """The first line of a user error, with the upload folder dropped from the uploaded file's path; capitalised
+    unless it starts with an option name."""
     lines = str(error).strip().splitlines()
     text = lines[0] if lines else type(error).__name__
     if upload:
         text = text.replace(str(Path(upload).parent) + "/", "")
+    if "_" in text.split(" ", 1)[0]:  # an option name, spelled as in the API
+        return text
     return text[0].upper() + text[1:]

@@ -3,9 +3,10 @@
 `run_job` drives one pipeline call on a worker thread and yields its progress events as they come,
 then the finished (or stopped) `PyramidFlowPipelineOutput`; the caller decides what to show.
 """
+import asyncio
 import contextlib
 import gc
-import queue
+import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, replace
@@ -17,6 +18,9 @@ from model_core.sampling import Progress
 
 from .cli import USER_ERRORS
 from .settings import GenerationOptions, ModelOptions, model_source
+
+# ZeroGPU's time budget per request (see `gpu_seconds`): a budget, not a measured speed.
+GPU_BASE_SECONDS, GPU_SECONDS_PER_STEP, GPU_MIN_SECONDS, GPU_MAX_SECONDS = 20, 0.5, 60, 300
 
 
 class PipelineCache:
@@ -113,43 +117,90 @@ class UnitPreview:
     frames: np.ndarray
 
 
-def run_job(pipe, job: Job, stop: threading.Event):
+class _Abandoned(Exception):
+    """Raised inside the pipeline's step callback once nobody waits for the result (the request was cancelled)."""
+
+
+async def run_job(pipe, job: Job, stop: threading.Event, device_lock: threading.Lock):
     """Yield the pipeline's progress (`Progress` after each step, `UnitPreview` after each unit), then its result.
 
-    The worker is joined before this generator finishes, also when the consumer goes away early,
-    so a device never runs two generations at once. `stop` ends the run after the current step.
+    The pipeline runs on a worker thread holding `device_lock`, so a device never runs two generations at once;
+    waiting for it never blocks the event loop. `stop` ends the run after the current step and keeps the finished
+    units. When the consumer goes away early (a cancelled request), this returns at once and the worker ends
+    after its current transformer step, keeping nothing.
     """
-    events = queue.Queue()
-    inputs = () if job.condition is None else (job.condition,)
+    loop = asyncio.get_running_loop()
+    events = asyncio.Queue()
+    abandoned = threading.Event()
+
+    def emit(item):
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the server is shutting down
+            loop.call_soon_threadsafe(events.put_nowait, item)
 
     def on_step_end(pipe, step_index, timestep, callback_kwargs):
+        if abandoned.is_set():
+            raise _Abandoned
         progress = pipe.progress
-        events.put(UnitPreview(progress, pipe.unit_preview(callback_kwargs["video_latents"])) if progress.kind == "unit"
-                   else progress)
+        emit(UnitPreview(progress, pipe.unit_preview(callback_kwargs["video_latents"])) if progress.kind == "unit"
+             else progress)
         pipe._interrupt = stop.is_set()
         return {}
 
     def work():
-        try:
-            events.put(getattr(pipe, job.mode)(*inputs, job.prompt, **job.options.to_pipeline_kwargs(job.mode),
-                                               callback_on_step_end=on_step_end,
-                                               callback_on_step_end_tensor_inputs=["video_latents"]))
-        except BaseException as error:  # handed to the consumer thread, which re-raises it
-            events.put(_Failed(error))
+        with device_lock:
+            if abandoned.is_set():
+                return
+            try:
+                emit(run_on_device(pipe, job, on_step_end))
+            except _Abandoned:
+                return
+            except BaseException as error:  # handed to the consumer, which re-raises it
+                emit(_Failed(error))
 
-    worker = threading.Thread(target=work, name=f"pyramid-{job.mode}", daemon=True)
-    worker.start()
+    threading.Thread(target=work, name=f"pyramid-{job.mode}", daemon=True).start()
     try:
         while True:
-            event = events.get()
+            event = await events.get()
             if isinstance(event, _Failed):
                 raise event.error
             yield event
             if not isinstance(event, (Progress, UnitPreview)):
                 return
     finally:
+        abandoned.set()
         stop.set()
-        worker.join()
+
+
+def _generate(pipe, job: Job, on_step_end):
+    """The pipeline call itself: on a ZeroGPU Space, the only part that holds a GPU (see `run_on_device`)."""
+    inputs = () if job.condition is None else (job.condition,)
+    return getattr(pipe, job.mode)(*inputs, job.prompt, **job.options.to_pipeline_kwargs(job.mode),
+                                   callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["video_latents"])
+
+
+def gpu_seconds(pipe, job: Job, *rest) -> int:
+    """The GPU time to ask ZeroGPU for: a budget of GPU_SECONDS_PER_STEP per transformer step of this request
+    (units x steps per unit) plus GPU_BASE_SECONDS, clipped to ZeroGPU's range. A budget, not a measurement."""
+    spec = pipe.spec
+    frames = 1 if job.mode == "text_to_image" else job.options.num_frames or spec.max_frames
+    units = max(1, math.ceil(frames / spec.frames_per_latent))
+    first = sum(job.options.first_frame_steps or pipe.family.sampling.first_frame_steps)
+    later = sum(job.options.video_steps or pipe.family.sampling.video_steps)
+    seconds = GPU_BASE_SECONDS + GPU_SECONDS_PER_STEP * (first + (units - 1) * later)
+    return int(min(GPU_MAX_SECONDS, max(GPU_MIN_SECONDS, seconds)))
+
+
+def _on_gpu(function):
+    """On a Hugging Face ZeroGPU Space (`spaces` installed), `function` holds a GPU for `gpu_seconds`;
+    elsewhere it runs as it is. The model is loaded before, outside the GPU-holding call."""
+    try:
+        import spaces
+    except ImportError:
+        return function
+    return spaces.GPU(duration=gpu_seconds)(function)
+
+
+run_on_device = _on_gpu(_generate)
 
 
 def progress_text(event) -> str:

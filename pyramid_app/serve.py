@@ -1,12 +1,18 @@
-"""`python app.py`: flags, then the studio on 127.0.0.1 (no public link unless --share)."""
+"""`python app.py`: flags, then the studio on 127.0.0.1 (no public link unless --share).
+
+`--hosted` (on by itself on a Hugging Face Space, where SPACE_ID is set) makes a studio fit for strangers:
+models from an allow-list only, outputs per browser session and swept after a while, smaller uploads.
+"""
 import argparse
 import os
+import tempfile
 from pathlib import Path
 
 from .studio import CSS, THEME
 
 DEFAULT_PORT = 7860
-MAX_UPLOAD = "500mb"
+MAX_UPLOAD = {False: "500mb", True: "50mb"}  # local, hosted
+CACHE_DIR = Path(tempfile.gettempdir()) / "pyramid-flow-studio"
 
 
 def parse_flags(argv=None) -> argparse.Namespace:
@@ -16,19 +22,36 @@ def parse_flags(argv=None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", DEFAULT_PORT)),
                         help=f"port (default: GRADIO_SERVER_PORT or {DEFAULT_PORT})")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
-    parser.add_argument("--model", default=os.environ.get("PYRAMID_FLOW_MODEL"), metavar="PATH_OR_REPO",
-                        help="default model: checkpoint folder or hub repo id (default: PYRAMID_FLOW_MODEL, else bundled)")
+    parser.add_argument("--model", action="append", metavar="PATH_OR_REPO",
+                        help="a model to offer: checkpoint folder or hub repo id; repeat for more, the first is the "
+                             "default (default: PYRAMID_FLOW_MODEL, else the bundled model). With --hosted these, the "
+                             "bundled model and the two published repos are the only models clients may use")
+    parser.add_argument("--hosted", action="store_true", default=bool(os.environ.get("SPACE_ID")),
+                        help="multi-user mode for a Space or a shared server: models from the allow-list only, "
+                             "outputs per session, old outputs swept, uploads up to 50 MB "
+                             "(default: on when SPACE_ID is set)")
     parser.add_argument("--output-dir", type=Path, default=Path("outputs"), metavar="DIR",
                         help="where videos and images are saved; the only folder the app serves (default: outputs)")
     parser.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
-    return parser.parse_args(argv)
+    flags = parser.parse_args(argv)
+    if not flags.model and os.environ.get("PYRAMID_FLOW_MODEL"):
+        flags.model = [os.environ["PYRAMID_FLOW_MODEL"]]
+    return flags
+
+
+def use_own_cache() -> Path:
+    """Gradio's upload and file cache in a folder of this app's (unless GRADIO_TEMP_DIR names one), not the
+    `gradio` folder every Gradio app on the machine shares. Call before building the studio."""
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(CACHE_DIR))
+    return Path(os.environ["GRADIO_TEMP_DIR"])
 
 
 def launch(demo, flags: argparse.Namespace, block: bool = True):
-    """Serve `demo` with a queue; only `flags.output_dir` (and Gradio's upload cache) is readable over HTTP."""
+    """Serve `demo` with a queue; only `flags.output_dir` (and Gradio's upload cache) is readable over HTTP.
+    Every error reaches the client as its message (`show_error`): the handlers raise only sentences."""
     flags.output_dir.mkdir(parents=True, exist_ok=True)
     demo.queue(default_concurrency_limit=1)
     return demo.launch(server_name=flags.host, server_port=flags.port, share=flags.share,
                        allowed_paths=[str(flags.output_dir.resolve())], inbrowser=not flags.no_browser,
-                       prevent_thread_lock=not block, max_file_size=MAX_UPLOAD, theme=THEME, css=CSS,
-                       footer_links=["api"], quiet=not block)
+                       prevent_thread_lock=not block, max_file_size=MAX_UPLOAD[flags.hosted], theme=THEME, css=CSS,
+                       footer_links=["api"], quiet=not block, show_error=True)

@@ -11,16 +11,18 @@ import torch
 from model_core.checkpoints import VARIANTS
 from model_core.memory import resolve_device
 
-from . import gallery
-from .catalog import is_local, length_limits, model_choices, model_facts, source_for
+from . import gallery, limits
+from .catalog import ModelMenu, length_limits
 from .endpoints import Endpoints
+from .outputs import OUTPUT_MAX_AGE, SWEEP_INTERVAL
 from .settings import DTYPES, OFFLOAD_MODES, QUANTIZE_MODES, STAGE_COUNT, ModelOptions, fresh_seed, memory_choices
 from .studio_queue import QUEUE_HEADERS
 
 GENERATION_QUEUE = "generation"  # one concurrency group: one generation at a time on this device
 PLACEHOLDER_SPEC = VARIANTS["384p"]  # slider limits until a model with known limits is picked
 THEME = gr.themes.Soft(primary_hue="indigo")
-CSS = "#frames .thumbnail-item { min-width: 48px; }"
+CSS = ("#frames .thumbnail-item { min-width: 48px; }\n"
+       "#result-image img { width: 100%; height: 360px; object-fit: contain; image-rendering: pixelated; }")
 EXAMPLE_PROMPTS = [  # the bundled model's grammar: a {color} {shape} moving {direction}
     "a blue circle moving right",
     "a blue square moving up",
@@ -30,22 +32,27 @@ EXAMPLE_PROMPTS = [  # the bundled model's grammar: a {color} {shape} moving {di
 HELPERS = dict(api_visibility="private", queue=False)
 
 
-def build_studio(default_model=None, output_dir="outputs", pipelines=None) -> gr.Blocks:
-    """The studio UI; `default_model` is a checkpoint folder or hub id (default: the bundled model)."""
-    endpoints = Endpoints(default_model, output_dir, pipelines)
-    facts = model_facts(endpoints.default_model)
-    if facts.variants and is_local(endpoints.default_model):
-        endpoints.pipelines.warm_up(ModelOptions(model=source_for(endpoints.default_model), dtype=_default_dtype()))
+def build_studio(default_model=None, output_dir="outputs", pipelines=None, models=None, hosted=False) -> gr.Blocks:
+    """The studio UI; `default_model` (or the first of `models`) is a checkpoint folder or hub id (default: the
+    bundled model). `hosted`: models from the allow-list only, outputs per session, old files swept."""
+    menu = ModelMenu(models if models is not None else [default_model] if default_model else [], hosted=hosted)
+    endpoints = Endpoints(output_dir=output_dir, pipelines=pipelines, menu=menu)
+    facts = menu.facts(menu.default)
+    if facts.variants and menu.is_local(menu.default):
+        endpoints.pipelines.warm_up(ModelOptions(model=menu.source_for(menu.default), dtype=_default_dtype()))
     spec = facts.spec("auto") or PLACEHOLDER_SPEC
-    with gr.Blocks(title="Pyramid Flow Studio") as demo:
+    delete_cache = (SWEEP_INTERVAL, OUTPUT_MAX_AGE) if hosted else None
+    with gr.Blocks(title="Pyramid Flow Studio", delete_cache=delete_cache) as demo:
         gr.Markdown("# Pyramid Flow Studio\nVideo generation with Pyramidal Flow Matching.")
+        gr.Markdown(limits.CAPS_TEXT + (" Outputs are kept for {:g} hours.".format(OUTPUT_MAX_AGE / 3600)
+                                        if hosted else ""), elem_id="caps")
         model_note = gr.Markdown(facts.note, elem_id="model-note")
         history, selected, fps = gr.State([]), gr.State(None), gr.State(spec.fps)
         with gr.Row():
             with gr.Column(scale=5):
                 tabs, inputs, buttons, lengths, queue_buttons = _mode_tabs(spec)
                 stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
-                controls = {**_model_panel(endpoints.default_model, facts), **_sampling_panel(facts.sampling),
+                controls = {**_model_panel(menu, facts), **_sampling_panel(facts.sampling),
                             **_memory_panel()}
             with gr.Column(scale=6):
                 status = gr.Markdown("Ready.", label="Status", elem_id="status")
@@ -75,10 +82,10 @@ def build_studio(default_model=None, output_dir="outputs", pipelines=None) -> gr
             button.click(lambda image_mode=mode == "text_to_image": (gr.update(visible=not image_mode),
                                                                      gr.update(visible=image_mode)),
                          None, [result_video, result_image], **HELPERS)
-            button.click(_on_gpu(getattr(endpoints, mode)), [*inputs[mode], history],
+            button.click(getattr(endpoints, mode), [*inputs[mode], history],
                          [results[mode], frames, status, seed_used, history], api_name=mode,
                          inputs_kwargs=controls, concurrency_id=GENERATION_QUEUE, concurrency_limit=1,
-                         show_progress_on=[results[mode]]
+                         show_progress_on=[results[mode]], preprocess=False,  # the handlers check raw values
                          ).then(gallery.gallery_items, history, outputs, **HELPERS)
         stop_button.click(endpoints.stop, None, status, api_name="stop", concurrency_limit=None)
 
@@ -87,7 +94,7 @@ def build_studio(default_model=None, output_dir="outputs", pipelines=None) -> gr
         length_outputs = [model_note, fps, *sliders.values(), *lengths.values()]
 
         def lengths_for(choice, variant, *current):
-            model = model_facts(choice)
+            model = menu.facts(choice)
             spec = model.spec(variant)
             sizes = [_slider_update(spec, value, mode == "extend_video") for mode, value in zip(sliders, current)]
             rate = spec.fps if spec else None
@@ -96,13 +103,14 @@ def build_studio(default_model=None, output_dir="outputs", pipelines=None) -> gr
             return [model.note, rate or gr.skip(), *sizes, *notes]
 
         def model_changed(choice, variant, *current):
-            variants = ["auto", *model_facts(choice).variants]
+            variants = ["auto", *menu.facts(choice).variants]
             variant = variant if variant in variants else "auto"
             return [gr.update(choices=variants, value=variant), *lengths_for(choice, variant, *current)]
 
         controls["model"].change(model_changed, model_inputs, [controls["variant"], *length_outputs], **HELPERS)
         sampling_controls = [controls[name] for name in sampling_values(facts.sampling)]
-        controls["model"].input(model_sampling, controls["model"], sampling_controls, **HELPERS)  # a pick, not a reuse
+        controls["model"].input(lambda choice: model_sampling(menu.facts(choice)), controls["model"], sampling_controls,
+                                **HELPERS)  # a pick, not a reuse
         controls["variant"].change(lengths_for, model_inputs, length_outputs, **HELPERS)
         for mode, slider in sliders.items():
             slider.change(lambda value, rate, extension=mode == "extend_video": _length_note(value, rate, extension),
@@ -119,7 +127,7 @@ def build_studio(default_model=None, output_dir="outputs", pipelines=None) -> gr
                 settings = gallery.saved_settings(path)
             except (ValueError, FileNotFoundError) as error:
                 raise gr.Error(str(error).splitlines()[0], print_exception=False) from None
-            return _reuse_updates(settings, tabs, inputs, controls, status)
+            return _reuse_updates(settings, menu, tabs, inputs, controls, status)
 
         reuse_targets = [tabs, status, *controls.values(), *(component for group in inputs.values() for component in group)]
         outputs.select(select_output, history, [selected, selected_settings], **HELPERS)
@@ -226,11 +234,12 @@ def _length_note(frames, rate, extension=False) -> str:
     return f"{int(frames)} {what} ≈ {int(frames) / rate:.1f} s at {rate} fps"
 
 
-def _model_panel(default_model, facts) -> dict:
+def _model_panel(menu, facts) -> dict:
+    info = ("the models this studio offers" if menu.hosted else
+            "the bundled model, a Hugging Face Hub repo (downloaded on first use) or a local folder")
     with gr.Accordion("Model", open=True):
-        model = gr.Dropdown(model_choices(default_model), value=default_model, allow_custom_value=True, label="Model",
-                            info="the bundled model, a Hugging Face Hub repo (downloaded on first use) or a local folder",
-                            elem_id="model")
+        model = gr.Dropdown(menu.choices(), value=menu.default, allow_custom_value=not menu.hosted, label="Model",
+                            info=info, elem_id="model")
         variant = gr.Dropdown(["auto", *facts.variants], value="auto", label="Resolution variant", elem_id="variant")
     return {"model": model, "variant": variant}
 
@@ -240,9 +249,9 @@ def sampling_values(sampling) -> dict:
     return gallery.sampling_controls(asdict(sampling))
 
 
-def model_sampling(choice) -> list:
+def model_sampling(facts) -> list:
     """The sampling panel's values (in `sampling_values` order) for the model picked in the menu."""
-    return list(sampling_values(model_facts(choice).sampling).values())
+    return list(sampling_values(facts.sampling).values())
 
 
 def _sampling_panel(sampling) -> dict:
@@ -250,11 +259,12 @@ def _sampling_panel(sampling) -> dict:
         negative_prompt = gr.Textbox("", label="Negative prompt", placeholder="what to steer away from")
         with gr.Row():
             seed = gr.Textbox("", label="Seed", placeholder="random", scale=4, elem_id="seed")
-            randomize = gr.Button("🎲 Randomise", scale=1, elem_id="randomize")
+            randomize = gr.Button("Randomise", scale=1, elem_id="randomize")
         randomize.click(lambda: str(fresh_seed()), None, seed, **HELPERS)
         defaults = sampling_values(sampling)
-        guidance = gr.Slider(0, 15, value=defaults["guidance_scale"], step=0.5, label="Guidance (first frame)")
-        video_guidance = gr.Slider(0, 15, value=defaults["video_guidance_scale"], step=0.5,
+        guidance = gr.Slider(*limits.GUIDANCE_RANGE, value=defaults["guidance_scale"], step=0.5,
+                             label="Guidance (first frame)")
+        video_guidance = gr.Slider(*limits.GUIDANCE_RANGE, value=defaults["video_guidance_scale"], step=0.5,
                                    label="Video guidance (later frames)")
         steps = {}
         for name, label in (("first_frame_steps", "First-frame steps"), ("video_steps", "Video steps")):
@@ -262,7 +272,8 @@ def _sampling_panel(sampling) -> dict:
             with gr.Row():
                 for stage in range(STAGE_COUNT):
                     control = gallery.step_control(name, stage)
-                    steps[control] = gr.Slider(1, 50, value=defaults[control], step=1, label=f"stage {stage + 1}")
+                    steps[control] = gr.Slider(*limits.STEPS_RANGE, value=defaults[control], step=1,
+                                               label=f"stage {stage + 1}")
     return {"negative_prompt": negative_prompt, "seed": seed, "guidance_scale": guidance,
             "video_guidance_scale": video_guidance, **steps}
 
@@ -296,9 +307,10 @@ def _unavailable(name, choices, device) -> str:
     return f"not available on {device.type}: {', '.join(missing)}" if missing else None
 
 
-def _reuse_updates(settings, tabs, inputs, controls, status) -> dict:
+def _reuse_updates(settings, menu, tabs, inputs, controls, status) -> dict:
     """Control updates from an output's settings; values this device or model menu cannot take are kept."""
     values = gallery.control_values(settings)
+    values["model"] = menu.choice_for(settings.get("model"))
     mode = settings["mode"]
     updates = {tabs: gr.Tabs(selected=mode), status: f"Loaded the settings of a {gallery.caption(settings)}"}
     for name, component in controls.items():
@@ -308,7 +320,7 @@ def _reuse_updates(settings, tabs, inputs, controls, status) -> dict:
         if isinstance(component, gr.Radio) and values[name] not in offered:
             continue
         updates[component] = gr.update(value=values[name])
-    updates[controls["variant"]] = gr.update(choices=["auto", *model_facts(values["model"]).variants],
+    updates[controls["variant"]] = gr.update(choices=["auto", *menu.facts(values["model"]).variants],
                                              value=values.get("variant", "auto"))
     prompt = inputs[mode][0 if mode in ("text_to_video", "text_to_image") else 1]
     updates[prompt] = values.get("prompt", "")
@@ -316,11 +328,3 @@ def _reuse_updates(settings, tabs, inputs, controls, status) -> dict:
         updates[inputs[mode][-1]] = values["num_frames"]
     return updates
 
-
-def _on_gpu(handler):
-    """On a Hugging Face ZeroGPU Space (`spaces` installed), run the handler with a GPU attached."""
-    try:
-        import spaces
-    except ImportError:
-        return handler
-    return spaces.GPU(handler)

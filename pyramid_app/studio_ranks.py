@@ -104,7 +104,8 @@ def serve_on_every_rank(flags, build_studio, launch) -> None:
         if ranks.is_main():
             cache = MirroredPipelineCache(channel)
             try:
-                launch(build_studio(default_model=flags.model, output_dir=flags.output_dir, pipelines=cache), flags)
+                launch(build_studio(output_dir=flags.output_dir, models=flags.model, hosted=flags.hosted, pipelines=cache),
+                       flags)
             finally:
                 channel.send(("quit",))
         else:

@@ -1,4 +1,5 @@
 """The studio without a browser: layout, flags, and every named endpoint through gradio_client on a tiny checkpoint."""
+import asyncio
 import json
 import socket
 import time
@@ -68,6 +69,14 @@ def client(served):
 def smooth_clip(frames=9, size=64) -> np.ndarray:
     t, y, x = np.meshgrid(np.arange(frames), np.arange(size), np.arange(size), indexing="ij")
     return np.clip(np.stack([2 * x + 4 * t, 3 * y, 255 - 2 * x - y], axis=-1), 0, 255).astype(np.uint8)
+
+
+def collect(updates) -> list:
+    """Every update an async handler yields, run to the end."""
+    async def run():
+        return [update async for update in updates]
+
+    return asyncio.run(run())
 
 
 def local_path(file) -> Path:
@@ -182,7 +191,7 @@ def test_stop_keeps_the_partial_video(client):
 @pytest.mark.parametrize("endpoint, arguments, message", [
     ("/image_to_video", (None, "x"), "Upload an image to animate first."),
     ("/extend_video", (None, "x"), "Upload a video clip to extend first."),
-    ("/text_to_video", ("x", 25), "greater than maximum value 17"),
+    ("/text_to_video", ("x", 25), "num_frames must be one of 9, 17 for this model; got 25"),
     ("/text_to_video", ("",), "The prompt is empty"),
 ])
 def test_bad_inputs_give_a_readable_message(client, endpoint, arguments, message):
@@ -201,7 +210,7 @@ def test_corrupt_video_gives_a_readable_message(client, tmp_path):
 def test_bad_seed_and_missing_model_give_readable_messages(client, tmp_path):
     with pytest.raises(AppError, match="The seed must be a whole number"):
         client.predict("x", seed="abc", **FAST, api_name="/text_to_image")
-    with pytest.raises(AppError, match="neither a checkpoint folder nor a hub repo id"):
+    with pytest.raises(AppError, match="No checkpoint folder at"):
         client.predict("x", model=str(tmp_path / "nothing"), **FAST, api_name="/text_to_image")
 
 
@@ -248,7 +257,7 @@ def test_generating_with_the_missing_bundled_model_says_what_to_pick(monkeypatch
 
     monkeypatch.setattr(catalog, "BUNDLED_MODEL", tmp_path / "missing")
     with pytest.raises(gradio.Error, match="bundled model is not installed"):
-        next(Endpoints(output_dir=tmp_path).text_to_image("a ball", [], model=catalog.BUNDLED))
+        asyncio.run(anext(Endpoints(output_dir=tmp_path).text_to_image("a ball", [], model=catalog.BUNDLED)))
 
 
 def test_sampling_panel_starts_at_the_models_defaults_and_follows_the_menu(tmp_path):
@@ -260,8 +269,9 @@ def test_sampling_panel_starts_at_the_models_defaults_and_follows_the_menu(tmp_p
     sliders = [(block.label, block.value) for block in demo.blocks.values() if isinstance(block, gradio.Slider)]
     assert ("Guidance (first frame)", 2.5) in sliders and ("Video guidance (later frames)", 1.5) in sliders
     assert [value for label, value in sliders if label.startswith("stage ")] == [3, 4, 5, 10, 10, 10]
-    assert studio.model_sampling(str(root)) == [2.5, 1.5, 3, 4, 5, 10, 10, 10]
-    assert studio.model_sampling("rain1011/pyramid-flow-miniflux") == [7.0, 5.0, 20, 20, 20, 10, 10, 10]
+    assert studio.model_sampling(catalog.model_facts(str(root))) == [2.5, 1.5, 3, 4, 5, 10, 10, 10]
+    published = catalog.model_facts("rain1011/pyramid-flow-miniflux")
+    assert studio.model_sampling(published) == [7.0, 5.0, 20, 20, 20, 10, 10, 10]
 
 
 def test_progress_updates_are_spaced_out(tiny_model, tmp_path):
@@ -275,7 +285,7 @@ def test_progress_updates_are_spaced_out(tiny_model, tmp_path):
                        for stage in range(3)})
     shown = []
     started = time.monotonic()
-    outputs = list(Endpoints(tiny_model, tmp_path).text_to_video(
+    outputs = collect(Endpoints(tiny_model, tmp_path).text_to_video(
         "a ball", 17, [], progress=lambda fraction, desc="": shown.append((time.monotonic(), desc)), **controls))
     elapsed = time.monotonic() - started
     steps = [desc for _, desc in shown if "step" in desc]

@@ -129,11 +129,17 @@ def huge_mp4(path: Path, side=2000, frames=40) -> Path:
 
 
 def probe_files(folder: Path) -> dict:
+    """The uploads the probes send: broken, oversized, and a valid image and clip for the other probes."""
+    from model_core.media_files import write_image, write_video
+
     files = {"noise.png": os.urandom(4096), "noise.mp4": os.urandom(4096), "huge.png": huge_png_header()}
     for name, data in files.items():
         (folder / name).write_bytes(data)
+    ramp = np.broadcast_to(np.arange(64, dtype=np.uint8)[None, :, None] * 4, (64, 64, 3))
+    write_image(np.ascontiguousarray(ramp), folder / "ok.png", {})
+    write_video(np.ascontiguousarray(np.broadcast_to(ramp, (9, 64, 64, 3))), folder / "ok.mp4", 8, {})
     huge_mp4(folder / "huge.mp4")
-    return {name: folder / name for name in [*files, "huge.mp4"]}
+    return {name: folder / name for name in [*files, "ok.png", "ok.mp4", "huge.mp4"]}
 
 
 # --- a studio in a subprocess ---------------------------------------------------------------
@@ -282,11 +288,15 @@ def upload_cap_memory(studio: Studio, video: Path) -> dict:
 
 def cancel_latency(url: str, steps: int = 50) -> dict:
     """Start a long text-to-video, cancel it mid-run as `job.cancel()` does; time the cancel, the slowest
-    /gradio_api/info answer meanwhile, and a 1-step text-to-image sent right after (it waits for the device)."""
+    /gradio_api/info answer meanwhile, and a 1-step text-to-image sent right after (it waits for the device),
+    beside the same text-to-image timed before with nothing to wait for."""
     from gradio_client import Client
 
     client = Client(url, verbose=False, download_files=False)
-    slow = {name: steps for name in STEP_NAMES}
+    started = time.monotonic()
+    client.predict("a red square", seed="2", **FAST, api_name="/text_to_image")
+    idle_seconds = time.monotonic() - started  # the same short generation with nothing to wait for
+    slow = FAST | {name: steps for name in STEP_NAMES[3:]}  # the first unit quick, the later ones long
     job = client.submit("a blue circle moving right", seed="1", **slow, api_name="/text_to_video")
     deadline = time.monotonic() + 300
     while not job.outputs() and time.monotonic() < deadline:  # mid-run: the first unit has streamed in
@@ -312,7 +322,8 @@ def cancel_latency(url: str, steps: int = 50) -> dict:
         done.set()
         watcher.result()
     return dict(cancel_s=round(cancel_seconds, 2), slowest_info_s=round(max(info_times or [0]), 2),
-                next_generation_s=round(next_seconds, 2), next_ok=bool(after))
+                next_generation_s=round(next_seconds, 2), same_generation_idle_s=round(idle_seconds, 2),
+                next_ok=bool(after))
 
 
 def summary(rows: list) -> dict:
@@ -334,7 +345,7 @@ def main(argv=None) -> dict:
             studio.wait_ready()
             time.sleep(2)  # the warm-up load
             memory = upload_cap_memory(studio, files["huge.mp4"])
-            rows = run_probes(studio.url, files, {"prompt": "a ball"})
+            rows = run_probes(studio.url, files, {"prompt": "a ball", "image": "!file:ok.png", "video": "!file:ok.mp4"})
             cancel = cancel_latency(studio.url)
         finally:
             studio.close()

@@ -138,7 +138,7 @@ def detect_family(root: Path) -> Family:
     if (root / "text_encoder_3").is_dir():
         return FAMILIES["sd3"]
     for config in sorted(root.glob(f"{transformer_folder('*')}/config.json")):
-        class_name = json.loads(config.read_text()).get("_class_name")
+        class_name = read_json(config).get("_class_name")
         for family in FAMILIES.values():
             if class_name == family.transformer_class:
                 return family
@@ -166,7 +166,7 @@ def with_overrides(root: Path, family: Family) -> Family:
     """Apply a checkpoint's own settings: its `pyramid_flow.json` (variant sizes, latent normalisation, sampling
     defaults) and its VAE's temporal compression (the frame counts every variant allows)."""
     path = root / SETTINGS_FILE
-    settings = json.loads(path.read_text()) if path.is_file() else {}
+    settings = read_json(path) if path.is_file() else {}
     variants = dict(family.variants)
     for name, spec in settings.get("variants", {}).items():
         variants[name] = VariantSpec(**spec)
@@ -185,7 +185,20 @@ def vae_temporal_scale(root: Path) -> Optional[int]:
     config = root / VAE_FOLDER / "config.json"
     if not config.is_file():
         return None
-    return 2 ** sum(json.loads(config.read_text()).get("encoder_temporal_down_sample", (True, True, True, False)))
+    return 2 ** sum(read_json(config).get("encoder_temporal_down_sample", (True, True, True, False)))
+
+
+def read_json(path: Path) -> dict:
+    """A checkpoint's JSON file as a dict; a file that is not a JSON object is refused, naming it."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text file; expected a JSON object") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}; expected an object with the settings")
+    return value
 
 
 def describe(family: Family, variant: str) -> dict:

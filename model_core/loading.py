@@ -2,7 +2,6 @@
 
 Only safetensors and (weights_only) .bin files are read; no pickled code is ever executed.
 """
-import json
 import re
 import threading
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from .checkpoints import (
     VariantSpec,
     available_variants,
     detect_family,
+    read_json,
     family_named,
     transformer_folder,
     with_overrides,
@@ -29,6 +29,9 @@ MODEL_BUILD_LOCK = threading.RLock()
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+CONFIG_MAX_NUMBER = 65536  # sane bounds on a model config, checked before anything is built from it
+CONFIG_MAX_LAYERS = 256
+LAYER_KEYS = re.compile(r"layers|blocks|depth")
 
 
 @dataclass(frozen=True)
@@ -120,13 +123,45 @@ def _check_layout(root: Path, family: Family, variant: str) -> None:
     for folder in family.text_folders:
         if not (root / folder).is_dir():
             raise FileNotFoundError(f"missing folder {folder}/ in {root}; {layout_description(family, variant)}")
+    for folder in (VAE_FOLDER, transformer_folder(variant), *family.text_folders):
+        for file in sorted((root / folder).glob("*.safetensors")):
+            _weight_shapes(file)  # a damaged file is named now, before anything loads
+
+
+def check_contained(root: Path) -> None:
+    """Refuse a checkpoint folder with links that lead outside it (a hosted studio loads only what the operator put
+    there, not files elsewhere on the server)."""
+    root = Path(root).resolve()
+    for path in sorted(root.rglob("*")):
+        if path.is_symlink() and not path.resolve().is_relative_to(root):
+            raise ValueError(f"{path.relative_to(root)} in the checkpoint folder {root.name} is a link to a file "
+                             "outside it; copy the file into the folder instead")
+
+
+def check_config_bounds(config: dict, path: Path) -> None:
+    """Refuse absurd sizes before a model is built from `config`: numbers above CONFIG_MAX_NUMBER, layer or block
+    counts above CONFIG_MAX_LAYERS (the published models stay far below both)."""
+    for key, value in config.items():
+        for number in value if isinstance(value, list) else [value]:
+            if isinstance(number, bool) or not isinstance(number, (int, float)):
+                continue
+            limit = CONFIG_MAX_LAYERS if LAYER_KEYS.search(key) and isinstance(number, int) else CONFIG_MAX_NUMBER
+            if not -limit <= number <= limit:
+                raise ValueError(f"{path}: {key} = {number} is beyond the sane bound of {limit}; "
+                                 "is this config damaged or hand-edited?")
 
 
 def _weight_shapes(file: Path) -> dict:
     """Tensor shapes of a weights file, without reading the data; .bin files only as plain tensors."""
     if file.suffix == ".safetensors":
-        with safe_open(file, framework="pt") as weights:
-            return {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}
+        if not file.exists():
+            raise FileNotFoundError(f"{file} is a link to a file that does not exist")
+        try:
+            with safe_open(file, framework="pt") as weights:
+                return {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}
+        except Exception as error:  # safetensors raises its own error type for damaged headers
+            raise ValueError(f"{file} is not a readable safetensors file (truncated or damaged: "
+                             f"{str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
     try:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # pickle errors come in many types
@@ -143,17 +178,26 @@ def weight_files(folder: Path) -> list:
 
 
 def check_weights_fit(model_class, folder: Path) -> None:
-    """Compare the checkpoint's tensor shapes with a meta-device model built from the folder's config."""
-    config = json.loads((folder / "config.json").read_text())
+    """Compare the checkpoint's tensor names and shapes with a meta-device model built from the folder's config
+    (after the config's sizes are checked against sane bounds)."""
+    config = read_json(folder / "config.json")
+    check_config_bounds(config, folder / "config.json")
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in model_class.from_config(config).state_dict().items()}
+    found = {}
     for file in weight_files(folder):
-        for key, shape in _weight_shapes(file).items():
-            if key in expected and shape != expected[key]:
-                raise ValueError(
-                    f"checkpoint {file} does not fit its config: {key} has shape {list(shape)}, "
-                    f"the config {folder / 'config.json'} builds {list(expected[key])}. Is the config from another model size?"
-                )
+        found.update({key: (file, shape) for key, shape in _weight_shapes(file).items()})
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        listed = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(f"the weights in {folder} lack {len(missing)} of the {len(expected)} tensors its config.json "
+                         f"builds: {listed}")
+    for key, (file, shape) in found.items():
+        if key in expected and shape != expected[key]:
+            raise ValueError(
+                f"checkpoint {file} does not fit its config: {key} has shape {list(shape)}, "
+                f"the config {folder / 'config.json'} builds {list(expected[key])}. Is the config from another model size?"
+            )
 
 
 def load_model(model_class, folder: Path, torch_dtype=torch.float32, **kwargs):

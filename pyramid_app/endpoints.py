@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from model_core.loading import check_contained
 from model_core.sampling import Progress
 
 from . import gallery, limits
@@ -117,7 +118,8 @@ class Endpoints:
         finally:
             self.stops.finish(session)
         history = gallery.add(history or [], out, result.settings)
-        yield str(out), frames or _thumbnails(result.frames), _finished_text(result, out, started), str(options.seed), history
+        # the strip ends with every saved frame (an extension's clip included), not only the previews streamed
+        yield str(out), _thumbnails(result.frames), _finished_text(result, out, started), str(options.seed), history
 
     def _checked(self, mode, prompt, num_frames, controls) -> tuple:
         """(ModelOptions, prompt, GenerationOptions with a seed), every value checked."""
@@ -132,6 +134,8 @@ class Endpoints:
         source = self.menu.source_for(controls["model"])
         if source is None and not is_local(BUNDLED):
             raise FileNotFoundError(MISSING_BUNDLED)
+        if self.menu.hosted and source is not None and Path(source).is_dir():
+            check_contained(Path(source))
         facts = self.menu.facts(controls["model"])
         variant = controls["variant"] or "auto"
         if not facts.variants and facts.note:

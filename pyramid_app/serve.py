@@ -32,6 +32,8 @@ def parse_flags(argv=None) -> argparse.Namespace:
                              "(default: on when SPACE_ID is set)")
     parser.add_argument("--output-dir", type=Path, default=Path("outputs"), metavar="DIR",
                         help="where videos and images are saved; the only folder the app serves (default: outputs)")
+    parser.add_argument("--auth-file", type=Path, metavar="FILE",
+                        help="ask for a login: FILE holds one user:password per line (Gradio's auth=)")
     parser.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
     flags = parser.parse_args(argv)
     if not flags.model and os.environ.get("PYRAMID_FLOW_MODEL"):
@@ -46,6 +48,18 @@ def use_own_cache() -> Path:
     return Path(os.environ["GRADIO_TEMP_DIR"])
 
 
+def logins(path) -> list:
+    """(user, password) pairs from an --auth-file: one `user:password` per non-empty line."""
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise SystemExit(f"error: no such --auth-file: {path}")
+    pairs = [tuple(line.strip().split(":", 1)) for line in Path(path).read_text().splitlines() if line.strip()]
+    if not pairs or any(len(pair) != 2 or not all(pair) for pair in pairs):
+        raise SystemExit(f"error: {path} must hold one user:password per line")
+    return pairs
+
+
 def launch(demo, flags: argparse.Namespace, block: bool = True):
     """Serve `demo` with a queue; only `flags.output_dir` (and Gradio's upload cache) is readable over HTTP.
     Every error reaches the client as its message (`show_error`): the handlers raise only sentences."""
@@ -54,4 +68,5 @@ def launch(demo, flags: argparse.Namespace, block: bool = True):
     return demo.launch(server_name=flags.host, server_port=flags.port, share=flags.share,
                        allowed_paths=[str(flags.output_dir.resolve())], inbrowser=not flags.no_browser,
                        prevent_thread_lock=not block, max_file_size=MAX_UPLOAD[flags.hosted], theme=THEME, css=CSS,
-                       footer_links=["api"], quiet=not block, show_error=True)
+                       footer_links=["api"], quiet=not block, show_error=True,
+                       auth=logins(getattr(flags, "auth_file", None)))

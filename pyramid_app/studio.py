@@ -117,8 +117,11 @@ def build_studio(default_model=None, output_dir="outputs", pipelines=None, model
                           [slider, fps], lengths[mode], **HELPERS)
 
         def select_output(entries, event: gr.SelectData):
+            """The picked output's settings, and the output itself in the Result pane."""
             entry = entries[event.index]
-            return entry["path"], entry["settings"]
+            image = entry["path"].endswith(".png")
+            return (entry["path"], entry["settings"], gr.update(value=None if image else entry["path"], visible=not image),
+                    gr.update(value=entry["path"] if image else None, visible=image))
 
         def reuse(path):
             if not path:
@@ -130,7 +133,7 @@ def build_studio(default_model=None, output_dir="outputs", pipelines=None, model
             return _reuse_updates(settings, menu, tabs, inputs, controls, status)
 
         reuse_targets = [tabs, status, *controls.values(), *(component for group in inputs.values() for component in group)]
-        outputs.select(select_output, history, [selected, selected_settings], **HELPERS)
+        outputs.select(select_output, history, [selected, selected_settings, result_video, result_image], **HELPERS)
         reuse_button.click(reuse, selected, reuse_targets, **HELPERS)
         reuse_file.upload(reuse, reuse_file, reuse_targets, **HELPERS)
     return demo

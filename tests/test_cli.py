@@ -1,8 +1,11 @@
 """The command line: argument errors before any model loads, then real runs on a tiny checkpoint."""
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -339,3 +342,49 @@ def test_parallel_layout_needs_torchrun(capsys, no_model_load, tmp_path):
     assert_one_line_error(code, err, "torchrun --nproc_per_node")
     code, _, err = run_cli(capsys, "--prompt", "x", "--out", tmp_path / "a.mp4", "--parallel", "two")
     assert_one_line_error(code, err, "GxC")
+
+
+# --- damaged checkpoints: one line naming the file, before anything is built -------------------
+
+
+def _truncate(file):
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+def _drop_half_the_tensors(file):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(file)
+    save_file(dict(sorted(tensors.items())[::2]), file)
+
+
+def _absurd_config(file):
+    config = json.loads(file.read_text())
+    file.write_text(json.dumps({**config, "num_layers": 1_000_000}))
+
+
+def _link_out(file):
+    file.unlink()
+    file.symlink_to(file.parents[2] / "elsewhere" / file.name)
+
+
+TRANSFORMER, VAE = "diffusion_transformer_384p", "causal_video_vae"
+
+
+@pytest.mark.parametrize("folder, file, damage, fragment", [
+    (TRANSFORMER, "diffusion_pytorch_model.safetensors", _truncate, "is not a readable safetensors file (truncated"),
+    (TRANSFORMER, "config.json", lambda file: file.write_text("{not json"), "config.json is not valid JSON"),
+    (VAE, "config.json", lambda file: file.write_text("[1, 2]"), "config.json holds a JSON list; expected an object"),
+    (TRANSFORMER, "diffusion_pytorch_model.safetensors", _drop_half_the_tensors, "lack"),
+    (TRANSFORMER, "config.json", _absurd_config, "num_layers = 1000000 is beyond the sane bound of 256"),
+    (VAE, "diffusion_pytorch_model.safetensors", _link_out, "is a link to a file that does not exist"),
+])
+def test_damaged_checkpoints_give_one_line_naming_the_file(tiny_model, tmp_path, capsys, folder, file, damage, fragment):
+    root = tmp_path / "damaged"
+    shutil.copytree(tiny_model, root)
+    damage(root / folder / file)
+    started = time.monotonic()
+    code, _, err = run_cli(capsys, "--model", root, "--prompt", "a cat", "--out", tmp_path / "o.mp4", *FAST)
+    assert_one_line_error(code, err, fragment)
+    assert folder in err and time.monotonic() - started < 60
+    assert not (tmp_path / "o.mp4").exists()

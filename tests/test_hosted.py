@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 from gradio_client import Client, handle_file
-from PIL import Image
 
 from benchmarks import hosted_probes
 from pyramid_app import serve, studio
 from pyramid_app.catalog import ModelMenu
-from test_studio import FAST, free_port, local_path, slowed_pipelines, smooth_clip
+from test_studio import FAST, free_port, local_path, slowed_pipelines
 from tiny_checkpoint import build_tiny_checkpoint
 
 SECONDS_PER_STEP = 0.05
@@ -47,14 +46,7 @@ def hosted(tiny_model, steps, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("probe-files")
-    found = hosted_probes.probe_files(folder)
-    Image.fromarray(smooth_clip(1)[0]).save(folder / "ok.png")
-    from model_core.media_files import write_video
-
-    found["ok.png"] = folder / "ok.png"
-    found["ok.mp4"] = write_video(smooth_clip(9), folder / "ok.mp4", 8, {})
-    return found
+    return hosted_probes.probe_files(tmp_path_factory.mktemp("probe-files"))
 
 
 def test_hosted_is_on_by_itself_on_a_space(monkeypatch):
@@ -63,6 +55,16 @@ def test_hosted_is_on_by_itself_on_a_space(monkeypatch):
     monkeypatch.delenv("SPACE_ID")
     assert not serve.parse_flags([]).hosted
     assert serve.parse_flags(["--model", "a", "--model", "b"]).model == ["a", "b"]
+
+
+def test_logins_come_from_an_auth_file(tmp_path):
+    logins = tmp_path / "logins.txt"
+    logins.write_text("alice:secret\n\nbob:pa:ss\n")
+    assert serve.logins(logins) == [("alice", "secret"), ("bob", "pa:ss")]
+    assert serve.logins(None) is None
+    logins.write_text("alice\n")
+    with pytest.raises(SystemExit, match="one user:password per line"):
+        serve.logins(logins)
 
 
 def test_the_allow_list_offers_operator_folders_by_name(tiny_model):

@@ -160,3 +160,19 @@ def test_loads_in_parallel_threads_leave_module_construction_alone(checkpoint):
     assert failures == []
     layer = torch.nn.Linear(2, 2)
     assert layer.weight.device.type == "cpu" and layer.weight.dtype == torch.float32
+
+
+def test_links_leading_out_of_the_checkpoint_are_refused_for_hosting(copy, tmp_path):
+    from model_core.loading import check_contained
+
+    check_contained(copy)  # a plain copy
+    inside = copy / VAE_FOLDER / "config.json"
+    (copy / "config-link.json").symlink_to(inside)
+    check_contained(copy)  # a link that stays inside
+    elsewhere = tmp_path / "elsewhere.safetensors"
+    weights = copy / VAE_FOLDER / "diffusion_pytorch_model.safetensors"
+    shutil.move(weights, elsewhere)
+    weights.symlink_to(elsewhere)
+    with pytest.raises(ValueError, match="causal_video_vae/diffusion_pytorch_model.safetensors in the checkpoint "
+                                         "folder copy is a link to a file outside it"):
+        check_contained(copy)

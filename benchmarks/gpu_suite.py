@@ -24,7 +24,7 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -57,7 +57,6 @@ class Row:
     offload: str = "none"
     cache: tuple = None  # (name, threshold)
     attention_backend: str = None
-    settings: dict = field(default_factory=dict)
 
 
 def suite_rows() -> list:

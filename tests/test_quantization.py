@@ -78,3 +78,13 @@ def test_fp8_computes_in_float8_on_a_capable_gpu():
     assert all(_is_torchao_tensor(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear))
     assert not torch.equal(computed, reference)
     assert (computed.float() - reference.float()).abs().max() < 0.1 * reference.float().abs().max()
+
+
+@pytest.mark.gpu
+def test_pipeline_fp8_on_cuda_computes_in_float8_where_it_can(tmp_path):
+    device = torch.device("cuda")
+    checkpoint = build_tiny_checkpoint(tmp_path / "miniflux", "miniflux")
+    pipe = PyramidFlowPipeline.from_pretrained(checkpoint, device="cuda", torch_dtype="bfloat16", quantize="fp8")
+    out = pipe.text_to_video("a red circle", num_frames=9, seed=0, **FAST)
+    assert out.frames.shape == (9, 64, 64, 3)
+    assert out.settings["fp8"] == ("compute" if fp8_compute_supported(device) else "storage")

@@ -3,8 +3,15 @@
 Names are imported on first use, so `import model_core` stays cheap.
 """
 import importlib
+import logging
 
 __version__ = "0.1.0"
+
+# torchao 0.18's prebuilt C++ extensions target torch 2.11. Under the pinned torch they fail to load and say so at
+# import, torch warns about torchao's pytree constants, and diffusers about torchao's tensor classes; the Python
+# quantisation paths used here work. These lines would break the CLI's one-line errors, so only errors pass.
+for _noisy in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
 
 _EXPORTS = {
     "PyramidFlowScheduler": "model_core.scheduler",

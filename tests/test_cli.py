@@ -104,7 +104,7 @@ def generated(monkeypatch):
     (["--prompt", "a cat", "--out", "{out}", "--extend", "{dir}/corrupt.mp4"], "cannot read video"),
     (["--prompt", "a cat", "--out", "{out}", "--image", "{dir}/corrupt.png", "--extend", "{dir}/corrupt.mp4"],
      "either --image or --extend"),
-    (["--prompt", "a cat", "--prompts-file", "{dir}/prompts.txt", "--out-dir", "{dir}"], "either --prompt or --prompts-file"),
+    (["--prompt", "a cat", "--prompts-file", "{dir}/prompts.txt", "--out-dir", "{dir}"], "use one of --prompt, --prompts-file and --storyboard"),
     (["--prompts-file", "{dir}/prompts.txt"], "needs --out-dir"),
     (["--prompts-file", "{dir}/blank.txt", "--out-dir", "{dir}/batch"], "holds no prompts"),
     (["--prompts-file", "{dir}/absent.txt", "--out-dir", "{dir}/batch"], "absent.txt"),

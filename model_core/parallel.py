@@ -29,6 +29,9 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from .step_cache import step_cache_state
+from .transformers.attention import AttentionLayout
+
 MESH_DIMS = ("guidance", "context")
 
 
@@ -88,8 +91,6 @@ class UlyssesContext:
 
     def shard(self, text: torch.Tensor, image: torch.Tensor, layout):
         """This rank's slices of text [B, T, D] and image [B, I, D], and the layout of the padded sequence."""
-        from .transformers.attention import AttentionLayout
-
         num_text, num_image = text.shape[1], image.shape[1]
         pad_text, pad_image = self._padded(num_text) - num_text, self._padded(num_image) - num_image
         self.text_slice, self.image_slice = (num_text + pad_text) // self.size, (num_image + pad_image) // self.size
@@ -164,6 +165,12 @@ class Parallelism:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def all_agree(self, flag: bool) -> bool:
+        """True when `flag` is true on every rank (e.g. the step cache skips the trunk only if all ranks would)."""
+        vote = torch.tensor([int(flag)], device=self.mesh.device_type)
+        dist.all_reduce(vote, op=dist.ReduceOp.MIN)
+        return bool(vote.item())
+
     def guidance_branch(self, batch: torch.Tensor) -> torch.Tensor:
         """This rank's half of a [unconditional ; conditional] batch."""
         return batch.chunk(2)[self.guidance_rank]
@@ -186,4 +193,8 @@ def enable_parallelism(transformer, parallel="auto", device=None) -> Parallelism
             f"use a context size that divides {heads}"
         )
     transformer.context_parallel = engine.context
+    transformer.parallel_ranks = engine
+    state = step_cache_state(transformer)
+    if state is not None:
+        state.ranks = engine
     return engine

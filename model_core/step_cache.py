@@ -45,6 +45,7 @@ class FirstBlockCacheState:
     head_output: Optional[torch.Tensor] = None  # first block's image output at the current step
     trunk_residual: Optional[torch.Tensor] = None  # final image tokens - head_output, last computed step
     skip: bool = False
+    ranks: object = None  # a model_core.parallel.Parallelism: the trunk is skipped on every rank or on none
     computed_steps: int = 0
     skipped_steps: int = 0
 
@@ -71,6 +72,8 @@ class FirstBlockHook(ModelHook):
         state, residual = self.state, output - image
         comparable = state.head_residual is not None and state.head_residual.shape == residual.shape
         state.skip = comparable and bool((relative_change(residual, state.head_residual) < state.threshold).all())
+        if state.ranks is not None:
+            state.skip = state.ranks.all_agree(state.skip)
         if not state.skip:
             state.head_residual = residual
         state.head_output = output
@@ -119,7 +122,7 @@ def enable_step_cache(transformer, cache: str = "none", threshold: float = DEFAU
     blocks = trunk_blocks(transformer)
     if cache == "none" or len(blocks) < 2:
         return
-    state = FirstBlockCacheState(threshold)
+    state = FirstBlockCacheState(threshold, ranks=getattr(transformer, "parallel_ranks", None))
     HookRegistry.check_if_exists_or_initialize(blocks[0]).register_hook(FirstBlockHook(state), _HEAD_HOOK)
     for index, block in enumerate(blocks[1:], start=2):
         hook = RemainingBlockHook(state, is_last=index == len(blocks))

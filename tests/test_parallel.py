@@ -37,6 +37,7 @@ def _transformer_inputs(transformer):
 
 def _context_parallel_forward(rank, roots, out):
     from model_core.parallel import enable_parallelism
+    from model_core.step_cache import enable_step_cache, step_cache_state
 
     results = {}
     for family, root in roots.items():
@@ -48,7 +49,12 @@ def _context_parallel_forward(rank, roots, out):
             parallel = transformer(**inputs)[0][0]
         assert engine.settings() == {"world_size": 2, "guidance": 1, "context": 2}
         assert (engine.context.text_slice, engine.context.image_slice) == (4, 11)  # 7 -> 8 and 21 -> 22 tokens
-        results[family] = {"single": single, "parallel": parallel}
+        assert (engine.all_agree(True), engine.all_agree(rank == 0), engine.all_agree(False)) == (True, False, False)
+        enable_step_cache(transformer, "first-block", threshold=0.0)  # the step cache skips on all ranks or none
+        assert step_cache_state(transformer).ranks is engine
+        with torch.no_grad():
+            cached = transformer(**inputs)[0][0]
+        results[family] = {"single": single, "parallel": parallel, "cached": cached}
     if rank == 0:
         torch.save(results, out)
 
@@ -61,6 +67,7 @@ def test_context_parallel_forward_equals_one_process(tmp_path):
         assert result["single"].shape == (2, 4, 1, 8, 8), family
         assert result["single"].abs().max() > 0.1, family
         assert (result["parallel"] - result["single"]).abs().max() <= 1e-5, family
+        assert (result["cached"] - result["single"]).abs().max() <= 1e-5, family
 
 
 @pytest.mark.parametrize("parallel, world_size, expected", [

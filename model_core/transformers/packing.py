@@ -77,6 +77,7 @@ class PyramidTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
     _supports_gradient_checkpointing = True
     context_parallel = None  # a model_core.parallel.UlyssesContext: this rank keeps a slice of the sequence
+    parallel_ranks = None  # the model_core.parallel.Parallelism this transformer runs under
     _skip_layerwise_casting_patterns = ["pos_embed", "norm"]
 
     def check_columns(self, columns, rows: int):

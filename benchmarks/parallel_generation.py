@@ -62,6 +62,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(threads)
         seconds, single = _timed(PyramidFlowPipeline.from_pretrained(args.model), args.repeats)
         report[f"one process, {threads} thread(s) s"] = round(seconds, 3)
+        print(f"one process, {threads} thread(s): {seconds:.2f} s", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as folder:
         out = os.path.join(folder, "ranks.pt")
         mp.start_processes(_rank, args=(os.path.join(folder, "rendezvous"), args.model, args.repeats, out),

@@ -62,7 +62,7 @@ def _context_parallel_forward(rank, roots, out):
 def test_context_parallel_forward_equals_one_process(tmp_path):
     roots = {family: build_tiny_checkpoint(tmp_path / family, family) for family in ("miniflux", "sd3")}
     out = tmp_path / "velocity.pt"
-    run_ranks(_context_parallel_forward, 2, tmp_path, roots, out, timeout=180)
+    run_ranks(_context_parallel_forward, 2, tmp_path, roots, out, timeout=600)
     for family, result in torch.load(out, weights_only=True).items():
         assert result["single"].shape == (2, 4, 1, 8, 8), family
         assert result["single"].abs().max() > 0.1, family
@@ -142,7 +142,7 @@ def _check_same_generations(out, layouts):
 def test_guidance_and_context_parallel_generate_the_same_video_on_two_ranks(tmp_path):
     root = build_tiny_checkpoint(tmp_path / "ckpt")
     layouts = [{"guidance": 2, "context": 1}, {"guidance": 1, "context": 2}]
-    run_ranks(_parallel_generations, 2, tmp_path, root, layouts, tmp_path / "out.pt", timeout=300)
+    run_ranks(_parallel_generations, 2, tmp_path, root, layouts, tmp_path / "out.pt", timeout=600)
     _check_same_generations(tmp_path / "out.pt", layouts)
 
 
@@ -150,7 +150,7 @@ def test_guidance_and_context_parallel_generate_the_same_video_on_two_ranks(tmp_
 def test_guidance_times_context_parallel_on_four_ranks(tmp_path):
     root = build_tiny_checkpoint(tmp_path / "ckpt")
     layouts = [{"guidance": 2, "context": 2}]
-    run_ranks(_parallel_generations, 4, tmp_path, root, layouts, tmp_path / "out.pt", timeout=300)
+    run_ranks(_parallel_generations, 4, tmp_path, root, layouts, tmp_path / "out.pt", timeout=600)
     _check_same_generations(tmp_path / "out.pt", layouts)
 
 
@@ -169,7 +169,7 @@ def _one_rank_fails(rank, root):
 def test_a_failing_rank_ends_every_rank_with_its_error(tmp_path):
     root = build_tiny_checkpoint(tmp_path / "ckpt")
     with pytest.raises(mp.ProcessRaisedException, match="rank 1 ran out of luck"):
-        run_ranks(_one_rank_fails, 2, tmp_path, root, timeout=180)
+        run_ranks(_one_rank_fails, 2, tmp_path, root, timeout=600)
 
 
 def _studio_ranks(rank, root, out):
@@ -199,7 +199,7 @@ def _studio_ranks(rank, root, out):
 
 def test_studio_ranks_follow_rank_zero_through_errors_and_stop(tmp_path):
     root = build_tiny_checkpoint(tmp_path / "ckpt")
-    run_ranks(_studio_ranks, 2, tmp_path, root, tmp_path / "out.pt", timeout=180)
+    run_ranks(_studio_ranks, 2, tmp_path, root, tmp_path / "out.pt", timeout=600)
     result = torch.load(tmp_path / "out.pt", weights_only=True)
     assert "num_frames must be 1 + 8k" in result["refused"]
     assert (result["interrupted"], result["units"]) == (True, 1)

@@ -379,6 +379,9 @@ def _first_line(error: BaseException) -> str:
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if ranks.launched_with_several_ranks() and (args.command == "run-queue" or args.save_queue is not None):
+            raise UsageError("queues run in one process (every rank would write the queue file); "
+                             "use torchrun with generate --out or --prompts-file")
         if args.command == "run-queue":
             return run_queue(args.queue_file, quiet=args.quiet)
         if args.save_queue is not None:

@@ -36,7 +36,8 @@ def stop() -> None:
 
 
 def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    """This process's rank; torchrun's RANK before the group is joined (errors found early are printed once)."""
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
 
 
 def is_main() -> bool:

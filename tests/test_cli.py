@@ -388,3 +388,10 @@ def test_damaged_checkpoints_give_one_line_naming_the_file(tiny_model, tmp_path,
     assert_one_line_error(code, err, fragment)
     assert folder in err and time.monotonic() - started < 60
     assert not (tmp_path / "o.mp4").exists()
+
+
+def test_queues_refuse_several_ranks(capsys, no_model_load, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = run_cli(capsys, "--prompt", "x", "--out", tmp_path / "a.mp4", "--save-queue", tmp_path / "q.json")
+    assert_one_line_error(code, err, "queues run in one process")
+    assert not (tmp_path / "q.json").exists()

@@ -154,7 +154,6 @@ class Parallelism:
         self.mesh = init_device_mesh(device.type, (self.config.guidance, self.config.context), mesh_dim_names=MESH_DIMS)
         self.guidance_rank = self.mesh.get_local_rank("guidance")
         self.context = UlyssesContext(self.mesh["context"]) if self.config.context > 1 else None
-        self.is_main = dist.get_rank() == 0
 
     def settings(self) -> dict:
         return {"world_size": self.world_size, "guidance": self.config.guidance, "context": self.config.context}

@@ -1,6 +1,8 @@
 """The tiny-shapes recipe end to end with tiny overrides: world, VAE, latent statistics, transformer,
 and a bundled model in the official layout that the pipeline loads; a rerun redoes nothing."""
+import hashlib
 import json
+from pathlib import Path
 
 import pytest
 
@@ -19,18 +21,30 @@ TINY = ["world.count=4", "world.heldout=2", "latent_statistics.clips=4",
         "phases.flow.overrides={train: {global_batch_size: 2, checkpoint_every: 1, ema_decay: 0.5}, validation: {every_steps: null}}"]
 
 
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+
+def digests(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
 @pytest.fixture(scope="module")
 def bundled(tmp_path_factory):
+    """A short run with --output-dir and no bundle.out, as a newcomer tries the recipe: the shipped model is left
+    byte-identical and the bundle lands in <output dir>/model."""
     root = tmp_path_factory.mktemp("bundle")
+    shipped = digests(ASSETS)
     args = ["--config", str(CONFIG_DIR / "tiny_shapes.yaml"), "--max-steps", "1", f"world.out={root / 'data'}",
-            f"train.output_dir={root / 'work'}", f"bundle.out={root / 'model'}", *TINY]
+            "--output-dir", str(root / "work"), *TINY]
     assert main(args) == 0
+    assert digests(ASSETS) == shipped
     return root, args
 
 
 def test_bundle_is_an_official_layout_checkpoint_of_copies(bundled):
     root, _ = bundled
-    model = root / "model"
+    model = root / "work" / "model"
     names = {p.name for p in model.iterdir()}
     assert {"causal_video_vae", "diffusion_transformer_64p", "text_encoder", "tokenizer", "text_encoder_2",
             "tokenizer_2", "pyramid_flow.json", "README.md"} <= names
@@ -46,7 +60,7 @@ def test_bundle_is_an_official_layout_checkpoint_of_copies(bundled):
 def test_pipeline_loads_the_bundle_and_generates(bundled):
     from model_core.pipeline import PyramidFlowPipeline
 
-    pipe = PyramidFlowPipeline.from_pretrained(bundled[0] / "model", device="cpu")
+    pipe = PyramidFlowPipeline.from_pretrained(bundled[0] / "work" / "model", device="cpu")
     result = pipe.text_to_video("a red circle moving right", num_frames=9, first_frame_steps=(1, 1, 1),
                                 video_steps=(1, 1, 1), seed=0)
     assert result.frames.shape == (9, 64, 64, 3) and result.fps == 8

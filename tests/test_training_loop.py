@@ -129,3 +129,42 @@ def test_extracted_features_are_what_the_loader_reads(world):
     sample, error = dataset[SampleRequest(0, 0, 0, 17, 0.0)]
     assert error is None and sample.latent.shape == (1, 4, 3, 8, 8)
     assert sample.text_features.hidden_states.shape[:2] == (1, 128)
+
+
+def test_changed_global_batch_on_resume_is_refused_unless_allowed(world, tmp_path, capsys):
+    run(world, tmp_path / "run", 2)
+    assert "2/2" in capsys.readouterr().err  # the progress bar: steps done of the total
+    checkpoint, _, features, empty = world
+    overrides = tiny_overrides(checkpoint, features, tmp_path / "run", 2, empty_text_fea=empty)
+    args = ["--config", RECIPE, "--max-steps", "3", "--resume", "auto", *overrides]
+    assert main(args) == 2
+    assert "global batch 4" in capsys.readouterr().err
+    assert main([*args, "--allow-batch-change"]) == 0
+    assert (tmp_path / "run" / "checkpoint-3").is_dir()
+
+
+def test_bucket_the_pyramid_cannot_halve_is_refused_before_training(world, tmp_path, capsys):
+    run_args = tiny_overrides(world[0], world[2], tmp_path / "run", empty_text_fea=world[3])
+    assert main(["--config", RECIPE, "--max-steps", "1", *run_args, "data.buckets=[[64, 64], [48, 64]]"]) == 2
+    assert "multiples of 64" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "metrics.csv").exists()
+
+
+def test_unreadable_samples_are_left_out_of_the_gradient_not_counted_as_zero(world, tmp_path):
+    from training.config import load_config
+    from training.loop import Trainer, trainable
+
+    checkpoint, annotations, _, _ = world
+    overrides = tiny_overrides(checkpoint, annotations, tmp_path / "run", global_batch=7)
+    config = load_config(RECIPE, [*overrides, "data.clip_schedule=[{seconds: 1}]", "train.max_steps=1"])
+    trainer = Trainer(config, tmp_path / "run")
+    loaded = next(iter(trainer.batches))
+    samples = [sample for sample, _ in loaded if sample is not None]
+    assert len(loaded) == 7 and len(samples) == 6  # the broken clip is one of the 7 entries
+    totals = trainer.accumulate([loaded], stages=3)
+    assert int(totals[-2]) == 6 and int(totals[-1]) == 1
+    gradients = {name: p.grad.clone() for name, p in trainable(trainer.model)}
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.task.losses(trainer.model, samples, 0)["loss"].mean().backward()
+    for name, p in trainable(trainer.model):
+        torch.testing.assert_close(gradients[name], p.grad, rtol=1e-5, atol=1e-7)

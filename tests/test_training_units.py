@@ -135,25 +135,58 @@ def test_overrides_parse_as_yaml(tmp_path):
 
 
 def test_lr_warms_up_then_stays_or_falls_on_a_line():
-    from training.loop import lr_factor
+    from training.loop import lr_schedule
 
-    constant = lr_factor(warmup_steps=4, max_steps=20)
-    assert [constant(step) for step in (0, 1, 3, 10, 19)] == [0.25, 0.5, 1.0, 1.0, 1.0]
-    decaying = lr_factor(warmup_steps=4, max_steps=20, final_ratio=0.2)
-    assert decaying(3) == 1.0 and decaying(19) == pytest.approx(0.2) and decaying(11) == pytest.approx(0.6)
+    def factors(**optim):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        scheduler = lr_schedule(optimizer, {"lr": 0.1, "warmup_steps": 4, **optim}, max_steps=20)
+        out = []
+        for _ in range(20):
+            out.append(scheduler.get_last_lr()[0] / 0.1)
+            optimizer.step()
+            scheduler.step()
+        return out
+
+    constant = factors()
+    assert [constant[step] for step in (0, 1, 3, 4, 10, 19)] == pytest.approx([0.0, 0.25, 0.75, 1.0, 1.0, 1.0])
+    decaying = factors(final_lr_ratio=0.2)
+    assert decaying[4] == pytest.approx(1.0) and decaying[12] == pytest.approx(0.6) and decaying[19] == pytest.approx(0.25)
 
 
-def test_ema_follows_the_weights_to_their_device():
-    """The EMA is made before accelerate moves the model to its GPU; its averages move with the weights and are
-    saved from the CPU."""
+def test_ema_is_a_constant_decay_average_from_the_first_step():
     model = torch.nn.Linear(2, 2)
     ema = EMA(model.named_parameters(), decay=0.5)
-    model.to("meta")
-    ema.update(model.named_parameters())
-    assert {t.device.type for t in ema.shadow.values()} == {"meta"}
-    model = torch.nn.Linear(2, 2)
-    ema = EMA(model.named_parameters(), decay=0.5)
+    start = model.weight.detach().clone()
     with torch.no_grad():
         model.weight.add_(2.0)
     ema.update(model.named_parameters())
-    assert torch.allclose(ema.state_dict()["weight"], model.weight - 1.0)
+    assert torch.allclose(ema.state_dict()["weight"], start + 1.0)
+    with torch.no_grad():
+        model.weight.add_(2.0)
+    ema.update(model.named_parameters())
+    assert torch.allclose(ema.state_dict()["weight"], start + 2.5)
+    again = EMA(torch.nn.Linear(2, 2).named_parameters(), decay=0.5)
+    again.load_state_dict(ema.state_dict())
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in ema.state_dict().items())
+
+
+def test_yaml_numbers_in_scientific_notation_are_numbers(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("optim: {lr: 1e-3, eps: 1.0e-6, big: 5E4}\n")
+    config = load_config(recipe, ["optim.wd=1e-4", "optim.name=1e3x"])
+    assert config["optim"] == {"lr": 1e-3, "eps": 1e-6, "big": 5e4, "wd": 1e-4, "name": "1e3x"}
+
+
+def test_overrides_may_follow_the_options():
+    from training.launch import parse_args
+
+    args = parse_args(["--config", "r.yaml", "a.b=1", "--max-steps", "4", "c.d=2", "--output-dir", "x", "e.f=3"])
+    assert args.max_steps == 4 and args.output_dir == "x" and args.overrides == ["a.b=1", "c.d=2", "e.f=3"]
+
+
+def test_bucket_that_the_pyramid_cannot_halve_is_refused():
+    from training.data import check_buckets
+
+    check_buckets([[384, 640], [512, 512]], 64, "x")
+    with pytest.raises(ValueError, match=r"\[\[96, 64\]\].*multiples of 64"):
+        check_buckets([[64, 64], [96, 64]], 64, "the VAE")

@@ -6,7 +6,8 @@ the trained VAE) -> latents and text features (the extraction tools) -> latent n
 into the base's pyramid_flow.json) -> flow (the `task: flow` recipe) -> vae_decoder (the VAE's decoder
 trained further with its encoder frozen, so the latents the transformer learned stay valid) -> the
 bundled model: the base with the trained transformer, the refined VAE and `bundle.model_card` as
-README.md, copied (no links) into `bundle.out` in the official layout.
+README.md, copied (no links) into `bundle.out` (default `<output_dir>/model`; the shipped model is rebuilt
+with `bundle.out=assets/models/pyramid-flow-shapes`) in the official layout.
 
 Everything after the VAE lives under `<output_dir>/from-vae-checkpoint-<steps>/`, so training the VAE
 longer rebuilds the base, features and transformer. The phase recipes are ordinary recipe files;
@@ -161,6 +162,6 @@ def run_bundle(config: dict) -> Path:
         "data": {"annotations": [str(world)]}, "train": {"output_dir": str(after_vae / "vae_decoder"), "seed": seed}}))
     bundle = config["bundle"]
     out = assemble(base, flow, decoder, architecture["variant"], bundle["use_ema"], Path(bundle["model_card"]),
-                   Path(bundle["out"]), bundle.get("sampling"))
+                   Path(bundle.get("out") or work / "model"), bundle.get("sampling"))
     logger.info("bundled model written to %s", out)
     return out

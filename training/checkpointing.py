@@ -68,6 +68,11 @@ def save_training_state(folder: Path, optimizer_state: dict, scheduler_state: di
     (target / "state.json").write_text(json.dumps(state, indent=2))
 
 
+def read_state(folder: Path) -> dict:
+    """A checkpoint's state.json: step, skip counters, world size, global batch."""
+    return json.loads((folder / STATE_FOLDER / "state.json").read_text())
+
+
 def load_training_state(folder: Path) -> dict:
     source = folder / STATE_FOLDER
     ema = source / "ema.safetensors"
@@ -75,5 +80,5 @@ def load_training_state(folder: Path) -> dict:
         "optimizer": torch.load(source / "optimizer.pt", map_location="cpu", weights_only=True),
         "lr_scheduler": torch.load(source / "lr_scheduler.pt", map_location="cpu", weights_only=True),
         "ema": load_file(str(ema)) if ema.is_file() else None,
-        "state": json.loads((source / "state.json").read_text()),
+        "state": read_state(folder),
     }

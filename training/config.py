@@ -1,9 +1,23 @@
 """Recipes: a YAML file plus `key.path=value` overrides, read into a nested dict."""
+import re
 from pathlib import Path
 
 import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+# YAML 1.1 (PyYAML) reads `1e-3` as a string; a recipe means the number, as YAML 1.2 does
+SCIENTIFIC = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """safe_load with `1e-3`, `5E4` read as floats."""
+
+
+RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float", SCIENTIFIC, list("-+0123456789."))
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=RecipeLoader)
 
 
 def load_config(path, overrides=()) -> dict:
@@ -11,13 +25,21 @@ def load_config(path, overrides=()) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no recipe at {path}; recipes live in {CONFIG_DIR}")
-    config = yaml.safe_load(path.read_text()) or {}
+    config = parse_yaml(path.read_text()) or {}
+    for key, value in parse_overrides(overrides):
+        set_path(config, key, value)
+    return config
+
+
+def parse_overrides(overrides) -> list:
+    """[(dotted key, YAML value)] of `dotted.key=value` strings."""
+    parsed = []
     for override in overrides:
         key, sep, value = override.partition("=")
         if not sep or not key:
             raise ValueError(f"override {override!r} must look like section.key=value")
-        set_path(config, key, yaml.safe_load(value))
-    return config
+        parsed.append((key, parse_yaml(value)))
+    return parsed
 
 
 def set_path(config: dict, dotted: str, value) -> None:
@@ -28,4 +50,3 @@ def set_path(config: dict, dotted: str, value) -> None:
         if not isinstance(node, dict):
             raise ValueError(f"cannot set {dotted}: {name} is not a section")
     node[leaf] = value
-

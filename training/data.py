@@ -9,13 +9,13 @@ from typing import Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from model_core.media import to_video_tensor
 from model_core.temporal import latent_frames, pixel_frames
 from model_core.text import PromptEmbeddings
 
 from .atomic import write_text
+from .shards import load_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ class Annotation:
     text_fea: Optional[str] = None
     height: Optional[int] = None
     width: Optional[int] = None
+    clip_start: Optional[float] = None  # where an extracted clip starts in its video (see extract_latents)
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,17 @@ def read_annotations(paths) -> tuple:
     return entries, malformed
 
 
+def first_annotation(annotations, tries: int = 100) -> Annotation:
+    """The first well-formed annotation: what its fields hold (latents? text features?) the run expects of all."""
+    for row in range(min(len(annotations), tries)):
+        try:
+            return annotations[row]
+        except ValueError:
+            continue
+    raise ValueError(f"none of the first {tries} annotation lines is well formed; each must be a JSON object with a "
+                     "`video`, `image` or `latent` path")
+
+
 def parse_annotation(record: dict, base: Path) -> Annotation:
     if not isinstance(record, dict):
         raise ValueError("each line must be a JSON object")
@@ -90,7 +102,21 @@ def parse_annotation(record: dict, base: Path) -> Annotation:
         return None if value is None else str(base / value)
 
     return Annotation(kind=kind, path=resolve(kind), text=str(record.get("text", "")), latent=resolve("latent"),
-                      text_fea=resolve("text_fea"), height=record.get("height"), width=record.get("width"))
+                      text_fea=resolve("text_fea"), height=record.get("height"), width=record.get("width"),
+                      clip_start=record.get("clip_start"))
+
+
+def check_buckets(buckets, multiple: int, why: str) -> None:
+    """Refuse, before the first step, a bucket whose sides are not multiples of `multiple` pixels."""
+    bad = [list(b) for b in buckets if b[0] % multiple or b[1] % multiple]
+    if bad:
+        raise ValueError(f"data.buckets {bad} cannot be trained: {why} needs heights and widths that are multiples "
+                         f"of {multiple} pixels")
+
+
+def vae_spatial_scale(base) -> int:
+    """Pixels per latent cell of a checkpoint's VAE, read from its config (`downsample_scale`)."""
+    return int(json.loads((base.vae_path / "config.json").read_text()).get("downsample_scale", 8))
 
 
 def nearest_bucket(height: int, width: int, buckets) -> tuple:
@@ -110,8 +136,9 @@ def resampled_indices(num_source: int, source_fps: float, target_fps: float, num
     return [min(num_source - 1, round(first + step * j)) for j in range(num_frames)]
 
 
-def load_text_features(path) -> PromptEmbeddings:
-    tensors = load_file(str(path))
+def load_text_features(reference) -> PromptEmbeddings:
+    """Text features from a .safetensors file or an Arrow shard row (`<shard>.arrow#<row>`)."""
+    tensors = load_tensors(reference)
     return PromptEmbeddings(*(tensors[key] for key in TEXT_KEYS))
 
 
@@ -129,7 +156,10 @@ class AnnotatedDataset(torch.utils.data.Dataset):
         return len(self.annotations)
 
     def __getitem__(self, request: SampleRequest):
-        entry = self.annotations[request.entry]
+        try:
+            entry = self.annotations[request.entry]
+        except ValueError as error:  # a malformed line of a streamed annotation file
+            return None, str(error)
         try:
             return self.load(entry, request), None
         except Exception as error:  # a damaged file can fail in any decoder; the run must go on
@@ -138,7 +168,7 @@ class AnnotatedDataset(torch.utils.data.Dataset):
     def load(self, entry: Annotation, request: SampleRequest) -> TrainingSample:
         features = load_text_features(entry.text_fea) if self.use_text_features else None
         if self.use_latents:
-            latent = load_file(str(entry.latent))[LATENT_KEY][None]
+            latent = load_tensors(entry.latent)[LATENT_KEY][None]
             keep = latent_frames(request.num_frames, self.frames_per_latent)
             return TrainingSample(request, None, latent[:, :, :keep].float(), entry.text, features)
         return TrainingSample(request, self.pixels(entry, request), None, entry.text, features)
@@ -159,7 +189,7 @@ class AnnotatedDataset(torch.utils.data.Dataset):
 def annotation_record(entry: Annotation) -> dict:
     """The jsonl record of an annotation, with absolute paths."""
     record = {entry.kind: entry.path, "text": entry.text, "latent": entry.latent, "text_fea": entry.text_fea,
-              "height": entry.height, "width": entry.width}
+              "height": entry.height, "width": entry.width, "clip_start": entry.clip_start}
     return {k: v for k, v in record.items() if v is not None}
 
 

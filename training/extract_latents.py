@@ -1,22 +1,30 @@
-"""`python -m training.extract_latents --model ROOT --annotations IN.jsonl --output-dir D [--seconds S]`:
-encode every video/image once with the checkpoint's VAE (posterior mean, not normalised) and write
-D/latents/<n>.safetensors plus D/annotations.jsonl with a `latent` path per line. Unreadable samples
-are skipped and counted."""
+"""`[accelerate launch] python -m training.extract_latents --model ROOT --annotations IN.jsonl --output-dir D
+[--seconds S] [--clips-per-video K] [--shard-size N]`: encode every video/image with the checkpoint's VAE
+(posterior mean, not normalised) into Arrow shards `D/shards/latents-<s>.arrow` (see training.shards) plus
+`D/annotations.jsonl` with a `latent` reference and the clip's `clip_start` per line.
+
+Each video gives K clips of up to S seconds (S <= 10, stage 3's longest), each from its own random start drawn
+from (seed, line, clip) and recorded as `clip_start` (a fraction of the room the video leaves). Several
+processes share the shards; a rerun skips the finished ones. Unreadable samples are skipped and counted."""
 import argparse
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from model_core.temporal import frames_for_duration
 
-from .data import LATENT_KEY, AnnotatedDataset, SampleRequest, annotation_record, read_annotations, write_annotations
+from .annotation_index import AnnotationIndex
+from .data import LATENT_KEY, AnnotatedDataset, SampleRequest, annotation_record
 from .models import base_checkpoint, build_vae
+from .shards import extract_in_shards
 from .tool import run_tool
 
 logger = logging.getLogger(__name__)
+MAX_SECONDS = 10.0
 
 
 def parse_args(argv=None):
@@ -25,10 +33,14 @@ def parse_args(argv=None):
     parser.add_argument("--annotations", required=True, nargs="+", help="input jsonl file(s)")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--fps", type=float, default=24)
-    parser.add_argument("--seconds", type=float, default=5.0, help="longest clip to encode (1 + nk frames at --fps, n the VAE's temporal compression)")
+    parser.add_argument("--seconds", type=float, default=5.0,
+                        help=f"longest clip to encode, at most {MAX_SECONDS:g} (1 + nk frames at --fps, n the VAE's temporal compression)")
+    parser.add_argument("--clips-per-video", type=int, default=1, help="clips taken from each video, each from a random start")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the clip starts")
+    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     parser.add_argument("--buckets", default="384x640,640x384,512x512", help="HxW pixel buckets, comma separated")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default=None, help="torch device (default: accelerator if present, else cpu)")
+    parser.add_argument("--device", default=None, help="torch device (default: this process's accelerator, else cpu)")
     return parser.parse_args(argv)
 
 
@@ -39,38 +51,50 @@ def parse_buckets(text: str) -> list:
         raise ValueError(f"--buckets must look like 384x640,640x384; got {text!r}") from error
 
 
+def clip_start(seed: int, line: int, clip: int) -> float:
+    """Where clip `clip` of line `line` starts, uniform in [0, 1) from (seed, line, clip) alone."""
+    return float(np.random.default_rng([seed, line, clip]).random())
+
+
 @torch.no_grad()
 def extract(args) -> tuple:
     from accelerate import PartialState
 
+    if not 0 < args.seconds <= MAX_SECONDS:
+        raise ValueError(f"--seconds must be in (0, {MAX_SECONDS:g}]; got {args.seconds:g}")
+    if args.clips_per_video < 1:
+        raise ValueError(f"--clips-per-video must be at least 1; got {args.clips_per_video}")
     device = torch.device(args.device) if args.device else PartialState().device
     base = base_checkpoint({"pretrained": args.model})
     vae = build_vae({"frozen_dtype": args.dtype}, base).to(device)
-    entries, malformed = read_annotations(args.annotations)
+    entries = AnnotationIndex(args.annotations)
     dataset = AnnotatedDataset(entries, parse_buckets(args.buckets), args.fps, vae.temporal_scale, use_latents=False,
                                use_text_features=False)
-    out = Path(args.output_dir)
-    (out / "latents").mkdir(parents=True, exist_ok=True)
     num_frames = frames_for_duration(args.seconds, args.fps, vae.temporal_scale)
-    records, skipped = [], malformed
-    for index, entry in enumerate(entries):
-        sample, error = dataset[SampleRequest(index, 0, index, num_frames, 0.0)]
+    clips = args.clips_per_video
+
+    def encode(unit: int):
+        line, clip = divmod(unit, clips)
+        start = clip_start(args.seed, line, clip)
+        sample, error = dataset[SampleRequest(line, 0, unit, num_frames, start)]
         if sample is None:
-            skipped += 1
             logger.warning("skipping %s", error)
-            continue
+            return None
+        entry = entries[line]
+        if clip and entry.kind == "image":  # an image has one clip
+            return None
         latent = vae.encode(sample.pixels.to(device, vae.dtype)).latent_dist.mean[0].float().cpu()
-        path = (out / "latents" / f"{index:08d}.safetensors").resolve()
-        save_file({LATENT_KEY: latent.contiguous()}, str(path))
-        records.append(annotation_record(entry) | {"latent": str(path)})
-    write_annotations(out / "annotations.jsonl", records)
-    return len(records), skipped
+        record = annotation_record(replace(entry, clip_start=start if entry.kind == "video" else None))
+        return record, {LATENT_KEY: latent}
+
+    return extract_in_shards(len(entries) * clips, args.shard_size, Path(args.output_dir) / "shards", "latents",
+                             "latent", encode)
 
 
 def main(argv=None) -> int:
     def work():
         written, skipped = extract(parse_args(argv))
-        return f"wrote {written} latents, skipped {skipped} unreadable samples"
+        return f"wrote {written} latents, skipped {skipped} samples (unreadable, or extra clips of images) in this process"
 
     return run_tool(work)
 

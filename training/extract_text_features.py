@@ -1,7 +1,8 @@
-"""`python -m training.extract_text_features --model ROOT --annotations IN.jsonl --output-dir D`: encode
-every caption once with the checkpoint's prompt encoder and write D/text/<n>.safetensors
-(hidden_states, attention_mask, pooled), D/empty_text.safetensors (the empty prompt, for text
-dropout: data.empty_text_fea) and D/annotations.jsonl with a `text_fea` path per line."""
+"""`[accelerate launch] python -m training.extract_text_features --model ROOT --annotations IN.jsonl --output-dir D
+[--shard-size N]`: encode every caption once with the checkpoint's prompt encoder into Arrow shards
+`D/shards/text-<s>.arrow` (hidden_states, attention_mask, pooled; see training.shards), D/empty_text.safetensors
+(the empty prompt, for text dropout: data.empty_text_fea) and D/annotations.jsonl with a `text_fea` reference
+per line. Several processes share the shards; a rerun skips the finished ones."""
 import argparse
 import sys
 from pathlib import Path
@@ -9,8 +10,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .data import TEXT_KEYS, annotation_record, read_annotations, write_annotations
+from .annotation_index import AnnotationIndex
+from .data import TEXT_KEYS, annotation_record
 from .models import base_checkpoint, build_prompt_encoder
+from .shards import extract_in_shards
 from .tool import run_tool
 
 EMPTY_TEXT_FILE = "empty_text.safetensors"
@@ -21,39 +24,48 @@ def parse_args(argv=None):
     parser.add_argument("--model", required=True, help="checkpoint folder or hub id with the text encoders")
     parser.add_argument("--annotations", required=True, nargs="+", help="input jsonl file(s)")
     parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--shard-size", type=int, default=1000, help="captions per shard")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default=None, help="torch device (default: accelerator if present, else cpu)")
+    parser.add_argument("--device", default=None, help="torch device (default: this process's accelerator, else cpu)")
     return parser.parse_args(argv)
 
 
-def save_embeddings(embeddings, path: Path) -> None:
+def embedding_tensors(embeddings) -> dict:
     tensors = (embeddings.hidden_states, embeddings.attention_mask, embeddings.pooled)
-    save_file({key: t.float().cpu().contiguous() if t.is_floating_point() else t.cpu().contiguous()
-               for key, t in zip(TEXT_KEYS, tensors)}, str(path))
+    return {key: t.float().cpu() if t.is_floating_point() else t.cpu() for key, t in zip(TEXT_KEYS, tensors)}
 
 
 @torch.no_grad()
-def extract(args) -> int:
+def extract(args) -> tuple:
     from accelerate import PartialState
 
-    device = torch.device(args.device) if args.device else PartialState().device
+    state = PartialState()
+    device = torch.device(args.device) if args.device else state.device
     base = base_checkpoint({"pretrained": args.model})
     encoder = build_prompt_encoder({"frozen_dtype": args.dtype}, base, device)
-    entries, _ = read_annotations(args.annotations)
+    entries = AnnotationIndex(args.annotations)
     out = Path(args.output_dir)
-    (out / "text").mkdir(parents=True, exist_ok=True)
-    save_embeddings(encoder.encode("", device=device), out / EMPTY_TEXT_FILE)
-    records = []
-    for index, entry in enumerate(entries):
-        path = (out / "text" / f"{index:08d}.safetensors").resolve()
-        save_embeddings(encoder.encode(entry.text, device=device), path)
-        records.append(annotation_record(entry) | {"text_fea": str(path)})
-    write_annotations(out / "annotations.jsonl", records)
-    return len(records)
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({k: t.contiguous() for k, t in embedding_tensors(encoder.encode("", device=device)).items()},
+                  str(out / EMPTY_TEXT_FILE))
+
+    def encode(line: int):
+        try:
+            entry = entries[line]
+        except ValueError:
+            return None
+        return annotation_record(entry), embedding_tensors(encoder.encode(entry.text, device=device))
+
+    return extract_in_shards(len(entries), args.shard_size, out / "shards", "text", "text_fea", encode)
 
 
 def main(argv=None) -> int:
-    return run_tool(lambda: f"wrote text features of {extract(parse_args(argv))} captions")
+    def work():
+        written, skipped = extract(parse_args(argv))
+        return f"wrote text features of {written} captions, skipped {skipped} malformed lines in this process"
+
+    return run_tool(work)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from model_core.checkpoints import SETTINGS_FILE, VAE_FOLDER, transformer_folder
 from model_core.scheduler import PyramidFlowScheduler
 from model_core.text import PromptEmbeddings
 
-from .data import load_text_features
+from .data import check_buckets, first_annotation, load_text_features, vae_spatial_scale
 from .models import base_checkpoint, build_prompt_encoder, build_transformer, build_vae
 from .objective import build_column, draw_choices, sample_generator
 from .weights import load_lora_weights, load_weights, save_lora_weights, save_weights
@@ -28,10 +28,13 @@ class FlowTask:
         self.base = base_checkpoint(self.model_config)
         self.model = build_transformer(self.model_config, self.base, self.seed)
         self.scheduler = PyramidFlowScheduler(stages=self.objective["stages"])
+        stages = self.objective["stages"]  # the coarsest of the pyramid's levels still needs whole 2x2 patches
+        check_buckets(config["data"]["buckets"], vae_spatial_scale(self.base) * 2 * 2 ** (stages - 1),
+                      f"the VAE ({vae_spatial_scale(self.base)}x), 2x2 patches and {stages} pyramid stages")
         self.normalization = self.base.family.normalization
         self.device = device
-        self.use_latents = all(a.latent for a in annotations)
-        self.use_text_features = all(a.text_fea for a in annotations)
+        first = first_annotation(annotations)  # one line decides; a later line without the files is skipped
+        self.use_latents, self.use_text_features = bool(first.latent), bool(first.text_fea)
         self.vae = None if self.use_latents else build_vae(self.model_config, self.base).to(device)
         empty = config["data"].get("empty_text_fea")
         needs_encoder = not self.use_text_features or not empty

@@ -2,15 +2,14 @@
 of the posterior means, separately for the first latent frame and the later ones, as the published
 checkpoints carry them."""
 import torch
-from safetensors.torch import load_file
-
 from .data import LATENT_KEY, read_annotations
+from .shards import load_tensors
 
 
 def latent_normalization(annotations, limit: int) -> dict:
-    """Shift and scale from the `latent` files of the first `limit` lines of a latent annotations jsonl."""
+    """Shift and scale from the latents of the first `limit` lines of a latent annotations jsonl."""
     entries, _ = read_annotations(annotations)
-    latents = [load_file(entry.latent)[LATENT_KEY].float() for entry in entries[:limit]]
+    latents = [load_tensors(entry.latent)[LATENT_KEY].float() for entry in entries[:limit]]
     first = [z[:, :1] for z in latents]
     later = [z[:, 1:] for z in latents if z.shape[1] > 1]
     first_shift, first_std = moments(first)

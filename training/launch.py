@@ -1,6 +1,7 @@
 """`python -m training.launch --config RECIPE [--max-steps N] [--output-dir D] [--resume auto|PATH] [key=value ...]`
-(also under `accelerate launch -m training.launch ...` for many processes). A `task: bundle` recipe
-(tiny_shapes.yaml) runs its phases in one process and always resumes where it stopped."""
+(also under `accelerate launch -m training.launch ...` for many processes; overrides may come before or after
+the options). A `task: bundle` recipe (tiny_shapes.yaml) runs its phases in one process, always resumes where it
+stopped, and writes its model to `<output dir>/model` unless `bundle.out=` says where."""
 import argparse
 import logging
 import sys
@@ -14,8 +15,10 @@ def parse_args(argv=None):
     parser.add_argument("--max-steps", type=int, help="override train.max_steps")
     parser.add_argument("--output-dir", help="override train.output_dir")
     parser.add_argument("--resume", help="'auto' (latest checkpoint in the output dir, if any) or a checkpoint folder")
+    parser.add_argument("--allow-batch-change", action="store_true",
+                        help="resume although train.global_batch_size differs from the checkpoint's")
     parser.add_argument("overrides", nargs="*", help="recipe overrides as section.key=value (value parsed as YAML)")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> int:
@@ -34,7 +37,7 @@ def main(argv=None) -> int:
         else:
             from .loop import train
 
-            train(config, config["train"]["output_dir"], args.resume)
+            train(config, config["train"]["output_dir"], args.resume, args.allow_batch_change)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

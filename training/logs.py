@@ -1,27 +1,37 @@
-"""Training logs on the main process: TensorBoard scalars and one CSV row per logged step."""
+"""Training logs on the main process: accelerate's TensorBoard tracker, `metrics.csv` (a tracker of our own: one
+CSV row per logged step) and a progress bar."""
 import csv
 from pathlib import Path
 
+from accelerate.tracking import GeneralTracker
+from tqdm.auto import tqdm
 
-class TrainingLog:
-    """Scalars to `<output>/logs` (TensorBoard) and `<output>/metrics.csv`. On resume, CSV rows past
-    the resumed step (written before an interruption) are dropped so the file stays one timeline."""
 
-    def __init__(self, output_dir: Path, enabled: bool, resumed_step: int = 0):
-        self.enabled = enabled
+class MetricsCSV(GeneralTracker):
+    """Scalars to `<output>/metrics.csv`. On resume, rows past the resumed step (written before an interruption)
+    are dropped so the file stays one timeline."""
+
+    name = "metrics_csv"
+    requires_logging_directory = False
+
+    def __init__(self, output_dir: Path, resumed_step: int = 0):
+        super().__init__()
         self.csv_path = Path(output_dir) / "metrics.csv"
+        self.resumed_step = resumed_step
         self.fields = None
-        self.writer = None
-        if not enabled:
-            return
-        from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(Path(output_dir) / "logs"), purge_step=resumed_step + 1 if resumed_step else None)
+    @property
+    def tracker(self):
+        return self.csv_path
+
+    def start(self) -> None:
+        """Called by `Accelerator.init_trackers` on the main process only."""
+        self.csv_path.parent.mkdir(parents=True, exist_ok=True)
         if self.csv_path.is_file():
             with self.csv_path.open(newline="") as handle:
                 reader = csv.DictReader(handle)
                 self.fields = reader.fieldnames
-                kept = [row for row in reader if int(row["step"]) <= resumed_step]
+                kept = [row for row in reader if int(row["step"]) <= self.resumed_step]
             self._rewrite(kept)
 
     def _rewrite(self, rows) -> None:
@@ -32,18 +42,14 @@ class TrainingLog:
             writer.writerows(rows)
         temporary.replace(self.csv_path)
 
-    def write(self, step: int, scalars: dict) -> None:
-        if not self.enabled:
-            return
-        for name, value in scalars.items():
-            self.writer.add_scalar(name, value, step)
-        self.writer.flush()
+    def log(self, values: dict, step=None, **kwargs) -> None:
         if self.fields is None:
-            self.fields = ["step", *scalars]
+            self.fields = ["step", *values]
             self._rewrite([])
         with self.csv_path.open("a", newline="") as handle:
-            csv.DictWriter(handle, fieldnames=self.fields, extrasaction="ignore").writerow({"step": step, **scalars})
+            csv.DictWriter(handle, fieldnames=self.fields, extrasaction="ignore").writerow({"step": step, **values})
 
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+
+def progress_bar(start_step: int, max_steps: int, enabled: bool):
+    """Steps done of the run's total with the rate and ETA (tqdm), on the main process."""
+    return tqdm(total=max_steps, initial=start_step, disable=not enabled, unit="step", dynamic_ncols=True, desc="training")

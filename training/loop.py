@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from accelerate.utils import ProjectConfiguration
+from diffusers.optimization import get_polynomial_decay_schedule_with_warmup, get_scheduler
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -21,26 +23,25 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from .checkpointing import load_training_state, resume_path, save_training_state, write_checkpoint
-from .data import AnnotatedDataset, read_annotations
+from .checkpointing import load_training_state, read_state, resume_path, save_training_state, write_checkpoint
+from .annotation_index import AnnotationIndex
+from .data import AnnotatedDataset
 from .ema import EMA
-from .logs import TrainingLog
+from .logs import MetricsCSV, progress_bar
 from .packing import BatchPlanner, RankBatches
 
 logger = logging.getLogger(__name__)
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def lr_factor(warmup_steps: int, max_steps: int, final_ratio: float = 1.0):
-    """lr factor: linear warmup over `warmup_steps`, then a line to `final_ratio` at `max_steps`
-    (1.0, the recipes' default: constant, as in Table 4)."""
-    def factor(step):
-        if step + 1 < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step + 1 - warmup_steps) / max(1, max_steps - warmup_steps))
-        return 1.0 + (final_ratio - 1.0) * progress
-
-    return factor
+def lr_schedule(optimizer, optim: dict, max_steps: int):
+    """diffusers' `constant_with_warmup` (Table 4), or with `optim.final_lr_ratio` r < 1 its polynomial decay of
+    power 1: linear warmup from 0 over `warmup_steps`, then a line down to r x lr at `max_steps`."""
+    ratio = optim.get("final_lr_ratio", 1.0)
+    if ratio == 1.0:
+        return get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=optim["warmup_steps"])
+    return get_polynomial_decay_schedule_with_warmup(optimizer, optim["warmup_steps"], max_steps,
+                                                     lr_end=optim["lr"] * ratio, power=1.0)
 
 
 def build_task(config: dict, annotations: list, device):
@@ -58,27 +59,36 @@ def trainable(model):
 
 
 class Trainer:
-    def __init__(self, config: dict, output_dir: Path, resume=None):
+    def __init__(self, config: dict, output_dir: Path, resume=None, allow_batch_change: bool = False):
         self.config, self.output_dir = config, Path(output_dir)
         train, optim = config["train"], config["optim"]
         self.accum = train["gradient_accumulation_steps"]
         AcceleratorState._reset_state()  # one bundle run trains phases of different precisions; keeps the process group
+        self.resume_from = resume_path(self.output_dir, resume)
+        resumed = read_state(self.resume_from) if self.resume_from else {"step": 0}
+        resumed_step = resumed["step"]
+        self.metrics = MetricsCSV(self.output_dir, resumed_step)
         self.accelerator = Accelerator(mixed_precision=train.get("mixed_precision") or "no",  # YAML reads `no` as false
-                                       gradient_accumulation_steps=self.accum)
+                                       gradient_accumulation_steps=self.accum, log_with=["tensorboard", self.metrics],
+                                       project_config=ProjectConfiguration(self.output_dir, self.output_dir))
+        # TensorBoard events past the resumed step (written before an interruption) are dropped, as in metrics.csv
+        self.accelerator.init_trackers("logs", init_kwargs={"tensorboard": {"purge_step": resumed_step + 1 if resumed_step else None}})
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.global_batch, self.max_steps = train["global_batch_size"], train["max_steps"]
-        annotations, self.malformed = read_annotations(config["data"]["annotations"])
+        batch = resumed.get("global_batch_size", self.global_batch)
+        if batch != self.global_batch and not allow_batch_change:
+            raise ValueError(f"{self.resume_from} was trained with global batch {batch}, the recipe now asks for "
+                             f"{self.global_batch}; set train.global_batch_size={batch} or pass --allow-batch-change")
+        annotations = AnnotationIndex(config["data"]["annotations"])
         self.task = build_task(config, annotations, self.accelerator.device)
-        self.resume_from = resume_path(self.output_dir, resume)
         if self.resume_from is not None:
             self.task.load(self.resume_from)
         model = self.task.model
-        self.ema = EMA(trainable(model), train["ema_decay"]) if train.get("ema_decay") else None
         optimizer = torch.optim.AdamW([p for _, p in trainable(model)], lr=optim["lr"], betas=tuple(optim["betas"]),
                                       eps=optim["eps"], weight_decay=optim["weight_decay"])
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer.optimizer, lr_factor(
-            optim["warmup_steps"], self.max_steps, optim.get("final_lr_ratio", 1.0)))
+        self.lr_scheduler = lr_schedule(self.optimizer.optimizer, optim, self.max_steps)
+        self.ema = EMA(trainable(self.unwrapped), train["ema_decay"]) if train.get("ema_decay") else None
         self.step, self.skipped = 0, 0
         if self.resume_from is not None:
             self.restore(load_training_state(self.resume_from))
@@ -90,7 +100,10 @@ class Trainer:
             dataset, batch_sampler=RankBatches(planner, self.rank, self.world, self.step, self.max_steps),
             num_workers=config["data"].get("num_workers", 0), collate_fn=list,
         )
-        self.log = TrainingLog(self.output_dir, self.accelerator.is_main_process, self.step)
+
+    @property
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
 
     def restore(self, saved: dict) -> None:
         set_optimizer_state_dict(self.model, self.optimizer.optimizer, saved["optimizer"], options=FULL_STATE)
@@ -100,7 +113,7 @@ class Trainer:
         self.step = saved["state"]["step"]
         self.skipped = saved["state"]["skipped_samples"] if self.accelerator.is_main_process else 0  # summed over ranks
 
-    def micro_step(self, loaded: list) -> dict:
+    def micro_step(self, loaded: list, loss_scale: float) -> dict:
         """Forward and backward of one bin; returns detached sums for the logs."""
         samples = [sample for sample, _ in loaded if sample is not None]
         for _, error in loaded:
@@ -114,8 +127,31 @@ class Trainer:
             else:  # every sample of this bin was unreadable: keep the collectives of all ranks in step
                 out = {"loss": torch.zeros(0), "stage": [], "tokens": 0}
                 loss_sum = sum(p.sum() for _, p in trainable(self.model)) * 0.0
-            self.accelerator.backward(loss_sum * (self.world * self.accum / self.global_batch))
+            self.accelerator.backward(loss_sum * loss_scale)
         return out
+
+    def loss_scale(self, bins: list) -> float:
+        """world x accumulation / samples read over all ranks: after accelerate's averaging the gradient is the mean
+        over the samples that were read (an unreadable one is left out, not counted as a zero loss)."""
+        read = sum(sample is not None for loaded in bins for sample, _ in loaded)
+        read = int(self.accelerator.reduce(torch.tensor(read, device=self.accelerator.device), "sum"))
+        return self.world * self.accum / read if read else 0.0
+
+    def accumulate(self, bins: list, stages: int) -> torch.Tensor:
+        """Forward and backward of this rank's bins of one step; returns its sums for the logs: per-stage
+        loss sums and counts, loss, tokens, samples read, samples skipped so far."""
+        totals = torch.zeros(2 * stages + 4, dtype=torch.float64)
+        scale = self.loss_scale(bins)
+        for loaded in bins:
+            out = self.micro_step(loaded, scale)
+            for loss, stage in zip(out["loss"].detach().double().cpu(), out["stage"]):
+                totals[stage] += loss
+                totals[stages + stage] += 1
+            totals[-4] += float(out["loss"].detach().sum())
+            totals[-3] += out["tokens"]
+            totals[-2] += len(out["stage"])
+        totals[-1] = self.skipped
+        return totals
 
     def optimizer_step(self) -> float:
         """Clip, step, advance the lr schedule and the EMA; returns the gradient norm before clipping."""
@@ -125,53 +161,47 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_scheduler.step()
         if self.ema is not None:
-            self.ema.update(trainable(self.accelerator.unwrap_model(self.model)))
+            self.ema.update(trainable(self.unwrapped))
         return float(grad_norm)
 
     def train(self) -> None:
         stages = self.config["objective"].get("stages", 1)
         batches = iter(self.batches)
         train = self.config["train"]
+        progress = progress_bar(self.step, self.max_steps, self.accelerator.is_main_process)
         while self.step < self.max_steps:
             started = time.perf_counter()
-            totals = torch.zeros(2 * stages + 3, dtype=torch.float64)  # per-stage loss sums, counts, loss, tokens, skipped
-            for _ in range(self.accum):
-                out = self.micro_step(next(batches))
-                for loss, stage in zip(out["loss"].detach().double().cpu(), out["stage"]):
-                    totals[stage] += loss
-                    totals[stages + stage] += 1
-                totals[-3] += float(out["loss"].detach().sum())
-                totals[-2] += out["tokens"]
-            totals[-1] = self.skipped
+            totals = self.accumulate([next(batches) for _ in range(self.accum)], stages)
             lr = self.lr_scheduler.get_last_lr()[0]
             grad_norm = self.optimizer_step()
             self.step += 1
             totals = self.accelerator.reduce(totals.to(self.accelerator.device), "sum").cpu()
-            elapsed = time.perf_counter() - started
+            scalars = self.scalars(totals, stages, lr, grad_norm, time.perf_counter() - started)
+            progress.update(1)
+            progress.set_postfix(loss=f"{scalars['loss']:.4f}", tokens_per_s=f"{scalars['tokens_per_s']:.0f}")
             if self.step % train.get("log_every", 1) == 0 or self.step == self.max_steps:
-                self.write_log(totals, stages, lr, grad_norm, elapsed)
+                self.accelerator.log(scalars, step=self.step)
             if self.step % train["checkpoint_every"] == 0 or self.step == self.max_steps:
                 self.save_checkpoint(int(totals[-1]))
-        self.log.close()
+        progress.close()
         self.accelerator.end_training()
 
-    def write_log(self, totals, stages: int, lr: float, grad_norm: float, elapsed: float) -> None:
-        scalars = {"loss": float(totals[-3]) / self.global_batch, "lr": lr,
-                   "grad_norm": grad_norm, "tokens_per_s": float(totals[-2]) / elapsed, "step_time_s": elapsed,
-                   "skipped_samples": float(totals[-1])}
+    def scalars(self, totals, stages: int, lr: float, grad_norm: float, elapsed: float) -> dict:
+        """The logged figures of one step from its totals summed over ranks; the loss is the mean over samples read."""
+        read = float(totals[-2])
+        scalars = {"loss": float(totals[-4]) / read if read else math.nan, "lr": lr, "grad_norm": grad_norm,
+                   "tokens_per_s": float(totals[-3]) / elapsed, "step_time_s": elapsed, "skipped_samples": float(totals[-1])}
         for stage in range(stages):
             count = float(totals[stages + stage])
             scalars[f"loss_stage{stage}"] = float(totals[stage]) / count if count else math.nan
-        self.log.write(self.step, scalars)
-        if self.accelerator.is_main_process:
-            logger.info("step %d loss %.5f lr %.3g tokens/s %.0f", self.step, scalars["loss"], scalars["lr"], scalars["tokens_per_s"])
+        return scalars
 
     def save_checkpoint(self, skipped_all_ranks: int) -> None:
         model_state = get_model_state_dict(self.model, options=FULL_STATE)
         optimizer_state = get_optimizer_state_dict(self.model, self.optimizer.optimizer, options=FULL_STATE)
         ema_state = self.ema.state_dict() if self.ema is not None else None
         if self.accelerator.is_main_process:
-            state = {"step": self.step, "skipped_samples": skipped_all_ranks, "malformed_annotation_lines": self.malformed,
+            state = {"step": self.step, "skipped_samples": skipped_all_ranks,
                      "world_size": self.world, "global_batch_size": self.global_batch}
 
             def write_files(folder):
@@ -189,5 +219,5 @@ class Trainer:
             self.task.render_validation(folder, validation, self.output_dir / "samples" / f"step-{self.step}")
 
 
-def train(config: dict, output_dir, resume=None) -> None:
-    Trainer(config, output_dir, resume).train()
+def train(config: dict, output_dir, resume=None, allow_batch_change: bool = False) -> None:
+    Trainer(config, output_dir, resume, allow_batch_change).train()

@@ -15,20 +15,44 @@ from model_core.temporal import frames_for_duration, latent_frames
 
 from .data import SampleRequest, nearest_bucket
 from .objective import draw_choices, sample_generator, sample_tokens
+from .permutation import Permutation
 
 VAE_SCALE = 8
 
 
 class ShuffledStream:
-    """An endless sequence of entry indices: one seeded permutation per epoch."""
+    """An endless sequence of entry indices: `rows` (a sequence of entry indices) in a new seeded order each epoch,
+    O(1) work and memory per lookup (`Permutation`), the same on every rank."""
 
-    def __init__(self, entries: list, seed: int, stream_id: int):
-        self.entries, self.seed, self.stream_id = entries, seed, stream_id
+    def __init__(self, rows, seed: int, stream_id: int):
+        self.rows, self.seed, self.stream_id = rows, seed, stream_id
+        self.epoch, self.order = None, None
+
+    def permutation(self, epoch: int) -> Permutation:
+        if epoch != self.epoch:
+            self.epoch, self.order = epoch, Permutation(len(self.rows), [self.seed, self.stream_id, epoch])
+        return self.order
 
     def __getitem__(self, position: int) -> int:
-        epoch, offset = divmod(position, len(self.entries))
-        generator = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, self.stream_id, epoch]).generate_state(1)[0]))
-        return self.entries[int(torch.randperm(len(self.entries), generator=generator)[offset])]
+        epoch, offset = divmod(position, len(self.rows))
+        return int(self.rows[int(self.permutation(epoch)([offset])[0])])
+
+    def take(self, start: int, count: int) -> list:
+        """Entries at positions start .. start + count - 1."""
+        out = []
+        while count:
+            epoch, offset = divmod(start, len(self.rows))
+            n = min(count, len(self.rows) - offset)
+            out += [int(self.rows[int(i)]) for i in self.permutation(epoch)(np.arange(offset, offset + n))]
+            start, count = start + n, count - n
+        return out
+
+
+def rows_of_kind(annotations, kind: str):
+    """The entry indices of one kind: the index's memory-mapped lists, or a scan of a small in-memory list."""
+    if hasattr(annotations, "rows"):
+        return annotations.rows(kind)
+    return [i for i, a in enumerate(annotations) if a.kind == kind]
 
 
 def clip_seconds(schedule: list, step: int, fraction: float) -> float:
@@ -60,17 +84,16 @@ class BatchPlanner:
             raise ValueError(f"global batch {global_batch} is smaller than processes x accumulation steps ({num_bins})")
         self.annotations, self.seed, self.global_batch, self.num_bins = annotations, seed, global_batch, num_bins
         self.data, self.objective, self.frames_per_latent = data, objective, frames_per_latent
-        images = [i for i, a in enumerate(annotations) if a.kind == "image"]
-        videos = [i for i, a in enumerate(annotations) if a.kind == "video"]
+        if not len(annotations):
+            raise ValueError("the recipe's annotation files list no samples")
+        images, videos = rows_of_kind(annotations, "image"), rows_of_kind(annotations, "video")
         ratio = data.get("image_ratio")
-        if ratio is None or not images or not videos:
-            self.streams = [(ShuffledStream(list(range(len(annotations))), seed, 0), global_batch)]
+        if ratio is None or not len(images) or not len(videos):
+            self.streams = [(ShuffledStream(range(len(annotations)), seed, 0), global_batch)]
         else:
             num_images = round(ratio * global_batch)
             self.streams = [(ShuffledStream(images, seed, 1), num_images), (ShuffledStream(videos, seed, 2), global_batch - num_images)]
-        if not annotations:
-            raise ValueError("the recipe's annotation files list no samples")
-        if videos and not data.get("clip_schedule"):
+        if len(videos) and not data.get("clip_schedule"):
             raise ValueError("the annotations include videos but data.clip_schedule is empty; give clip lengths in seconds")
 
     def choices(self, step: int, slot: int):
@@ -78,22 +101,31 @@ class BatchPlanner:
         return draw_choices(sample_generator(self.seed, step, slot), o.get("stages", 1), o.get("history_noise_max", 0.0),
                             o.get("text_dropout", 0.0))
 
+    def entry(self, index: int):
+        """The annotation, or None for a malformed line (its sample is skipped and counted when loaded)."""
+        try:
+            return self.annotations[index]
+        except ValueError:
+            return None
+
     def requests(self, step: int) -> list:
-        entries = [stream[step * count + j] for stream, count in self.streams if count for j in range(count)]
+        entries = [e for stream, count in self.streams if count for e in stream.take(step * count, count)]
         requests = []
         for slot, entry in enumerate(entries):
             choices = self.choices(step, slot)
             frames = 1
-            if self.annotations[entry].kind == "video":
+            annotation = self.entry(entry)
+            if annotation is not None and annotation.kind == "video":
                 seconds = clip_seconds(self.data["clip_schedule"], step, choices.duration_fraction)
                 frames = frames_for_duration(seconds, self.data["fps"], self.frames_per_latent)
             requests.append(SampleRequest(entry, step, slot, frames, choices.clip_start))
         return requests
 
     def cost(self, request: SampleRequest) -> int:
-        entry = self.annotations[request.entry]
+        entry = self.entry(request.entry)
         buckets = self.data["buckets"]
-        height, width = nearest_bucket(entry.height, entry.width, buckets) if entry.height and entry.width else buckets[0]
+        known = entry is not None and entry.height and entry.width
+        height, width = nearest_bucket(entry.height, entry.width, buckets) if known else buckets[0]
         num_latent = latent_frames(request.num_frames, self.frames_per_latent)
         return sample_tokens(height // VAE_SCALE, width // VAE_SCALE, num_latent, self.choices(request.step, request.slot),
                              self.objective.get("stages", 1))

@@ -13,6 +13,7 @@ from torch import nn
 
 from model_core.checkpoints import VAE_FOLDER
 
+from .data import check_buckets
 from .models import base_checkpoint, build_vae
 from .objective import sample_generator
 from .weights import load_weights, save_weights
@@ -71,6 +72,8 @@ class VAETask:
             raise ValueError(f"model.trainable is {parts!r}; use one of {list(TRAINABLE_PARTS)}")
         self.base = base_checkpoint(self.model_config)
         self.model = Autoencoding(build_vae(self.model_config, self.base, self.seed, trainable=True))
+        scale = self.model.vae.spatial_scale
+        check_buckets((config.get("data") or {}).get("buckets", []), scale, f"the VAE ({scale}x)")
         if parts == "decoder":
             self.model.vae.encoder.requires_grad_(False)
             self.model.vae.quant_conv.requires_grad_(False)

@@ -1,0 +1,152 @@
+"""jsonl annotations at any size: a byte-offset index built once per file and cached beside it
+(`<file>.index/`: the [start, end) of every non-blank line and the rows that are images or videos, as .npy
+files opened memory-mapped), so a line is read with one `pread` and a process keeps only the pages it touched.
+The index is rebuilt when the file's size or modification time changes."""
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import write_text
+
+logger = logging.getLogger(__name__)
+CHUNK = 1 << 26  # bytes scanned at a time while building
+IMAGE_LINE = re.compile(rb'(?<!\\)"image"\s*:|(?<!\\)"kind"\s*:\s*"image"')  # what parse_annotation reads as an image
+INDEX_FILES = ("lines", "images", "videos")
+
+
+def index_folder(path: Path) -> Path:
+    return path.with_name(path.name + ".index")
+
+
+def scan_lines(path: Path) -> tuple:
+    """([N, 2] int64 byte ranges of the non-blank lines, bool [N] image flags), reading `CHUNK` bytes at a time."""
+    ranges, images, base, carry = [], [], 0, b""
+    with path.open("rb") as handle:
+        while True:
+            chunk = handle.read(CHUNK)
+            buffer = carry + chunk
+            if not chunk:  # the last line may lack its newline
+                buffer += b"\n" if buffer else b""
+            last = buffer.rfind(b"\n")
+            whole, carry = buffer[: last + 1], buffer[last + 1 :]
+            if whole:
+                ends = np.flatnonzero(np.frombuffer(whole, np.uint8) == 10)
+                starts = np.concatenate([[0], ends[:-1] + 1])
+                flags = np.zeros(len(ends), bool)
+                hits = [m.start() for m in IMAGE_LINE.finditer(whole)]
+                flags[np.searchsorted(ends, hits)] = True
+                keep = ends - starts > 0
+                ranges.append(np.stack([starts[keep], ends[keep]], 1) + base)
+                images.append(flags[keep])
+                base += len(whole)
+            if not chunk:
+                break
+    if not ranges:
+        return np.zeros((0, 2), np.int64), np.zeros(0, bool)
+    return np.concatenate(ranges).astype(np.int64), np.concatenate(images)
+
+
+def save_array(path: Path, array: np.ndarray) -> None:
+    temporary = path.with_suffix(".tmp.npy")
+    np.save(temporary, array)
+    temporary.replace(path)
+
+
+def stamp(path: Path) -> dict:
+    status = path.stat()
+    return {"size": status.st_size, "mtime_ns": status.st_mtime_ns}
+
+
+def load_index(path: Path) -> dict:
+    """{lines, images, videos} arrays of `path`, memory-mapped from its cached index (built when missing or stale)."""
+    folder = index_folder(path)
+    meta = folder / "source.json"
+    if not (meta.is_file() and json.loads(meta.read_text()) == stamp(path)):
+        logger.info("indexing %s (once; cached in %s)", path, folder)
+        lines, is_image = scan_lines(path)
+        arrays = {"lines": lines, "images": np.flatnonzero(is_image), "videos": np.flatnonzero(~is_image)}
+        try:
+            folder.mkdir(exist_ok=True)
+            for name in INDEX_FILES:
+                save_array(folder / f"{name}.npy", arrays[name])
+            write_text(meta, json.dumps(stamp(path)))
+        except OSError as error:  # a read-only data folder: keep this process's copy
+            logger.warning("cannot cache the index of %s (%s); it stays in memory", path, error)
+            return arrays
+    return {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in INDEX_FILES}
+
+
+class AnnotationIndex:
+    """Random access to the lines of one or more jsonl files: `index[i]` parses line i into an `Annotation`
+    (a malformed line raises ValueError, and the loader skips and counts it). Pickles by path, so DataLoader
+    workers reopen the memory maps instead of copying them."""
+
+    def __init__(self, paths):
+        self.paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+        for path in self.paths:
+            if not path.is_file():
+                raise FileNotFoundError(f"annotation file {path} does not exist; point data.annotations at jsonl files")
+        self.open()
+
+    def open(self) -> None:
+        self.indexes = [load_index(path) for path in self.paths]
+        self.starts = np.cumsum([0] + [len(index["lines"]) for index in self.indexes])
+        self.handles = {}
+
+    def __getstate__(self):
+        return {"paths": self.paths}
+
+    def __setstate__(self, state):
+        self.paths = state["paths"]
+        self.open()
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def locate(self, row: int) -> tuple:
+        if not 0 <= row < len(self):
+            raise IndexError(f"annotation {row} is outside [0, {len(self)})")
+        file = int(np.searchsorted(self.starts, row, side="right")) - 1
+        return file, row - int(self.starts[file])
+
+    def line(self, row: int) -> bytes:
+        file, local = self.locate(row)
+        start, end = (int(v) for v in self.indexes[file]["lines"][local])
+        key = (os.getpid(), file)  # a descriptor per process: workers must not share file offsets
+        if key not in self.handles:
+            self.handles[key] = os.open(self.paths[file], os.O_RDONLY)
+        return os.pread(self.handles[key], end - start, start)
+
+    def __getitem__(self, row: int):
+        from .data import parse_annotation
+
+        file, _ = self.locate(row)
+        try:
+            record = json.loads(self.line(row))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{self.paths[file]}: line {row - int(self.starts[file]) + 1} is not JSON ({error})") from error
+        return parse_annotation(record, self.paths[file].parent)
+
+    def rows(self, kind: str) -> "KindRows":
+        """The global rows of the images (`kind="image"`) or videos, as a lazily mapped sequence."""
+        return KindRows(self, "images" if kind == "image" else "videos")
+
+
+class KindRows:
+    """rows[k] -> the k-th image (or video) row over all files, from the memory-mapped per-file lists."""
+
+    def __init__(self, index: AnnotationIndex, name: str):
+        self.parts = [(int(start), part[name]) for start, part in zip(index.starts, index.indexes)]
+        self.starts = np.cumsum([0] + [len(part) for _, part in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, k: int) -> int:
+        file = int(np.searchsorted(self.starts, k, side="right")) - 1
+        offset, part = self.parts[file]
+        return offset + int(part[k - int(self.starts[file])])

@@ -1,6 +1,6 @@
 """Training on 10 M annotation lines costs what it costs on 1,000: start-up, per-step sampling and memory.
 
-    python -m benchmarks.data_scale [--entries 10000000] [--steps 12] [--work outputs/data_scale]
+    python -m benchmarks.data_scale [--entries 10000000] [--steps 12] [--work outputs/data_scale] [--data-only]
 
 The bundled model's flow recipe (`tiny_shapes_flow.yaml`, global batch 8, one process, precomputed features)
 runs on two jsonl files whose lines point at the same few real latent and text-feature files (eight world clips
@@ -9,7 +9,8 @@ reported side by side: seconds from the process start to the end of the first op
 twice: with its byte-offset index still to build, and cached), median seconds per step after the first,
 seconds per step spent choosing the batch (`BatchPlanner.bins`) and the process's peak RSS. Times are given
 as wall seconds and as this process's CPU seconds: on a shared, busy machine the CPU seconds are the fairer
-comparison.
+comparison. `--data-only` runs the data path alone (index, batch planning, loading the batch's latents and text
+features) without the model: what differs between the two sets, without the training step's compute noise.
 """
 import argparse
 import json
@@ -95,8 +96,35 @@ def child(annotations: str, empty: str, steps: int, output: str) -> dict:
             "planning_s": statistics.median(planning), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def run_child(annotations: Path, empty: Path, steps: int, output: Path) -> dict:
-    command = [sys.executable, "-m", "benchmarks.data_scale", "--child", str(annotations), str(empty), str(steps), str(output)]
+def data_child(annotations: str, steps: int) -> dict:
+    """The data path alone, as the trainer runs it for one process: open the index (building it when missing),
+    plan each step's global batch and load its samples (latents + text features). Returns its figures."""
+    started, started_cpu = time.perf_counter(), time.process_time()
+    from training.annotation_index import AnnotationIndex
+    from training.config import load_config
+    from training.data import AnnotatedDataset
+    from training.packing import BatchPlanner, RankBatches
+
+    config = load_config(RECIPE)
+    data, train = config["data"], config["train"]
+    index = AnnotationIndex([annotations])
+    planner = BatchPlanner(index, data, config["objective"], train["seed"], train["global_batch_size"], 1, 8)
+    dataset = AnnotatedDataset(index, data["buckets"], data["fps"], 8, use_latents=True, use_text_features=True)
+    finished, finished_cpu = [], []
+    for bins in RankBatches(planner, 0, 1, 0, steps):
+        assert all(error is None for _, error in (dataset[request] for request in bins))
+        finished.append(time.perf_counter())
+        finished_cpu.append(time.process_time())
+    gaps = [b - a for a, b in zip(finished, finished[1:])]
+    cpu_gaps = [b - a for a, b in zip(finished_cpu, finished_cpu[1:])]
+    return {"first_step_s": finished[0] - started, "step_s": statistics.median(gaps), "first_step_cpu_s":
+            finished_cpu[0] - started_cpu, "step_cpu_s": statistics.median(cpu_gaps), "planning_s": statistics.median(gaps),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def run_child(annotations: Path, empty: Path, steps: int, output: Path, data_only: bool) -> dict:
+    command = [sys.executable, "-m", "benchmarks.data_scale", "--data-child" if data_only else "--child",
+               str(annotations), str(empty), str(steps), str(output)]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode:
         raise RuntimeError(result.stderr[-3000:])
@@ -108,11 +136,17 @@ def main(argv=None) -> int:
     parser.add_argument("--entries", type=int, default=10_000_000)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--work", default="outputs/data_scale")
+    parser.add_argument("--data-only", action="store_true",
+                        help="time the data path alone (index, batch planning, sample loading), without the model")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--data-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         annotations, empty, steps, output = args.child
         print(json.dumps(child(annotations, empty, int(steps), output)))
+        return 0
+    if args.data_child:
+        print(json.dumps(data_child(args.data_child[0], int(args.data_child[2]))))
         return 0
     import shutil
 
@@ -130,7 +164,8 @@ def main(argv=None) -> int:
         if "to build" in name:
             shutil.rmtree(index_folder(path), ignore_errors=True)
         shutil.rmtree(work / "run", ignore_errors=True)
-        runs[name] = run_child(path, empty, args.steps, work / "run")
+        runs[name] = run_child(path, empty, args.steps, work / "run", args.data_only)
+        print(name, json.dumps(runs[name]), flush=True)
     print(f"| annotation set | first step s (CPU s) | s / step (CPU s) | planning ms / step | peak RSS MB |")
     print("| --- | --- | --- | --- | --- |")
     for name, r in runs.items():

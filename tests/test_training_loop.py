@@ -168,3 +168,47 @@ def test_unreadable_samples_are_left_out_of_the_gradient_not_counted_as_zero(wor
     trainer.task.losses(trainer.model, samples, 0)["loss"].mean().backward()
     for name, p in trainable(trainer.model):
         torch.testing.assert_close(gradients[name], p.grad, rtol=1e-5, atol=1e-7)
+
+
+def torchrun(world, output, steps, port, *extra, fsdp=True):
+    checkpoint, _, features, empty = world
+    overrides = tiny_overrides(checkpoint, features, output, 4, 1, empty_text_fea=empty)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "ACCELERATE_USE_FSDP": str(fsdp).lower(), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               "-m", "training.launch", "--config", RECIPE, "--max-steps", str(steps), *overrides, *extra]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_fsdp2_on_two_gloo_processes_matches_one_process_and_resumes(world, tmp_path):
+    """FSDP2 (`fully_shard`, each block a unit) on 2 CPU processes: 4 steps equal 1 process x 2 accumulation steps
+    within 1e-5, and 2 steps + resume + 2 steps equal 4 steps exactly (weights, EMA, optimizer moments)."""
+    run(world, tmp_path / "one", 4, accumulation=2)
+    torchrun(world, tmp_path / "fsdp", 4, 29534)
+    state = json.loads((tmp_path / "fsdp" / "checkpoint-4" / "training_state" / "state.json").read_text())
+    assert state["world_size"] == 2 and state["fsdp"] is True
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
+    for name in (WEIGHTS, Path("training_state") / "ema.safetensors"):
+        one, two = load_file(tmp_path / "one" / "checkpoint-4" / name), load_file(tmp_path / "fsdp" / "checkpoint-4" / name)
+        assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)
+    torchrun(world, tmp_path / "resumed", 2, 29535)
+    torchrun(world, tmp_path / "resumed", 4, 29536, "--resume", "auto")
+    for name in (WEIGHTS, Path("training_state") / "ema.safetensors"):
+        straight, resumed = load_file(tmp_path / "fsdp" / "checkpoint-4" / name), load_file(tmp_path / "resumed" / "checkpoint-4" / name)
+        assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    straight_opt, resumed_opt = (torch.load(tmp_path / run / "checkpoint-4" / "training_state" / "optimizer.pt", weights_only=True)
+                                 for run in ("fsdp", "resumed"))
+    assert all(torch.equal(s["exp_avg_sq"], resumed_opt["state"][k]["exp_avg_sq"]) for k, s in straight_opt["state"].items())
+
+
+def test_accelerate_launch_cpu_with_several_processes_is_refused(world, tmp_path):
+    checkpoint, _, features, empty = world
+    overrides = tiny_overrides(checkpoint, features, tmp_path / "run", 4, 1, empty_text_fea=empty)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(CONFIG_DIR / "accelerate" / "fsdp_single_node.yaml"), "--num_processes", "2", "--cpu",
+               "--mixed_precision", "no", "-m", "training.launch", "--config", RECIPE, "--max-steps", "1", *overrides]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "started one process" in result.stderr
+    assert not (tmp_path / "run" / "checkpoint-1").exists()

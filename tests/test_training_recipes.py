@@ -44,6 +44,8 @@ def test_accelerate_configs_parse():
     assert configs["fsdp_multinode"]["distributed_type"] == "FSDP"
     assert configs["deepspeed_zero2"]["distributed_type"] == "DEEPSPEED"
     assert configs["deepspeed_zero2"]["deepspeed_config"]["zero_stage"] == 2
+    for config in configs.values():  # accumulation comes from the recipe
+        assert "gradient_accumulation_steps" not in json.dumps(config)
 
 
 @pytest.fixture(scope="module")

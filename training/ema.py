@@ -32,4 +32,9 @@ class EMA:
         if missing:
             raise ValueError(f"the EMA checkpoint lacks {len(missing)} weights, e.g. {sorted(missing)[:3]}")
         for name, shadow in self.tensors().items():
-            shadow.copy_(state[name])
+            full = state[name].to(shadow.device)
+            if hasattr(shadow, "device_mesh"):  # an FSDP shard: keep this rank's part of the full average
+                from torch.distributed.tensor import distribute_tensor
+
+                full = distribute_tensor(full, shadow.device_mesh, shadow.placements)
+            shadow.copy_(full)

@@ -6,6 +6,7 @@ Each optimizer step consumes one global batch, split into world x accumulation b
 so after accelerate's averaging the gradient is the mean over the whole global batch, however the
 samples are spread over ranks and micro-steps.
 """
+import contextlib
 import logging
 import math
 import time
@@ -29,6 +30,7 @@ from .data import AnnotatedDataset
 from .ema import EMA
 from .logs import MetricsCSV, progress_bar
 from .packing import BatchPlanner, RankBatches
+from .parallel import check_launch, is_sharded, shard_model, wants_own_fsdp
 
 logger = logging.getLogger(__name__)
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -73,6 +75,11 @@ class Trainer:
                                        project_config=ProjectConfiguration(self.output_dir, self.output_dir))
         # TensorBoard events past the resumed step (written before an interruption) are dropped, as in metrics.csv
         self.accelerator.init_trackers("logs", init_kwargs={"tensorboard": {"purge_step": resumed_step + 1 if resumed_step else None}})
+        check_launch(self.accelerator)
+        if self.accelerator.gradient_accumulation_steps != self.accum:  # e.g. ACCELERATE_GRADIENT_ACCUMULATION_STEPS
+            raise ValueError(f"accelerate was set to {self.accelerator.gradient_accumulation_steps} gradient accumulation "
+                             f"steps, the recipe to {self.accum}; set it in the recipe (train.gradient_accumulation_steps) "
+                             "and not in the accelerate config or environment")
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.global_batch, self.max_steps = train["global_batch_size"], train["max_steps"]
         batch = resumed.get("global_batch_size", self.global_batch)
@@ -84,9 +91,17 @@ class Trainer:
         if self.resume_from is not None:
             self.task.load(self.resume_from)
         model = self.task.model
+        own_fsdp = wants_own_fsdp(self.accelerator)
+        if own_fsdp:  # CPU processes: FSDP2 by hand (training.parallel); accelerate would make it DDP
+            shard_model(model.to(self.accelerator.device))
+        self.autocast = self.accelerator.autocast if own_fsdp else contextlib.nullcontext
         optimizer = torch.optim.AdamW([p for _, p in trainable(model)], lr=optim["lr"], betas=tuple(optim["betas"]),
                                       eps=optim["eps"], weight_decay=optim["weight_decay"])
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        if own_fsdp:
+            self.model, self.optimizer = model, self.accelerator.prepare(optimizer)
+        else:
+            self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.sharded = is_sharded(self.model)
         self.lr_scheduler = lr_schedule(self.optimizer.optimizer, optim, self.max_steps)
         self.ema = EMA(trainable(self.unwrapped), train["ema_decay"]) if train.get("ema_decay") else None
         self.step, self.skipped = 0, 0
@@ -120,7 +135,7 @@ class Trainer:
             if error is not None:
                 self.skipped += 1
                 logger.warning("skipping unreadable sample %s", error)
-        with self.accelerator.accumulate(self.model):
+        with self.accelerator.accumulate(self.model), self.autocast():
             if samples:
                 out = self.task.losses(self.model, samples, self.step)
                 loss_sum = out["loss"].sum()
@@ -202,7 +217,7 @@ class Trainer:
         ema_state = self.ema.state_dict() if self.ema is not None else None
         if self.accelerator.is_main_process:
             state = {"step": self.step, "skipped_samples": skipped_all_ranks,
-                     "world_size": self.world, "global_batch_size": self.global_batch}
+                     "world_size": self.world, "global_batch_size": self.global_batch, "fsdp": self.sharded}
 
             def write_files(folder):
                 self.task.save(folder, model_state, ema_state)

@@ -1,0 +1,47 @@
+"""FSDP2 where accelerate does not apply it, and launches that would silently run fewer processes than asked.
+
+accelerate 1.15 turns `ACCELERATE_USE_FSDP` into FSDP only on accelerator devices: CPU processes (gloo) become
+plain DDP. There the trainer shards the model itself with torch's `fully_shard` (FSDP2), each transformer block
+a unit and the root last, as accelerate's TRANSFORMER_BASED_WRAP does on GPUs. `accelerate launch --cpu` starts a
+single process whatever `--num_processes` says (it needs mpirun for more); that is refused with the command that
+works instead.
+"""
+import os
+
+from accelerate.utils import DistributedType
+
+BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
+
+
+def flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def check_launch(accelerator) -> None:
+    """Refuse a CPU launch that asked for several processes but got one."""
+    asked_for_more = "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ and "RANK" not in os.environ
+    if accelerator.num_processes == 1 and flag("ACCELERATE_USE_CPU") and asked_for_more:
+        raise ValueError("`accelerate launch --cpu` started one process, not the --num_processes asked for (it needs "
+                         "mpirun for more); run `ACCELERATE_USE_CPU=true ACCELERATE_USE_FSDP=true torchrun "
+                         "--nproc_per_node N -m training.launch ...` for N CPU processes with FSDP2")
+
+
+def wants_own_fsdp(accelerator) -> bool:
+    """FSDP was asked for, several processes run, and accelerate did not apply it (CPU processes)."""
+    return flag("ACCELERATE_USE_FSDP") and accelerator.num_processes > 1 and \
+        accelerator.distributed_type != DistributedType.FSDP
+
+
+def shard_model(model):
+    """FSDP2 in place: every transformer block its own unit, then the root; returns the model."""
+    from torch.distributed.fsdp import fully_shard
+
+    for name in BLOCK_LISTS:
+        for block in getattr(model, name, []):
+            fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def is_sharded(model) -> bool:
+    return any(hasattr(p, "device_mesh") for p in model.parameters())

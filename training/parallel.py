@@ -1,16 +1,17 @@
 """FSDP2 where accelerate does not apply it, and launches that would silently run fewer processes than asked.
 
 accelerate 1.15 turns `ACCELERATE_USE_FSDP` into FSDP only on accelerator devices: CPU processes (gloo) become
-plain DDP. There the trainer shards the model itself with torch's `fully_shard` (FSDP2), each transformer block
-a unit and the root last, as accelerate's TRANSFORMER_BASED_WRAP does on GPUs. `accelerate launch --cpu` starts a
+plain DDP. There the trainer shards the model itself with torch's `fully_shard` (FSDP2) as one unit: the
+pyramid transformers run their blocks once per packed column, and the number of columns differs between ranks
+(bins are balanced by tokens, not by count), so per-block units would all-gather a different number of times on
+each rank and deadlock; the whole model is gathered once per forward instead (weights, gradients and optimizer
+state stay sharded between steps). `accelerate launch --cpu` starts a
 single process whatever `--num_processes` says (it needs mpirun for more); that is refused with the command that
 works instead.
 """
 import os
 
 from accelerate.utils import DistributedType
-
-BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
 
 
 def flag(name: str) -> bool:
@@ -33,12 +34,9 @@ def wants_own_fsdp(accelerator) -> bool:
 
 
 def shard_model(model):
-    """FSDP2 in place: every transformer block its own unit, then the root; returns the model."""
+    """FSDP2 in place, the whole model one unit; returns the model."""
     from torch.distributed.fsdp import fully_shard
 
-    for name in BLOCK_LISTS:
-        for block in getattr(model, name, []):
-            fully_shard(block)
     fully_shard(model)
     return model
 

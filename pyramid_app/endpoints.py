@@ -26,6 +26,8 @@ from .catalog import BUNDLED, MISSING_BUNDLED, ModelMenu, is_local, length_limit
 from .cli import USER_ERRORS, save
 from .jobs import Job, PipelineCache, StopSwitches, UnitPreview, progress_text, run_job
 from .outputs import SessionOutputs
+from model_core.storyboard import Storyboard
+
 from .settings import STAGE_COUNT, GenerationOptions, ModelOptions
 from .studio_queue import StudioQueues, job_id_at, queue_rows
 from .uploads import image_frames, video_frames
@@ -124,6 +126,9 @@ class Endpoints:
     def _checked(self, mode, prompt, num_frames, controls) -> tuple:
         """(ModelOptions, prompt, GenerationOptions with a seed), every value checked."""
         model, spec = self._model_options(controls)
+        storyboard = storyboard_of(controls.get("storyboard"))
+        if storyboard is not None:  # its seconds set the length
+            return model, storyboard, _generation_options(mode, controls, None, spec, storyboard=storyboard)
         prompt = limits.prompt(prompt)
         if mode in ("text_to_video", "text_to_image") and not prompt.strip():
             raise ValueError("the prompt is empty; describe what you want to see")
@@ -164,12 +169,13 @@ class Endpoints:
         session = _session(request)
         try:
             model, spec = self._model_options(controls)
-            prompt = limits.prompt(prompt)
-            options = _generation_options(mode, controls, num_frames, spec, seeded=False)
+            storyboard = storyboard_of(controls.get("storyboard"))
+            prompt = "" if storyboard else limits.prompt(prompt)
+            options = _generation_options(mode, controls, num_frames, spec, seeded=False, storyboard=storyboard)
             upload = _upload_path(upload)
             if mode in MISSING_UPLOAD:
                 _read_upload(mode, upload)
-            job = self.queues.add(session, mode, prompt, None, upload, options, model)
+            job = self.queues.add(session, mode, prompt, storyboard and storyboard.to_settings(), upload, options, model)
         except (*USER_ERRORS, OSError) as error:
             raise gr.Error(_message(error, upload), print_exception=False) from None
         queue = self.queues.queue(session)
@@ -236,6 +242,22 @@ def _upload_path(payload):
     return payload
 
 
+def storyboard_of(table) -> Storyboard:
+    """The segment table's filled rows [seconds, prompt] as a Storyboard; None when no row is filled."""
+    rows = table.get("data", []) if isinstance(table, dict) else table
+    filled = [list(row) for row in (rows or []) if any(str(cell if cell is not None else "").strip() for cell in row)]
+    if not filled:
+        return None
+    pairs = []
+    for number, row in enumerate(filled, start=1):
+        try:
+            seconds, text = float(row[0]), row[1]
+        except (TypeError, ValueError, IndexError):
+            raise ValueError(f"storyboard row {number} needs its seconds as a number and a prompt") from None
+        pairs.append((seconds, limits.prompt(text if text is not None else "", f"the prompt of storyboard row {number}")))
+    return Storyboard.coerce(pairs)
+
+
 def _session(request) -> str:
     return getattr(request, "session_hash", None) or "local"
 
@@ -248,8 +270,11 @@ def _read_upload(mode, upload):
     return image_frames(upload) if mode == "image_to_video" else video_frames(upload)
 
 
-def _generation_options(mode, controls, num_frames, spec, seeded: bool = True) -> GenerationOptions:
-    """Sampling options from the controls, each checked, and the length checked against the model's limits."""
+def _generation_options(mode, controls, num_frames, spec, seeded: bool = True, storyboard=None) -> GenerationOptions:
+    """Sampling options from the controls, each checked, and the length (a storyboard's, when given: its seconds set
+    it and no num_frames is passed on) checked against the model's limits."""
+    if storyboard is not None:
+        num_frames = storyboard.num_frames(spec.fps, spec.frames_per_latent, continues=mode == "extend_video")
     low_steps, high_steps = limits.STEPS_RANGE
     steps = {name: tuple(limits.whole(controls[gallery.step_control(name, stage)], f"{name} (stage {stage + 1})",
                                       low_steps, high_steps) for stage in range(STAGE_COUNT))
@@ -260,7 +285,8 @@ def _generation_options(mode, controls, num_frames, spec, seeded: bool = True) -
         num_frames = limits.frame_count(num_frames, *length_limits(spec, mode == "extend_video"),
                                         what="new frames" if mode == "extend_video" else "num_frames")
     negative = limits.prompt(controls["negative_prompt"], "the negative prompt")
-    options = GenerationOptions(negative_prompt=negative or None, num_frames=None if mode == "text_to_image" else num_frames,
+    options = GenerationOptions(negative_prompt=negative or None,
+                                num_frames=None if mode == "text_to_image" or storyboard is not None else num_frames,
                                 seed=limits.seed(controls["seed"]), **guidance, **steps)
     return options.seeded() if seeded else options
 

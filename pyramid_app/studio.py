@@ -50,7 +50,7 @@ def build_studio(default_model=None, output_dir="outputs", pipelines=None, model
         history, selected, fps = gr.State([]), gr.State(None), gr.State(spec.fps)
         with gr.Row():
             with gr.Column(scale=5):
-                tabs, inputs, buttons, lengths, queue_buttons = _mode_tabs(spec)
+                tabs, inputs, buttons, lengths, queue_buttons, storyboards = _mode_tabs(spec)
                 stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
                 controls = {**_model_panel(menu, facts), **_sampling_panel(facts.sampling),
                             **_memory_panel()}
@@ -66,7 +66,8 @@ def build_studio(default_model=None, output_dir="outputs", pipelines=None, model
         queue_table, queue_status = _queue_panel(endpoints)
         for mode, button in queue_buttons.items():
             button.click(getattr(endpoints, f"queue_{mode}"), inputs[mode], [queue_table, queue_status],
-                         api_name=f"queue_{mode}", inputs_kwargs=controls, concurrency_limit=None)
+                         api_name=f"queue_{mode}", inputs_kwargs=_with_storyboard(controls, storyboards, mode),
+                         concurrency_limit=None)
         with gr.Accordion("This session's outputs", open=True):
             with gr.Row():
                 outputs = gr.Gallery(label="Outputs", columns=4, height=260, allow_preview=False,
@@ -84,7 +85,8 @@ def build_studio(default_model=None, output_dir="outputs", pipelines=None, model
                          None, [result_video, result_image], **HELPERS)
             button.click(getattr(endpoints, mode), [*inputs[mode], history],
                          [results[mode], frames, status, seed_used, history], api_name=mode,
-                         inputs_kwargs=controls, concurrency_id=GENERATION_QUEUE, concurrency_limit=1,
+                         inputs_kwargs=_with_storyboard(controls, storyboards, mode), concurrency_id=GENERATION_QUEUE,
+                         concurrency_limit=1,
                          show_progress_on=[results[mode]], preprocess=False,  # the handlers check raw values
                          ).then(gallery.gallery_items, history, outputs, **HELPERS)
         stop_button.click(endpoints.stop, None, status, api_name="stop", concurrency_limit=None)
@@ -130,9 +132,10 @@ def build_studio(default_model=None, output_dir="outputs", pipelines=None, model
                 settings = gallery.saved_settings(path)
             except (ValueError, FileNotFoundError) as error:
                 raise gr.Error(str(error).splitlines()[0], print_exception=False) from None
-            return _reuse_updates(settings, menu, tabs, inputs, controls, status)
+            return _reuse_updates(settings, menu, tabs, inputs, controls, status, storyboards)
 
-        reuse_targets = [tabs, status, *controls.values(), *(component for group in inputs.values() for component in group)]
+        reuse_targets = [tabs, status, *controls.values(), *storyboards.values(),
+                         *(component for group in inputs.values() for component in group)]
         outputs.select(select_output, history, [selected, selected_settings, result_video, result_image], **HELPERS)
         reuse_button.click(reuse, selected, reuse_targets, **HELPERS)
         reuse_file.upload(reuse, reuse_file, reuse_targets, **HELPERS)
@@ -141,10 +144,11 @@ def build_studio(default_model=None, output_dir="outputs", pipelines=None, model
 
 def _mode_tabs(spec) -> tuple:
     """The four tabs: per mode its API inputs (upload, prompt, length), Generate button and length note."""
-    inputs, buttons, lengths, queue_buttons = {}, {}, {}, {}
+    inputs, buttons, lengths, queue_buttons, storyboards = {}, {}, {}, {}, {}
     with gr.Tabs(selected="text_to_video") as tabs:
         with gr.Tab("Text → Video", id="text_to_video"):
             prompt = gr.Textbox(label="Prompt", lines=2, placeholder="Describe the video", elem_id="t2v-prompt")
+            storyboards["text_to_video"] = _storyboard_table("t2v-storyboard")
             inputs["text_to_video"] = [prompt, _frames_slider(spec, "Duration (frames)", "t2v-frames")]
             lengths["text_to_video"] = gr.Markdown(_length_note(spec.max_frames, spec.fps))
             buttons["text_to_video"] = gr.Button("Generate video", variant="primary", elem_id="t2v-generate")
@@ -154,6 +158,7 @@ def _mode_tabs(spec) -> tuple:
         with gr.Tab("Image → Video", id="image_to_video"):
             image = gr.Image(label="Image to animate", type="filepath", sources=["upload", "clipboard"], elem_id="i2v-image")
             prompt = gr.Textbox("", label="Prompt (optional)", lines=2, placeholder="How should it move?")
+            storyboards["image_to_video"] = _storyboard_table("i2v-storyboard")
             inputs["image_to_video"] = [image, prompt, _frames_slider(spec, "Duration (frames)", "i2v-frames")]
             lengths["image_to_video"] = gr.Markdown(_length_note(spec.max_frames, spec.fps))
             buttons["image_to_video"] = gr.Button("Animate image", variant="primary", elem_id="i2v-generate")
@@ -171,7 +176,20 @@ def _mode_tabs(spec) -> tuple:
                                                   elem_id="t2i-prompt")]
             buttons["text_to_image"] = gr.Button("Generate image", variant="primary", elem_id="t2i-generate")
             queue_buttons["text_to_image"] = gr.Button("Add to queue", elem_id="t2i-queue")
-    return tabs, inputs, buttons, lengths, queue_buttons
+    return tabs, inputs, buttons, lengths, queue_buttons, storyboards
+
+
+def _with_storyboard(controls, storyboards, mode) -> dict:
+    """The shared controls, plus the tab's segment table as `storyboard` where the tab has one."""
+    return {**controls, "storyboard": storyboards[mode]} if mode in storyboards else controls
+
+
+def _storyboard_table(elem_id) -> gr.Dataframe:
+    """The segment table under the prompt: filled rows replace the prompt and the length (one row = one prompt)."""
+    return gr.Dataframe(headers=["seconds", "prompt"], datatype=["number", "str"], type="array", row_count=(1, "dynamic"),
+                        column_count=(2, "fixed"), interactive=True, value=[[None, ""]],
+                        label="Storyboard (optional): a prompt per segment; filled rows replace the prompt and the length",
+                        elem_id=elem_id)
 
 
 def _queue_panel(endpoints) -> tuple:
@@ -310,7 +328,7 @@ def _unavailable(name, choices, device) -> str:
     return f"not available on {device.type}: {', '.join(missing)}" if missing else None
 
 
-def _reuse_updates(settings, menu, tabs, inputs, controls, status) -> dict:
+def _reuse_updates(settings, menu, tabs, inputs, controls, status, storyboards) -> dict:
     """Control updates from an output's settings; values this device or model menu cannot take are kept."""
     values = gallery.control_values(settings)
     values["model"] = menu.choice_for(settings.get("model"))
@@ -329,5 +347,7 @@ def _reuse_updates(settings, menu, tabs, inputs, controls, status) -> dict:
     updates[prompt] = values.get("prompt", "")
     if mode in ("text_to_video", "image_to_video") and "num_frames" in values:
         updates[inputs[mode][-1]] = values["num_frames"]
+    if mode in storyboards:  # the recorded segments, or an empty table for a single prompt
+        updates[storyboards[mode]] = values.get("storyboard") or [[None, ""]]
     return updates
 

@@ -71,3 +71,22 @@ def test_a_bad_queued_request_is_refused_with_a_sentence(tiny_model, tmp_path):
     finally:
         demo.close()
     assert not (tmp_path / "outputs" / "queue.json").exists()
+
+
+def test_the_segment_table_makes_a_storyboard_and_reuse_fills_it(tiny_model, tmp_path):
+    from pyramid_app import gallery
+
+    demo, url = launch_studio(tiny_model, tmp_path / "outputs")
+    try:
+        client = Client(url, verbose=False, download_files=False)
+        table = {"headers": ["seconds", "prompt"], "data": [[1, "a red ball"], [1, "a blue cube"]]}
+        video, *_ = client.predict("ignored", 9, storyboard=table, seed="4", **FAST, api_name="/text_to_video")
+        settings = read_metadata(local_path(video))
+        assert settings["num_frames"] == 17 and [s["prompt"] for s in settings["storyboard"]["segments"]] == [
+            "a red ball", "a blue cube"]
+        assert gallery.control_values(settings)["storyboard"] == [[1.0, "a red ball"], [1.0, "a blue cube"]]
+        with pytest.raises(Exception, match="[Ss]toryboard row 2 needs its seconds as a number"):
+            client.predict("x", storyboard={"headers": ["seconds", "prompt"], "data": [[1, "a"], ["soon", "b"]]},
+                           **FAST, api_name="/text_to_video")
+    finally:
+        demo.close()

@@ -27,6 +27,8 @@ from .memory import (
 )
 from .parallel import SINGLE_PROCESS
 from .sampling import Progress, sample_video
+from .speed import apply_speed_options, check_speed_options
+from .step_cache import check_cache_options, enable_step_cache, reset_step_cache
 from .scheduler import PyramidFlowScheduler
 from .storyboard import Storyboard, unit_texts
 from .temporal import frames_for_duration, latent_frames
@@ -85,7 +87,8 @@ class PyramidFlowPipeline(DiffusionPipeline):
         self.compute_dtype = next(transformer.parameters()).dtype
         self.source = None
         self.official_defaults = bool((pyramid_flow or {}).get("official_defaults", False))
-        self.settings_base = {"offload": "none", "quantize": "none", "vae_tiling": False, "dtype": str(self.compute_dtype).replace("torch.", "")}
+        self.settings_base = {"offload": "none", "quantize": "none", "vae_tiling": False, "dtype": str(self.compute_dtype).replace("torch.", ""),
+                              "attention_backend": "native", "compile": False}
         names = ["text_encoder", "text_encoder_2", "text_encoder_3"][: 3 if text_encoder_3 is not None else 2]
         self.prompt_encoder = PROMPT_ENCODERS[self.family.name](
             {n: getattr(self, n) for n in names}, {n: getattr(self, n.replace("text_encoder", "tokenizer")) for n in names}
@@ -118,7 +121,8 @@ class PyramidFlowPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(cls, source, variant: str = "auto", model: str = "auto", torch_dtype="float32", device=None,
                         offload: str = "none", quantize: str = "none", vae_tiling: bool = False, lora=None,
-                        official_defaults: Optional[bool] = None, tqdm_class=None, parallel=None):
+                        official_defaults: Optional[bool] = None, attention_backend: str = "native", compile: bool = False,
+                        tqdm_class=None, parallel=None):
         """Load a checkpoint folder or hub repo id (only the needed subfolders are fetched).
 
         offload: none | model | sequential | group; quantize: none | int8 | nf4 | fp8 (see model_core.memory);
@@ -127,12 +131,17 @@ class PyramidFlowPipeline(DiffusionPipeline):
         scale is > 0, uint8 by truncation, timesteps in the compute dtype); None turns it on for the published
         checkpoints (those without our `pyramid_flow.json`) and off for our own models.
         parallel: split each generation over the ranks of the initialised process group (see `enable_parallelism`).
+        attention_backend: native | flex | flash | flash_varlen | sage | sage_varlen where installed (see
+        model_core.transformers.attention_backends); compile: torch.compile the transformer's repeated blocks.
+        The step cache is chosen per call (`cache`, `cache_threshold`).
         """
         device, dtype = resolve_device(device), resolve_dtype(torch_dtype)
         check_memory_options(device, dtype, offload, quantize)
+        check_speed_options(device, dtype, attention_backend, compile)
         if (Path(source).expanduser() / MODEL_INDEX).is_file():
             pipe = cls._from_saved_pipeline(Path(source).expanduser(), device, dtype, offload, quantize, vae_tiling, lora,
                                             official_defaults)
+            pipe.settings_base.update(apply_speed_options(pipe.transformer, device, dtype, attention_backend, compile))
             if parallel is not None:
                 pipe.enable_parallelism(parallel)
             return pipe
@@ -157,6 +166,7 @@ class PyramidFlowPipeline(DiffusionPipeline):
         pipe.checkpoint = checkpoint
         pipe.compute_dtype = dtype
         pipe._apply_memory_options(device, dtype, offload, quantize, vae_tiling)
+        pipe.settings_base.update(apply_speed_options(pipe.transformer, device, dtype, attention_backend, compile))
         pipe.source = str(source)
         pipe.official_defaults = not (checkpoint.root / SETTINGS_FILE).is_file() if official_defaults is None else bool(official_defaults)
         pipe.register_to_config(pyramid_flow={**describe(checkpoint.family, checkpoint.variant),
@@ -229,7 +239,7 @@ class PyramidFlowPipeline(DiffusionPipeline):
                 module = getattr(self, name)
                 if module is not None and not getattr(module, "is_quantized", False):
                     module.to(device)
-        self.settings_base = {"offload": offload, "quantize": quantize, "vae_tiling": vae_tiling, "dtype": str(dtype).replace("torch.", "")}
+        self.settings_base.update(offload=offload, quantize=quantize, vae_tiling=vae_tiling, dtype=str(dtype).replace("torch.", ""))
         if fp8 is not None:
             self.settings_base["fp8"] = fp8  # "compute" (float8 matmuls) or "storage" (float8 weights only)
 
@@ -295,7 +305,7 @@ class PyramidFlowPipeline(DiffusionPipeline):
     def _generate(self, mode, prompt, condition_frames, *, negative_prompt=None, num_frames=None, duration=None,
                   height=None, width=None, first_frame_steps=None, video_steps=None,
                   guidance_scale=None, video_guidance_scale=None, video_guidance_decay=False, seed=None,
-                  generator=None, prompt_embeds: Optional[PromptEmbeddings] = None,
+                  cache=None, cache_threshold=None, generator=None, prompt_embeds: Optional[PromptEmbeddings] = None,
                   negative_prompt_embeds: Optional[PromptEmbeddings] = None, output_type: str = "np",
                   return_dict: bool = True, callback_on_step_end: Optional[Callable] = None,
                   callback_on_step_end_tensor_inputs=("latents",), storyboard=None, stream_to=None):
@@ -319,7 +329,9 @@ class PyramidFlowPipeline(DiffusionPipeline):
         height, width = _check_size(spec.height if height is None else height, spec.width if width is None else width,
                                     self._size_multiple)
         sampling = self.family.sampling.filled(first_frame_steps=first_frame_steps, video_steps=video_steps,
-                                               guidance_scale=guidance_scale, video_guidance_scale=video_guidance_scale)
+                                               guidance_scale=guidance_scale, video_guidance_scale=video_guidance_scale,
+                                               cache=cache, cache_threshold=cache_threshold)
+        cache, cache_threshold = check_cache_options(sampling.cache, sampling.cache_threshold)
         first_frame_steps = _check_steps(sampling.first_frame_steps, "first_frame_steps", self.scheduler.config.stages)
         video_steps = _check_steps(sampling.video_steps, "video_steps", self.scheduler.config.stages)
         guidance_scale, video_guidance_scale = sampling.guidance_scale, sampling.video_guidance_scale
@@ -377,6 +389,7 @@ class PyramidFlowPipeline(DiffusionPipeline):
             if history is not None:  # the causal VAE's context: written for an image, only read for an extension
                 decode_unit(history, keep=mode != "extend_video")
 
+        enable_step_cache(self.transformer, cache, cache_threshold)
         self._interrupt, self._progress = False, None
         finished = list(history.split(1, dim=2)) if history is not None else []
         step_index = 0
@@ -414,7 +427,8 @@ class PyramidFlowPipeline(DiffusionPipeline):
             "height": height, "width": width,
             "fps": spec.fps, "first_frame_steps": list(first_frame_steps), "video_steps": list(video_steps),
             "guidance_scale": guidance_scale, "video_guidance_scale": video_guidance_scale,
-            "video_guidance_decay": video_guidance_decay, "official_defaults": self.official_defaults,
+            "video_guidance_decay": video_guidance_decay, "cache": cache, "cache_threshold": cache_threshold,
+            "official_defaults": self.official_defaults,
             "interrupted": interrupted, "version": __version__,
             "parallel": SINGLE_PROCESS if self.parallel is None else self.parallel.settings(),
         }
@@ -480,8 +494,13 @@ class PyramidFlowPipeline(DiffusionPipeline):
         split = negative is not None and self.parallel is not None and self.parallel.config.guidance == 2
         if split:  # guidance parallel: this rank predicts one branch, the two ranks swap velocities
             embeddings = PromptEmbeddings(*(self.parallel.guidance_branch(x) for x in (embeddings.hidden_states, embeddings.attention_mask, embeddings.pooled)))
+        stage_shape = None
 
         def velocity(clips, t):
+            nonlocal stage_shape
+            if clips[-1].shape != stage_shape:  # a new unit or pyramid stage: cached residuals no longer apply
+                reset_step_cache(self.transformer)
+                stage_shape = clips[-1].shape
             clips = [c.to(dtype) for c in clips]
             if negative is not None and not split:
                 clips = [torch.cat([c, c]) for c in clips]

@@ -20,10 +20,11 @@ from typing import Optional
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
+from .checkpoints import SamplingDefaults
 from .transformers.blocks import DualStreamBlock
 
 CACHE_MODES = ("none", "first-block")
-DEFAULT_CACHE_THRESHOLD = 0.05
+DEFAULT_CACHE_THRESHOLD = SamplingDefaults.cache_threshold
 _HEAD_HOOK, _BLOCK_HOOK = "pyramid_first_block_cache_head", "pyramid_first_block_cache_block"
 
 

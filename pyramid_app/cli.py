@@ -22,6 +22,8 @@ from . import ranks
 from .job_queue import JobQueue, run_jobs
 from .queue_runner import Stopped, generate_job, model_options, queued_jobs_from_request, seeded_job
 from .settings import (
+    ATTENTION_BACKENDS,
+    CACHE_MODES,
     DEVICES,
     DTYPES,
     OFFLOAD_MODES,
@@ -115,6 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--parallel", default="auto", metavar="GxC",
                        help="under torchrun: guidance x context ranks, e.g. 2x1 or 2x2 (default: auto, guidance "
                             "parallel on an even number of ranks, context parallel over the rest)")
+
+    speed = generate.add_argument_group("speed")
+    speed.add_argument("--cache", choices=CACHE_MODES,
+                       help="step cache: first-block skips the later blocks on steps where the first block barely "
+                            "changed (default: the model's; none for the published checkpoints)")
+    speed.add_argument("--cache-threshold", type=float, metavar="T",
+                       help="first-block: relative change below which a step reuses the cached blocks (default: the "
+                            "model's; 0 never skips)")
+    speed.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="native",
+                       help="attention kernel; flash/sage need their package, a CUDA GPU and float16/bfloat16")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (slow first unit)")
     generate.add_argument("--save-queue", type=Path, metavar="QUEUE_FILE",
                           help="add the job(s) to this queue file instead of generating (run it with run-queue)")
     generate.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -137,10 +150,11 @@ def plan(args) -> Request:
         height=args.height, width=args.width, seed=args.seed,
         first_frame_steps=args.first_frame_steps, video_steps=args.video_steps,
         guidance_scale=args.guidance_scale, video_guidance_scale=args.video_guidance_scale,
+        cache=args.cache, cache_threshold=args.cache_threshold,
     )
     model = ModelOptions(model=args.model, variant=args.variant, dtype=args.dtype, device=args.device,
                          offload=args.offload, quantize=args.quantize, vae_tiling=args.vae_tiling,
-                         lora=args.lora)
+                         lora=args.lora, attention_backend=args.attention_backend, compile=args.compile)
     model.check_device_available()
     model_source(model.model)
     condition = read_image(args.image) if args.image else read_video(args.extend)[0] if args.extend else None

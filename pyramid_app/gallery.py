@@ -58,6 +58,10 @@ def control_values(settings: dict) -> dict:
         "dtype": settings.get("dtype"),
         "vae_tiling": settings.get("vae_tiling"),
         "storyboard": storyboard_rows(settings.get("storyboard")),
+        "attention_backend": settings.get("attention_backend"),
+        "compile": settings.get("compile"),
+        "cache": settings.get("cache"),
+        "cache_threshold": settings.get("cache_threshold"),
         **sampling_controls(settings),
     }
     return {name: value for name, value in values.items() if value is not None}

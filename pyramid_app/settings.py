@@ -11,11 +11,14 @@ from pathlib import Path
 import torch
 
 from model_core.memory import DTYPES as DTYPE_NAMES, OFFLOAD_CHOICES, QUANTIZE_CHOICES
+from model_core.step_cache import CACHE_MODES, check_cache_options
+from model_core.transformers.attention_backends import MASK_STYLES
 
 OFFLOAD_MODES = OFFLOAD_CHOICES
 QUANTIZE_MODES = QUANTIZE_CHOICES
 DTYPES = tuple(DTYPE_NAMES)
 DEVICES = ("auto", "cpu", "cuda", "mps")  # ok: the device names a person may choose
+ATTENTION_BACKENDS = tuple(MASK_STYLES)
 STAGE_COUNT = 3
 SEED_LIMIT = 2**63
 BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "assets" / "models" / "pyramid-flow-shapes"
@@ -72,6 +75,8 @@ class ModelOptions:
     quantize: str = "none"
     vae_tiling: bool = False
     lora: str = None  # a LoRA adapter folder trained with `training` (recipe lora.yaml)
+    attention_backend: str = "native"
+    compile: bool = False
 
     def __post_init__(self):
         if self.lora is not None and not Path(self.lora).is_dir():
@@ -80,6 +85,7 @@ class ModelOptions:
         checked_choice(self.device, DEVICES, "device")
         checked_choice(self.offload, OFFLOAD_MODES, "offload")
         checked_choice(self.quantize, QUANTIZE_MODES, "quantize")
+        checked_choice(self.attention_backend, ATTENTION_BACKENDS, "attention_backend")
 
     def check_device_available(self) -> None:
         if self.device in ("auto", "cpu"):
@@ -99,6 +105,8 @@ class ModelOptions:
             quantize=self.quantize,
             vae_tiling=self.vae_tiling,
             lora=self.lora,
+            attention_backend=self.attention_backend,
+            compile=self.compile,
         )
 
 
@@ -117,6 +125,8 @@ class GenerationOptions:
     video_steps: tuple = None
     guidance_scale: float = None
     video_guidance_scale: float = None
+    cache: str = None  # the step cache: none | first-block (None: the model's default)
+    cache_threshold: float = None
 
     def __post_init__(self):
         for name in ("num_frames", "height", "width"):
@@ -127,6 +137,9 @@ class GenerationOptions:
             raise ValueError("give num_frames or duration, not both")
         if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < SEED_LIMIT):
             raise ValueError(f"seed must be a whole number from 0 to {SEED_LIMIT - 1}; got {self.seed!r}")
+        if self.cache is not None or self.cache_threshold is not None:
+            check_cache_options(CACHE_MODES[0] if self.cache is None else self.cache,
+                                0.0 if self.cache_threshold is None else self.cache_threshold)
         for name in ("first_frame_steps", "video_steps"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, parse_steps(getattr(self, name), name))

@@ -109,6 +109,9 @@ def generated(monkeypatch):
     (["--prompts-file", "{dir}/blank.txt", "--out-dir", "{dir}/batch"], "holds no prompts"),
     (["--prompts-file", "{dir}/absent.txt", "--out-dir", "{dir}/batch"], "absent.txt"),
     (["--prompt", "a cat", "--out", "{out}", "--lora", "{dir}/no-adapter"], "no-adapter does not exist"),
+    (["--prompt", "a cat", "--out", "{out}", "--cache", "tea"], "choose from 'none', 'first-block'"),
+    (["--prompt", "a cat", "--out", "{out}", "--cache-threshold", "-0.1"], "cache_threshold must be a number >= 0"),
+    (["--prompt", "a cat", "--out", "{out}", "--attention-backend", "eager"], "choose from 'native', 'flex'"),
 ])
 def test_argument_errors_are_one_line_before_loading(tmp_path, capsys, no_model_load, arguments, fragment):
     (tmp_path / "corrupt.png").write_bytes(b"not an image")
@@ -169,7 +172,8 @@ def test_settings_map_one_to_one_onto_pipeline_arguments():
 def test_text_to_video_writes_mp4_with_settings(tiny_model, tmp_path, capsys):
     out = tmp_path / "clip.mp4"
     code, stdout, _ = run_cli(capsys, "--model", tiny_model, "--prompt", "a red ball", "--out", out,
-                              "--num-frames", 9, "--seed", 11, "--negative-prompt", "blurry", *FAST)
+                              "--num-frames", 9, "--seed", 11, "--negative-prompt", "blurry", *FAST,
+                              "--cache", "first-block", "--cache-threshold", "0.2", "--attention-backend", "native")
     assert code == 0
     assert stdout.strip() == f"{out}\tseed=11"
     frames, fps = read_video(out)
@@ -180,6 +184,8 @@ def test_text_to_video_writes_mp4_with_settings(tiny_model, tmp_path, capsys):
     assert {k: metadata[k] for k in ("mode", "prompt", "negative_prompt", "seed", "num_frames", "first_frame_steps")} == {
         "mode": "text_to_video", "prompt": "a red ball", "negative_prompt": "blurry", "seed": 11, "num_frames": 9,
         "first_frame_steps": [1, 1, 1]}
+    assert {k: metadata[k] for k in ("cache", "cache_threshold", "attention_backend", "compile")} == {
+        "cache": "first-block", "cache_threshold": 0.2, "attention_backend": "native", "compile": False}
 
 
 def test_duration_becomes_an_allowed_frame_count(tiny_model, tmp_path, capsys):

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from model_core.media import to_frames, to_video_tensor
+from model_core.step_cache import CACHE_MODES
 
 from .atomic import write_text
 from .shapes_detector import read_clip
@@ -118,6 +119,8 @@ def parse_args(argv=None):
     parser.add_argument("--video-steps", type=steps, help="A,B,C (default: the model's)")
     parser.add_argument("--guidance-scale", type=float, help="default: the model's")
     parser.add_argument("--video-guidance-scale", type=float, help="default: the model's")
+    parser.add_argument("--cache", choices=CACHE_MODES, help="step cache (default: the model's)")
+    parser.add_argument("--cache-threshold", type=float, help="first-block cache threshold (default: the model's)")
     parser.add_argument("--speed-runs", type=int, default=5)
     parser.add_argument("--device", default="cpu", help="torch device to generate on, e.g. cuda (default: cpu)")
     parser.add_argument("--out", help="write the figures here as JSON")
@@ -142,7 +145,8 @@ def main(argv=None) -> int:
     pipe = PyramidFlowPipeline.from_pretrained(args.model, device=args.device)
     options = asdict(pipe.family.sampling.filled(first_frame_steps=args.first_frame_steps, video_steps=args.video_steps,
                                                guidance_scale=args.guidance_scale,
-                                               video_guidance_scale=args.video_guidance_scale))
+                                               video_guidance_scale=args.video_guidance_scale, cache=args.cache,
+                                               cache_threshold=args.cache_threshold))
     pairs = world_pairs(args.world_seed, args.stream, args.count)
     report({"model": str(args.model), "stream": args.stream, **evaluate(pipe, pairs, options, args.speed_runs)}, args.out)
     return 0

@@ -98,6 +98,7 @@ class BlockwiseCausalAttnProcessor:
     def __init__(self):
         self._attention_backend = None
 
+    @torch.compiler.disable  # the number of causal groups changes every unit: compiled, it would recompile each time
     def __call__(self, q, k, v, layout: AttentionLayout) -> torch.Tensor:
         if layout.context is not None:
             q, k, v = (layout.context.to_heads(x) for x in (q, k, v))

@@ -1,0 +1,60 @@
+"""The speed options, one name each in pipeline, CLI and studio.
+
+`attention_backend` and `compile` shape the loaded transformer (given to `from_pretrained`); `cache` and
+`cache_threshold` are per generation (the checkpoint's sampling defaults fill them when not given).
+"""
+import shutil
+
+import torch
+
+from .step_cache import CACHE_MODES
+from .transformers.attention_backends import DEFAULT_ATTENTION_BACKEND, check_attention_backend, usable_attention_backends
+
+CPU_COMPILERS = ("cc", "gcc", "clang")
+
+
+def compile_available(device) -> bool:
+    """torch.compile's inductor needs a C compiler for CPU code and Triton for CUDA code."""
+    if torch.device(device).type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False
+        return True
+    return torch.device(device).type == "cpu" and any(shutil.which(name) for name in CPU_COMPILERS)
+
+
+def compile_blocks(transformer, backend: str = "inductor") -> None:
+    """torch.compile each repeated block with dynamic shapes, so the three pyramid stages and the growing history
+    reuse the same graphs instead of recompiling every unit (the causal-group loop stays eager, see attention.py)."""
+    transformer.compile_repeated_blocks(dynamic=True, backend=backend)
+
+
+def check_speed_options(device, dtype, attention_backend, compile) -> str:
+    """The canonical backend name; a ValueError when the backend or compiling cannot work on `device`."""
+    backend = check_attention_backend(attention_backend, device, dtype)
+    if not isinstance(compile, bool):
+        raise ValueError(f"compile must be True or False; got {compile!r}.")
+    if compile and not compile_available(device):
+        need = "Triton" if torch.device(device).type == "cuda" else "a C compiler (cc, gcc or clang)"
+        raise ValueError(f"compile=True needs {need} on this {torch.device(device).type} machine; leave compile off.")
+    return backend
+
+
+def apply_speed_options(transformer, device, dtype, attention_backend=DEFAULT_ATTENTION_BACKEND, compile=False) -> dict:
+    """Set the attention backend and compile the blocks; returns the settings to record."""
+    backend = check_speed_options(device, dtype, attention_backend, compile)
+    if backend != DEFAULT_ATTENTION_BACKEND:
+        transformer.set_attention_backend(backend)
+    if compile:
+        compile_blocks(transformer)
+    return {"attention_backend": backend, "compile": compile}
+
+
+def speed_choices(device, dtype=None) -> dict:
+    """What a UI may offer on `device`: cache modes, usable attention backends, whether compiling works."""
+    return {
+        "cache": CACHE_MODES,
+        "attention_backend": tuple(usable_attention_backends(device, dtype)),
+        "compile": (False, True) if compile_available(device) else (False,),
+    }

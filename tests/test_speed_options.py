@@ -1,0 +1,117 @@
+"""The speed options through the pipeline: step cache per call, attention backend and compiled blocks at load."""
+import json
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+from model_core import PyramidFlowPipeline
+from model_core.checkpoints import SETTINGS_FILE
+from model_core.speed import compile_blocks, speed_choices
+from model_core.step_cache import step_cache_state
+from tiny_checkpoint import build_tiny_checkpoint
+
+STEPS = dict(first_frame_steps=(2, 2, 2), video_steps=(2, 2, 2), output_type="latent")
+ONE_STEP = dict(first_frame_steps=(1, 1, 1), video_steps=(1, 1, 1))
+UNITS, STAGES = 3, 3  # 17 frames of the tiny checkpoint: three latent units, each over three pyramid stages
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("miniflux"), "miniflux")
+
+
+@pytest.fixture(scope="module")
+def pipe(checkpoint):
+    return PyramidFlowPipeline.from_pretrained(checkpoint)
+
+
+def generate(pipe, **options):
+    return pipe("a red circle moving left", num_frames=17, seed=3, **{**STEPS, **options})
+
+
+def test_threshold_zero_equals_uncached_exactly(pipe):
+    uncached = generate(pipe, output_type="np")
+    cached = generate(pipe, cache="first-block", cache_threshold=0.0, output_type="np")
+    assert torch.equal(cached.latents, uncached.latents)
+    assert (cached.frames == uncached.frames).all()
+    assert step_cache_state(pipe.transformer).skipped_steps == 0
+    assert (uncached.settings["cache"], cached.settings["cache"]) == ("none", "first-block")
+    assert cached.settings["cache_threshold"] == 0.0
+
+
+def test_every_stage_of_every_unit_starts_fresh(pipe):
+    """With a threshold nothing stays under, only a reset can force a full step: exactly the first step of each
+    stage of each unit is computed. A cache that leaked across a stage jump or a unit would compute fewer."""
+    out = generate(pipe, cache="first-block", cache_threshold=1e9)
+    state = step_cache_state(pipe.transformer)
+    total_steps = sum(STEPS["first_frame_steps"]) + (UNITS - 1) * sum(STEPS["video_steps"])
+    assert state.computed_steps == UNITS * STAGES
+    assert state.computed_steps + state.skipped_steps == total_steps
+    assert not torch.equal(out.latents, generate(pipe).latents)
+
+
+def test_cache_none_removes_the_hooks_again(pipe):
+    uncached = generate(pipe)
+    generate(pipe, cache="first-block", cache_threshold=1e9)
+    assert torch.equal(generate(pipe, cache="none").latents, uncached.latents)
+    assert step_cache_state(pipe.transformer) is None
+
+
+def test_the_checkpoint_names_its_default_cache(tmp_path):
+    root = build_tiny_checkpoint(tmp_path, "miniflux")
+    settings = json.loads((root / SETTINGS_FILE).read_text()) if (root / SETTINGS_FILE).is_file() else {}
+    settings["sampling"] = {**settings.get("sampling", {}), "cache": "first-block", "cache_threshold": 0.2}
+    (root / SETTINGS_FILE).write_text(json.dumps(settings))
+    out = generate(PyramidFlowPipeline.from_pretrained(root))
+    assert (out.settings["cache"], out.settings["cache_threshold"]) == ("first-block", 0.2)
+
+
+@pytest.mark.slow  # flex attention runs unfused in eager mode (a minute on 2 busy cores); tests/test_attention_backends.py
+@pytest.mark.skipif("flex" not in speed_choices("cpu")["attention_backend"], reason="no flex attention in this torch")
+def test_flex_backend_equals_native(checkpoint, pipe):
+    flex = PyramidFlowPipeline.from_pretrained(checkpoint, attention_backend="flex")
+    out = generate(flex, **ONE_STEP)
+    native = generate(pipe, **ONE_STEP)
+    torch.testing.assert_close(out.latents, native.latents, atol=1e-5, rtol=1e-5)
+    assert (out.settings["attention_backend"], native.settings["attention_backend"]) == ("flex", "native")
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(attention_backend="flash"), "attention_backend 'flash' is not available"),
+    (dict(compile="yes"), "compile must be True or False"),
+])
+def test_bad_speed_options_are_explained(checkpoint, options, message):
+    with pytest.raises(ValueError, match=message):
+        PyramidFlowPipeline.from_pretrained(checkpoint, **options)
+
+
+def test_bad_cache_is_explained(pipe):
+    with pytest.raises(ValueError, match="cache must be one of none, first-block"):
+        generate(pipe, cache="teacache")
+    with pytest.raises(ValueError, match="cache_threshold must be a number >= 0"):
+        generate(pipe, cache="first-block", cache_threshold="high")
+
+
+@pytest.mark.slow  # dynamo traces every block piece (a minute on 2 busy cores)
+def test_compiled_blocks_do_not_recompile_per_unit(checkpoint, pipe):
+    """Dynamic shapes and an eager causal-group loop: the three stages and the growing history of a 3-unit
+    generation reuse the graphs the first unit compiled (dynamo's eager backend keeps the test fast; the graphs
+    dynamo captures do not depend on the backend)."""
+    compiled = PyramidFlowPipeline.from_pretrained(checkpoint)
+    torch._dynamo.reset()
+    counters.clear()
+    compile_blocks(compiled.transformer, backend="eager")
+    after_unit = []
+
+    def count(pipe_, step, t, kwargs):
+        if pipe_.progress.kind == "unit":
+            after_unit.append(counters["frames"]["total"])
+        return {}
+
+    out = generate(compiled, callback_on_step_end=count, **ONE_STEP)
+    torch._dynamo.reset()
+    assert len(after_unit) == UNITS and after_unit[0] == after_unit[-1] <= 16  # pieces around the eager attention
+    assert not counters["recompiles"]
+    torch.testing.assert_close(out.latents, generate(pipe, **ONE_STEP).latents)

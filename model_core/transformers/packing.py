@@ -6,6 +6,7 @@ the output head and unpatchifying the current unit. Subclasses supply the patch 
 the rotary positions and the stack of blocks.
 """
 import math
+from collections import OrderedDict
 from typing import NamedTuple
 
 import torch
@@ -17,6 +18,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from .attention import AttentionLayout, causal_group_ends
 from .attention_backends import check_attention_backend
 from .embeddings import PATCH, clip_positions, unpatchify
+
+ROPE_CACHE_SIZE = 8  # shapes of RoPE angles kept: a unit's three stages, with room for guided/unguided text lengths
 
 
 class ClipGrid(NamedTuple):
@@ -134,12 +137,23 @@ class PyramidTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         frame_tokens = [grid.tokens_per_frame for grid in grids for _ in range(grid.frames)]
         image_valid = text_valid.new_ones(text_valid.shape[0], sum(frame_tokens))
         num_text = text_valid.shape[1]
-        rope = self.rope_angles(num_text, grids)
         return AttentionLayout(
             group_ends=causal_group_ends(num_text, frame_tokens, self.config.use_temporal_causal),
             key_valid=torch.cat([text_valid, image_valid], dim=1),
-            rope=None if rope is None else tuple(angles.to(text_valid.device) for angles in rope),
+            rope=self.shared_rope(num_text, grids, text_valid.device),
         )
+
+    def shared_rope(self, num_text: int, grids, device):
+        """RoPE angles depend on the shapes only: computed once per (text length, clip grids, device), so every
+        step of a stage reuses them (the last ROPE_CACHE_SIZE shapes are kept)."""
+        cache = self.__dict__.setdefault("_rope_cache", OrderedDict())
+        key = (num_text, tuple(grids), str(device))
+        if key not in cache:
+            rope = self.rope_angles(num_text, grids)
+            cache[key] = None if rope is None else tuple(angles.to(device) for angles in rope)
+            if len(cache) > ROPE_CACHE_SIZE:
+                cache.popitem(last=False)
+        return cache[key]
 
     def text_validity(self, encoder_attention_mask: torch.Tensor) -> torch.Tensor:
         return encoder_attention_mask.bool()

@@ -71,8 +71,13 @@ class Request:
     parallel: object = "auto"  # under torchrun: how the ranks split each generation
 
 
+def _program_name() -> str:
+    """How the person started us: the `pyramid-flow` command, else `python -m pyramid_app`."""
+    return "pyramid-flow" if Path(sys.argv[0]).stem == "pyramid-flow" else "python -m pyramid_app"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m pyramid_app", description="Generate video with Pyramidal Flow Matching.")
+    parser = _Parser(prog=_program_name(), description="Generate video with Pyramidal Flow Matching.")
     commands = parser.add_subparsers(dest="command", required=True)
     generate = commands.add_parser("generate", help="text/image/clip to video or image")
 

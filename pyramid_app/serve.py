@@ -1,4 +1,4 @@
-"""`python app.py`: flags, then the studio on 127.0.0.1 (no public link unless --share).
+"""`pyramid-flow-studio` / `python app.py`: flags, then the studio on 127.0.0.1 (no public link unless --share).
 
 `--hosted` (on by itself on a Hugging Face Space, where SPACE_ID is set) makes a studio fit for strangers:
 models from an allow-list only, outputs per browser session and swept after a while, smaller uploads.
@@ -8,7 +8,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from .studio import CSS, THEME
+from . import ranks
+from .studio import CSS, THEME, build_studio
 
 DEFAULT_PORT = 7860
 MAX_UPLOAD = {False: "500mb", True: "50mb"}  # local, hosted
@@ -16,7 +17,7 @@ CACHE_DIR = Path(tempfile.gettempdir()) / "pyramid-flow-studio"
 
 
 def parse_flags(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python app.py", description="Pyramid Flow Studio: a local web UI.")
+    parser = argparse.ArgumentParser(description="Pyramid Flow Studio: a local web UI.")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                         help="address to bind (default: 127.0.0.1, this machine only; GRADIO_SERVER_NAME respected)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", DEFAULT_PORT)),
@@ -70,3 +71,16 @@ def launch(demo, flags: argparse.Namespace, block: bool = True):
                        prevent_thread_lock=not block, max_file_size=MAX_UPLOAD[flags.hosted], theme=THEME, css=CSS,
                        footer_links=["api"], quiet=not block, show_error=True,
                        auth=logins(getattr(flags, "auth_file", None)))
+
+
+def main(argv=None) -> int:
+    """The `pyramid-flow-studio` command: serve the studio until stopped."""
+    flags = parse_flags(argv)
+    use_own_cache()
+    if ranks.launched_with_several_ranks():  # torchrun: rank 0 serves, every rank computes
+        from .studio_ranks import serve_on_every_rank
+
+        serve_on_every_rank(flags, build_studio, launch)
+    else:
+        launch(build_studio(output_dir=flags.output_dir, models=flags.model, hosted=flags.hosted), flags)
+    return 0

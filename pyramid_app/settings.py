@@ -3,9 +3,11 @@
 `ModelOptions` says how to load a checkpoint, `GenerationOptions` what to generate with it; both
 reject bad values with a sentence naming the option and what it allows.
 """
+import importlib.util
 import math
 import secrets
 from dataclasses import asdict, dataclass, replace
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -21,7 +23,18 @@ DEVICES = ("auto", "cpu", "cuda", "mps")  # ok: the device names a person may ch
 ATTENTION_BACKENDS = tuple(MASK_STYLES)
 STAGE_COUNT = 3
 SEED_LIMIT = 2**63
-BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "assets" / "models" / "pyramid-flow-shapes"
+BUNDLED_NAME = Path("models") / "pyramid-flow-shapes"
+
+
+def bundled_model_dir() -> Path:
+    """The bundled model: the checkout's assets/ folder, else the installed `pyramid_flow_assets` package data."""
+    checkout = Path(__file__).resolve().parents[1] / "assets" / BUNDLED_NAME
+    if checkout.is_dir() or importlib.util.find_spec("pyramid_flow_assets") is None:
+        return checkout
+    return Path(str(resources.files("pyramid_flow_assets") / BUNDLED_NAME))
+
+
+BUNDLED_MODEL = bundled_model_dir()
 
 
 def parse_steps(value, name: str) -> tuple:

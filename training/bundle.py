@@ -24,7 +24,7 @@ from model_core.loading import resolve_checkpoint
 
 from .atomic import write_text
 from .checkpointing import checkpoint_path
-from .config import load_config
+from .config import load_config, recipe_path
 from .flow_task import EMA_SUFFIX
 from .initial_checkpoint import write_initial_checkpoint
 from .shapes_world import PROMPTS, write_world
@@ -161,7 +161,7 @@ def run_bundle(config: dict) -> Path:
         "model": {"pretrained": str(base), "variant": architecture["variant"]},
         "data": {"annotations": [str(world)]}, "train": {"output_dir": str(after_vae / "vae_decoder"), "seed": seed}}))
     bundle = config["bundle"]
-    out = assemble(base, flow, decoder, architecture["variant"], bundle["use_ema"], Path(bundle["model_card"]),
+    out = assemble(base, flow, decoder, architecture["variant"], bundle["use_ema"], recipe_path(bundle["model_card"]),
                    Path(bundle.get("out") or work / "model"), bundle.get("sampling"))
     logger.info("bundled model written to %s", out)
     return out

@@ -19,6 +19,25 @@ DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.
 PREFIX = "transformer."
 
 
+def lora_specs(lora) -> list:
+    """[(source, weight)] from what `from_pretrained(lora=...)` takes: a source, a (source, weight) pair, or a list
+    of either (a source is a peft adapter folder, a folder with pytorch_lora_weights.safetensors, or that file)."""
+    if lora is None:
+        return []
+    if isinstance(lora, (str, Path)) or _is_pair(lora):
+        lora = [lora]
+    specs = [(item, 1.0) if isinstance(item, (str, Path)) else tuple(item) for item in lora]
+    for spec in specs:
+        if not _is_pair(spec):
+            raise ValueError(f"lora must be a folder or file, a (folder, weight) pair, or a list of them; got {spec!r}")
+    return [(str(source), float(weight)) for source, weight in specs]
+
+
+def _is_pair(item) -> bool:
+    return (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], (str, Path))
+            and isinstance(item[1], (int, float)) and not isinstance(item[1], bool))
+
+
 def lora_name(source) -> str:
     """The default adapter name: the folder's name (the file's stem for a lone file)."""
     path = Path(source)
@@ -69,6 +88,8 @@ def load_lora_adapter(transformer, source, adapter_name: str = None) -> str:
     if name in getattr(transformer, "peft_config", {}):
         raise ValueError(f"a LoRA named {name!r} is already loaded; pass another adapter_name")
     weights, config = read_lora(source, device=next(transformer.parameters()).device)
+    # peft freezes the base weights; restore their flags, since CPU kernels differ with them (unload == base exactly)
+    base_flags = [(parameter, parameter.requires_grad) for parameter in transformer.parameters()]
     with MODEL_BUILD_LOCK:  # its new layers must not be built while another thread's load patches torch
         try:
             transformer.load_lora_adapter(weights, prefix=None, adapter_name=name, metadata=config)
@@ -77,6 +98,8 @@ def load_lora_adapter(transformer, source, adapter_name: str = None) -> str:
     loaded = [m for m in transformer.modules() if hasattr(m, "lora_A") and name in m.lora_A]
     if not loaded:
         raise ValueError(f"the LoRA at {source} names no layer of this transformer")
+    for parameter, flag in base_flags:
+        parameter.requires_grad_(flag)
     for module in loaded:  # new LoRA layers start in float32; compute in the transformer's dtype
         module.lora_A[name].to(transformer.dtype)
         module.lora_B[name].to(transformer.dtype)
@@ -103,6 +126,11 @@ class PyramidLoraLoaderMixin:
         self._loras()[name] = weight
         self.set_adapters(list(self._loras()), list(self._loras().values()))
         return name
+
+    def load_loras(self, lora) -> None:
+        """Load every LoRA of `lora` (see `lora_specs`) and activate them together at their weights."""
+        for source, weight in lora_specs(lora):
+            self.load_lora_weights(source, weight=weight)
 
     def set_adapters(self, adapter_names, adapter_weights=None) -> None:
         """Activate these adapters (a name or a list) with these weights (one number or one per name)."""

@@ -15,6 +15,7 @@ from PIL import Image
 from . import __version__
 from .checkpoints import FAMILIES, SETTINGS_FILE, Family, VariantSpec, describe, from_description
 from .loading import MODEL_BUILD_LOCK, ResolvedCheckpoint, load_model, resolve_checkpoint
+from .lora import PyramidLoraLoaderMixin
 from .media import as_frames, to_frames, to_video_tensor
 from .memory import (
     apply_fp8,
@@ -59,13 +60,14 @@ class PyramidFlowPipelineOutput(BaseOutput):
     settings: dict
 
 
-class PyramidFlowPipeline(DiffusionPipeline):
+class PyramidFlowPipeline(PyramidLoraLoaderMixin, DiffusionPipeline):
     """Pyramidal flow matching generation from a published (or our own) checkpoint.
 
     Calls follow diffusers' pipeline conventions: `pipe(prompt, ...)` is text-to-video and returns a
     `PyramidFlowPipelineOutput`; `callback_on_step_end(pipe, step_index, timestep, callback_kwargs)` runs after every
     transformer step, `pipe.progress` says where the generation is, and setting `pipe._interrupt = True` stops it
-    after that step (finished units are kept)."""
+    after that step (finished units are kept). LoRAs: `load_lora_weights(source, adapter_name=, weight=)`,
+    `set_adapters`, `fuse_lora` / `unfuse_lora`, `unload_lora_weights` (model_core.lora); outputs record them."""
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->transformer->vae"
     _optional_components = ["text_encoder_3", "tokenizer_3"]
@@ -126,7 +128,9 @@ class PyramidFlowPipeline(DiffusionPipeline):
         """Load a checkpoint folder or hub repo id (only the needed subfolders are fetched).
 
         offload: none | model | sequential | group; quantize: none | int8 | nf4 | fp8 (see model_core.memory);
-        lora: a folder with a LoRA adapter trained by `training` (recipe lora.yaml) to apply to the transformer;
+        lora: LoRAs for the transformer, loaded with `load_lora_weights`: a peft adapter folder (what `training` writes
+        for recipe lora.yaml), a folder with or a path to diffusers' pytorch_lora_weights.safetensors, a
+        (source, weight) pair, or a list of them;
         official_defaults: generate as the authors' code does (prompt suffix, default negative prompt, guidance when the
         scale is > 0, uint8 by truncation, timesteps in the compute dtype); None turns it on for the published
         checkpoints (those without our `pyramid_flow.json`) and off for our own models.
@@ -153,10 +157,6 @@ class PyramidFlowPipeline(DiffusionPipeline):
         dit_quant, t5_quant = bitsandbytes_configs(quantize, dtype) if uses_bitsandbytes(quantize, device) else (None, None)
         extra = {"quantization_config": dit_quant, "device_map": {"": device}} if dit_quant else {}
         transformer = load_model(transformer_class, checkpoint.transformer_path, dtype, **extra)
-        if lora is not None:
-            from .lora import load_lora_adapter
-
-            load_lora_adapter(transformer, lora)
         vae = load_model(CausalVideoVAE, checkpoint.vae_path, dtype)
         prompt_encoder = PROMPT_ENCODERS[checkpoint.family.name].from_pretrained(
             checkpoint.root, torch_dtype=dtype, t5_quantization_config=t5_quant, device=device if t5_quant else None
@@ -165,6 +165,7 @@ class PyramidFlowPipeline(DiffusionPipeline):
         pipe = cls(vae=vae, transformer=transformer, scheduler=PyramidFlowScheduler(), **components)
         pipe.checkpoint = checkpoint
         pipe.compute_dtype = dtype
+        pipe.load_loras(lora)  # before quantization and offload hooks change the layers
         pipe._apply_memory_options(device, dtype, offload, quantize, vae_tiling)
         pipe.settings_base.update(apply_speed_options(pipe.transformer, device, dtype, attention_backend, compile))
         pipe.source = str(source)
@@ -201,10 +202,7 @@ class PyramidFlowPipeline(DiffusionPipeline):
             quantization = PipelineQuantizationConfig(quant_mapping={"transformer": dit_quant, t5: t5_quant})
         with MODEL_BUILD_LOCK:
             pipe = super().from_pretrained(root, dtype=dtype, quantization_config=quantization)
-        if lora is not None:
-            from .lora import load_lora_adapter
-
-            load_lora_adapter(pipe.transformer, lora)
+        pipe.load_loras(lora)
         pipe.compute_dtype = dtype
         pipe._apply_memory_options(device, dtype, offload, quantize, vae_tiling)
         pipe.source = str(root)
@@ -429,7 +427,7 @@ class PyramidFlowPipeline(DiffusionPipeline):
             "guidance_scale": guidance_scale, "video_guidance_scale": video_guidance_scale,
             "video_guidance_decay": video_guidance_decay, "cache": cache, "cache_threshold": cache_threshold,
             "official_defaults": self.official_defaults,
-            "interrupted": interrupted, "version": __version__,
+            "lora": self.lora_settings(), "interrupted": interrupted, "version": __version__,
             "parallel": SINGLE_PROCESS if self.parallel is None else self.parallel.settings(),
         }
         if prompt_embeds is not None:

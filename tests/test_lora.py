@@ -6,12 +6,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model_core.lora import DIFFUSERS_METADATA_KEY, PyramidLoraLoaderMixin, load_lora_adapter, read_lora
+from model_core.lora import DIFFUSERS_METADATA_KEY, PyramidLoraLoaderMixin, load_lora_adapter, lora_specs, read_lora
+from model_core.pipeline import PyramidFlowPipeline
 from model_core.transformers import PyramidFluxTransformer
 from training.models import add_lora
 from training.weights import save_lora_weights
 
 from test_transformer_behaviour import TINY, pyramid_column, text_inputs, velocity
+from tiny_checkpoint import build_tiny_checkpoint
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
@@ -21,9 +23,9 @@ def tiny_transformer():
     return cls.from_config(config).eval()
 
 
-def trained_adapter(folder, seed, rank=4, alpha=8):
+def trained_adapter(folder, seed, rank=4, alpha=8, model=None):
     """What training writes (training.weights.save_lora_weights) for a LoRA with non-zero B matrices."""
-    model = tiny_transformer()
+    model = model or tiny_transformer()
     lora = {"rank": rank, "alpha": alpha, "target_modules": TARGETS}
     add_lora(model, lora, seed)
     generator = torch.Generator().manual_seed(seed + 1)
@@ -164,3 +166,36 @@ def test_bad_loras_are_refused_with_a_sentence(adapters, inputs, tmp_path):
 class PipelineLike(PyramidLoraLoaderMixin):
     def __init__(self, transformer):
         self.transformer = transformer
+
+
+def test_pipeline_loads_loras_and_records_them(tmp_path):
+    checkpoint = build_tiny_checkpoint(tmp_path / "checkpoint", "miniflux")
+    pipe = PyramidFlowPipeline.from_pretrained(checkpoint)
+    shape = dict(first_frame_steps=(1, 1, 1), video_steps=(1, 1, 1), num_frames=9, seed=0, output_type="latent")
+    base = pipe("a red square", **shape)
+    assert base.settings["lora"] == []
+    folders = {}
+    for name, seed in (("sharp", 1), ("soft", 2)):
+        model = type(pipe.transformer).from_config(pipe.transformer.config)
+        model.load_state_dict(pipe.transformer.state_dict())
+        folders[name] = trained_adapter(tmp_path / name, seed, model=model)[0]
+
+    loaded = PyramidFlowPipeline.from_pretrained(checkpoint, lora=[folders["sharp"], (folders["soft"], 0.5)])
+    out = loaded("a red square", **shape)
+    assert out.settings["lora"] == [{"name": "sharp", "weight": 1.0}, {"name": "soft", "weight": 0.5}]
+    assert not torch.allclose(out.latents, base.latents, atol=1e-4)
+    pipe.load_lora_weights(folders["sharp"])
+    pipe.load_lora_weights(folders["soft"], weight=0.5)
+    assert torch.equal(pipe("a red square", **shape).latents, out.latents)
+    pipe.unload_lora_weights()
+    after = pipe("a red square", **shape)
+    assert torch.equal(after.latents, base.latents) and after.settings["lora"] == []
+
+
+def test_lora_specs_take_folders_pairs_and_lists(tmp_path):
+    assert lora_specs(None) == []
+    assert lora_specs(tmp_path) == [(str(tmp_path), 1.0)]
+    assert lora_specs((tmp_path, 0.25)) == [(str(tmp_path), 0.25)]
+    assert lora_specs(["a", ("b", 2)]) == [("a", 1.0), ("b", 2.0)]
+    with pytest.raises(ValueError, match="a \\(folder, weight\\) pair"):
+        lora_specs([("a", "heavy")])

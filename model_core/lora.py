@@ -107,6 +107,20 @@ def load_lora_adapter(transformer, source, adapter_name: str = None) -> str:
     return name
 
 
+def find_loras(folder) -> dict:
+    """{adapter name: path} of the LoRAs directly in `folder`: adapter folders (peft or diffusers layout) and
+    .safetensors files."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"LoRA folder {folder} does not exist")
+    found = {}
+    for entry in sorted(folder.iterdir()):
+        peft = (entry / PEFT_CONFIG).is_file() and (entry / PEFT_WEIGHTS).is_file()
+        if entry.is_dir() and (peft or (entry / DIFFUSERS_WEIGHTS).is_file()) or entry.suffix == ".safetensors":
+            found[lora_name(entry)] = entry
+    return found
+
+
 class PyramidLoraLoaderMixin:
     """Pipeline-level LoRA loading in diffusers' style, for pipelines whose only LoRA target is `transformer`.
 
@@ -124,6 +138,7 @@ class PyramidLoraLoaderMixin:
         weight = float(weight)
         name = load_lora_adapter(self.transformer, source, adapter_name)
         self._loras()[name] = weight
+        self._lora_sources = {**getattr(self, "_lora_sources", {}), name: str(source)}
         self.set_adapters(list(self._loras()), list(self._loras().values()))
         return name
 
@@ -131,6 +146,16 @@ class PyramidLoraLoaderMixin:
         """Load every LoRA of `lora` (see `lora_specs`) and activate them together at their weights."""
         for source, weight in lora_specs(lora):
             self.load_lora_weights(source, weight=weight)
+
+    def use_loras(self, lora) -> None:
+        """Make exactly these LoRAs (see `lora_specs`) active: other sources are unloaded and new ones loaded; a change
+        of weights alone only sets them."""
+        specs = lora_specs(lora)
+        if [source for source, _ in specs] != list(getattr(self, "_lora_sources", {}).values()):
+            self.unload_lora_weights()
+            self.load_loras(specs)
+        elif specs:
+            self.set_adapters(list(self._lora_sources), [weight for _, weight in specs])
 
     def set_adapters(self, adapter_names, adapter_weights=None) -> None:
         """Activate these adapters (a name or a list) with these weights (one number or one per name)."""
@@ -163,6 +188,7 @@ class PyramidLoraLoaderMixin:
         for name in names:
             self._loras().pop(name, None)
             getattr(self, "_active_loras", {}).pop(name, None)
+            getattr(self, "_lora_sources", {}).pop(name, None)
 
     def unload_lora_weights(self) -> None:
         """Remove every LoRA (unfusing fused ones first): the transformer is the base model again."""
@@ -170,7 +196,7 @@ class PyramidLoraLoaderMixin:
             self.transformer.unfuse_lora()
         if self._loras():
             self.transformer.unload_lora()
-        self._lora_weights, self._active_loras = {}, {}
+        self._lora_weights, self._active_loras, self._lora_sources = {}, {}, {}
 
     def lora_settings(self) -> list:
         """[{"name", "weight"}] of the active adapters, for an output's settings."""

@@ -118,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--offload", choices=OFFLOAD_MODES, default="none", help="move idle parts to the CPU")
     model.add_argument("--quantize", choices=QUANTIZE_MODES, default="none", help="store weights in fewer bits")
     model.add_argument("--vae-tiling", action="store_true", help="decode in tiles to save memory")
-    model.add_argument("--lora", metavar="FOLDER", help="apply a LoRA adapter trained with training/configs/lora.yaml")
+    model.add_argument("--lora", metavar="FOLDER[:WEIGHT]", action="append", default=[],
+                       help="apply a LoRA (a folder from training/configs/lora.yaml, or diffusers' "
+                            "pytorch_lora_weights.safetensors) at WEIGHT (default 1); repeat for several")
     model.add_argument("--parallel", default="auto", metavar="GxC",
                        help="under torchrun: guidance x context ranks, e.g. 2x1 or 2x2 (default: auto, guidance "
                             "parallel on an even number of ranks, context parallel over the rest)")

@@ -19,6 +19,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from model_core.loading import check_contained
+from model_core.lora import find_loras
 from model_core.sampling import Progress
 
 from . import gallery, limits
@@ -33,6 +34,7 @@ from .studio_queue import StudioQueues, job_id_at, queue_rows
 from .uploads import image_frames, video_frames
 
 THUMBNAIL_SIDE = 160
+LORA_WEIGHT_MAX = 2.0  # the weight slider's range is 0 to this
 OUT_OF_MEMORY = ("Out of memory. Open Memory and try offload 'model' or 'sequential', quantization int8/nf4, "
                  "VAE tiling, or fewer frames.")
 PROGRESS_INTERVAL = 0.25  # seconds between progress-bar updates; each one is a message the browser renders
@@ -45,11 +47,13 @@ LOG = logging.getLogger(__name__)
 class Endpoints:
     """Generation handlers and their state: the model menu, loaded pipelines, stop switches, where outputs go."""
 
-    def __init__(self, default_model=None, output_dir="outputs", pipelines=None, menu: ModelMenu = None):
+    def __init__(self, default_model=None, output_dir="outputs", pipelines=None, menu: ModelMenu = None,
+                 lora_dir=None):
         self.menu = menu or ModelMenu([default_model] if default_model else [])
         self.default_model = self.menu.default
         self.outputs = SessionOutputs(output_dir, hosted=self.menu.hosted)
         self.output_dir = self.outputs.root
+        self.loras = find_loras(lora_dir) if lora_dir else {}  # the only LoRAs a person can pick: the operator's
         self.pipelines = pipelines or PipelineCache()
         self.stops = StopSwitches()
         self.device_lock = threading.Lock()  # one generation at a time: Generate or a queued job
@@ -148,7 +152,20 @@ class Endpoints:
         spec = facts.spec(variant) if isinstance(variant, str) else None
         if spec is None and facts.variants:
             raise ValueError(f"this model has no variant {limits.shown(variant)}; pick one of: auto, {', '.join(facts.variants)}")
-        return ModelOptions(model=source, variant=variant, **limits.memory_controls(controls)), spec
+        lora = self._lora(controls.get("lora"), controls.get("lora_weight"))
+        return ModelOptions(model=source, variant=variant, lora=lora, **limits.memory_controls(controls)), spec
+
+    def _lora(self, name, weight) -> tuple:
+        """The picked LoRA as ((path, weight),), or () for none; only names from the LoRA folder are accepted."""
+        if name in (None, "", gallery.NO_LORA):
+            return ()
+        if name not in self.loras:
+            offered = ", ".join(self.loras) or "none (start the studio with --lora-dir)"
+            raise ValueError(f"LoRA {name!r} is not in the studio's LoRA folder; pick one of: {offered}")
+        weight = 1.0 if weight is None else weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= LORA_WEIGHT_MAX:
+            raise ValueError(f"the LoRA weight must be a number from 0 to {LORA_WEIGHT_MAX:g}; got {limits.shown(weight)}")
+        return ((str(self.loras[name]), float(weight)),)
 
     # --- the queue ----------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ MODE_LABELS = {
     "text_to_image": "Text → Image",
 }
 CAPTION_PROMPT_CHARS = 60
+NO_LORA = "none"  # the LoRA picker's value for no LoRA
 
 
 def add(history: list, path, settings: dict) -> list:
@@ -63,6 +64,7 @@ def control_values(settings: dict) -> dict:
         "cache": settings.get("cache"),
         "cache_threshold": settings.get("cache_threshold"),
         **sampling_controls(settings),
+        **lora_controls(settings.get("lora")),
     }
     return {name: value for name, value in values.items() if value is not None}
 
@@ -72,6 +74,13 @@ def storyboard_rows(storyboard) -> list:
     if not storyboard:
         return None
     return [[segment["seconds"], segment["prompt"]] for segment in storyboard["segments"]]
+
+
+def lora_controls(loras) -> dict:
+    """The LoRA picker's values for an output's recorded LoRAs (the studio picks one; none when it had none)."""
+    if loras is None or len(loras) > 1:
+        return {}
+    return {"lora": loras[0]["name"], "lora_weight": loras[0]["weight"]} if loras else {"lora": NO_LORA}
 
 
 def sampling_controls(settings: dict) -> dict:

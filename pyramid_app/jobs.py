@@ -34,19 +34,21 @@ class PipelineCache:
         self._lock = threading.Lock()
 
     def get(self, model: ModelOptions, tqdm_class=None):
-        key = replace(model, model=model_source(model.model))
+        """The loaded pipeline for `model` with exactly its LoRAs active (a change of LoRAs does not reload it)."""
+        key = replace(model, model=model_source(model.model), lora=())
         with self._lock:
             if key in self._loaded:
                 self._loaded.move_to_end(key)
-                return self._loaded[key]
-            while len(self._loaded) >= self.capacity:
-                self._loaded.popitem(last=False)
-                _release_memory()
-            from model_core import PyramidFlowPipeline
+            else:
+                while len(self._loaded) >= self.capacity:
+                    self._loaded.popitem(last=False)
+                    _release_memory()
+                from model_core import PyramidFlowPipeline
 
-            pipe = PyramidFlowPipeline.from_pretrained(key.model, **key.to_load_kwargs(), tqdm_class=tqdm_class,
-                                                       parallel=self.parallel)
-            self._loaded[key] = pipe
+                self._loaded[key] = PyramidFlowPipeline.from_pretrained(key.model, **key.to_load_kwargs(),
+                                                                        tqdm_class=tqdm_class, parallel=self.parallel)
+            pipe = self._loaded[key]
+            pipe.use_loras(model.lora)
             return pipe
 
     def warm_up(self, model: ModelOptions) -> threading.Thread:

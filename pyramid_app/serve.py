@@ -35,6 +35,9 @@ def parse_flags(argv=None) -> argparse.Namespace:
                         help="where videos and images are saved; the only folder the app serves (default: outputs)")
     parser.add_argument("--auth-file", type=Path, metavar="FILE",
                         help="ask for a login: FILE holds one user:password per line (Gradio's auth=)")
+    parser.add_argument("--lora-dir", type=Path, default=os.environ.get("PYRAMID_FLOW_LORA_DIR"), metavar="DIR",
+                        help="LoRAs the studio offers: adapter folders and .safetensors files in DIR "
+                             "(default: PYRAMID_FLOW_LORA_DIR, else none); only these can be picked")
     parser.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
     flags = parser.parse_args(argv)
     if not flags.model and os.environ.get("PYRAMID_FLOW_MODEL"):
@@ -82,5 +85,6 @@ def main(argv=None) -> int:
 
         serve_on_every_rank(flags, build_studio, launch)
     else:
-        launch(build_studio(output_dir=flags.output_dir, models=flags.model, hosted=flags.hosted), flags)
+        launch(build_studio(output_dir=flags.output_dir, models=flags.model, hosted=flags.hosted,
+                            lora_dir=flags.lora_dir), flags)
     return 0

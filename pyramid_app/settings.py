@@ -50,6 +50,28 @@ def parse_steps(value, name: str) -> tuple:
     return steps
 
 
+def parse_lora(spec) -> tuple:
+    """'PATH[:WEIGHT]' or (path, weight) -> (path, weight): a LoRA folder (what training writes for recipe lora.yaml,
+    or one with pytorch_lora_weights.safetensors) or .safetensors file, at weight 1 unless given."""
+    if isinstance(spec, str):
+        path, sep, weight = spec.rpartition(":")
+        spec = (path, weight) if sep and path and _is_number(weight) else (spec, 1.0)
+    path, weight = spec
+    if not _is_number(weight) or not math.isfinite(float(weight)):
+        raise ValueError(f"a LoRA weight must be a number, like {path}:0.8; got {weight!r}")
+    if not Path(path).exists():
+        raise FileNotFoundError(f"LoRA {path} does not exist; give a LoRA folder or .safetensors file, as PATH[:WEIGHT]")
+    return str(path), float(weight)
+
+
+def _is_number(value) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return not isinstance(value, bool)
+
+
 def checked_choice(value: str, allowed: tuple, name: str) -> str:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
@@ -87,13 +109,12 @@ class ModelOptions:
     offload: str = "none"
     quantize: str = "none"
     vae_tiling: bool = False
-    lora: str = None  # a LoRA adapter folder trained with `training` (recipe lora.yaml)
+    lora: tuple = ()  # (path, weight) pairs, or 'PATH[:WEIGHT]' strings (see `parse_lora`)
     attention_backend: str = "native"
     compile: bool = False
 
     def __post_init__(self):
-        if self.lora is not None and not Path(self.lora).is_dir():
-            raise FileNotFoundError(f"LoRA adapter folder {self.lora} does not exist")
+        object.__setattr__(self, "lora", tuple(parse_lora(spec) for spec in self.lora or ()))
         checked_choice(self.dtype, DTYPES, "dtype")
         checked_choice(self.device, DEVICES, "device")
         checked_choice(self.offload, OFFLOAD_MODES, "offload")
@@ -117,7 +138,7 @@ class ModelOptions:
             offload=self.offload,
             quantize=self.quantize,
             vae_tiling=self.vae_tiling,
-            lora=self.lora,
+            lora=list(self.lora),
             attention_backend=self.attention_backend,
             compile=self.compile,
         )

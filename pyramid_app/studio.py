@@ -13,7 +13,7 @@ from model_core.memory import resolve_device
 
 from . import gallery, limits
 from .catalog import ModelMenu, length_limits
-from .endpoints import Endpoints
+from .endpoints import LORA_WEIGHT_MAX, Endpoints
 from .outputs import OUTPUT_MAX_AGE, SWEEP_INTERVAL
 from .settings import DTYPES, OFFLOAD_MODES, QUANTIZE_MODES, STAGE_COUNT, ModelOptions, fresh_seed, memory_choices
 from .studio_queue import QUEUE_HEADERS
@@ -32,11 +32,13 @@ EXAMPLE_PROMPTS = [  # the bundled model's grammar: a {color} {shape} moving {di
 HELPERS = dict(api_visibility="private", queue=False)
 
 
-def build_studio(default_model=None, output_dir="outputs", pipelines=None, models=None, hosted=False) -> gr.Blocks:
+def build_studio(default_model=None, output_dir="outputs", pipelines=None, models=None, hosted=False,
+                 lora_dir=None) -> gr.Blocks:
     """The studio UI; `default_model` (or the first of `models`) is a checkpoint folder or hub id (default: the
-    bundled model). `hosted`: models from the allow-list only, outputs per session, old files swept."""
+    bundled model). `hosted`: models from the allow-list only, outputs per session, old files swept. The LoRAs
+    in `lora_dir` (the operator's: adapter folders, .safetensors files) are offered with a weight slider."""
     menu = ModelMenu(models if models is not None else [default_model] if default_model else [], hosted=hosted)
-    endpoints = Endpoints(output_dir=output_dir, pipelines=pipelines, menu=menu)
+    endpoints = Endpoints(output_dir=output_dir, pipelines=pipelines, menu=menu, lora_dir=lora_dir)
     facts = menu.facts(menu.default)
     if facts.variants and menu.is_local(menu.default):
         endpoints.pipelines.warm_up(ModelOptions(model=menu.source_for(menu.default), dtype=_default_dtype()))
@@ -52,8 +54,8 @@ def build_studio(default_model=None, output_dir="outputs", pipelines=None, model
             with gr.Column(scale=5):
                 tabs, inputs, buttons, lengths, queue_buttons, storyboards = _mode_tabs(spec)
                 stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
-                controls = {**_model_panel(menu, facts), **_sampling_panel(facts.sampling),
-                            **_memory_panel()}
+                controls = {**_model_panel(menu, facts), **_lora_panel(endpoints.loras),
+                            **_sampling_panel(facts.sampling), **_memory_panel()}
             with gr.Column(scale=6):
                 status = gr.Markdown("Ready.", label="Status", elem_id="status")
                 result_video = gr.Video(label="Result", buttons=["download"], autoplay=True, loop=True,
@@ -265,6 +267,15 @@ def _model_panel(menu, facts) -> dict:
     return {"model": model, "variant": variant}
 
 
+def _lora_panel(loras) -> dict:
+    """A LoRA from the operator's folder and its weight; hidden when the studio was started without --lora-dir."""
+    with gr.Accordion("LoRA", open=False, visible=bool(loras)):
+        lora = gr.Dropdown([gallery.NO_LORA, *loras], value=gallery.NO_LORA, label="LoRA", elem_id="lora",
+                           info="adapters in the studio's LoRA folder (--lora-dir)")
+        weight = gr.Slider(0, LORA_WEIGHT_MAX, value=1.0, step=0.05, label="LoRA weight", elem_id="lora-weight")
+    return {"lora": lora, "lora_weight": weight}
+
+
 def sampling_values(sampling) -> dict:
     """Sampling-panel control name -> the model's default value."""
     return gallery.sampling_controls(asdict(sampling))
@@ -338,7 +349,7 @@ def _reuse_updates(settings, menu, tabs, inputs, controls, status, storyboards) 
         if name not in values:
             continue
         offered = [choice[1] for choice in getattr(component, "choices", None) or []]
-        if isinstance(component, gr.Radio) and values[name] not in offered:
+        if (isinstance(component, gr.Radio) or name == "lora") and values[name] not in offered:
             continue
         updates[component] = gr.update(value=values[name])
     updates[controls["variant"]] = gr.update(choices=["auto", *menu.facts(values["model"]).variants],

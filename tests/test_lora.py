@@ -199,3 +199,73 @@ def test_lora_specs_take_folders_pairs_and_lists(tmp_path):
     assert lora_specs(["a", ("b", 2)]) == [("a", 1.0), ("b", 2.0)]
     with pytest.raises(ValueError, match="a \\(folder, weight\\) pair"):
         lora_specs([("a", "heavy")])
+
+
+def test_cli_applies_repeated_loras_and_records_them(tmp_path):
+    from model_core.media_files import read_metadata
+    from pyramid_app import cli
+
+    checkpoint = build_tiny_checkpoint(tmp_path / "checkpoint", "miniflux")
+    transformer = PyramidFlowPipeline.from_pretrained(checkpoint).transformer
+    folders = []
+    for name, seed in (("style", 1), ("motion", 2)):
+        model = type(transformer).from_config(transformer.config)
+        model.load_state_dict(transformer.state_dict())
+        folders.append(trained_adapter(tmp_path / name, seed, model=model)[0])
+    out = tmp_path / "clip.mp4"
+    code = cli.main(["generate", "--prompt", "a red square", "--out", str(out), "--model", str(checkpoint),
+                     "--num-frames", "9", "--seed", "0", "--first-frame-steps", "1,1,1", "--video-steps", "1,1,1",
+                     "--lora", f"{folders[0]}:0.6", "--lora", str(folders[1]), "--quiet"])
+    assert code == 0
+    assert read_metadata(out)["lora"] == [{"name": "style", "weight": 0.6}, {"name": "motion", "weight": 1.0}]
+
+
+def test_lora_option_is_checked_before_loading(tmp_path):
+    from pyramid_app.settings import ModelOptions, parse_lora
+
+    assert parse_lora(f"{tmp_path}:0.5") == (str(tmp_path), 0.5)
+    assert parse_lora(str(tmp_path)) == (str(tmp_path), 1.0)
+    assert ModelOptions(lora=[str(tmp_path), (tmp_path, 2)]).lora == ((str(tmp_path), 1.0), (str(tmp_path), 2.0))
+    with pytest.raises(FileNotFoundError, match="missing does not exist; give a LoRA folder"):
+        parse_lora(f"{tmp_path}/missing:0.5")
+    with pytest.raises(ValueError, match="a LoRA weight must be a number"):
+        parse_lora((tmp_path, "nan"))
+
+
+def test_studio_offers_only_the_lora_folder_and_switches_without_reloading(tmp_path):
+    from pyramid_app import gallery, studio
+    from pyramid_app.endpoints import Endpoints
+    from pyramid_app.jobs import PipelineCache
+    from pyramid_app.settings import ModelOptions
+
+    checkpoint = build_tiny_checkpoint(tmp_path / "checkpoint", "miniflux")
+    cache = PipelineCache()
+    pipe = cache.get(ModelOptions(model=str(checkpoint)))
+    model = type(pipe.transformer).from_config(pipe.transformer.config)
+    model.load_state_dict(pipe.transformer.state_dict())
+    trained_adapter(tmp_path / "loras" / "style", 1, model=model)
+    (tmp_path / "loras" / "notes").mkdir()  # not a LoRA: not offered
+
+    endpoints = Endpoints(str(checkpoint), tmp_path / "out", cache, lora_dir=tmp_path / "loras")
+    assert list(endpoints.loras) == ["style"]
+    assert endpoints._lora("style", 0.4) == ((str(tmp_path / "loras" / "style"), 0.4),)
+    assert endpoints._lora(gallery.NO_LORA, 1.0) == ()
+    with pytest.raises(ValueError, match="not in the studio's LoRA folder; pick one of: style"):
+        endpoints._lora("../checkpoint", 1.0)
+    with pytest.raises(ValueError, match="the LoRA weight must be a number from 0 to 2"):
+        endpoints._lora("style", "heavy")
+
+    shape = dict(first_frame_steps=(1, 1, 1), video_steps=(1, 1, 1), num_frames=9, seed=0, output_type="latent")
+    base = pipe("a red square", **shape).latents
+    styled = cache.get(ModelOptions(model=str(checkpoint), lora=endpoints._lora("style", 0.4)))
+    assert styled is pipe and pipe.lora_settings() == [{"name": "style", "weight": 0.4}]
+    out = pipe("a red square", **shape)
+    assert not torch.allclose(out.latents, base, atol=1e-4)
+    assert gallery.control_values(out.settings)["lora"] == "style"
+    assert gallery.control_values(out.settings)["lora_weight"] == 0.4
+    assert cache.get(ModelOptions(model=str(checkpoint))) is pipe and pipe.lora_settings() == []
+    assert torch.equal(pipe("a red square", **shape).latents, base)
+
+    demo = studio.build_studio(str(checkpoint), tmp_path / "out", cache, lora_dir=tmp_path / "loras")
+    picker = next(block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "lora")
+    assert [choice[1] for choice in picker.choices] == [gallery.NO_LORA, "style"]

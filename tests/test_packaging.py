@@ -29,8 +29,8 @@ def test_every_package_folder_is_installed():
 def test_requirements_txt_and_pyproject_declare_the_same_pins():
     project = PROJECT["project"]
     declared = project["dependencies"] + [d for extra in project["optional-dependencies"].values() for d in extra]
-    lines = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
-    required = [line for line in lines if line and not line.startswith("#")]
+    lines = [line.partition("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
+    required = [line for line in lines if line]
     by_name = {requirement_name(d): d for d in declared}
     for line in required:
         assert by_name.get(requirement_name(line)) == line, f"pyproject.toml should declare {line!r}"

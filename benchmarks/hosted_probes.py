@@ -88,6 +88,11 @@ def probes() -> list:
     add(("text_to_image",), "guidance_scale: 10^9", guidance_scale=1e9)
     add(("text_to_video",), "video_guidance_scale: infinity", video_guidance_scale=math.inf)
     add(("text_to_video",), "video_guidance_scale: null", video_guidance_scale=None)
+    add(("text_to_image",), "lora: a server folder (/etc)", lora="/etc")
+    add(("text_to_image",), "lora: a list", lora=["style"])
+    add(("text_to_image",), "lora_weight: NaN", lora_weight=math.nan)
+    add(("text_to_image",), "lora_weight: 'abc'", lora_weight="abc")
+    add(("text_to_image",), "lora_weight: 10^9", lora_weight=1e9)
     for index, name in enumerate(STEP_NAMES):
         bad = [0, 1000, 2.5, "abc", -3, None][index]
         add(("text_to_image" if name.startswith("first") else "text_to_video",), f"{name}: {bad!r}", **{name: bad})

@@ -157,14 +157,14 @@ class Endpoints:
 
     def _lora(self, name, weight) -> tuple:
         """The picked LoRA as ((path, weight),), or () for none; only names from the LoRA folder are accepted."""
-        if name in (None, "", gallery.NO_LORA):
-            return ()
-        if name not in self.loras:
-            offered = ", ".join(self.loras) or "none (start the studio with --lora-dir)"
-            raise ValueError(f"LoRA {name!r} is not in the studio's LoRA folder; pick one of: {offered}")
         weight = 1.0 if weight is None else weight
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= LORA_WEIGHT_MAX:
             raise ValueError(f"the LoRA weight must be a number from 0 to {LORA_WEIGHT_MAX:g}; got {limits.shown(weight)}")
+        if name in (None, "", gallery.NO_LORA):
+            return ()
+        if not isinstance(name, str) or name not in self.loras:
+            offered = ", ".join(self.loras) or "none (start the studio with --lora-dir)"
+            raise ValueError(f"LoRA {limits.shown(name)} is not in the studio's LoRA folder; pick one of: {offered}")
         return ((str(self.loras[name]), float(weight)),)
 
     # --- the queue ----------------------------------------------------------------------------

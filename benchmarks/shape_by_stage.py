@@ -40,7 +40,7 @@ def first_frame_from(pipe, velocity, x1: torch.Tensor, stage: int, seed: int):
     steps = (STEPS_PER_STAGE,) * pipe.scheduler.config.stages
     start = stage_endpoints(x1, stage, pipe.scheduler, generator)[0]
     latent = sample_unit(velocity, pipe.scheduler, start, [], 0, steps, generator, first_stage=stage)
-    return read_frame(pipe._decode(latent)[0])
+    return read_frame(pipe.decode_latents(latent)[0])
 
 
 @torch.no_grad()
@@ -52,7 +52,7 @@ def measure(pipe, pairs, guidance: float) -> dict:
         color, shape, direction = parse_prompt(prompt)
         frame = to_video_tensor(torch.from_numpy(render_clip(prompt, seed)[:1]), FRAME_SIZE, FRAME_SIZE)
         x1 = pipe._encode_video(frame)
-        readings = {"round trip": read_frame(pipe._decode(x1)[0])}
+        readings = {"round trip": read_frame(pipe.decode_latents(x1)[0])}
         velocity, seed = guided_velocity(pipe, prompt, guidance), seed % 2**63
         for stage in range(stages):
             readings[f"from stage {stage}"] = first_frame_from(pipe, velocity, x1, stage, seed)

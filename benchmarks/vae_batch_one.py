@@ -22,13 +22,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     pipe = PyramidFlowPipeline.from_pretrained(BUNDLED_MODEL, device="cpu")
     latents = pipe.text_to_video("a red circle moving right", seed=0, num_frames=17, output_type="latent").latents
-    routed = median_seconds(lambda: pipe._decode(latents), args.repeats)
-    frames = pipe._decode(latents)
+    routed = median_seconds(lambda: pipe.decode_latents(latents), args.repeats)
+    frames = pipe.decode_latents(latents)
     onednn_route = causal_conv.conv3d
     causal_conv.conv3d = lambda conv, x: conv(x)
     try:
-        native = median_seconds(lambda: pipe._decode(latents), args.repeats)
-        native_frames = pipe._decode(latents)
+        native = median_seconds(lambda: pipe.decode_latents(latents), args.repeats)
+        native_frames = pipe.decode_latents(latents)
     finally:
         causal_conv.conv3d = onednn_route
     largest = int(np.abs(frames.astype(int) - native_frames.astype(int)).max())

@@ -262,7 +262,9 @@ def _upload_path(payload):
 def storyboard_of(table) -> Storyboard:
     """The segment table's filled rows [seconds, prompt] as a Storyboard; None when no row is filled."""
     rows = table.get("data", []) if isinstance(table, dict) else table
-    filled = [list(row) for row in (rows or []) if any(str(cell if cell is not None else "").strip() for cell in row)]
+    if rows is not None and not (isinstance(rows, list) and all(isinstance(row, list) for row in rows)):
+        raise ValueError("the storyboard must be a table of rows [seconds, prompt]")
+    filled = [row for row in (rows or []) if any(str(cell if cell is not None else "").strip() for cell in row)]
     if not filled:
         return None
     pairs = []

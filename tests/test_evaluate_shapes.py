@@ -75,7 +75,7 @@ def test_the_command_samples_with_the_models_defaults_unless_told(tmp_path):
                  "--out", str(out)]) == 0
     figures = json.loads(out.read_text())
     assert figures["options"] == {"first_frame_steps": [1, 1, 1], "video_steps": [1, 1, 2], "guidance_scale": 2.0,
-                                  "video_guidance_scale": 1.5}
+                                  "video_guidance_scale": 1.5, "cache": "none", "cache_threshold": 0.05}
     assert figures["pairs"] == 1 and 0 <= figures["text_to_video"]["color_accuracy"] <= 1
     assert figures["stream"] == HELDOUT_STREAM
 

@@ -136,7 +136,7 @@ class UlyssesContext:
 
     def gather(self, image: torch.Tensor) -> torch.Tensor:
         """Every rank's image slice [B, I/C, D] -> the whole image sequence [B, I, D] on every rank."""
-        whole = funcol.wait_tensor(funcol.all_gather_tensor(image.contiguous(), 1, self.mesh))
+        whole = funcol.wait_tensor(funcol.all_gather_single(image.contiguous(), 1, self.mesh))
         return whole[:, : self.image_tokens]
 
 
@@ -176,7 +176,7 @@ class Parallelism:
 
     def gather_guidance(self, velocity: torch.Tensor) -> torch.Tensor:
         """Both branches' velocities [unconditional ; conditional] on every rank."""
-        return funcol.wait_tensor(funcol.all_gather_tensor(velocity.contiguous(), 0, self.mesh["guidance"]))
+        return funcol.wait_tensor(funcol.all_gather_single(velocity.contiguous(), 0, self.mesh["guidance"]))
 
 
 SINGLE_PROCESS = {"world_size": 1, "guidance": 1, "context": 1}

@@ -188,8 +188,8 @@ def _with_storyboard(controls, storyboards, mode) -> dict:
 
 def _storyboard_table(elem_id) -> gr.Dataframe:
     """The segment table under the prompt: filled rows replace the prompt and the length (one row = one prompt)."""
-    return gr.Dataframe(headers=["seconds", "prompt"], datatype=["number", "str"], type="array", row_count=(1, "dynamic"),
-                        column_count=(2, "fixed"), interactive=True, value=[[None, ""]],
+    return gr.Dataframe(headers=["seconds", "prompt"], datatype=["number", "str"], type="array", row_count=1,
+                        column_count=2, interactive=True, value=[[None, ""]],
                         label="Storyboard (optional): a prompt per segment; filled rows replace the prompt and the length",
                         elem_id=elem_id)
 

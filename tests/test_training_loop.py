@@ -60,7 +60,7 @@ def test_two_gloo_processes_match_one_process(world, tmp_path):
     checkpoint, _, features, empty = world
     overrides = tiny_overrides(checkpoint, features, tmp_path / "two", 4, 1, empty_text_fea=empty)
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                "-m", "training.launch", "--config", RECIPE, "--max-steps", "3", *overrides]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -170,12 +170,12 @@ def test_unreadable_samples_are_left_out_of_the_gradient_not_counted_as_zero(wor
         torch.testing.assert_close(gradients[name], p.grad, rtol=1e-5, atol=1e-7)
 
 
-def torchrun(world, output, steps, port, *extra, fsdp=True):
+def torchrun(world, output, steps, *extra, fsdp=True):
     checkpoint, _, features, empty = world
     overrides = tiny_overrides(checkpoint, features, output, 4, 1, empty_text_fea=empty)
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "ACCELERATE_USE_FSDP": str(fsdp).lower(), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                "-m", "training.launch", "--config", RECIPE, "--max-steps", str(steps), *overrides, *extra]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -185,15 +185,15 @@ def test_fsdp2_on_two_gloo_processes_matches_one_process_and_resumes(world, tmp_
     """FSDP2 (`fully_shard`, each block a unit) on 2 CPU processes: 4 steps equal 1 process x 2 accumulation steps
     within 1e-5, and 2 steps + resume + 2 steps equal 4 steps exactly (weights, EMA, optimizer moments)."""
     run(world, tmp_path / "one", 4, accumulation=2)
-    torchrun(world, tmp_path / "fsdp", 4, 29534)
+    torchrun(world, tmp_path / "fsdp", 4)
     state = json.loads((tmp_path / "fsdp" / "checkpoint-4" / "training_state" / "state.json").read_text())
     assert state["world_size"] == 2 and state["fsdp"] is True
     assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
     for name in (WEIGHTS, Path("training_state") / "ema.safetensors"):
         one, two = load_file(tmp_path / "one" / "checkpoint-4" / name), load_file(tmp_path / "fsdp" / "checkpoint-4" / name)
         assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)
-    torchrun(world, tmp_path / "resumed", 2, 29535)
-    torchrun(world, tmp_path / "resumed", 4, 29536, "--resume", "auto")
+    torchrun(world, tmp_path / "resumed", 2)
+    torchrun(world, tmp_path / "resumed", 4, "--resume", "auto")
     for name in (WEIGHTS, Path("training_state") / "ema.safetensors"):
         straight, resumed = load_file(tmp_path / "fsdp" / "checkpoint-4" / name), load_file(tmp_path / "resumed" / "checkpoint-4" / name)
         assert all(torch.equal(straight[k], resumed[k]) for k in straight)

@@ -106,7 +106,7 @@ def test_extraction_writes_resumable_shards_with_recorded_clip_starts(tmp_path):
     out = tmp_path / "latents"
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                "-m", "training.extract_latents", "--model", str(checkpoint), "--annotations", str(annotations),
                "--output-dir", str(out), "--fps", "8", "--seconds", "1", "--buckets", "64x64", "--clips-per-video", "2",
                "--shard-size", "3"]

@@ -45,7 +45,7 @@ def installed_attention_backends() -> list:
 def usable_attention_backends(device=None, dtype=None) -> list:
     """Installed backends that also run on `device` with `dtype` (CUDA half precision for flash / sage)."""
     names = installed_attention_backends()
-    if device is not None and torch.device(device).type != "cuda":
+    if device is not None and torch.device(device).type != "cuda":  # ok: a device-type check
         names = [name for name in names if name not in CUDA_ONLY]
     if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
         names = [name for name in names if name not in HALF_PRECISION_ONLY]

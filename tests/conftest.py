@@ -32,3 +32,20 @@ def _warm_up_finished():
     for thread in threading.enumerate():
         if thread.name == "pyramid-warm-up":
             thread.join()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny miniFLUX checkpoint in the official layout, one per test module (modules may define their own)."""
+    from tiny_checkpoint import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("miniflux"), "miniflux")
+
+
+@pytest.fixture(scope="module")
+def pipe(checkpoint):
+    """The pipeline of `checkpoint`, shared by the tests of one module."""
+    from model_core import PyramidFlowPipeline
+
+    return PyramidFlowPipeline.from_pretrained(checkpoint)
+

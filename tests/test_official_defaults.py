@@ -12,16 +12,6 @@ FAST = dict(first_frame_steps=(1, 1, 1), video_steps=(1, 1, 1))
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def pipe(checkpoint):
-    return PyramidFlowPipeline.from_pretrained(checkpoint)
-
-
-@pytest.fixture(scope="module")
 def official(checkpoint):
     return PyramidFlowPipeline.from_pretrained(checkpoint, official_defaults=True)
 

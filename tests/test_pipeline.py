@@ -15,16 +15,6 @@ FAST = dict(first_frame_steps=(1, 1, 1), video_steps=(1, 1, 1))
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("miniflux"), "miniflux")
-
-
-@pytest.fixture(scope="module")
-def pipe(checkpoint):
-    return PyramidFlowPipeline.from_pretrained(checkpoint)
-
-
-@pytest.fixture(scope="module")
 def image():
     y, x = np.mgrid[0:80, 0:96]
     return np.stack([(x * 2) % 256, (y * 3) % 256, ((x + y) * 2) % 256], -1).astype(np.uint8)

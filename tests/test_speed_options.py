@@ -17,16 +17,6 @@ ONE_STEP = dict(first_frame_steps=(1, 1, 1), video_steps=(1, 1, 1))
 UNITS, STAGES = 3, 3  # 17 frames of the tiny checkpoint: three latent units, each over three pyramid stages
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("miniflux"), "miniflux")
-
-
-@pytest.fixture(scope="module")
-def pipe(checkpoint):
-    return PyramidFlowPipeline.from_pretrained(checkpoint)
-
-
 def generate(pipe, **options):
     return pipe("a red circle moving left", num_frames=17, seed=3, **{**STEPS, **options})
 

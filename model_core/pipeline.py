@@ -142,13 +142,23 @@ class PyramidFlowPipeline(PyramidLoraLoaderMixin, DiffusionPipeline):
         device, dtype = resolve_device(device), resolve_dtype(torch_dtype)
         check_memory_options(device, dtype, offload, quantize)
         check_speed_options(device, dtype, attention_backend, compile)
-        if (Path(source).expanduser() / MODEL_INDEX).is_file():
-            pipe = cls._from_saved_pipeline(Path(source).expanduser(), device, dtype, offload, quantize, vae_tiling, lora,
-                                            official_defaults)
-            pipe.settings_base.update(apply_speed_options(pipe.transformer, device, dtype, attention_backend, compile))
-            if parallel is not None:
-                pipe.enable_parallelism(parallel)
-            return pipe
+        root = Path(source).expanduser()
+        if (root / MODEL_INDEX).is_file():
+            pipe = cls._from_saved_pipeline(root, device, dtype, quantize, official_defaults)
+        else:
+            pipe = cls._from_official_layout(source, variant, model, device, dtype, quantize, official_defaults, tqdm_class)
+        pipe.compute_dtype = dtype
+        pipe.load_loras(lora)  # before quantization and offload hooks change the layers
+        pipe._apply_memory_options(device, dtype, offload, quantize, vae_tiling)
+        pipe.settings_base.update(apply_speed_options(pipe.transformer, device, dtype, attention_backend, compile))
+        if parallel is not None:
+            pipe.enable_parallelism(parallel)
+        return pipe
+
+    @classmethod
+    def _from_official_layout(cls, source, variant, model, device, dtype, quantize, official_defaults, tqdm_class):
+        """The published checkpoints' layout (causal_video_vae/, diffusion_transformer_<variant>/, text folders),
+        local or fetched from the hub; bitsandbytes quantisation is applied while loading."""
         checkpoint = resolve_checkpoint(source, variant, model, tqdm_class=tqdm_class)
         from .transformers import PyramidFluxTransformer, PyramidMMDiT
         from .vae import CausalVideoVAE
@@ -164,16 +174,10 @@ class PyramidFlowPipeline(PyramidLoraLoaderMixin, DiffusionPipeline):
         components = {**prompt_encoder.encoders, **{k.replace("text_encoder", "tokenizer"): v for k, v in prompt_encoder.tokenizers.items()}}
         pipe = cls(vae=vae, transformer=transformer, scheduler=PyramidFlowScheduler(), **components)
         pipe.checkpoint = checkpoint
-        pipe.compute_dtype = dtype
-        pipe.load_loras(lora)  # before quantization and offload hooks change the layers
-        pipe._apply_memory_options(device, dtype, offload, quantize, vae_tiling)
-        pipe.settings_base.update(apply_speed_options(pipe.transformer, device, dtype, attention_backend, compile))
         pipe.source = str(source)
         pipe.official_defaults = not (checkpoint.root / SETTINGS_FILE).is_file() if official_defaults is None else bool(official_defaults)
         pipe.register_to_config(pyramid_flow={**describe(checkpoint.family, checkpoint.variant),
                                               "official_defaults": pipe.official_defaults})
-        if parallel is not None:
-            pipe.enable_parallelism(parallel)
         return pipe
 
     parallel = None  # a model_core.parallel.Parallelism once `enable_parallelism` ran
@@ -188,7 +192,7 @@ class PyramidFlowPipeline(PyramidLoraLoaderMixin, DiffusionPipeline):
         return self.parallel
 
     @classmethod
-    def _from_saved_pipeline(cls, root: Path, device, dtype, offload, quantize, vae_tiling, lora, official_defaults):
+    def _from_saved_pipeline(cls, root: Path, device, dtype, quantize, official_defaults):
         """A folder written by `save_pretrained` (diffusers layout: model_index.json and a folder per component)."""
         facts = json.loads((root / MODEL_INDEX).read_text()).get("pyramid_flow")
         if not isinstance(facts, dict):
@@ -202,9 +206,6 @@ class PyramidFlowPipeline(PyramidLoraLoaderMixin, DiffusionPipeline):
             quantization = PipelineQuantizationConfig(quant_mapping={"transformer": dit_quant, t5: t5_quant})
         with MODEL_BUILD_LOCK:
             pipe = super().from_pretrained(root, dtype=dtype, quantization_config=quantization)
-        pipe.load_loras(lora)
-        pipe.compute_dtype = dtype
-        pipe._apply_memory_options(device, dtype, offload, quantize, vae_tiling)
         pipe.source = str(root)
         if official_defaults is not None:
             pipe.official_defaults = bool(official_defaults)

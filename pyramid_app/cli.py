@@ -4,7 +4,6 @@ Everything a person can get wrong is checked before the model loads; any error e
 one line `error: ...` on stderr. Ctrl-C stops after the current step and still saves the finished units.
 """
 import argparse
-import logging
 import signal
 import sys
 import threading
@@ -15,11 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-# torchao (quantize=int8/fp8, imported by diffusers too) warns on every import on a CPU build: its optional CUDA
-# kernels do not load, torch notes its enums, diffusers its tensor classes; a command's stderr keeps to its own lines
-for _name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
-    logging.getLogger(_name).setLevel(logging.ERROR)
 
 from model_core.media_files import read_image, read_video, write_image, write_video
 from model_core.storyboard import Storyboard

@@ -69,7 +69,8 @@ class VariantSpec:
     @property
     def longest_latent_frames(self) -> int:
         """Latent frames of the longest video made: the published length, or LONG_VIDEO_SECONDS if that is longer
-        (the temporal RoPE positions have no table to run out of; quality past the trained length is the model's)."""
+        (the history window keeps temporal positions within the published range; quality past the trained length is
+        the model's)."""
         long_video = 1 + (frames_for_duration(LONG_VIDEO_SECONDS, self.fps, self.frames_per_latent) - 1) // self.frames_per_latent
         return max(self.max_latent_frames, long_video)
 

@@ -10,7 +10,7 @@ import torch
 
 from .pyramid import initial_noise, latent_pyramid, renoise_at_jump
 from .scheduler import PyramidFlowScheduler
-from .temporal import history_clips
+from .temporal import history_clips, history_start
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def sample_video(velocity_for_unit: Callable, scheduler: PyramidFlowScheduler, s
                  first_frame_steps=(20, 20, 20), video_steps=(10, 10, 10), generator=None,
                  on_step: Callable = None, stop: Callable = None, device=None) -> tuple:
     """Generate latent frames one unit at a time, each conditioned on the clean, temporally
-    pyramided history of the ones before it (Eq. 17).
+    pyramided history of the ones before it (Eq. 17), at most HISTORY_WINDOW frames back.
 
     `shape` is [B, C, T_new, H, W] at full latent resolution; `history` [B, C, T_h, H, W] or None.
     `on_step(progress, t, x)` runs after every transformer step and returns the latent to go on from; `stop()` is
@@ -79,14 +79,16 @@ def sample_video(velocity_for_unit: Callable, scheduler: PyramidFlowScheduler, s
     first, total = len(frames), len(frames) + new_units
     for unit in range(first, total):
         steps = tuple(first_frame_steps if unit == 0 else video_steps)
-        pyramid = latent_pyramid(torch.cat(frames, dim=2), num_stages) if frames else []
+        oldest = history_start(unit)
+        pyramid = latent_pyramid(torch.cat(frames[oldest:], dim=2), num_stages) if frames else []
 
         def report(stage, index, t, x):
             kind = "unit" if stage == num_stages - 1 and index == steps[-1] - 1 else "step"
             return on_step(Progress(kind, unit, total, stage, index, steps), t, x) if on_step else x
 
         start = noise[:, :, unit - first : unit - first + 1]
-        latent = sample_unit(velocity_for_unit(unit), scheduler, start, pyramid, unit, steps, generator, report, stop=stop)
+        latent = sample_unit(velocity_for_unit(unit), scheduler, start, pyramid, unit - oldest, steps, generator, report,
+                             stop=stop)
         if latent is None:
             return torch.cat(frames, dim=2) if frames else None, True
         frames.append(latent)

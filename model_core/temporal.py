@@ -3,6 +3,10 @@ what it costs in tokens. One latent frame per autoregressive unit, as in the pub
 from dataclasses import dataclass
 
 PATCH_SIZE = 2
+# History frames a unit sees at most: those of the last unit of the longest published clip (768p, 10 s, 31 latent
+# frames). Up to that length the layout is the authors'; past it the oldest frames slide out of the window, so
+# tokens, temporal positions and memory per unit stay flat for videos of any length.
+HISTORY_WINDOW = 30
 
 
 def latent_frames(num_frames: int, frames_per_latent: int) -> int:
@@ -31,14 +35,19 @@ def history_level(distance: int, stage: int) -> int:
     return max(stage - distance + 1, 0)
 
 
+def history_start(unit_index: int) -> int:
+    """The oldest history frame unit `unit_index` sees: at most HISTORY_WINDOW frames back."""
+    return max(0, unit_index - HISTORY_WINDOW)
+
+
 def history_layout(unit_index: int, stage: int, num_stages: int = 3) -> list:
-    """History clips for unit `unit_index` at `stage`, oldest first; runs of equal level merge."""
+    """History clips for unit `unit_index` at `stage`, oldest first, within the window; runs of equal level merge."""
     if unit_index < 0:
         raise ValueError(f"unit_index must be >= 0; got {unit_index}")
     if not 0 <= stage < num_stages:
         raise ValueError(f"stage must be in 0..{num_stages - 1}; got {stage}")
     clips = []
-    for frame in range(unit_index):
+    for frame in range(history_start(unit_index), unit_index):
         level = history_level(unit_index - frame, stage)
         if clips and clips[-1].level == level:
             clips[-1] = HistoryClip(clips[-1].first, clips[-1].length + 1, level)

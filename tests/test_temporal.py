@@ -78,3 +78,41 @@ def test_history_clips_slice_the_clean_pyramid():
     torch.testing.assert_close(clips[-1], video[:, :, 3:4])
     with pytest.raises(ValueError, match="only 5 are given"):
         history_clips(latent_pyramid(video), unit_index=6, stage=0)
+
+
+def test_history_is_the_authors_up_to_ten_seconds_and_flat_after():
+    """Up to the longest published clip (31 latent frames) every frame before a unit is history; past it the
+    window slides, so the last unit's tokens stop growing (flat time and memory per unit for long videos)."""
+    from model_core.temporal import HISTORY_WINDOW
+
+    assert HISTORY_WINDOW == 30
+    assert sum(c.length for c in history_layout(30, 2)) == 30
+    budgets = [token_budget(384, 640, 1 + 8 * (latent - 1))["pyramid_max_tokens"] for latent in range(29, 62)]
+    assert budgets[0] < budgets[2] == budgets[-1]  # grows to 31 latent frames (10 s), then stays
+    later = history_layout(50, 2)
+    assert (later[0].first, sum(c.length for c in later)) == (20, 30)
+    assert [(c.length, c.level) for c in later] == [(c.length, c.level) for c in history_layout(30, 2)]
+
+
+def test_the_sampler_feeds_at_most_the_window_of_history():
+    import torch
+
+    from model_core.sampling import sample_video
+    from model_core.scheduler import PyramidFlowScheduler
+    from model_core.temporal import HISTORY_WINDOW
+
+    seen = []
+
+    def velocity_for_unit(unit):
+        def velocity(clips, t):
+            seen.append((unit, sum(c.shape[2] for c in clips[:-1])))
+            return torch.zeros_like(clips[-1])
+        return velocity
+
+    units = HISTORY_WINDOW + 4
+    latents, interrupted = sample_video(velocity_for_unit, PyramidFlowScheduler(), (1, 2, units, 8, 8),
+                                        first_frame_steps=(1, 1, 1), video_steps=(1, 1, 1),
+                                        generator=torch.Generator().manual_seed(0))
+    history = dict(seen)
+    assert latents.shape[2] == units and not interrupted
+    assert [history[u] for u in (0, 1, 29, 30, 31, units - 1)] == [0, 1, 29, 30, 30, 30]

@@ -20,6 +20,7 @@ from model_core.storyboard import Storyboard
 
 from . import ranks
 from .job_queue import JobQueue, run_jobs
+from .output_file import OutputFile
 from .queue_runner import Stopped, generate_job, model_options, queued_jobs_from_request, seeded_job
 from .settings import (
     ATTENTION_BACKENDS,
@@ -288,7 +289,7 @@ def run_queue(path: Path, quiet: bool = False) -> int:
 
 
 def run(request: Request, quiet: bool = False) -> int:
-    """Load the model once, generate every job in order, write each file as it finishes.
+    """Load the model once, generate every job in order, each video streamed into its file unit by unit.
 
     Under torchrun every rank computes each job and rank 0 alone reports and writes."""
     from model_core.memory import resolve_device
@@ -307,17 +308,18 @@ def run(request: Request, quiet: bool = False) -> int:
         seeded = request.options.seeded()
         seeded = replace(seeded, seed=ranks.agree(seeded.seed))  # the same noise on every rank
         report(f"{job.out.name}: {request.mode.replace('_', ' ')}, seed {seeded.seed}")
-        with _stop_on_ctrl_c() as stop:
+        with _stop_on_ctrl_c() as stop, OutputFile(job.out, pipe.spec.fps, keep=ranks.is_main()) as output:
             result = getattr(pipe, request.mode)(*inputs, job.prompt, **seeded.to_pipeline_kwargs(request.mode),
-                                                 callback_on_step_end=step_callback(None if quiet else ProgressPrinter(), stop))
-        if len(result.frames) == 0:
+                                                 callback_on_step_end=step_callback(None if quiet else ProgressPrinter(), stop),
+                                                 **output.pipeline_options)
+            saved = output.save(result)
+        if not saved:
             report(f"interrupted before the first frame was finished: nothing saved to {job.out}")
             return EXIT_INTERRUPTED
         if ranks.is_main():
-            save(result, job.out)
             print(f"{job.out}\tseed={seeded.seed}", flush=True)
         if result.interrupted:
-            report(f"interrupted: saved {len(result.frames)} frames to {job.out}")
+            report(f"interrupted: saved {saved} frames to {job.out}")
             return EXIT_INTERRUPTED
     return 0
 
@@ -361,17 +363,23 @@ class ProgressPrinter:
 
 @contextmanager
 def _stop_on_ctrl_c():
-    """First Ctrl-C asks the pipeline to stop after the current step; a second one aborts."""
+    """The first Ctrl-C asks the pipeline to stop after the current step and save what is finished; a second one
+    only says so again (the save is under way); a third aborts without saving."""
     stop = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
+    presses = []
 
     def request_stop(signum, frame):
-        if stop.is_set():
+        presses.append(signum)
+        if len(presses) == 1:
+            stop.set()
+            _stderr_line("stopping after the current step; the finished units are saved (Ctrl-C twice more to abort)")
+        elif len(presses) == 2:
+            _stderr_line("saving the finished units (Ctrl-C again to abort without saving)")
+        else:
             raise KeyboardInterrupt
-        stop.set()
-        _stderr_line("stopping after the current step (Ctrl-C again to abort without saving)")
 
     previous = signal.signal(signal.SIGINT, request_stop)
     try:

@@ -67,16 +67,20 @@ def load_counter(monkeypatch):
 
 @pytest.fixture
 def generated(monkeypatch):
-    """The frames of every result the CLI saves, in order."""
-    results = []
-    save = cli.save
+    """The frames of every video the CLI writes, as streamed into the file before encoding, in order."""
+    from pyramid_app.output_file import OutputFile
 
-    def recording(result, out):
-        results.append(result.frames.copy())
-        return save(result, out)
+    outputs = []
+    write = OutputFile.write
 
-    monkeypatch.setattr(cli, "save", recording)
-    return results
+    def recording(self, frames):
+        if not self.frames_written:
+            outputs.append([])
+        outputs[-1].append(frames.copy())
+        write(self, frames)
+
+    monkeypatch.setattr(OutputFile, "write", recording)
+    return outputs
 
 
 # --- argument errors: one line, exit 2, nothing written, no model loaded --------------------------
@@ -240,7 +244,7 @@ def test_same_seed_gives_identical_frames(tiny_model, tmp_path, capsys, generate
     common = ["--model", tiny_model, "--prompt", "a red ball", "--num-frames", 9, *FAST]
     for name, seed in (("a", 7), ("b", 7), ("c", 8)):
         assert run_cli(capsys, *common, "--seed", seed, "--out", tmp_path / f"{name}.mp4")[0] == 0
-    first, again, other = generated
+    first, again, other = (np.concatenate(frames) for frames in generated)
     assert np.array_equal(first, again)
     assert not np.array_equal(first, other)
     assert np.array_equal(read_video(tmp_path / "a.mp4")[0], read_video(tmp_path / "b.mp4")[0])
@@ -252,7 +256,7 @@ def test_random_seed_is_recorded_and_reproduces(tiny_model, tmp_path, capsys, ge
     seed = read_metadata(tmp_path / "a.mp4")["seed"]
     assert stdout.strip().endswith(f"seed={seed}")
     run_cli(capsys, *common, "--out", tmp_path / "b.mp4", "--seed", seed)
-    assert np.array_equal(*generated)
+    assert np.array_equal(*(np.concatenate(frames) for frames in generated))
 
 
 @pytest.mark.parametrize("arguments, fragment", [
@@ -321,6 +325,60 @@ def test_ctrl_c_saves_the_units_finished_so_far(tiny_model, tmp_path, capsys, mo
     assert "unit 2/3 done" in err and "interrupted: saved 9 frames" in err
     assert read_video(out)[0].shape[0] == 9 and read_metadata(out)["interrupted"] is True
     assert stdout.strip() == f"{out}\tseed={read_metadata(out)['seed']}"
+
+
+def test_video_is_streamed_into_the_file_as_units_finish(tiny_model, tmp_path, capsys, monkeypatch):
+    from model_core import PyramidFlowPipeline
+    from pyramid_app.output_file import OutputFile
+
+    events = []
+    write = OutputFile.write
+
+    class UnitRecorder(cli.ProgressPrinter):
+        def __call__(self, progress):
+            super().__call__(progress)
+            if progress.kind == "unit":
+                events.append(("unit", progress.unit))
+
+    def recording(self, frames):
+        events.append(("frames", len(frames)))
+        write(self, frames)
+
+    def no_whole_decode(self, latents):
+        raise AssertionError("the CLI decodes unit by unit, never the whole clip at the end")
+
+    monkeypatch.setattr(cli, "ProgressPrinter", UnitRecorder)
+    monkeypatch.setattr(OutputFile, "write", recording)
+    monkeypatch.setattr(PyramidFlowPipeline, "decode_latents", no_whole_decode)
+    out = tmp_path / "streamed.mp4"
+    code, _, _ = run_cli(capsys, "--model", tiny_model, "--prompt", "a red ball", "--out", out, "--num-frames", 17,
+                         *FAST[:-1])
+    assert code == 0
+    assert events == [("unit", 0), ("frames", 1), ("unit", 1), ("frames", 8), ("unit", 2), ("frames", 8)]
+    assert read_video(out)[0].shape[0] == 17 and read_metadata(out)["num_frames"] == 17
+
+
+@pytest.mark.parametrize("presses, saved", [(2, True), (3, False)])
+def test_a_second_ctrl_c_still_saves_and_a_third_aborts_cleanly(tiny_model, tmp_path, capsys, monkeypatch,
+                                                               presses, saved):
+    class CtrlCAfterSecondUnit(cli.ProgressPrinter):
+        def __call__(self, progress):
+            super().__call__(progress)
+            if progress.kind == "unit" and progress.unit == 1:
+                for _ in range(presses):
+                    signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(cli, "ProgressPrinter", CtrlCAfterSecondUnit)
+    out = tmp_path / "partial.mp4"
+    code, _, err = run_cli(capsys, "--model", tiny_model, "--prompt", "a red ball", "--out", out,
+                           "--num-frames", 17, *FAST[:-1])
+    assert code == cli.EXIT_INTERRUPTED
+    assert "saving the finished units" in err
+    if saved:
+        assert "interrupted: saved 9 frames" in err and read_video(out)[0].shape[0] == 9
+    else:
+        assert "nothing was saved" in err
+        assert sorted(p.name for p in tmp_path.iterdir()) == []  # no video, no sidecar, no staged partial
 
 
 def test_torchrun_two_ranks_write_one_video_equal_to_one_process(tiny_model, tmp_path, capsys):

@@ -158,10 +158,12 @@ def _local_facts(folder: Path) -> ModelFacts:
                       sampling=family.sampling)
 
 
-def length_limits(spec: VariantSpec, extension: bool = False) -> tuple:
+def length_limits(spec: VariantSpec, extension: bool = False, long_video: bool = False) -> tuple:
     """(minimum, maximum, step) of the frame slider: 1 + nk frames for a clip, nk new frames for an extension
-    (n = the VAE's `frames_per_latent`, 8 in the published models)."""
+    (n = the VAE's `frames_per_latent`, 8 in the published models); up to the published length, or with
+    `long_video` up to the long-video length (20 s, or the published one if longer)."""
     n = spec.frames_per_latent
+    most = spec.frames(spec.longest_latent_frames) if long_video else spec.max_frames
     if extension:
-        return n, max(n, spec.max_frames - 1), n
-    return (spec.frames(2), spec.max_frames, n) if spec.max_latent_frames >= 2 else (1, 1, n)
+        return n, max(n, most - 1), n
+    return (spec.frames(2), most, n) if spec.max_latent_frames >= 2 else (1, 1, n)

@@ -132,7 +132,8 @@ class Endpoints:
         model, spec = self._model_options(controls)
         storyboard = storyboard_of(controls.get("storyboard"))
         if storyboard is not None:  # its seconds set the length
-            return model, storyboard, _generation_options(mode, controls, None, spec, storyboard=storyboard)
+            return model, storyboard, _generation_options(mode, controls, None, spec, storyboard=storyboard,
+                                                          long_video=not self.menu.hosted)
         prompt = limits.prompt(prompt)
         if mode in ("text_to_video", "text_to_image") and not prompt.strip():
             raise ValueError("the prompt is empty; describe what you want to see")
@@ -188,7 +189,8 @@ class Endpoints:
             model, spec = self._model_options(controls)
             storyboard = storyboard_of(controls.get("storyboard"))
             prompt = "" if storyboard else limits.prompt(prompt)
-            options = _generation_options(mode, controls, num_frames, spec, seeded=False, storyboard=storyboard)
+            options = _generation_options(mode, controls, num_frames, spec, seeded=False, storyboard=storyboard,
+                                          long_video=not self.menu.hosted)
             upload = _upload_path(upload)
             if mode in MISSING_UPLOAD:
                 _read_upload(mode, upload)
@@ -289,11 +291,18 @@ def _read_upload(mode, upload):
     return image_frames(upload) if mode == "image_to_video" else video_frames(upload)
 
 
-def _generation_options(mode, controls, num_frames, spec, seeded: bool = True, storyboard=None) -> GenerationOptions:
+def _generation_options(mode, controls, num_frames, spec, seeded: bool = True, storyboard=None,
+                        long_video: bool = False) -> GenerationOptions:
     """Sampling options from the controls, each checked, and the length (a storyboard's, when given: its seconds set
-    it and no num_frames is passed on) checked against the model's limits."""
+    it and no num_frames is passed on) checked against the model's limits. A storyboard may run to the long-video
+    length where `long_video` (local mode); the slider, and every length in hosted mode, stops at the published one."""
     if storyboard is not None:
         num_frames = storyboard.num_frames(spec.fps, spec.frames_per_latent, continues=mode == "extend_video")
+        longest = length_limits(spec, mode == "extend_video", long_video)[1]
+        if num_frames > longest:
+            where = "in the studio" if long_video else "on this hosted studio"
+            raise ValueError(f"the storyboard lasts {storyboard.seconds:g} s ({num_frames} frames); this model makes at "
+                             f"most {longest} frames ({longest / spec.fps:.1f} s) {where}: shorten its segments")
     low_steps, high_steps = limits.STEPS_RANGE
     steps = {name: tuple(limits.whole(controls[gallery.step_control(name, stage)], f"{name} (stage {stage + 1})",
                                       low_steps, high_steps) for stage in range(STAGE_COUNT))
@@ -301,7 +310,8 @@ def _generation_options(mode, controls, num_frames, spec, seeded: bool = True, s
     guidance = {name: limits.number(controls[name], name, *limits.GUIDANCE_RANGE)
                 for name in ("guidance_scale", "video_guidance_scale")}
     if mode != "text_to_image":
-        num_frames = limits.frame_count(num_frames, *length_limits(spec, mode == "extend_video"),
+        extension, long_storyboard = mode == "extend_video", storyboard is not None and long_video
+        num_frames = limits.frame_count(num_frames, *length_limits(spec, extension, long_storyboard),
                                         what="new frames" if mode == "extend_video" else "num_frames")
     negative = limits.prompt(controls["negative_prompt"], "the negative prompt")
     options = GenerationOptions(negative_prompt=negative or None,

@@ -90,3 +90,22 @@ def test_the_segment_table_makes_a_storyboard_and_reuse_fills_it(tiny_model, tmp
                            **FAST, api_name="/text_to_video")
     finally:
         demo.close()
+
+
+def test_a_storyboard_runs_past_the_slider_to_the_long_video_length_except_when_hosted():
+    from model_core.checkpoints import VariantSpec
+    from model_core.storyboard import Storyboard
+    from pyramid_app.catalog import length_limits
+    from pyramid_app.endpoints import _generation_options
+
+    spec = VariantSpec(height=64, width=64, max_latent_frames=3, fps=8)  # the bundled model: the slider stops at 17
+    controls = {**FAST, "negative_prompt": "", "seed": "3"}
+    assert length_limits(spec)[1] == 17 and length_limits(spec, long_video=True)[1] == 161  # 20 s at 8 fps
+    twenty = Storyboard.coerce([(12.0, "a red ball moving right"), (8.0, "a red ball moving left")])
+    options = _generation_options("text_to_video", controls, None, spec, storyboard=twenty, long_video=True)
+    assert options.seed == 3 and options.num_frames is None  # the storyboard's seconds set the length
+    with pytest.raises(ValueError, match=r"lasts 21 s \(169 frames\); this model makes at most 161 frames \(20.1 s\)"):
+        _generation_options("text_to_video", controls, None, spec, long_video=True,
+                            storyboard=Storyboard.coerce([(12.0, "a"), (9.0, "b")]))
+    with pytest.raises(ValueError, match=r"at most 17 frames \(2.1 s\) on this hosted studio"):
+        _generation_options("text_to_video", controls, None, spec, storyboard=twenty, long_video=False)

@@ -244,7 +244,7 @@ class Endpoints:
 
     def stop(self, request: gr.Request = None) -> str:
         """`/stop`: the caller's running generation ends after its current step and keeps its finished units."""
-        if self.stops.stop(getattr(request, "session_hash", None) or "local"):
+        if self.stops.stop(_session(request)):
             return "Stopping after the current step; the finished frames will be saved."
         return "Nothing is generating."
 

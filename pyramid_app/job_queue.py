@@ -219,3 +219,10 @@ class SessionQueues:
             if safe not in self._queues:
                 self._queues[safe] = JobQueue(self.folder / safe / QUEUE_FILE, cap=self.cap)
             return self._queues[safe]
+
+    def saved(self) -> list:
+        """The sessions whose queues are on disk (from this run or an earlier one)."""
+        if not self.folder.is_dir():
+            return []
+        return sorted(entry.name for entry in self.folder.iterdir()
+                      if entry.is_dir() and not entry.is_symlink() and (entry / QUEUE_FILE).is_file())

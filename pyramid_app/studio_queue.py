@@ -2,7 +2,9 @@
 worker thread that runs the jobs one after another on the same loaded pipelines as Generate.
 
 The queue lives in the output folder (`queue.json`), so it survives a restart of the app; with `per_session`
-(hosted mode) each browser session gets its own folder and queue, capped at `cap` waiting jobs. Uploaded
+(hosted mode) each browser session gets its own folder and queue, capped at `cap` waiting jobs. After a restart
+every session's waiting jobs run again, into that session's folder; the page a stranger reloads is a new session
+and lists none of them, since nothing a client sends may claim another session's queue. Uploaded
 images and clips of queued jobs are copied next to the queue, so a job still runs after the upload cache is gone.
 """
 import shutil
@@ -31,8 +33,9 @@ class StudioQueues:
         self.shared = None if per_session else JobQueue(self.output_dir / QUEUE_FILE, cap=cap)
         self._workers = {}
         self._lock = threading.Lock()
-        if self.shared is not None and self.shared.next_pending() is not None:
-            self.start("local")  # jobs left waiting when the app last stopped
+        for session in self.sessions.saved() if self.sessions is not None else ["local"]:
+            if self.queue(session).next_pending() is not None:
+                self.start(session)  # jobs left waiting when the app last stopped
 
     def queue(self, session: str) -> JobQueue:
         return self.sessions.get(session) if self.sessions is not None else self.shared

@@ -109,3 +109,27 @@ def test_a_storyboard_runs_past_the_slider_to_the_long_video_length_except_when_
                             storyboard=Storyboard.coerce([(12.0, "a"), (9.0, "b")]))
     with pytest.raises(ValueError, match=r"at most 17 frames \(2.1 s\) on this hosted studio"):
         _generation_options("text_to_video", controls, None, spec, storyboard=twenty, long_video=False)
+
+
+def test_hosted_session_queues_left_waiting_run_again_after_a_restart(tiny_model, tmp_path):
+    import threading
+
+    from pyramid_app.cli import save
+    from pyramid_app.job_queue import SessionQueues
+    from pyramid_app.jobs import PipelineCache
+    from pyramid_app.studio_queue import StudioQueues
+
+    options = {"num_frames": 9, "seed": 6, "guidance_scale": 1, "video_guidance_scale": 1,
+               "first_frame_steps": [1, 1, 1], "video_steps": [1, 1, 1]}
+    saved = SessionQueues(tmp_path / "queues")  # what an earlier run of the app left on disk
+    for session, prompt in (("abc123", "a red ball"), ("def456", "a blue cube")):
+        saved.get(session).add(QueuedJob(mode="text_to_video", prompt=prompt, model={"model": str(tiny_model)},
+                                         options=options))
+    assert saved.saved() == ["abc123", "def456"]
+    queues = StudioQueues(tmp_path, PipelineCache(), threading.Lock(), save, per_session=True, cap=10)
+    for session, prompt in (("abc123", "a red ball"), ("def456", "a blue cube")):
+        queues.wait(session, timeout=QUEUE_TIMEOUT_S)
+        job, = queues.queue(session).jobs
+        assert job.state == "done", job.error
+        made = tmp_path / "queues" / session / job.output  # into that session's folder, nobody else's
+        assert made.is_file() and read_metadata(made)["prompt"] == prompt

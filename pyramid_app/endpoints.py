@@ -111,16 +111,10 @@ class Endpoints:
                 result.settings["model"] = controls["model"]
             self.outputs.sweep()
             out = await asyncio.to_thread(save, result, self.outputs.folder(session) / _output_name(mode, result))
-        except USER_ERRORS as error:
-            raise gr.Error(_message(error, upload), print_exception=False) from None
-        except torch.OutOfMemoryError:
-            raise gr.Error(OUT_OF_MEMORY, print_exception=False) from None
-        except OSError as error:
-            raise gr.Error(_message(error, upload), print_exception=False) from None
-        except Exception as error:  # a fault of the app, not of the request: logged in full, named to the user
-            LOG.exception("%s failed", mode)
-            raise gr.Error(f"The generation failed ({type(error).__name__}: {_message(error, upload)}); "
-                           "the server log has the details.", print_exception=False) from None
+        except Exception as error:
+            sentence = _failure_sentence(error, upload, mode)
+            yield gr.skip(), gr.skip(), f"Not done: {sentence}", gr.skip(), gr.skip()  # the status line says it too
+            raise gr.Error(sentence, print_exception=False) from None
         finally:
             self.stops.finish(session)
         history = gallery.add(history or [], out, result.settings)
@@ -277,6 +271,17 @@ def storyboard_of(table) -> Storyboard:
             raise ValueError(f"storyboard row {number} needs its seconds as a number and a prompt") from None
         pairs.append((seconds, limits.prompt(text if text is not None else "", f"the prompt of storyboard row {number}")))
     return Storyboard.coerce(pairs)
+
+
+def _failure_sentence(error: Exception, upload, mode: str) -> str:
+    """What the person is told when a generation fails: the sentence of an error they caused, else (a fault of the
+    app, logged in full) its kind and first words."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return OUT_OF_MEMORY
+    if isinstance(error, (*USER_ERRORS, OSError)):
+        return _message(error, upload)
+    LOG.exception("%s failed", mode)
+    return f"The generation failed ({type(error).__name__}: {_message(error, upload)}); the server log has the details."
 
 
 def _session(request) -> str:

@@ -200,6 +200,14 @@ def test_bad_inputs_give_a_readable_message(client, endpoint, arguments, message
     assert message in str(error.value) and "Traceback" not in str(error.value)
 
 
+def test_an_error_replaces_ready_in_the_status_line(client):
+    job = client.submit("x", 25, **FAST, api_name="/text_to_video")
+    with pytest.raises(AppError, match="num_frames must be one of 9, 17"):
+        job.result(timeout=60)
+    statuses = [outputs[2] for outputs in job.outputs()]
+    assert statuses == ["Not done: num_frames must be one of 9, 17 for this model; got 25"]
+
+
 def test_corrupt_video_gives_a_readable_message(client, tmp_path):
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"this is not a video" * 100)
@@ -256,8 +264,15 @@ def test_generating_with_the_missing_bundled_model_says_what_to_pick(monkeypatch
     from pyramid_app.endpoints import Endpoints
 
     monkeypatch.setattr(catalog, "BUNDLED_MODEL", tmp_path / "missing")
+    updates = []
+
+    async def generate():
+        async for update in Endpoints(output_dir=tmp_path).text_to_image("a ball", [], model=catalog.BUNDLED):
+            updates.append(update)
+
     with pytest.raises(gradio.Error, match="bundled model is not installed"):
-        asyncio.run(anext(Endpoints(output_dir=tmp_path).text_to_image("a ball", [], model=catalog.BUNDLED)))
+        asyncio.run(generate())
+    assert "bundled model is not installed" in updates[-1][2]  # the status line says it before the message pops up
 
 
 def test_sampling_panel_starts_at_the_models_defaults_and_follows_the_menu(tmp_path):

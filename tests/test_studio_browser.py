@@ -137,3 +137,35 @@ def test_corrupt_upload_shows_a_message(page, tmp_path):
     page.locator("#extend-video input[type=file]").set_input_files(str(broken))
     page.locator("#extend-generate").click()
     page.get_by_text("Cannot read video broken.mp4").first.wait_for(timeout=30_000)
+
+
+def fill_segment(table, row: int, seconds: str, prompt: str) -> None:
+    """Type one storyboard row: a double-click opens a cell's editor, Enter keeps the text."""
+    for column, text in enumerate((seconds, prompt)):
+        cell = table.locator(f"[data-testid=cell-{row}-{column}]")
+        cell.dblclick()
+        field = cell.locator("textarea, input")
+        field.fill(text)
+        field.press("Enter")
+        table.page.wait_for_timeout(200)
+
+
+def test_segment_table_edited_in_the_browser_makes_a_storyboard_video(page, studio):
+    from model_core.media_files import read_metadata
+
+    set_seed(page, PROMPT_SEED)
+    table = page.locator("#t2v-storyboard")
+    fill_segment(table, 0, "1", "a red circle moving right")
+    table.locator("[data-testid=cell-0-1]").click()
+    table.locator("[data-testid=cell-0-1] button[aria-label='Open cell menu']").click()
+    page.get_by_text("Add row below").first.click()
+    fill_segment(table, 1, "1", "a red circle moving left")
+    page.locator("#t2v-prompt textarea").fill("ignored: the filled rows replace the prompt")
+    page.locator("#t2v-generate").click()
+    wait_for_status(page, "Saved")
+    assert playable_video(page)["duration"] > 0
+    assert page.locator("#frames img").count() == 17  # 1 s + 1 s at 8 fps: 9 + 8 frames
+    saved = max(Path(studio[1]).rglob("*.mp4"), key=lambda path: path.stat().st_mtime)
+    segments = read_metadata(saved)["storyboard"]["segments"]
+    assert [(s["seconds"], s["prompt"]) for s in segments] == [(1.0, "a red circle moving right"),
+                                                             (1.0, "a red circle moving left")]

@@ -126,6 +126,11 @@ def _check_layout(root: Path, family: Family, variant: str) -> None:
     for folder in (VAE_FOLDER, transformer_folder(variant), *family.text_folders):
         for file in sorted((root / folder).glob("*.safetensors")):
             _weight_shapes(file)  # a damaged file is named now, before anything loads
+    for folder in family.text_folders:  # the text encoders' and tokenizers' JSON, before transformers reads it
+        for file in sorted((root / folder).glob("*.json")):
+            settings = read_json(file)
+            if file.name == "config.json":
+                check_config_bounds(settings, file)
 
 
 def check_contained(root: Path) -> None:

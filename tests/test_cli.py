@@ -442,6 +442,10 @@ TRANSFORMER, VAE = "diffusion_transformer_384p", "causal_video_vae"
     (TRANSFORMER, "diffusion_pytorch_model.safetensors", _drop_half_the_tensors, "lack"),
     (TRANSFORMER, "config.json", _absurd_config, "num_layers = 1000000 is beyond the sane bound of 256"),
     (VAE, "diffusion_pytorch_model.safetensors", _link_out, "is a link to a file that does not exist"),
+    ("text_encoder_2", "config.json", lambda file: file.write_text("{not json"), "config.json is not valid JSON"),
+    ("tokenizer", "tokenizer_config.json", lambda file: file.write_bytes(b"\xff\xfe"), "is not a text file"),
+    ("text_encoder", "config.json", lambda file: file.write_text('{"num_hidden_layers": 100000}'), "sane bound"),
+    ("text_encoder", "model.safetensors", _truncate, "is not a readable safetensors file"),
 ])
 def test_damaged_checkpoints_give_one_line_naming_the_file(tiny_model, tmp_path, capsys, folder, file, damage, fragment):
     root = tmp_path / "damaged"

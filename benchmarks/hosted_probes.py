@@ -159,15 +159,27 @@ class Studio:
     """`python app.py` of the checkout in `app_dir`, on a free port, with its own output and cache folders."""
 
     def __init__(self, app_dir: Path, model: Path, hosted: bool, work: Path, extra=()):
+        self.app_dir, self.model, self.hosted, self.work, self.extra = app_dir, model, hosted, work, extra
+        self.start()
+
+    def start(self) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        flags = ["--port", str(self.port), "--no-browser", "--output-dir", str(work / "outputs"), "--model", str(model)]
+        flags = ["--port", str(self.port), "--no-browser", "--output-dir", str(self.work / "outputs"),
+                 "--model", str(self.model)]
         environment = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1",
-                           GRADIO_TEMP_DIR=str(work / "cache"), PYTHONUNBUFFERED="1")
-        self.log = open(work / "server.log", "w")
-        self.process = subprocess.Popen([sys.executable, "app.py", *flags, *(["--hosted"] if hosted else []), *extra],
-                                        cwd=app_dir, env=environment, stdout=self.log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+                           GRADIO_TEMP_DIR=str(self.work / "cache"), PYTHONUNBUFFERED="1")
+        self.log = open(self.work / "server.log", "a")
+        self.process = subprocess.Popen(
+            [sys.executable, "app.py", *flags, *(["--hosted"] if self.hosted else []), *self.extra], cwd=self.app_dir,
+            env=environment, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def restart(self) -> str:
+        """Stop the studio (and whatever it is generating) and start it again; returns its new URL."""
+        self.close()
+        self.start()
+        self.wait_ready()
+        return self.url
 
     def wait_ready(self, timeout=300) -> None:
         deadline = time.monotonic() + timeout
@@ -265,13 +277,19 @@ def classify(kind: str, payload) -> tuple:
     return "failed", "" if message is None else message[:200]
 
 
-def run_probes(url: str, files: dict, samples: dict) -> list:
-    """Send every probe with the other arguments valid; returns one row per probe."""
+def run_probes(url: str, files: dict, samples: dict, timeout: float = 120, restart=None) -> list:
+    """Send every probe with the other arguments valid; returns one row per probe. With `restart` (a callable that
+    starts the studio afresh and returns its URL), a probe still unanswered after `timeout` seconds is counted as
+    accepted (the studio is generating for it) and the studio restarted, so one costly input cannot hold up the rest."""
     uploaded = {name: upload(url, path) for name, path in files.items()}
     params = parameters(url)
     rows = []
     for probe in probes():
         valid = {name: default for name, default in params[probe.endpoint]}
+        if not set(probe.arguments) <= set(valid):  # an earlier release without this parameter
+            rows.append(dict(endpoint=probe.endpoint, what=probe.what, verdict="n/a", message="no such parameter",
+                             seconds=0.0))
+            continue
         valid.update({name: value for name, value in FAST.items() if name in valid})
         valid.update({name: value for name, value in samples.items() if name in valid})
         valid.update(probe.arguments)
@@ -279,7 +297,12 @@ def run_probes(url: str, files: dict, samples: dict) -> list:
             uploaded[value[len("!file:"):]] if isinstance(value, str) and value.startswith("!file:") else value
             for value in (valid[name] for name, _ in params[probe.endpoint])]
         started = time.monotonic()
-        verdict, message = classify(*call(url, probe.endpoint, data))
+        kind, payload = call(url, probe.endpoint, data, timeout=timeout)
+        verdict, message = classify(kind, payload)
+        if kind == "timeout" and restart is not None:
+            verdict, message = "accepted", f"still generating after {timeout:g} s; the studio was restarted"
+            url = restart()
+            uploaded = {name: upload(url, path) for name, path in files.items()}
         rows.append(dict(endpoint=probe.endpoint, what=probe.what, verdict=verdict, message=message[:300],
                          seconds=round(time.monotonic() - started, 2)))
     return rows
@@ -337,7 +360,7 @@ def cancel_latency(url: str, steps: int = 50) -> dict:
 
 
 def summary(rows: list) -> dict:
-    return {verdict: sum(row["verdict"] == verdict for row in rows) for verdict in ("clean", "accepted", "failed")}
+    return {verdict: sum(row["verdict"] == verdict for row in rows) for verdict in ("clean", "accepted", "failed", "n/a")}
 
 
 def main(argv=None) -> dict:
@@ -346,6 +369,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--model", type=Path, default=BUNDLED, help="model folder to serve (default: the bundled model)")
     parser.add_argument("--hosted", action="store_true", help="start it with --hosted")
     parser.add_argument("--out", type=Path, help="write the rows and figures as JSON here")
+    parser.add_argument("--probe-timeout", type=float, default=30,
+                        help="seconds a probe may run before it counts as accepted and the studio is restarted")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="hosted-probes-") as work:
         work = Path(work)
@@ -355,7 +380,8 @@ def main(argv=None) -> dict:
             studio.wait_ready()
             time.sleep(2)  # the warm-up load
             memory = upload_cap_memory(studio, files["huge.mp4"])
-            rows = run_probes(studio.url, files, {"prompt": "a ball", "image": "!file:ok.png", "video": "!file:ok.mp4"})
+            rows = run_probes(studio.url, files, {"prompt": "a ball", "image": "!file:ok.png", "video": "!file:ok.mp4"},
+                              timeout=args.probe_timeout, restart=studio.restart)
             cancel = cancel_latency(studio.url)
         finally:
             studio.close()

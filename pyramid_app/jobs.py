@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from model_core.sampling import Progress
+from model_core.storyboard import Storyboard
 
 from .cli import USER_ERRORS
 from .settings import GenerationOptions, ModelOptions, model_source
@@ -185,6 +186,8 @@ def gpu_seconds(pipe, job: Job, *rest) -> int:
     (units x steps per unit) plus GPU_BASE_SECONDS, clipped to ZeroGPU's range. A budget, not a measurement."""
     spec = pipe.spec
     frames = 1 if job.mode == "text_to_image" else job.options.num_frames or spec.max_frames
+    if isinstance(job.prompt, Storyboard):  # its seconds set the length
+        frames = job.prompt.num_frames(spec.fps, spec.frames_per_latent, continues=job.mode == "extend_video")
     units = max(1, math.ceil(frames / spec.frames_per_latent))
     first = sum(job.options.first_frame_steps or pipe.family.sampling.first_frame_steps)
     later = sum(job.options.video_steps or pipe.family.sampling.video_steps)

@@ -205,3 +205,9 @@ def test_zerogpu_time_grows_with_frames_and_steps():
 
     assert seconds(9, 1) == GPU_MIN_SECONDS and seconds(241, 50) == GPU_MAX_SECONDS
     assert seconds(41, 5) < seconds(81, 5) < seconds(81, 8)
+    from model_core.storyboard import Storyboard
+
+    spec.fps = 24
+    board = Storyboard.coerce([(2.0, "a"), (3.0, "b")])  # 121 frames: the storyboard's seconds, not the longest clip
+    options = GenerationOptions(first_frame_steps=(5,) * 3, video_steps=(5,) * 3)
+    assert gpu_seconds(pipe, Job("text_to_video", board, None, options)) == seconds(121, 5) < seconds(241, 5)

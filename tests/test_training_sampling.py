@@ -49,15 +49,17 @@ def write_jsonl(path, lines):
 
 def test_index_reads_lines_by_offset_and_is_cached_beside_the_file(tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", [{"video": "v0.mp4", "text": "zero"}, "", {"image": "i1.png", "text": "one"},
-                                              "{broken", {"latent": "l3.safetensors", "kind": "image", "text": 'say "image": no'}])
+                                              "{broken", {"latent": "l3.safetensors", "kind": "image", "text": 'say "image": no'},
+                                              {"text": 'say "image": still a video', "video": "v4.mp4"}])
     index = AnnotationIndex(path)
-    assert len(index) == 4  # the blank line is not an entry
+    assert len(index) == 5  # the blank line is not an entry
     assert index[0].kind == "video" and index[0].path == str(tmp_path / "v0.mp4") and index[1].text == "one"
     with pytest.raises(ValueError, match="line 3 is not JSON"):
         index[2]
     assert index[3].kind == "image" and index[3].latent == str(tmp_path / "l3.safetensors")
     assert [index.rows("image")[k] for k in range(len(index.rows("image")))] == [1, 3]
-    assert len(index.rows("video")) == 2  # the video and the malformed line
+    assert [index.rows("video")[k] for k in range(len(index.rows("video")))] == [0, 2, 4]  # with the malformed line
+    assert index[4].kind == "video"  # "image": inside an escaped string is not a key
     folder = index_folder(path)
     assert {p.name for p in folder.iterdir()} == {"lines.npy", "images.npy", "videos.npy", "source.json"}
     assert isinstance(AnnotationIndex(path).indexes[0]["lines"], np.memmap)  # read back, not rebuilt

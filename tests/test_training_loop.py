@@ -181,25 +181,43 @@ def torchrun(world, output, steps, *extra, fsdp=True):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def test_fsdp2_on_two_gloo_processes_matches_one_process_and_resumes(world, tmp_path):
-    """FSDP2 (`fully_shard`, each block a unit) on 2 CPU processes: 4 steps equal 1 process x 2 accumulation steps
-    within 1e-5, and 2 steps + resume + 2 steps equal 4 steps exactly (weights, EMA, optimizer moments)."""
+def test_fsdp2_on_two_gloo_processes_writes_sharded_checkpoints_that_resume_and_export(world, tmp_path):
+    """FSDP2 (`fully_shard`) on 2 CPU processes: 4 steps equal 1 process x 2 accumulation steps within 1e-5;
+    each rank writes only its own shards (torch.distributed.checkpoint, no full state anywhere); 2 steps + resume +
+    2 steps equal 4 steps exactly; `training.export` turns a sharded checkpoint into the app-facing weights."""
+    from training.export import export
+
     run(world, tmp_path / "one", 4, accumulation=2)
     torchrun(world, tmp_path / "fsdp", 4)
-    state = json.loads((tmp_path / "fsdp" / "checkpoint-4" / "training_state" / "state.json").read_text())
+    checkpoint = tmp_path / "fsdp" / "checkpoint-4"
+    state = json.loads((checkpoint / "training_state" / "state.json").read_text())
     assert state["world_size"] == 2 and state["fsdp"] is True
+    shards = sorted((checkpoint / "training_state" / "sharded").glob("*.distcp"))
+    assert [p.name for p in shards] == ["__0_0.distcp", "__1_0.distcp"]  # one file per rank
+    total = sum(p.stat().st_size for p in shards)
+    assert all(p.stat().st_size < 0.75 * total for p in shards)  # each holds its part, not the whole state
+    assert not (checkpoint / WEIGHTS).exists() and not (checkpoint / "training_state" / "optimizer.pt").exists()
     assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
-    for name in (WEIGHTS, Path("training_state") / "ema.safetensors"):
-        one, two = load_file(tmp_path / "one" / "checkpoint-4" / name), load_file(tmp_path / "fsdp" / "checkpoint-4" / name)
-        assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)
+    exported = export(checkpoint, tmp_path / "release")
+    ema = Path(str(WEIGHTS.parent) + "_ema") / WEIGHTS.name
+    for name in (WEIGHTS, ema):
+        one, two = load_file(tmp_path / "one" / "checkpoint-4" / name), load_file(exported / name)
+        assert one.keys() == two.keys() and all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)
     torchrun(world, tmp_path / "resumed", 2)
     torchrun(world, tmp_path / "resumed", 4, "--resume", "auto")
-    for name in (WEIGHTS, Path("training_state") / "ema.safetensors"):
-        straight, resumed = load_file(tmp_path / "fsdp" / "checkpoint-4" / name), load_file(tmp_path / "resumed" / "checkpoint-4" / name)
-        assert all(torch.equal(straight[k], resumed[k]) for k in straight)
-    straight_opt, resumed_opt = (torch.load(tmp_path / run / "checkpoint-4" / "training_state" / "optimizer.pt", weights_only=True)
-                                 for run in ("fsdp", "resumed"))
-    assert all(torch.equal(s["exp_avg_sq"], resumed_opt["state"][k]["exp_avg_sq"]) for k, s in straight_opt["state"].items())
+    resumed = export(tmp_path / "resumed" / "checkpoint-4", tmp_path / "resumed-release")
+    for name in (WEIGHTS, ema):
+        straight, again = load_file(exported / name), load_file(resumed / name)
+        assert all(torch.equal(straight[k], again[k]) for k in straight)
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "fsdp")
+
+
+def test_export_refuses_a_checkpoint_that_is_not_sharded(world, tmp_path, capsys):
+    from training.export import main as export_main
+
+    run(world, tmp_path / "one", 1)
+    assert export_main([str(tmp_path / "one" / "checkpoint-1"), "--out", str(tmp_path / "release")]) == 2
+    assert "is not a sharded checkpoint" in capsys.readouterr().err and not (tmp_path / "release").exists()
 
 
 def test_accelerate_launch_cpu_with_several_processes_is_refused(world, tmp_path):

@@ -4,6 +4,10 @@ Besides the task's app-facing weights, `training_state/` holds what resuming nee
 and lr-scheduler states (torch files read back with weights_only=True), the EMA weights and
 `state.json` (step = data position, skip counters). No RNG state is stored because every random
 draw comes from a generator derived from (seed, step, slot).
+
+A sharded run (FSDP) writes no full state anywhere: `training_state/sharded/` holds the model, optimizer and EMA
+as torch.distributed.checkpoint files, each rank writing its own shards, beside `state.json`, the lr schedule and
+the recipe (`recipe.json`); `python -m training.export` turns it into the app-facing layout for a release.
 """
 import json
 import re
@@ -11,9 +15,12 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 
 STATE_FOLDER = "training_state"
+SHARDED_FOLDER = "sharded"
+RECIPE_FILE = "recipe.json"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -43,28 +50,75 @@ def resume_path(output_dir: Path, resume):
 def write_checkpoint(output_dir: Path, step: int, write_files, keep: int = 0) -> Path:
     """Call write_files(tmp_folder) then rename tmp -> checkpoint-<step>; keep the newest `keep` (0 = all)."""
     final = checkpoint_path(output_dir, step)
-    staging = final.with_name(final.name + ".tmp")
+    write_files(_fresh_staging(final))
+    return _publish(final, keep)
+
+
+def write_sharded_checkpoint(output_dir: Path, step: int, sharded_state: dict, write_files, is_main: bool, barrier,
+                             keep: int = 0) -> Path:
+    """Every rank writes its own shards of `sharded_state` (DTensors) with torch.distributed.checkpoint into the
+    staging folder, so no rank gathers the full state; rank 0 adds write_files(tmp_folder) and renames it into place."""
+    final = checkpoint_path(output_dir, step)
+    if is_main:
+        _fresh_staging(final)
+    barrier()
+    dcp.save(sharded_state, checkpoint_id=_staging(final) / STATE_FOLDER / SHARDED_FOLDER)
+    barrier()  # every rank's shards are written before the folder is published
+    if is_main:
+        write_files(_staging(final))
+        _publish(final, keep)
+    barrier()
+    return final
+
+
+def is_sharded_checkpoint(folder: Path) -> bool:
+    return (Path(folder) / STATE_FOLDER / SHARDED_FOLDER).is_dir()
+
+
+def load_sharded_state(folder: Path, state: dict) -> dict:
+    """Fill `state` (this run's model / optimizer / EMA state dicts, sharded or whole) in place from a sharded
+    checkpoint: torch.distributed.checkpoint reshards to this run's layout."""
+    dcp.load(state, checkpoint_id=Path(folder) / STATE_FOLDER / SHARDED_FOLDER)
+    return state
+
+
+def _staging(final: Path) -> Path:
+    return final.with_name(final.name + ".tmp")
+
+
+def _fresh_staging(final: Path) -> Path:
+    staging = _staging(final)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    write_files(staging)
+    return staging
+
+
+def _publish(final: Path, keep: int) -> Path:
+    """Rename the staging folder onto checkpoint-<step>; keep the newest `keep` checkpoints (0 = all)."""
     if final.exists():
         shutil.rmtree(final)
-    staging.rename(final)
+    _staging(final).rename(final)
     if keep:
-        finished = sorted((int(CHECKPOINT.match(p.name).group(1)), p) for p in Path(output_dir).glob("checkpoint-*")
+        finished = sorted((int(CHECKPOINT.match(p.name).group(1)), p) for p in final.parent.glob("checkpoint-*")
                           if CHECKPOINT.match(p.name))
         for _, old in finished[:-keep]:
             shutil.rmtree(old)
     return final
 
 
-def save_training_state(folder: Path, optimizer_state: dict, scheduler_state: dict, ema_state, state: dict) -> None:
+def save_training_state(folder: Path, optimizer_state, scheduler_state: dict, ema_state, state: dict,
+                        recipe: dict = None) -> None:
+    """The resume files beside the weights; a sharded checkpoint passes no optimizer or EMA state (they are in its
+    shards) and the recipe instead, for `training.export`."""
     target = folder / STATE_FOLDER
     target.mkdir(parents=True, exist_ok=True)
-    torch.save(optimizer_state, target / "optimizer.pt")
+    if optimizer_state is not None:
+        torch.save(optimizer_state, target / "optimizer.pt")
     torch.save(scheduler_state, target / "lr_scheduler.pt")
     if ema_state is not None:
         save_file(ema_state, str(target / "ema.safetensors"))
+    if recipe is not None:
+        (target / RECIPE_FILE).write_text(json.dumps(recipe, indent=2, default=str))
     (target / "state.json").write_text(json.dumps(state, indent=2))
 
 
@@ -74,10 +128,11 @@ def read_state(folder: Path) -> dict:
 
 
 def load_training_state(folder: Path) -> dict:
+    """The resume files; `optimizer` and `ema` are None in a sharded checkpoint (see `load_sharded_state`)."""
     source = folder / STATE_FOLDER
-    ema = source / "ema.safetensors"
+    ema, optimizer = source / "ema.safetensors", source / "optimizer.pt"
     return {
-        "optimizer": torch.load(source / "optimizer.pt", map_location="cpu", weights_only=True),
+        "optimizer": torch.load(optimizer, map_location="cpu", weights_only=True) if optimizer.is_file() else None,
         "lr_scheduler": torch.load(source / "lr_scheduler.pt", map_location="cpu", weights_only=True),
         "ema": load_file(str(ema)) if ema.is_file() else None,
         "state": read_state(folder),

@@ -21,10 +21,20 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
+    set_model_state_dict,
     set_optimizer_state_dict,
 )
 
-from .checkpointing import load_training_state, read_state, resume_path, save_training_state, write_checkpoint
+from .checkpointing import (
+    is_sharded_checkpoint,
+    load_sharded_state,
+    load_training_state,
+    read_state,
+    resume_path,
+    save_training_state,
+    write_checkpoint,
+    write_sharded_checkpoint,
+)
 from .annotation_index import AnnotationIndex
 from .data import AnnotatedDataset
 from .ema import EMA
@@ -88,8 +98,8 @@ class Trainer:
                              f"{self.global_batch}; set train.global_batch_size={batch} or pass --allow-batch-change")
         annotations = AnnotationIndex(config["data"]["annotations"])
         self.task = build_task(config, annotations, self.accelerator.device)
-        if self.resume_from is not None:
-            self.task.load(self.resume_from)
+        if self.resume_from is not None and not is_sharded_checkpoint(self.resume_from):
+            self.task.load(self.resume_from)  # a sharded checkpoint's weights are read with the rest, in `restore`
         model = self.task.model
         own_fsdp = wants_own_fsdp(self.accelerator)
         if own_fsdp:  # CPU processes: FSDP2 by hand (training.parallel); accelerate would make it DDP
@@ -120,11 +130,23 @@ class Trainer:
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.model)
 
+    def sharded_state(self) -> dict:
+        """Model, optimizer and EMA state as this run holds them (this rank's shards under FSDP): what a sharded
+        checkpoint stores and what it is read back into."""
+        state = {"model": get_model_state_dict(self.model),
+                 "optimizer": get_optimizer_state_dict(self.model, self.optimizer.optimizer)}
+        return state | ({"ema": self.ema.tensors()} if self.ema is not None else {})
+
     def restore(self, saved: dict) -> None:
-        set_optimizer_state_dict(self.model, self.optimizer.optimizer, saved["optimizer"], options=FULL_STATE)
+        if is_sharded_checkpoint(self.resume_from):
+            state = load_sharded_state(self.resume_from, self.sharded_state())  # the EMA is filled in place
+            set_model_state_dict(self.model, state["model"])
+            set_optimizer_state_dict(self.model, self.optimizer.optimizer, state["optimizer"])
+        else:
+            set_optimizer_state_dict(self.model, self.optimizer.optimizer, saved["optimizer"], options=FULL_STATE)
+            if self.ema is not None and saved["ema"] is not None:
+                self.ema.load_state_dict(saved["ema"])
         self.lr_scheduler.load_state_dict(saved["lr_scheduler"])
-        if self.ema is not None and saved["ema"] is not None:
-            self.ema.load_state_dict(saved["ema"])
         self.step = saved["state"]["step"]
         self.skipped = saved["state"]["skipped_samples"] if self.accelerator.is_main_process else 0  # summed over ranks
 
@@ -212,13 +234,19 @@ class Trainer:
         return scalars
 
     def save_checkpoint(self, skipped_all_ranks: int) -> None:
+        state = {"step": self.step, "skipped_samples": skipped_all_ranks,
+                 "world_size": self.world, "global_batch_size": self.global_batch, "fsdp": self.sharded}
+        if self.sharded:  # each rank writes its shards; app-facing weights and validation renders: training.export
+            write_sharded_checkpoint(
+                self.output_dir, self.step, self.sharded_state(),
+                lambda folder: save_training_state(folder, None, self.lr_scheduler.state_dict(), None, state, self.config),
+                self.accelerator.is_main_process, self.accelerator.wait_for_everyone,
+                self.config["train"].get("keep_checkpoints", 0))
+            return
         model_state = get_model_state_dict(self.model, options=FULL_STATE)
         optimizer_state = get_optimizer_state_dict(self.model, self.optimizer.optimizer, options=FULL_STATE)
         ema_state = self.ema.state_dict() if self.ema is not None else None
         if self.accelerator.is_main_process:
-            state = {"step": self.step, "skipped_samples": skipped_all_ranks,
-                     "world_size": self.world, "global_batch_size": self.global_batch, "fsdp": self.sharded}
-
             def write_files(folder):
                 self.task.save(folder, model_state, ema_state)
                 save_training_state(folder, optimizer_state, self.lr_scheduler.state_dict(), ema_state, state)

@@ -1,0 +1,55 @@
+"""`python -m training.export CHECKPOINT --out DIR`: a sharded (FSDP) checkpoint in the app-facing layout of a
+release, the weights the studio, the CLI and `from_pretrained` load (with the EMA variant when the run kept one).
+
+One process, no process group: torch.distributed.checkpoint reads every rank's shards into whole tensors. The model
+is rebuilt from the recipe the checkpoint holds (`training_state/recipe.json`).
+"""
+import argparse
+import json
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from .annotation_index import AnnotationIndex
+from .checkpointing import RECIPE_FILE, SHARDED_FOLDER, STATE_FOLDER, is_sharded_checkpoint, load_sharded_state
+from .loop import build_task, trainable
+from .tool import run_tool
+
+
+def export(checkpoint, out) -> Path:
+    """Write the weights of the sharded `checkpoint` to `out` (atomically: a staging folder renamed into place)."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    if not is_sharded_checkpoint(checkpoint):
+        raise ValueError(f"{checkpoint} is not a sharded checkpoint (no {STATE_FOLDER}/{SHARDED_FOLDER}/); a checkpoint "
+                         "of one process already holds the app-facing weights")
+    if out.exists():
+        raise ValueError(f"{out} exists; export into a new folder")
+    config = json.loads((checkpoint / STATE_FOLDER / RECIPE_FILE).read_text())
+    task = build_task(config, AnnotationIndex(config["data"]["annotations"]), torch.device("cpu"))
+    state = {"model": task.model.state_dict()}
+    if config["train"].get("ema_decay"):
+        state["ema"] = {name: parameter.detach().clone() for name, parameter in trainable(task.model)}
+    with warnings.catch_warnings():  # one process reading every rank's shards is the intent here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        load_sharded_state(checkpoint, state)
+    staging = out.with_name(out.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    task.save(staging, state["model"], state.get("ema"))
+    staging.rename(out)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.export", description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path, help="a checkpoint-<step> folder of a sharded (FSDP) run")
+    parser.add_argument("--out", type=Path, required=True, help="new folder for the app-facing weights")
+    args = parser.parse_args(argv)
+    return run_tool(lambda: f"exported {args.checkpoint} to {export(args.checkpoint, args.out)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

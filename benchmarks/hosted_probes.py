@@ -245,10 +245,12 @@ def call(url: str, endpoint: str, data: list, timeout=120) -> tuple:
         event_id = post_json(f"{url}/gradio_api/call/{endpoint}", {"data": data})["event_id"]
     except urllib.error.HTTPError as error:
         return "http-error", error.read().decode(errors="replace")
-    kind = None
+    kind, deadline = None, time.monotonic() + timeout
     try:
         with urllib.request.urlopen(f"{url}/gradio_api/call/{endpoint}/{event_id}", timeout=timeout) as stream:
-            for raw in stream:
+            for raw in stream:  # heartbeats keep a running call's stream alive: the deadline ends the wait
+                if time.monotonic() > deadline:
+                    return "timeout", None
                 line = raw.decode(errors="replace").rstrip("\n")
                 if line.startswith("event: "):
                     kind = line[len("event: "):]

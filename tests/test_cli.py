@@ -311,57 +311,10 @@ def test_out_of_memory_suggests_memory_options(tiny_model, tmp_path, capsys, mon
     assert not (tmp_path / "o.mp4").exists()
 
 
-def test_ctrl_c_saves_the_units_finished_so_far(tiny_model, tmp_path, capsys, monkeypatch):
-    class CtrlCAfterFirstUnit(cli.ProgressPrinter):
-        def __call__(self, progress):
-            super().__call__(progress)
-            if progress.kind == "unit" and progress.unit == 1:
-                signal.raise_signal(signal.SIGINT)
-
-    monkeypatch.setattr(cli, "ProgressPrinter", CtrlCAfterFirstUnit)
-    out = tmp_path / "partial.mp4"
-    code, stdout, err = run_cli(capsys, "--model", tiny_model, "--prompt", "a red ball", "--out", out,
-                                "--num-frames", 17, *FAST[:-1])
-    assert code == cli.EXIT_INTERRUPTED
-    assert "unit 2/3 done" in err and "interrupted: saved 9 frames" in err
-    assert read_video(out)[0].shape[0] == 9 and read_metadata(out)["interrupted"] is True
-    assert stdout.strip() == f"{out}\tseed={read_metadata(out)['seed']}"
-
-
-def test_video_is_streamed_into_the_file_as_units_finish(tiny_model, tmp_path, capsys, monkeypatch):
-    from model_core import PyramidFlowPipeline
-    from pyramid_app.output_file import OutputFile
-
-    events = []
-    write = OutputFile.write
-
-    class UnitRecorder(cli.ProgressPrinter):
-        def __call__(self, progress):
-            super().__call__(progress)
-            if progress.kind == "unit":
-                events.append(("unit", progress.unit))
-
-    def recording(self, frames):
-        events.append(("frames", len(frames)))
-        write(self, frames)
-
-    def no_whole_decode(self, latents):
-        raise AssertionError("the CLI decodes unit by unit, never the whole clip at the end")
-
-    monkeypatch.setattr(cli, "ProgressPrinter", UnitRecorder)
-    monkeypatch.setattr(OutputFile, "write", recording)
-    monkeypatch.setattr(PyramidFlowPipeline, "decode_latents", no_whole_decode)
-    out = tmp_path / "streamed.mp4"
-    code, _, _ = run_cli(capsys, "--model", tiny_model, "--prompt", "a red ball", "--out", out, "--num-frames", 17,
-                         *FAST[:-1])
-    assert code == 0
-    assert events == [("unit", 0), ("frames", 1), ("unit", 1), ("frames", 8), ("unit", 2), ("frames", 8)]
-    assert read_video(out)[0].shape[0] == 17 and read_metadata(out)["num_frames"] == 17
-
-
-@pytest.mark.parametrize("presses, saved", [(2, True), (3, False)])
-def test_a_second_ctrl_c_still_saves_and_a_third_aborts_cleanly(tiny_model, tmp_path, capsys, monkeypatch,
-                                                               presses, saved):
+@pytest.mark.parametrize("presses", [1, 2, 3])
+def test_ctrl_c_saves_the_finished_units_unless_pressed_three_times(tiny_model, tmp_path, capsys, monkeypatch, presses):
+    """Pressed after the second unit: once or twice, the two finished units are saved; a third press aborts and
+    leaves nothing behind."""
     class CtrlCAfterSecondUnit(cli.ProgressPrinter):
         def __call__(self, progress):
             super().__call__(progress)
@@ -371,12 +324,14 @@ def test_a_second_ctrl_c_still_saves_and_a_third_aborts_cleanly(tiny_model, tmp_
 
     monkeypatch.setattr(cli, "ProgressPrinter", CtrlCAfterSecondUnit)
     out = tmp_path / "partial.mp4"
-    code, _, err = run_cli(capsys, "--model", tiny_model, "--prompt", "a red ball", "--out", out,
-                           "--num-frames", 17, *FAST[:-1])
-    assert code == cli.EXIT_INTERRUPTED
-    assert "saving the finished units" in err
-    if saved:
-        assert "interrupted: saved 9 frames" in err and read_video(out)[0].shape[0] == 9
+    code, stdout, err = run_cli(capsys, "--model", tiny_model, "--prompt", "a red ball", "--out", out,
+                                "--num-frames", 17, *FAST[:-1])
+    assert code == cli.EXIT_INTERRUPTED and "unit 2/3 done" in err
+    assert ("saving the finished units" in err) == (presses > 1)
+    if presses < 3:
+        assert "interrupted: saved 9 frames" in err
+        assert read_video(out)[0].shape[0] == 9 and read_metadata(out)["interrupted"] is True
+        assert stdout.strip() == f"{out}\tseed={read_metadata(out)['seed']}"
     else:
         assert "nothing was saved" in err
         assert sorted(p.name for p in tmp_path.iterdir()) == []  # no video, no sidecar, no staged partial

@@ -148,7 +148,8 @@ class Endpoints:
         if spec is None and facts.variants:
             raise ValueError(f"this model has no variant {limits.shown(variant)}; pick one of: auto, {', '.join(facts.variants)}")
         lora = self._lora(controls.get("lora"), controls.get("lora_weight"))
-        return ModelOptions(model=source, variant=variant, lora=lora, **limits.memory_controls(controls)), spec
+        return ModelOptions(model=source, variant=variant, lora=lora, **limits.memory_controls(controls),
+                            **limits.speed_controls(controls)), spec
 
     def _lora(self, name, weight) -> tuple:
         """The picked LoRA as ((path, weight),), or () for none; only names from the LoRA folder are accepted."""
@@ -321,7 +322,7 @@ def _generation_options(mode, controls, num_frames, spec, seeded: bool = True, s
     negative = limits.prompt(controls["negative_prompt"], "the negative prompt")
     options = GenerationOptions(negative_prompt=negative or None,
                                 num_frames=None if mode == "text_to_image" or storyboard is not None else num_frames,
-                                seed=limits.seed(controls["seed"]), **guidance, **steps)
+                                seed=limits.seed(controls["seed"]), **guidance, **steps, **limits.cache_controls(controls))
     return options.seeded() if seeded else options
 
 

@@ -6,11 +6,14 @@ setting, says what was wrong and what is allowed. The caps are stated in the UI 
 import math
 from pathlib import Path
 
-from .settings import DTYPES, OFFLOAD_MODES, QUANTIZE_MODES, SEED_LIMIT
+from model_core.step_cache import CACHE_MODES
+
+from .settings import ATTENTION_BACKENDS, DTYPES, OFFLOAD_MODES, QUANTIZE_MODES, SEED_LIMIT
 
 PROMPT_CHARS = 1000
 STEPS_RANGE = (1, 50)
 GUIDANCE_RANGE = (0.0, 15.0)
+CACHE_THRESHOLD_RANGE = (0.0, 1.0)  # a relative change of the first block's residual
 IMAGE_MAX_PIXELS = 4096 * 4096
 VIDEO_MAX_PIXELS = 1280 * 768  # per frame: the largest published variant's size
 VIDEO_MAX_FRAMES = 241  # the most frames any published variant makes
@@ -80,6 +83,19 @@ def memory_controls(controls: dict) -> dict:
             "offload": choice(controls["offload"], OFFLOAD_MODES, "offload"),
             "quantize": choice(controls["quantize"], QUANTIZE_MODES, "quantize"),
             "vae_tiling": flag(controls["vae_tiling"], "vae_tiling")}
+
+
+def speed_controls(controls: dict) -> dict:
+    """attention_backend and compile, checked (whether they run on this device is checked as the model loads)."""
+    return {"attention_backend": choice(controls.get("attention_backend", ATTENTION_BACKENDS[0]), ATTENTION_BACKENDS,
+                                        "attention_backend"),
+            "compile": flag(controls.get("compile", False), "compile")}
+
+
+def cache_controls(controls: dict) -> dict:
+    """cache and cache_threshold, checked."""
+    return {"cache": choice(controls.get("cache", CACHE_MODES[0]), CACHE_MODES, "cache"),
+            "cache_threshold": number(controls.get("cache_threshold", 0.0), "cache_threshold", *CACHE_THRESHOLD_RANGE)}
 
 
 def frame_count(value, low: int, high: int, step: int, what: str = "num_frames") -> int:

@@ -10,12 +10,24 @@ import torch
 
 from model_core.checkpoints import VARIANTS
 from model_core.memory import resolve_device
+from model_core.speed import speed_choices
+from model_core.step_cache import CACHE_MODES
+from model_core.transformers.attention_backends import DEFAULT_ATTENTION_BACKEND
 
 from . import gallery, limits
 from .catalog import ModelMenu, length_limits
 from .endpoints import LORA_WEIGHT_MAX, Endpoints
 from .outputs import OUTPUT_MAX_AGE, SWEEP_INTERVAL
-from .settings import DTYPES, OFFLOAD_MODES, QUANTIZE_MODES, STAGE_COUNT, ModelOptions, fresh_seed, memory_choices
+from .settings import (
+    ATTENTION_BACKENDS,
+    DTYPES,
+    OFFLOAD_MODES,
+    QUANTIZE_MODES,
+    STAGE_COUNT,
+    ModelOptions,
+    fresh_seed,
+    memory_choices,
+)
 from .studio_queue import QUEUE_HEADERS
 
 GENERATION_QUEUE = "generation"  # one concurrency group: one generation at a time on this device
@@ -55,7 +67,7 @@ def build_studio(default_model=None, output_dir="outputs", pipelines=None, model
                 tabs, inputs, buttons, lengths, queue_buttons, storyboards = _mode_tabs(spec)
                 stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
                 controls = {**_model_panel(menu, facts), **_lora_panel(endpoints.loras),
-                            **_sampling_panel(facts.sampling), **_memory_panel()}
+                            **_sampling_panel(facts.sampling), **_memory_panel(), **_speed_panel(facts.sampling)}
             with gr.Column(scale=6):
                 status = gr.Markdown("Ready.", label="Status", elem_id="status")
                 result_video = gr.Video(label="Result", buttons=["download"], autoplay=True, loop=True,
@@ -324,6 +336,30 @@ def _memory_panel() -> dict:
                             info=_unavailable("quantize", choices, device))
         vae_tiling = gr.Checkbox(False, label="VAE tiling (decode in tiles to save memory)")
     return {"dtype": dtype, "offload": offload, "quantize": quantize, "vae_tiling": vae_tiling}
+
+
+def _speed_panel(sampling) -> dict:
+    """Step cache, attention backend and compiling: like Memory, only what works on this device is offered."""
+    device = resolve_device(None)
+    choices = speed_choices(device)
+    with gr.Accordion("Speed", open=False):
+        gr.Markdown("Faster generation without retraining; the choices are recorded in each output's settings.")
+        cache = gr.Radio(list(choices["cache"]), value=CACHE_MODES[0], label="Step cache",
+                         info="first-block: when the first block's output barely changed since the last step, reuse "
+                              "the rest of the network's (reset at every stage, unit and guidance branch)")
+        cache_threshold = gr.Slider(*limits.CACHE_THRESHOLD_RANGE, value=sampling.cache_threshold, step=0.01,
+                                    label="Cache threshold (0 never skips; higher is faster and less exact)")
+        attention_backend = gr.Radio(list(choices["attention_backend"]), value=DEFAULT_ATTENTION_BACKEND,
+                                     label="Attention backend", info=_speed_unavailable(choices, device))
+        compile = gr.Checkbox(False, label="Compile the transformer blocks (torch.compile; the first run is slower)",
+                              interactive=True in choices["compile"])
+    return {"cache": cache, "cache_threshold": cache_threshold, "attention_backend": attention_backend,
+            "compile": compile}
+
+
+def _speed_unavailable(choices, device) -> str:
+    missing = [name for name in ATTENTION_BACKENDS if name not in choices["attention_backend"]]
+    return f"not installed or not for {device.type}: {', '.join(missing)}" if missing else None
 
 
 def _default_dtype() -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 import gradio
 import numpy as np
 import pytest
+import torch
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
@@ -309,3 +310,22 @@ def test_progress_updates_are_spaced_out(tiny_model, tmp_path):
     assert len(steps) < 3 * 3 * 8  # three units of three stages of 8 steps each
     times = [when for when, desc in shown if "step" in desc]
     assert all(later - earlier >= PROGRESS_INTERVAL * 0.99 for earlier, later in zip(times, times[1:]))
+
+
+def test_speed_panel_offers_what_works_here_and_records_it(client, tiny_model, tmp_path):
+    from model_core.speed import speed_choices
+    from model_core.transformers.attention_backends import usable_attention_backends
+
+    demo = studio.build_studio(default_model=str(tiny_model), output_dir=tmp_path / "outputs")
+    radios = {block.label: [choice[1] for choice in block.choices] for block in demo.blocks.values()
+              if isinstance(block, gradio.Radio)}
+    assert radios["Attention backend"] == usable_attention_backends(torch.device("cpu"))
+    assert radios["Step cache"] == list(speed_choices(torch.device("cpu"))["cache"])
+    video, *_ = client.predict("a red ball", seed="3", cache="first-block", cache_threshold=0.2, **FAST,
+                               api_name="/text_to_video")
+    settings = read_metadata(local_path(video))
+    assert (settings["cache"], settings["cache_threshold"], settings["attention_backend"]) == ("first-block", 0.2, "native")
+    reused = gallery.control_values(settings)
+    assert (reused["cache"], reused["cache_threshold"], reused["compile"]) == ("first-block", 0.2, False)
+    with pytest.raises(AppError, match="[Cc]ache must be one of none, first-block"):
+        client.predict("a red ball", cache="tea", **FAST, api_name="/text_to_video")

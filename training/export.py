@@ -1,5 +1,7 @@
-"""`python -m training.export CHECKPOINT --out DIR`: a sharded (FSDP) checkpoint in the app-facing layout of a
-release, the weights the studio, the CLI and `from_pretrained` load (with the EMA variant when the run kept one).
+"""Export a sharded (FSDP) training checkpoint as the app-facing weights of a release.
+
+`python -m training.export CHECKPOINT --out DIR` writes the layout the studio, the CLI and `from_pretrained` load
+(with the EMA variant when the run kept one).
 
 One process, no process group: torch.distributed.checkpoint reads every rank's shards into whole tensors. The model
 is rebuilt from the recipe the checkpoint holds (`training_state/recipe.json`).
@@ -22,6 +24,8 @@ from .tool import run_tool
 def export(checkpoint, out) -> Path:
     """Write the weights of the sharded `checkpoint` to `out` (atomically: a staging folder renamed into place)."""
     checkpoint, out = Path(checkpoint), Path(out)
+    if not checkpoint.is_dir():
+        raise FileNotFoundError(f"no checkpoint folder at {checkpoint}; give a checkpoint-<step> folder of a run")
     if not is_sharded_checkpoint(checkpoint):
         raise ValueError(f"{checkpoint} is not a sharded checkpoint (no {STATE_FOLDER}/{SHARDED_FOLDER}/); a checkpoint "
                          "of one process already holds the app-facing weights")

@@ -131,3 +131,23 @@ def test_extraction_writes_resumable_shards_with_recorded_clip_starts(tmp_path):
     assert (out / "shards" / "latents-00000.arrow").stat().st_mtime_ns == finished
     assert (out / "shards" / "latents-00002.jsonl").is_file() and len(AnnotationIndex(out / "annotations.jsonl")) == 7
     assert extract_latents.main([*command[command.index("--model"):], "--seconds", "12"]) == 2
+
+
+@pytest.mark.parametrize("block", [7, 64, 1 << 20])
+def test_the_streamed_index_files_equal_the_in_memory_index_across_block_sizes(tmp_path, monkeypatch, block):
+    """Building streams each block into the .npy files (memory: one block); a read-only folder keeps the index in
+    memory instead. Both agree, whatever the block size (lines longer than a block included)."""
+    from training import annotation_index
+
+    monkeypatch.setattr(annotation_index, "CHUNK", block)
+    path = tmp_path / "a.jsonl"
+    path.write_text("\n".join([json.dumps({"video": "v.mp4", "text": "x"}), "", json.dumps({"image": "i.png"}),
+                               json.dumps({"text": 'say "image": no', "video": "v"}), "",
+                               json.dumps({"kind": "image", "latent": "l"})]))  # no newline at the end
+    folder = tmp_path / "index"
+    folder.mkdir()
+    annotation_index.write_index(path, folder)
+    in_memory = annotation_index.index_arrays(path)
+    for name in annotation_index.INDEX_FILES:
+        assert np.array_equal(np.load(folder / f"{name}.npy"), in_memory[name])
+    assert in_memory["images"].tolist() == [1, 3] and in_memory["videos"].tolist() == [0, 2]

@@ -24,9 +24,10 @@ def index_folder(path: Path) -> Path:
     return path.with_name(path.name + ".index")
 
 
-def scan_lines(path: Path) -> tuple:
-    """([N, 2] int64 byte ranges of the non-blank lines, bool [N] image flags), reading `CHUNK` bytes at a time."""
-    ranges, images, base, carry = [], [], 0, b""
+def scan_blocks(path: Path):
+    """Per block of about `CHUNK` bytes of whole lines: ([k, 2] int64 byte ranges of its non-blank lines, bool [k]
+    image flags)."""
+    base, carry = 0, b""
     with path.open("rb") as handle:
         while True:
             chunk = handle.read(CHUNK)
@@ -42,14 +43,44 @@ def scan_lines(path: Path) -> tuple:
                 flags = np.zeros(len(ends), bool)
                 flags[np.searchsorted(ends, image_marks(whole, text))] = True
                 keep = ends - starts > 0
-                ranges.append(np.stack([starts[keep], ends[keep]], 1) + base)
-                images.append(flags[keep])
+                yield (np.stack([starts[keep], ends[keep]], 1) + base).astype(np.int64), flags[keep]
                 base += len(whole)
             if not chunk:
                 break
-    if not ranges:
-        return np.zeros((0, 2), np.int64), np.zeros(0, bool)
-    return np.concatenate(ranges).astype(np.int64), np.concatenate(images)
+
+
+def index_arrays(path: Path) -> dict:
+    """{lines, images, videos} of `path` held in memory (when the index cannot be cached beside the file)."""
+    blocks = list(scan_blocks(path))
+    lines = np.concatenate([ranges for ranges, _ in blocks]) if blocks else np.zeros((0, 2), np.int64)
+    is_image = np.concatenate([flags for _, flags in blocks]) if blocks else np.zeros(0, bool)
+    return {"lines": lines, "images": np.flatnonzero(is_image), "videos": np.flatnonzero(~is_image)}
+
+
+def write_index(path: Path, folder: Path) -> None:
+    """The index files of `path` in `folder`, in two passes (count, then stream each block into its .npy), so
+    building holds one block in memory, not N lines; each file is written under a temporary name and renamed."""
+    lines = images = 0
+    for ranges, flags in scan_blocks(path):
+        lines, images = lines + len(ranges), images + int(flags.sum())
+    shapes = {"lines": (lines, 2), "images": (images,), "videos": (lines - images,)}
+    temporary = {name: folder / f"{name}.tmp.npy" for name in INDEX_FILES}
+    handles = {name: temporary[name].open("wb") for name in INDEX_FILES}
+    try:
+        for name, handle in handles.items():
+            np.lib.format.write_array_header_1_0(handle, {"descr": "<i8", "fortran_order": False, "shape": shapes[name]})
+        row = 0
+        for ranges, flags in scan_blocks(path):
+            rows = np.arange(row, row + len(ranges), dtype=np.int64)
+            ranges.tofile(handles["lines"])
+            rows[flags].tofile(handles["images"])
+            rows[~flags].tofile(handles["videos"])
+            row += len(ranges)
+    finally:
+        for handle in handles.values():
+            handle.close()
+    for name in INDEX_FILES:
+        temporary[name].replace(folder / f"{name}.npy")
 
 
 def image_marks(whole: bytes, text: np.ndarray) -> np.ndarray:
@@ -57,12 +88,6 @@ def image_marks(whole: bytes, text: np.ndarray) -> np.ndarray:
     string) left out: two literal searches and a vectorised check, 30x faster than one look-behind pattern."""
     hits = np.fromiter((m.start() for pattern in IMAGE_MARKS for m in pattern.finditer(whole)), np.int64)
     return hits[(hits == 0) | (text[np.maximum(hits - 1, 0)] != BACKSLASH)]
-
-
-def save_array(path: Path, array: np.ndarray) -> None:
-    temporary = path.with_suffix(".tmp.npy")
-    np.save(temporary, array)
-    temporary.replace(path)
 
 
 def stamp(path: Path) -> dict:
@@ -76,16 +101,13 @@ def load_index(path: Path) -> dict:
     meta = folder / "source.json"
     if not (meta.is_file() and json.loads(meta.read_text()) == stamp(path)):
         logger.info("indexing %s (once; cached in %s)", path, folder)
-        lines, is_image = scan_lines(path)
-        arrays = {"lines": lines, "images": np.flatnonzero(is_image), "videos": np.flatnonzero(~is_image)}
         try:
             folder.mkdir(exist_ok=True)
-            for name in INDEX_FILES:
-                save_array(folder / f"{name}.npy", arrays[name])
+            write_index(path, folder)
             write_text(meta, json.dumps(stamp(path)))
         except OSError as error:  # a read-only data folder: keep this process's copy
             logger.warning("cannot cache the index of %s (%s); it stays in memory", path, error)
-            return arrays
+            return index_arrays(path)
     return {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in INDEX_FILES}
 
 

@@ -148,8 +148,11 @@ class Endpoints:
         if spec is None and facts.variants:
             raise ValueError(f"this model has no variant {limits.shown(variant)}; pick one of: auto, {', '.join(facts.variants)}")
         lora = self._lora(controls.get("lora"), controls.get("lora_weight"))
-        return ModelOptions(model=source, variant=variant, lora=lora, **limits.memory_controls(controls),
-                            **limits.speed_controls(controls)), spec
+        speed = limits.speed_controls(controls)
+        if self.menu.hosted and speed != limits.SERVER_SPEED:  # each would rebuild or recompile the shared model
+            raise ValueError("on this hosted studio the attention backend and compiling are the server's "
+                             "(native, off); the step cache and its threshold are yours to pick")
+        return ModelOptions(model=source, variant=variant, lora=lora, **limits.memory_controls(controls), **speed), spec
 
     def _lora(self, name, weight) -> tuple:
         """The picked LoRA as ((path, weight),), or () for none; only names from the LoRA folder are accepted."""

@@ -85,6 +85,9 @@ def memory_controls(controls: dict) -> dict:
             "vae_tiling": flag(controls["vae_tiling"], "vae_tiling")}
 
 
+SERVER_SPEED = {"attention_backend": ATTENTION_BACKENDS[0], "compile": False}  # the only ones in hosted mode
+
+
 def speed_controls(controls: dict) -> dict:
     """attention_backend and compile, checked (whether they run on this device is checked as the model loads)."""
     return {"attention_backend": choice(controls.get("attention_backend", ATTENTION_BACKENDS[0]), ATTENTION_BACKENDS,

@@ -67,7 +67,7 @@ def build_studio(default_model=None, output_dir="outputs", pipelines=None, model
                 tabs, inputs, buttons, lengths, queue_buttons, storyboards = _mode_tabs(spec)
                 stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
                 controls = {**_model_panel(menu, facts), **_lora_panel(endpoints.loras),
-                            **_sampling_panel(facts.sampling), **_memory_panel(), **_speed_panel(facts.sampling)}
+                            **_sampling_panel(facts.sampling), **_memory_panel(), **_speed_panel(facts.sampling, hosted)}
             with gr.Column(scale=6):
                 status = gr.Markdown("Ready.", label="Status", elem_id="status")
                 result_video = gr.Video(label="Result", buttons=["download"], autoplay=True, loop=True,
@@ -338,10 +338,13 @@ def _memory_panel() -> dict:
     return {"dtype": dtype, "offload": offload, "quantize": quantize, "vae_tiling": vae_tiling}
 
 
-def _speed_panel(sampling) -> dict:
-    """Step cache, attention backend and compiling: like Memory, only what works on this device is offered."""
+def _speed_panel(sampling, hosted: bool) -> dict:
+    """Step cache, attention backend and compiling: like Memory, only what works on this device is offered; a hosted
+    studio keeps the attention backend and compiling at the server's setting (they rebuild the shared model)."""
     device = resolve_device(None)
     choices = speed_choices(device)
+    if hosted:
+        choices = {**choices, "attention_backend": (limits.SERVER_SPEED["attention_backend"],), "compile": (False,)}
     with gr.Accordion("Speed", open=False):
         gr.Markdown("Faster generation without retraining; the choices are recorded in each output's settings.")
         cache = gr.Radio(list(choices["cache"]), value=CACHE_MODES[0], label="Step cache",
@@ -350,7 +353,8 @@ def _speed_panel(sampling) -> dict:
         cache_threshold = gr.Slider(*limits.CACHE_THRESHOLD_RANGE, value=sampling.cache_threshold, step=0.01,
                                     label="Cache threshold (0 never skips; higher is faster and less exact)")
         attention_backend = gr.Radio(list(choices["attention_backend"]), value=DEFAULT_ATTENTION_BACKEND,
-                                     label="Attention backend", info=_speed_unavailable(choices, device))
+                                     label="Attention backend",
+                                     info="the server's on a hosted studio" if hosted else _speed_unavailable(choices, device))
         compile = gr.Checkbox(False, label="Compile the transformer blocks (torch.compile; the first run is slower)",
                               interactive=True in choices["compile"])
     return {"cache": cache, "cache_threshold": cache_threshold, "attention_backend": attention_backend,

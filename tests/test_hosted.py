@@ -104,6 +104,20 @@ def test_foreign_models_get_the_same_sentence_whether_or_not_they_exist(hosted, 
     assert "/" + tmp_path.name not in message
 
 
+def test_strangers_pick_the_step_cache_but_not_the_backend_or_compiling(hosted):
+    """Both would rebuild or recompile the one shared model; the per-call step cache is every client's to pick."""
+    url, _ = hosted
+    params = hosted_probes.parameters(url)["text_to_image"]
+    base = {name: default for name, default in params} | FAST | {"prompt": "a ball"}
+    for change in ({"compile": True}, {"attention_backend": "flex"}):
+        verdict, message = hosted_probes.classify(*hosted_probes.call(
+            url, "text_to_image", [(base | change)[name] for name, _ in params]))
+        assert verdict == "clean" and "attention backend and compiling are the server's" in message
+    verdict, _ = hosted_probes.classify(*hosted_probes.call(
+        url, "text_to_image", [(base | {"cache": "first-block", "cache_threshold": 0.3})[name] for name, _ in params]))
+    assert verdict == "accepted"
+
+
 def test_cancel_returns_at_once_and_the_run_stops_within_a_step(hosted, steps):
     url, _ = hosted
     client = Client(url, verbose=False, download_files=False)

@@ -115,6 +115,10 @@ def test_extraction_writes_resumable_shards_with_recorded_clip_starts(tmp_path):
     result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "in this process" in result.stdout and result.stdout.count("wrote") == 2  # both ranks worked
+    # ... on their own shards (ranks 0: shards 1 and 3, 1: shard 2), not each on all of them
+    assert sorted(line.split("INFO training.shards: ")[1] for line in result.stderr.splitlines()
+                  if "INFO training.shards: shard" in line) == [
+        "shard 1 of 3 written (3 samples)", "shard 2 of 3 written (3 samples)", "shard 3 of 3 written (1 samples)"]
     shards = sorted(p.name for p in (out / "shards").glob("*.arrow"))
     assert shards == ["latents-00000.arrow", "latents-00001.arrow", "latents-00002.arrow"]  # 4 lines x 2 clips / 3
     index = AnnotationIndex(out / "annotations.jsonl")

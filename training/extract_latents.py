@@ -20,6 +20,7 @@ from model_core.temporal import frames_for_duration
 from .annotation_index import AnnotationIndex
 from .data import LATENT_KEY, AnnotatedDataset, SampleRequest, annotation_record
 from .models import base_checkpoint, build_vae
+from .parallel import process_state
 from .shards import extract_in_shards
 from .tool import run_tool
 
@@ -58,13 +59,11 @@ def clip_start(seed: int, line: int, clip: int) -> float:
 
 @torch.no_grad()
 def extract(args) -> tuple:
-    from accelerate import PartialState
-
     if not 0 < args.seconds <= MAX_SECONDS:
         raise ValueError(f"--seconds must be in (0, {MAX_SECONDS:g}]; got {args.seconds:g}")
     if args.clips_per_video < 1:
         raise ValueError(f"--clips-per-video must be at least 1; got {args.clips_per_video}")
-    device = torch.device(args.device) if args.device else PartialState().device
+    device = torch.device(args.device) if args.device else process_state().device
     base = base_checkpoint({"pretrained": args.model})
     vae = build_vae({"frozen_dtype": args.dtype}, base).to(device)
     entries = AnnotationIndex(args.annotations)

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from .annotation_index import AnnotationIndex
 from .data import TEXT_KEYS, annotation_record
 from .models import base_checkpoint, build_prompt_encoder
+from .parallel import process_state
 from .shards import extract_in_shards
 from .tool import run_tool
 
@@ -37,9 +38,7 @@ def embedding_tensors(embeddings) -> dict:
 
 @torch.no_grad()
 def extract(args) -> tuple:
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = process_state()
     device = torch.device(args.device) if args.device else state.device
     base = base_checkpoint({"pretrained": args.model})
     encoder = build_prompt_encoder({"frozen_dtype": args.dtype}, base, device)

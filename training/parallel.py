@@ -18,6 +18,14 @@ def flag(name: str) -> bool:
     return os.environ.get(name, "false").lower() in ("1", "true", "yes")
 
 
+def process_state():
+    """accelerate's view of the launched processes, CPU ones included: `PartialState()` alone ignores
+    ACCELERATE_USE_CPU (which `Accelerator()` reads), and every CPU rank of a torchrun launch would run alone."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=flag("ACCELERATE_USE_CPU"))
+
+
 def check_launch(accelerator) -> None:
     """Refuse a CPU launch that asked for several processes but got one."""
     asked_for_more = "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ and "RANK" not in os.environ

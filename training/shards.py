@@ -59,13 +59,12 @@ def extract_in_shards(num_units: int, shard_size: int, folder: Path, prefix: str
     """Run `encode(unit) -> (jsonl record, tensors) | None` over this process's shards of [0, num_units) and write
     each shard as `<prefix>-<s>.arrow` + `.jsonl` (records get `key`: the row's reference); then the main process
     joins the shards' lines into `<folder>/../annotations.jsonl`. Returns (written, skipped) of this process."""
-    from accelerate import PartialState
-
     from .data import write_annotations
+    from .parallel import process_state
 
     if shard_size < 1:
         raise ValueError(f"--shard-size must be a positive number of samples; got {shard_size}")
-    state = PartialState()
+    state = process_state()
     folder.mkdir(parents=True, exist_ok=True)
     num_shards = -(-num_units // shard_size)
     written = skipped = 0

@@ -14,6 +14,7 @@ def _rank_main(rank, world_size, rendezvous, fn, args):
                             timeout=timedelta(seconds=60))
     try:
         fn(rank, *args)
+        dist.barrier()  # no rank closes its gloo connections while another still uses them (seen: SIGABRT in CI)
     finally:
         dist.destroy_process_group()
 

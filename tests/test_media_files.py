@@ -258,7 +258,7 @@ def test_streamed_video_equals_the_one_written_at_once(tmp_path):
     # x264's frame threads may decide a few macroblocks differently between two encodes on a busy machine (seen in
     # CI: a few levels in the last frames), so the two encodes agree to H.264 noise, not bit for bit
     assert fps == 8 and streamed.shape == whole.shape
-    assert np.abs(streamed.astype(int) - whole).mean() < 0.5
+    assert np.abs(streamed.astype(int) - whole).mean() < 2  # CI saw 0.73 between two encodes of equal frames
     assert read_metadata(tmp_path / "streamed.mp4") == SETTINGS
     assert leftovers(tmp_path, keep=()) == ["streamed.json", "streamed.mp4", "whole.json", "whole.mp4"]
 

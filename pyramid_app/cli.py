@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model_core.media_files import read_image, read_video, write_image, write_video
+from model_core.media_files import read_image, read_video
 from model_core.storyboard import Storyboard
 
 from . import ranks
 from .job_queue import JobQueue, run_jobs
-from .output_file import OutputFile
+from .output_file import OutputFile, save
 from .queue_runner import Stopped, generate_job, model_options, queued_jobs_from_request, seeded_job
 from .settings import (
     ATTENTION_BACKENDS,
@@ -322,12 +322,6 @@ def run(request: Request, quiet: bool = False) -> int:
             report(f"interrupted: saved {saved} frames to {job.out}")
             return EXIT_INTERRUPTED
     return 0
-
-
-def save(result, out: Path) -> Path:
-    if out.suffix.lower() == ".png":
-        return write_image(result.frames[0], out, result.settings)
-    return write_video(result.frames, out, result.fps, result.settings)
 
 
 def step_callback(on_progress, stop: threading.Event):

@@ -24,8 +24,9 @@ from model_core.sampling import Progress
 
 from . import gallery, limits
 from .catalog import BUNDLED, MISSING_BUNDLED, ModelMenu, is_local, length_limits
-from .cli import USER_ERRORS, save
+from .cli import USER_ERRORS
 from .jobs import Job, PipelineCache, StopSwitches, UnitPreview, progress_text, run_job
+from .output_file import save
 from .outputs import SessionOutputs
 from model_core.storyboard import Storyboard
 
@@ -305,13 +306,14 @@ def _generation_options(mode, controls, num_frames, spec, seeded: bool = True, s
     """Sampling options from the controls, each checked, and the length (a storyboard's, when given: its seconds set
     it and no num_frames is passed on) checked against the model's limits. A storyboard may run to the long-video
     length where `long_video` (local mode); the slider, and every length in hosted mode, stops at the published one."""
+    extension = mode == "extend_video"
+    low, high, step = length_limits(spec, extension, long_video=long_video and storyboard is not None)
     if storyboard is not None:
-        num_frames = storyboard.num_frames(spec.fps, spec.frames_per_latent, continues=mode == "extend_video")
-        longest = length_limits(spec, mode == "extend_video", long_video)[1]
-        if num_frames > longest:
+        num_frames = storyboard.num_frames(spec.fps, spec.frames_per_latent, continues=extension)
+        if num_frames > high:
             where = "in the studio" if long_video else "on this hosted studio"
             raise ValueError(f"the storyboard lasts {storyboard.seconds:g} s ({num_frames} frames); this model makes at "
-                             f"most {longest} frames ({longest / spec.fps:.1f} s) {where}: shorten its segments")
+                             f"most {high} frames ({high / spec.fps:.1f} s) {where}: shorten its segments")
     low_steps, high_steps = limits.STEPS_RANGE
     steps = {name: tuple(limits.whole(controls[gallery.step_control(name, stage)], f"{name} (stage {stage + 1})",
                                       low_steps, high_steps) for stage in range(STAGE_COUNT))
@@ -319,9 +321,7 @@ def _generation_options(mode, controls, num_frames, spec, seeded: bool = True, s
     guidance = {name: limits.number(controls[name], name, *limits.GUIDANCE_RANGE)
                 for name in ("guidance_scale", "video_guidance_scale")}
     if mode != "text_to_image":
-        extension, long_storyboard = mode == "extend_video", storyboard is not None and long_video
-        num_frames = limits.frame_count(num_frames, *length_limits(spec, extension, long_storyboard),
-                                        what="new frames" if mode == "extend_video" else "num_frames")
+        num_frames = limits.frame_count(num_frames, low, high, step, what="new frames" if extension else "num_frames")
     negative = limits.prompt(controls["negative_prompt"], "the negative prompt")
     options = GenerationOptions(negative_prompt=negative or None,
                                 num_frames=None if mode == "text_to_image" or storyboard is not None else num_frames,

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from model_core.step_cache import CACHE_MODES
+from model_core.transformers.attention_backends import DEFAULT_ATTENTION_BACKEND
 
 from .settings import ATTENTION_BACKENDS, DTYPES, OFFLOAD_MODES, QUANTIZE_MODES, SEED_LIMIT
 
@@ -85,14 +86,14 @@ def memory_controls(controls: dict) -> dict:
             "vae_tiling": flag(controls["vae_tiling"], "vae_tiling")}
 
 
-SERVER_SPEED = {"attention_backend": ATTENTION_BACKENDS[0], "compile": False}  # the only ones in hosted mode
+SERVER_SPEED = {"attention_backend": DEFAULT_ATTENTION_BACKEND, "compile": False}  # the defaults; hosted: the only ones
 
 
 def speed_controls(controls: dict) -> dict:
     """attention_backend and compile, checked (whether they run on this device is checked as the model loads)."""
-    return {"attention_backend": choice(controls.get("attention_backend", ATTENTION_BACKENDS[0]), ATTENTION_BACKENDS,
-                                        "attention_backend"),
-            "compile": flag(controls.get("compile", False), "compile")}
+    values = SERVER_SPEED | controls
+    return {"attention_backend": choice(values["attention_backend"], ATTENTION_BACKENDS, "attention_backend"),
+            "compile": flag(values["compile"], "compile")}
 
 
 def cache_controls(controls: dict) -> dict:

@@ -2,7 +2,14 @@
 are decoded, so a stop keeps what was made without a final decode of the whole clip."""
 from pathlib import Path
 
-from model_core.media_files import VideoWriter, write_image
+from model_core.media_files import VideoWriter, write_image, write_video
+
+
+def save(result, out: Path) -> Path:
+    """Write a whole result with its settings: a .png holds its first frame, an .mp4 every frame."""
+    if out.suffix.lower() == ".png":
+        return write_image(result.frames[0], out, result.settings)
+    return write_video(result.frames, out, result.fps, result.settings)
 
 
 class OutputFile:
@@ -33,7 +40,7 @@ class OutputFile:
         """Finish the file with the result's settings; returns how many frames it holds (0: nothing was saved)."""
         if not self.streamed:
             if self.keep and len(result.frames):
-                write_image(result.frames[0], self.path, result.settings)
+                save(result, self.path)
             return len(result.frames)
         if self._writer is not None and self.frames_written:
             self._writer.close(result.settings)

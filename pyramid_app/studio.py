@@ -12,7 +12,6 @@ from model_core.checkpoints import VARIANTS
 from model_core.memory import resolve_device
 from model_core.speed import speed_choices
 from model_core.step_cache import CACHE_MODES
-from model_core.transformers.attention_backends import DEFAULT_ATTENTION_BACKEND
 
 from . import gallery, limits
 from .catalog import ModelMenu, length_limits
@@ -352,18 +351,14 @@ def _speed_panel(sampling, hosted: bool) -> dict:
                               "the rest of the network's (reset at every stage, unit and guidance branch)")
         cache_threshold = gr.Slider(*limits.CACHE_THRESHOLD_RANGE, value=sampling.cache_threshold, step=0.01,
                                     label="Cache threshold (0 never skips; higher is faster and less exact)")
-        attention_backend = gr.Radio(list(choices["attention_backend"]), value=DEFAULT_ATTENTION_BACKEND,
+        attention_backend = gr.Radio(list(choices["attention_backend"]), value=limits.SERVER_SPEED["attention_backend"],
                                      label="Attention backend",
-                                     info="the server's on a hosted studio" if hosted else _speed_unavailable(choices, device))
+                                     info="the server's on a hosted studio" if hosted else _unavailable(
+                                         "attention_backend", choices, device))
         compile = gr.Checkbox(False, label="Compile the transformer blocks (torch.compile; the first run is slower)",
                               interactive=True in choices["compile"])
     return {"cache": cache, "cache_threshold": cache_threshold, "attention_backend": attention_backend,
             "compile": compile}
-
-
-def _speed_unavailable(choices, device) -> str:
-    missing = [name for name in ATTENTION_BACKENDS if name not in choices["attention_backend"]]
-    return f"not installed or not for {device.type}: {', '.join(missing)}" if missing else None
 
 
 def _default_dtype() -> str:
@@ -374,7 +369,8 @@ def _default_dtype() -> str:
 
 
 def _unavailable(name, choices, device) -> str:
-    every = {"dtype": DTYPES, "offload": OFFLOAD_MODES, "quantize": QUANTIZE_MODES}[name]
+    every = {"dtype": DTYPES, "offload": OFFLOAD_MODES, "quantize": QUANTIZE_MODES,
+             "attention_backend": ATTENTION_BACKENDS}[name]
     missing = [value for value in every if value not in choices[name]]
     return f"not available on {device.type}: {', '.join(missing)}" if missing else None
 

@@ -114,7 +114,7 @@ def test_a_storyboard_runs_past_the_slider_to_the_long_video_length_except_when_
 def test_hosted_session_queues_left_waiting_run_again_after_a_restart(tiny_model, tmp_path):
     import threading
 
-    from pyramid_app.cli import save
+    from pyramid_app.output_file import save
     from pyramid_app.job_queue import SessionQueues
     from pyramid_app.jobs import PipelineCache
     from pyramid_app.studio_queue import StudioQueues

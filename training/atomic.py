@@ -1,12 +1,36 @@
-"""Files written whole or not at all: text goes to a temporary sibling, then is renamed into place."""
+"""Files and folders written whole or not at all: each is built under a temporary sibling, then renamed into place."""
+import shutil
 from pathlib import Path
+
+
+def staging_path(target) -> Path:
+    """The temporary sibling `<target>.tmp` that `target` is built in."""
+    target = Path(target)
+    return target.with_name(target.name + ".tmp")
 
 
 def write_text(path, text: str) -> Path:
     """Write `text` to `path` (creating its folder) so that readers never see a partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
+    temporary = staging_path(path)
     temporary.write_text(text)
     temporary.replace(path)
     return path
+
+
+def fresh_staging(target) -> Path:
+    """An empty staging folder for `target` (whatever an interrupted build left there removed)."""
+    staging = staging_path(target)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def publish(target) -> Path:
+    """Replace `target` with the folder built in its staging sibling."""
+    target = Path(target)
+    if target.exists():
+        shutil.rmtree(target)
+    staging_path(target).rename(target)
+    return target

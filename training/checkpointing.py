@@ -18,6 +18,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 
+from .atomic import fresh_staging, publish, staging_path
+
 STATE_FOLDER = "training_state"
 SHARDED_FOLDER = "sharded"
 RECIPE_FILE = "recipe.json"
@@ -50,7 +52,7 @@ def resume_path(output_dir: Path, resume):
 def write_checkpoint(output_dir: Path, step: int, write_files, keep: int = 0) -> Path:
     """Call write_files(tmp_folder) then rename tmp -> checkpoint-<step>; keep the newest `keep` (0 = all)."""
     final = checkpoint_path(output_dir, step)
-    write_files(_fresh_staging(final))
+    write_files(fresh_staging(final))
     return _publish(final, keep)
 
 
@@ -60,12 +62,12 @@ def write_sharded_checkpoint(output_dir: Path, step: int, sharded_state: dict, w
     staging folder, so no rank gathers the full state; rank 0 adds write_files(tmp_folder) and renames it into place."""
     final = checkpoint_path(output_dir, step)
     if is_main:
-        _fresh_staging(final)
+        fresh_staging(final)
     barrier()
-    dcp.save(sharded_state, checkpoint_id=_staging(final) / STATE_FOLDER / SHARDED_FOLDER)
+    dcp.save(sharded_state, checkpoint_id=staging_path(final) / STATE_FOLDER / SHARDED_FOLDER)
     barrier()  # every rank's shards are written before the folder is published
     if is_main:
-        write_files(_staging(final))
+        write_files(staging_path(final))
         _publish(final, keep)
     barrier()
     return final
@@ -82,22 +84,9 @@ def load_sharded_state(folder: Path, state: dict) -> dict:
     return state
 
 
-def _staging(final: Path) -> Path:
-    return final.with_name(final.name + ".tmp")
-
-
-def _fresh_staging(final: Path) -> Path:
-    staging = _staging(final)
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    return staging
-
-
 def _publish(final: Path, keep: int) -> Path:
     """Rename the staging folder onto checkpoint-<step>; keep the newest `keep` checkpoints (0 = all)."""
-    if final.exists():
-        shutil.rmtree(final)
-    _staging(final).rename(final)
+    publish(final)
     if keep:
         finished = sorted((int(CHECKPOINT.match(p.name).group(1)), p) for p in final.parent.glob("checkpoint-*")
                           if CHECKPOINT.match(p.name))

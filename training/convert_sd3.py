@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from model_core.checkpoints import SETTINGS_FILE, VAE_FOLDER, transformer_folder
 
+from .atomic import fresh_staging, publish
 from .tool import run_tool
 from .weights import save_weights
 
@@ -106,8 +107,7 @@ def convert(args) -> str:
         if name.endswith(("norm_q", "norm_k", "norm_add_q", "norm_add_k")) and getattr(module, "weight", None) is not None:
             torch.nn.init.ones_(module.weight)
     state, new = mapped_state(sd3_state, model)
-    staging = out.with_name(out.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = fresh_staging(out)
     save_weights(staging / transformer_folder(args.variant), model, state)
     for name in TEXT_FOLDERS:
         if (source / name).is_dir():
@@ -115,9 +115,7 @@ def convert(args) -> str:
     shutil.copytree(vae_root / VAE_FOLDER, staging / VAE_FOLDER)
     if (vae_root / SETTINGS_FILE).is_file():
         shutil.copy2(vae_root / SETTINGS_FILE, staging / SETTINGS_FILE)
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
+    publish(out)
     if new:
         logger.info("new weights (SD3 has no q/k norms), set to 1: %d, e.g. %s", len(new), new[:2])
     return f"wrote {out} ({len(state) - len(new)} SD3 weights mapped, {len(new)} new q/k norm weights at 1)"

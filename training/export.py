@@ -8,7 +8,6 @@ is rebuilt from the recipe the checkpoint holds (`training_state/recipe.json`).
 """
 import argparse
 import json
-import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -16,13 +15,14 @@ from pathlib import Path
 import torch
 
 from .annotation_index import AnnotationIndex
+from .atomic import fresh_staging, publish
 from .checkpointing import RECIPE_FILE, SHARDED_FOLDER, STATE_FOLDER, is_sharded_checkpoint, load_sharded_state
 from .loop import build_task, trainable
 from .tool import run_tool
 
 
 def export(checkpoint, out) -> Path:
-    """Write the weights of the sharded `checkpoint` to `out` (atomically: a staging folder renamed into place)."""
+    """Write the weights of the sharded `checkpoint` to `out` (built in a staging folder, then renamed into place)."""
     checkpoint, out = Path(checkpoint), Path(out)
     if not checkpoint.is_dir():
         raise FileNotFoundError(f"no checkpoint folder at {checkpoint}; give a checkpoint-<step> folder of a run")
@@ -39,12 +39,8 @@ def export(checkpoint, out) -> Path:
     with warnings.catch_warnings():  # one process reading every rank's shards is the intent here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         load_sharded_state(checkpoint, state)
-    staging = out.with_name(out.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    task.save(staging, state["model"], state.get("ema"))
-    staging.rename(out)
-    return out
+    task.save(fresh_staging(out), state["model"], state.get("ema"))
+    return publish(out)
 
 
 def main(argv=None) -> int:

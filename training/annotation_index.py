@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import re
+import shutil
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -58,29 +60,28 @@ def index_arrays(path: Path) -> dict:
 
 
 def write_index(path: Path, folder: Path) -> None:
-    """The index files of `path` in `folder`, in two passes (count, then stream each block into its .npy), so
-    building holds one block in memory, not N lines; each file is written under a temporary name and renamed."""
-    lines = images = 0
-    for ranges, flags in scan_blocks(path):
-        lines, images = lines + len(ranges), images + int(flags.sum())
-    shapes = {"lines": (lines, 2), "images": (images,), "videos": (lines - images,)}
-    temporary = {name: folder / f"{name}.tmp.npy" for name in INDEX_FILES}
-    handles = {name: temporary[name].open("wb") for name in INDEX_FILES}
-    try:
-        for name, handle in handles.items():
-            np.lib.format.write_array_header_1_0(handle, {"descr": "<i8", "fortran_order": False, "shape": shapes[name]})
-        row = 0
+    """The index files of `path` in `folder` from one scan, holding one block in memory, not N lines: each block is
+    appended to a raw file per array, then each .npy is its header (the row count known only now) and that raw data,
+    written under a temporary name and renamed."""
+    raw = {name: folder / f"{name}.raw.tmp" for name in INDEX_FILES}
+    rows = 0
+    with ExitStack() as files:
+        out = {name: files.enter_context(raw[name].open("wb")) for name in INDEX_FILES}
         for ranges, flags in scan_blocks(path):
-            rows = np.arange(row, row + len(ranges), dtype=np.int64)
-            ranges.tofile(handles["lines"])
-            rows[flags].tofile(handles["images"])
-            rows[~flags].tofile(handles["videos"])
-            row += len(ranges)
-    finally:
-        for handle in handles.values():
-            handle.close()
+            numbers = np.arange(rows, rows + len(ranges), dtype=np.int64)
+            ranges.tofile(out["lines"])
+            numbers[flags].tofile(out["images"])
+            numbers[~flags].tofile(out["videos"])
+            rows += len(ranges)
     for name in INDEX_FILES:
-        temporary[name].replace(folder / f"{name}.npy")
+        length = raw[name].stat().st_size // 8
+        shape = (length // 2, 2) if name == "lines" else (length,)
+        staged = folder / f"{name}.tmp.npy"
+        with staged.open("wb") as target, raw[name].open("rb") as source:
+            np.lib.format.write_array_header_1_0(target, {"descr": "<i8", "fortran_order": False, "shape": shape})
+            shutil.copyfileobj(source, target, CHUNK)
+        raw[name].unlink()
+        staged.replace(folder / f"{name}.npy")
 
 
 def image_marks(whole: bytes, text: np.ndarray) -> np.ndarray:

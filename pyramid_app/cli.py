@@ -4,6 +4,7 @@ Everything a person can get wrong is checked before the model loads; any error e
 one line `error: ...` on stderr. Ctrl-C stops after the current step and still saves the finished units.
 """
 import argparse
+import itertools
 import signal
 import sys
 import threading
@@ -363,14 +364,14 @@ def _stop_on_ctrl_c():
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
-    presses = []
+    presses = itertools.count(1)
 
     def request_stop(signum, frame):
-        presses.append(signum)
-        if len(presses) == 1:
+        press = next(presses)
+        if press == 1:
             stop.set()
             _stderr_line("stopping after the current step; the finished units are saved (Ctrl-C twice more to abort)")
-        elif len(presses) == 2:
+        elif press == 2:
             _stderr_line("saving the finished units (Ctrl-C again to abort without saving)")
         else:
             raise KeyboardInterrupt

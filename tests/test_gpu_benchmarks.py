@@ -92,6 +92,21 @@ def test_a_short_smoke_run_measures_and_refuses(tmp_path):
     assert offload["status"] == "unavailable"
 
 
+def test_the_per_group_row_measures_one_call_per_group_and_restores_the_plan(tmp_path, monkeypatch):
+    from model_core.transformers import attention_plan
+
+    monkeypatch.setitem(attention_plan.CALL_OVERHEAD_MACS, "cpu", 1e12)  # the CPU plans like a GPU for this test
+    calls = []
+    planner = attention_plan.plan_calls
+    monkeypatch.setattr("model_core.transformers.attention.plan_calls", lambda *a: calls.append(planner(*a)) or calls[-1])
+    suite = _suite(tmp_path, [gpu_suite.Row("per group", "384p", per_group_calls=True)])
+    suite.run()
+    (row,) = suite.report["rows"]
+    assert row["status"] == "ok" and row["settings"] == {"attention_calls": "one per causal group"}
+    assert attention_plan.CALL_OVERHEAD_MACS["cpu"] == 1e12
+    assert max(len(plan) for plan in calls) > 1  # history groups were not merged during the row
+
+
 def _suite(tmp_path, rows, budget_s=600.0):
     return gpu_suite.Suite(tmp_path, smoke=True, budget_s=budget_s, reserve_s=20.0, rows=rows)
 

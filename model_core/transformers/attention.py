@@ -3,18 +3,20 @@
 The packed sequence is [text ; image]. A query may attend a key when the key's frame is not
 later than the query's (text counts as frame 0) and the key is valid text or an image token.
 Image tokens are in non-decreasing frame order, so the queries split into contiguous groups
-(group 0 = all text + the oldest frame) and each group attends to a prefix of the keys: one
-attention call per group with a [B, 1, 1, L] key-padding mask; no L x L mask is ever built.
+(group 0 = all text + the oldest frame) and each group attends to a prefix of the keys. How the
+groups become kernel calls (one per group, several merged under a bounded mask, or one flex call)
+is planned once per forward in attention_plan.py; no L x L mask of a long sequence is ever built.
 Each call goes through diffusers' attention dispatch with the backend the attention modules
 carry (`transformer.set_attention_backend(name)`; see attention_backends.py).
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from diffusers.models.attention import AttentionModuleMixin
 from torch import nn
 
-from .attention_backends import DEFAULT_ATTENTION_BACKEND, attend_key_prefix
+from .attention_backends import DEFAULT_ATTENTION_BACKEND, MASK_STYLES, attend
+from .attention_plan import plan_calls
 from .embeddings import apply_rope
 
 
@@ -26,6 +28,14 @@ class AttentionLayout:
     key_valid: torch.Tensor  # [B, L] bool: valid text and all image tokens
     rope: tuple = None  # (cos, sin) [L, head_dim/2] or None
     context: object = None  # a model_core.parallel.UlyssesContext when ranks share the sequence
+    plans: dict = field(default_factory=dict)  # mask style -> the layer's kernel calls, planned by the first layer
+
+    def calls(self, style: str, q: torch.Tensor) -> list:
+        """The kernel calls of every layer for backends of mask `style` (attention_plan.py), planned once."""
+        if style not in self.plans:
+            batch, heads, _, dim = q.shape
+            self.plans[style] = plan_calls(self.group_ends, self.key_valid, style, q.dtype, heads * dim)
+        return self.plans[style]
 
 
 def causal_group_ends(num_text: int, frame_token_counts, causal: bool = True) -> list:
@@ -40,18 +50,19 @@ def causal_group_ends(num_text: int, frame_token_counts, causal: bool = True) ->
     return ends
 
 
-def blockwise_causal_attention(q, k, v, group_ends, key_valid, backend=DEFAULT_ATTENTION_BACKEND) -> torch.Tensor:
+def blockwise_causal_attention(q, k, v, group_ends, key_valid, backend=DEFAULT_ATTENTION_BACKEND, calls=None) -> torch.Tensor:
     """Blockwise causal attention (Sec. 3.4): query group g attends to keys [0, group_ends[g]).
 
     q, k, v: [B, heads, L, D]; key_valid: [B, L] bool. Padded-text queries see valid keys only,
-    so their (unused) outputs stay finite.
+    so their (unused) outputs stay finite. `calls` is the layer's plan (planned here when not given).
     """
+    style = MASK_STYLES.get(backend, "mask")
+    if calls is None:
+        calls = plan_calls(group_ends, key_valid, style, q.dtype, q.shape[1] * q.shape[3])
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # the dispatch's [B, L, heads, D]
-    outputs, start = [], 0
-    for end in group_ends:
-        outputs.append(attend_key_prefix(q[:, start:end], k[:, :end], v[:, :end], key_valid[:, :end], backend))
-        start = end
-    return torch.cat(outputs, dim=1).transpose(1, 2)
+    outputs = [attend(q[:, call.start : call.end], k[:, : call.end], v[:, : call.end], call.mask, backend, style)
+               for call in calls]
+    return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)).transpose(1, 2)
 
 
 def dense_block_causal_mask(frame_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -105,7 +116,8 @@ class BlockwiseCausalAttnProcessor:
         if layout.rope is not None:
             q, k = apply_rope(q, *layout.rope), apply_rope(k, *layout.rope)
         backend = getattr(self._attention_backend, "value", self._attention_backend) or DEFAULT_ATTENTION_BACKEND
-        out = blockwise_causal_attention(q, k, v, layout.group_ends, layout.key_valid, backend)
+        calls = layout.calls(MASK_STYLES.get(backend, "mask"), q)
+        out = blockwise_causal_attention(q, k, v, layout.group_ends, layout.key_valid, backend, calls)
         return merge_heads(out if layout.context is None else layout.context.to_sequence(out))
 
 

@@ -3,7 +3,8 @@
 Each causal query group attends to a prefix of the keys (Sec. 3.4) in which padded text keys
 must be ignored. How that key-padding is honoured depends on the kernel:
 
-- `native` and `flex` take a boolean key mask [B, 1, 1, L_k];
+- `native` takes a mask [B, 1, L_q or 1, L_k] (attention_plan.py builds it once per forward, and may merge
+  several causal groups into one call) and `flex` one BlockMask for the whole layer;
 - `flash_varlen` and `sage_varlen` read a key mask only as per-row valid lengths of a key
   prefix, so the keys are reordered valid-first (attention does not depend on key order) and
   the mask becomes such a prefix;
@@ -19,7 +20,7 @@ from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_a
 DEFAULT_ATTENTION_BACKEND = "native"
 MASK_STYLES = {  # backend -> how the key-padding mask reaches the kernel (see the module docstring)
     "native": "mask",
-    "flex": "mask",
+    "flex": "block_mask",
     "flash": "compact",
     "sage": "compact",
     "flash_varlen": "prefix",
@@ -70,24 +71,40 @@ def check_attention_backend(name, device=None, dtype=None) -> str:
     return canonical
 
 
-def attend_key_prefix(q, k, v, key_valid, backend: str = DEFAULT_ATTENTION_BACKEND, style: str = None):
-    """Attention of queries q [B, Lq, heads, D] to keys/values [B, Lk, heads, D] whose `key_valid` [B, Lk] is True.
+def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where allowed, -inf elsewhere: what SDPA makes of a bool mask on every call, made once."""
+    return torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
 
-    `style` defaults to the backend's (MASK_STYLES); tests pass another to check a style with the native kernel.
-    """
-    kernel = AttentionBackendName(backend)
-    style = style or MASK_STYLES.get(backend, "mask")
+
+def key_mask(key_valid: torch.Tensor, style: str, dtype: torch.dtype):
+    """What one call of `style` needs to ignore the padded keys of `key_valid` [B, Lk], prepared once per
+    forward so that no layer repeats the work (or, for `compact`, a device sync): see the module docstring."""
     if style == "mask":
-        return dispatch_attention_fn(q, k, v, attn_mask=key_valid[:, None, None, :], backend=kernel)
+        return additive(key_valid[:, None, None, :], dtype)
     if style == "prefix":
         order = torch.argsort(~key_valid, dim=1, stable=True)  # valid keys first, in their order
+        return order, key_valid.gather(1, order)
+    if style == "compact":
+        return None if bool(key_valid.all()) else [valid.nonzero()[:, 0] for valid in key_valid]
+    raise ValueError(f"no per-call key mask for style {style!r}")
+
+
+def attend(q, k, v, mask, backend: str = DEFAULT_ATTENTION_BACKEND, style: str = None):
+    """Attention of queries q [B, Lq, heads, D] to keys/values [B, Lk, heads, D] under `mask`, prepared for the
+    backend's style (MASK_STYLES; tests pass another to check a style with the native kernel): a mask
+    [B, 1, Lq or 1, Lk] or a BlockMask, or `key_mask(...)` of the per-group styles."""
+    kernel = AttentionBackendName(backend)
+    style = style or MASK_STYLES.get(backend, "mask")
+    if style in ("mask", "block_mask"):
+        return dispatch_attention_fn(q, k, v, attn_mask=mask, backend=kernel)
+    if style == "prefix":
+        order, valid_first = mask
         gather = order[:, :, None, None].expand_as(k)
-        mask = key_valid.gather(1, order)
-        return dispatch_attention_fn(q, k.gather(1, gather), v.gather(1, gather), attn_mask=mask, backend=kernel)
-    if bool(key_valid.all()):
+        return dispatch_attention_fn(q, k.gather(1, gather), v.gather(1, gather), attn_mask=valid_first, backend=kernel)
+    if mask is None:
         return dispatch_attention_fn(q, k, v, backend=kernel)
     rows = [
-        dispatch_attention_fn(q[row : row + 1], k[row : row + 1, valid], v[row : row + 1, valid], backend=kernel)
-        for row, valid in enumerate(key_valid)
+        dispatch_attention_fn(q[row : row + 1], k[row : row + 1, keep], v[row : row + 1, keep], backend=kernel)
+        for row, keep in enumerate(mask)
     ]
     return torch.cat(rows)

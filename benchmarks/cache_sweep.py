@@ -1,9 +1,9 @@
 """Step cache sweep on the bundled model: speed-up of a 17-frame text-to-video and adherence, cached vs uncached.
 
     python -m benchmarks.cache_sweep [--model assets/models/pyramid-flow-shapes] [--count 28]
-        [--thresholds 0.05,0.1,0.2,0.3] [--out benchmarks/cache_sweep.json]
+        [--modes first-block,taylorseer] [--thresholds 0.05,0.1,0.2,0.3] [--out benchmarks/cache_sweep.json]
 
-For each held-out (prompt, seed) pair of the shapes world, every setting (cache none, then first-block at each
+For each held-out (prompt, seed) pair of the shapes world, every setting (cache none, then each cache mode at each
 threshold) generates the same 17-frame clip one after the other, so each speed-up is a ratio of times taken
 minutes apart on the same busy machine; the figure is the median over pairs of (uncached seconds / cached
 seconds). Adherence: the share of clips whose colour, shape and direction the project's detector reads as the
@@ -24,12 +24,12 @@ from training.shapes_detector import read_clip
 from training.shapes_world import HELDOUT_STREAM, NUM_FRAMES, parse_prompt, world_pairs
 
 
-def settings_to_compare(thresholds) -> list:
-    return [("none", 0.0)] + [("first-block", threshold) for threshold in thresholds]
+def settings_to_compare(modes, thresholds) -> list:
+    return [("none", 0.0)] + [(mode, threshold) for mode in modes for threshold in thresholds]
 
 
-def sweep(pipe, pairs, thresholds) -> dict:
-    settings = settings_to_compare(thresholds)
+def sweep(pipe, pairs, modes, thresholds) -> dict:
+    settings = settings_to_compare(modes, thresholds)
     seconds = {setting: [] for setting in settings}
     hits = {setting: np.zeros(3) for setting in settings}
     skipped = {setting: [] for setting in settings}
@@ -62,12 +62,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="assets/models/pyramid-flow-shapes")
     parser.add_argument("--count", type=int, default=28, help="held-out pairs (the first N of the 84)")
+    parser.add_argument("--modes", default="first-block", help="cache modes to sweep, comma-separated")
     parser.add_argument("--thresholds", default="0.05,0.1,0.2,0.3")
     parser.add_argument("--out", help="write the figures here as JSON")
     args = parser.parse_args(argv)
     pipe = PyramidFlowPipeline.from_pretrained(args.model)
     pairs = world_pairs(0, HELDOUT_STREAM, args.count)
-    figures = {"model": args.model, **sweep(pipe, pairs, [float(t) for t in args.thresholds.split(",")])}
+    modes, thresholds = args.modes.split(","), [float(t) for t in args.thresholds.split(",")]
+    figures = {"model": args.model, **sweep(pipe, pairs, modes, thresholds)}
     print(json.dumps(figures, indent=2))
     if args.out:
         write_text(args.out, json.dumps(figures, indent=2))

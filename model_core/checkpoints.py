@@ -88,8 +88,8 @@ class SamplingDefaults:
     video_steps: tuple = (10, 10, 10)
     guidance_scale: float = 7.0
     video_guidance_scale: float = 5.0
-    cache: str = "none"  # the step cache (model_core.step_cache): none | first-block
-    cache_threshold: float = 0.05  # first-block: skip the trunk when the first block changed relatively less
+    cache: str = "none"  # the step cache (model_core.step_cache): none | first-block | taylorseer | mag
+    cache_threshold: float = 0.05  # skip the trunk below this change (model_core.step_cache: per mode)
 
     def filled(self, **given) -> "SamplingDefaults":
         """The given settings, these defaults where a value is None."""

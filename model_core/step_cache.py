@@ -1,20 +1,36 @@
-"""First Block Cache for the pyramid transformers: skip the trunk when the first block barely changed.
+"""Step caches for the pyramid transformers: skip the trunk's blocks on steps where they would change little.
 
-Every step runs the first block; when its image residual (output - input) changed, relative to the
-last fully computed step, by less than `threshold`, the remaining blocks are skipped and the final
-image tokens are the first block's output plus the residual the remaining blocks added last time.
+`first-block` and `taylorseer` run the first block every step; when its image residual (output - input)
+changed, relative to the last fully computed step, by less than `threshold`, the remaining blocks are
+skipped and the final image tokens are the first block's output plus the residual the remaining blocks add:
+- `first-block` (First Block Cache): the residual of the last computed step, reused as it was;
+- `taylorseer` (TaylorSeer's forecast): extrapolated to this step by a first-order Taylor expansion in the
+  step index, from the last two computed steps of the stage (the last one alone right after a reset).
+
+`mag` (MagCache) skips every block, the first included: the trunk's residual is reused while the error
+accumulated from the magnitude ratios |r_t| / |r_t-1| of consecutive residuals, sum |1 - prod ratio|, stays
+below `threshold`, and for at most MAG_MAX_SKIPS steps in a row. MagCache calibrates the ratios on a run
+ahead of time; here they are calibrated within the generation: each ratio is measured where both steps are
+computed (the first unit runs every step of its schedule) and keyed by the pair of timesteps, so later units
+with the same step schedule reuse them, and a step never calibrated is computed.
 
 Written in diffusers' hook style (ModelHook on each block, one shared state) rather than with
-diffusers' `FirstBlockCacheConfig`, which does not fit the pyramid sampler:
+diffusers' `FirstBlockCacheConfig` / `TaylorSeerCacheConfig` / `MagCacheConfig`, which do not fit the pyramid
+sampler:
 - miniFLUX's single-stream blocks carry one concatenated [text ; image] stream, while diffusers'
   tail residual is taken against the first block's separate (image, text) pair;
 - the cached residuals must be dropped at every pyramid stage jump and every autoregressive unit
   (the token count and noise level jump); `reset_step_cache` is called by the sampler there;
 - classifier-free guidance runs the unconditional and conditional branches as rows of one batch:
   the change is measured per row and the trunk is skipped only when every row qualifies, so one
-  branch's small change never hides the other's large one, and each row keeps its own residual.
+  branch's small change never hides the other's large one, and each row keeps its own residual;
+- diffusers' TaylorSeer forecasts every module on a fixed interval counted from the run's first step; a
+  pyramid stage has only a few steps between the jumps that reset it, so here the forecast replaces the
+  First Block Cache's reuse and the first block's gate decides when to forecast;
+- diffusers' MagCache takes one list of ratios per step of one schedule; a pyramid video has one schedule
+  per stage (and another for the first frame), so the ratios here are keyed by timestep pairs.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -23,9 +39,10 @@ from diffusers.hooks import HookRegistry, ModelHook
 from .checkpoints import SamplingDefaults
 from .transformers.blocks import DualStreamBlock
 
-CACHE_MODES = ("none", "first-block")
+CACHE_MODES = ("none", "first-block", "taylorseer", "mag")
 DEFAULT_CACHE_THRESHOLD = SamplingDefaults.cache_threshold
-_HEAD_HOOK, _BLOCK_HOOK = "pyramid_first_block_cache_head", "pyramid_first_block_cache_block"
+MAG_MAX_SKIPS = 2  # MagCache's K: consecutive steps skipped at most
+_HEAD_HOOK, _BLOCK_HOOK, _TIMESTEP_HOOK = "pyramid_step_cache_head", "pyramid_step_cache_block", "pyramid_step_cache_t"
 
 
 def check_cache_options(cache, threshold) -> tuple:
@@ -37,57 +54,126 @@ def check_cache_options(cache, threshold) -> tuple:
     return cache, float(threshold)
 
 
-@dataclass
-class FirstBlockCacheState:
-    """What the blocks of one transformer share between steps of one pyramid stage of one unit."""
-
-    threshold: float
-    head_residual: Optional[torch.Tensor] = None  # first block's image residual at the last computed step
-    head_output: Optional[torch.Tensor] = None  # first block's image output at the current step
-    trunk_residual: Optional[torch.Tensor] = None  # final image tokens - head_output, last computed step
-    skip: bool = False
-    ranks: object = None  # a model_core.parallel.Parallelism: the trunk is skipped on every rank or on none
-    computed_steps: int = 0
-    skipped_steps: int = 0
-
-    def reset(self):
-        self.head_residual = self.head_output = self.trunk_residual = None
-        self.skip = False
-
-
 def relative_change(residual: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
     """Per batch row: mean |residual - previous| / mean |previous|."""
     dims = tuple(range(1, residual.ndim))
     return (residual - previous).abs().mean(dims) / previous.abs().mean(dims)
 
 
-class FirstBlockHook(ModelHook):
-    """On the first block: runs it and decides whether the remaining blocks run this step."""
+def magnitude(residual: torch.Tensor) -> torch.Tensor:
+    """Per batch row: mean |residual|."""
+    return residual.abs().mean(tuple(range(1, residual.ndim)))
 
-    def __init__(self, state: FirstBlockCacheState):
+
+@dataclass
+class StepCacheState:
+    """What the blocks of one transformer share between steps of one pyramid stage of one unit."""
+
+    threshold: float
+    mode: str = "first-block"
+    ranks: object = None  # a model_core.parallel.Parallelism: the trunk is skipped on every rank or on none
+    head_residual: Optional[torch.Tensor] = None  # first block's image residual at the last computed step
+    head_output: Optional[torch.Tensor] = None  # image tokens the trunk's residual is added to (see the hooks)
+    trunk_residuals: list = field(default_factory=list)  # (step, final image tokens - head_output), last computed
+    step: int = -1  # this stage's step index (counted by the first block)
+    skip: bool = False
+    timesteps: tuple = (None, None)  # mag: (previous step's t, this step's t) in this stage
+    magnitude_ratios: dict = field(default_factory=dict)  # mag: (t before, t) -> per-row ratio, kept across stages
+    accumulated: tuple = (1.0, 0.0, 0)  # mag: (ratio product, error, skips in a row) since the last computed step
+    computed_steps: int = 0
+    skipped_steps: int = 0
+
+    def reset(self):
+        self.head_residual = self.head_output = None
+        self.trunk_residuals, self.step, self.skip = [], -1, False
+        self.timesteps, self.accumulated = (None, None), (1.0, 0.0, 0)
+
+    def decide(self, skip: bool) -> bool:
+        """Every rank's common decision for this step, counted."""
+        self.skip = self.ranks.all_agree(skip) if self.ranks is not None else skip
+        self.computed_steps += not self.skip
+        self.skipped_steps += self.skip
+        return self.skip
+
+    def record_trunk_residual(self, residual: torch.Tensor):
+        last = self.trunk_residuals[-1] if self.trunk_residuals else None
+        if self.mode == "mag" and last is not None and last[0] == self.step - 1:
+            self.magnitude_ratios[self.timesteps] = magnitude(residual) / magnitude(last[1])
+        kept = self.trunk_residuals[-1:] if self.mode == "taylorseer" else []  # TaylorSeer differences the last two
+        self.trunk_residuals = [*kept, (self.step, residual)]
+
+    def trunk_residual(self) -> torch.Tensor:
+        """The trunk's residual at this skipped step: the last computed one, or TaylorSeer's first-order forecast."""
+        last_step, last = self.trunk_residuals[-1]
+        if len(self.trunk_residuals) < 2:
+            return last
+        before_step, before = self.trunk_residuals[0]
+        return last + (last - before) * ((self.step - last_step) / (last_step - before_step))
+
+    def magnitude_allows_skip(self):
+        """MagCache: the accumulation after skipping this step, or None when this step must be computed."""
+        ratio = self.magnitude_ratios.get(self.timesteps)
+        product, error, in_a_row = self.accumulated
+        if ratio is None or not self.trunk_residuals or in_a_row >= MAG_MAX_SKIPS:
+            return None
+        product = product * ratio
+        error = error + (1 - product).abs()
+        return (product, error, in_a_row + 1) if bool((error < self.threshold).all()) else None
+
+
+def passed_through(module, args):
+    """A block's output when it is skipped: (text, image) for a dual-stream block, else the stream itself."""
+    return (args[1], args[0]) if isinstance(module, DualStreamBlock) else args[0]
+
+
+class FirstBlockHook(ModelHook):
+    """first-block / taylorseer, on the first block: runs it and decides whether the remaining blocks run."""
+
+    def __init__(self, state: StepCacheState):
         super().__init__()
         self.state = state
 
     def new_forward(self, module, image, *args, **kwargs):
         text, output = self.fn_ref.original_forward(image, *args, **kwargs)
         state, residual = self.state, output - image
+        state.step += 1
         comparable = state.head_residual is not None and state.head_residual.shape == residual.shape
-        state.skip = comparable and bool((relative_change(residual, state.head_residual) < state.threshold).all())
-        if state.ranks is not None:
-            state.skip = state.ranks.all_agree(state.skip)
-        if not state.skip:
+        if not state.decide(comparable and bool((relative_change(residual, state.head_residual) < state.threshold).all())):
             state.head_residual = residual
         state.head_output = output
-        state.computed_steps += not state.skip
-        state.skipped_steps += state.skip
         return text, output
+
+
+class MagnitudeHeadHook(FirstBlockHook):
+    """mag, on the first block: decides before it runs whether the trunk runs; a skipped step passes its input on."""
+
+    def new_forward(self, module, image, *args, **kwargs):
+        state = self.state
+        state.step += 1
+        accumulated = state.magnitude_allows_skip()
+        state.accumulated = accumulated if state.decide(accumulated is not None) else (1.0, 0.0, 0)
+        state.head_output = image
+        return passed_through(module, (image, *args)) if state.skip else self.fn_ref.original_forward(image, *args, **kwargs)
+
+
+class TimestepHook(ModelHook):
+    """mag, on the transformer: records each step's timestep, the key of the magnitude ratios."""
+
+    def __init__(self, state: StepCacheState):
+        super().__init__()
+        self.state = state
+
+    def pre_forward(self, module, *args, **kwargs):
+        timestep = kwargs["timestep"] if "timestep" in kwargs else args[4]
+        self.state.timesteps = (self.state.timesteps[1], round(float(torch.as_tensor(timestep).reshape(-1)[0]), 3))
+        return args, kwargs
 
 
 class RemainingBlockHook(ModelHook):
     """On every later block: passes its input through while the trunk is skipped. The last block
     records the trunk's image residual on computed steps and adds it back on skipped ones."""
 
-    def __init__(self, state: FirstBlockCacheState, is_last: bool):
+    def __init__(self, state: StepCacheState, is_last: bool):
         super().__init__()
         self.state, self.is_last = state, is_last
 
@@ -95,11 +181,11 @@ class RemainingBlockHook(ModelHook):
         state = self.state
         dual = isinstance(module, DualStreamBlock)
         if state.skip:
-            output = (args[1], args[0]) if dual else args[0]  # (text, image) or the [text ; image] stream
-            return self.with_image(output, dual, self.image(output, dual) + state.trunk_residual) if self.is_last else output
+            output = passed_through(module, args)
+            return self.with_image(output, dual, self.image(output, dual) + state.trunk_residual()) if self.is_last else output
         output = self.fn_ref.original_forward(*args, **kwargs)
         if self.is_last:
-            state.trunk_residual = self.image(output, dual) - state.head_output
+            state.record_trunk_residual(self.image(output, dual) - state.head_output)
         return output
 
     def image(self, output, dual: bool) -> torch.Tensor:
@@ -123,29 +209,33 @@ def enable_step_cache(transformer, cache: str = "none", threshold: float = DEFAU
     blocks = trunk_blocks(transformer)
     if cache == "none" or len(blocks) < 2:
         return
-    state = FirstBlockCacheState(threshold, ranks=getattr(transformer, "parallel_ranks", None))
-    HookRegistry.check_if_exists_or_initialize(blocks[0]).register_hook(FirstBlockHook(state), _HEAD_HOOK)
+    state = StepCacheState(threshold, cache, ranks=getattr(transformer, "parallel_ranks", None))
+    head = MagnitudeHeadHook(state) if cache == "mag" else FirstBlockHook(state)
+    HookRegistry.check_if_exists_or_initialize(blocks[0]).register_hook(head, _HEAD_HOOK)
     for index, block in enumerate(blocks[1:], start=2):
         hook = RemainingBlockHook(state, is_last=index == len(blocks))
         HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, _BLOCK_HOOK)
+    if cache == "mag":
+        HookRegistry.check_if_exists_or_initialize(transformer).register_hook(TimestepHook(state), _TIMESTEP_HOOK)
     transformer._step_cache_state = state
 
 
 def disable_step_cache(transformer) -> None:
-    for block in trunk_blocks(transformer):
-        registry = getattr(block, "_diffusers_hook", None)
+    for module, names in [(block, (_HEAD_HOOK, _BLOCK_HOOK)) for block in trunk_blocks(transformer)] + [
+            (transformer, (_TIMESTEP_HOOK,))]:
+        registry = getattr(module, "_diffusers_hook", None)
         if registry is not None:
-            for name in (_HEAD_HOOK, _BLOCK_HOOK):
+            for name in names:
                 registry.remove_hook(name, recurse=False)
     transformer._step_cache_state = None
 
 
-def step_cache_state(transformer) -> Optional[FirstBlockCacheState]:
+def step_cache_state(transformer) -> Optional[StepCacheState]:
     return getattr(transformer, "_step_cache_state", None)
 
 
 def reset_step_cache(transformer) -> None:
-    """Forget the cached residuals: called at every pyramid stage of every unit."""
+    """Forget the cached residuals (not mag's calibrated ratios): called at every pyramid stage of every unit."""
     state = step_cache_state(transformer)
     if state is not None:
         state.reset()

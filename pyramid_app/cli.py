@@ -129,10 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     speed = generate.add_argument_group("speed")
     speed.add_argument("--cache", choices=CACHE_MODES,
-                       help="step cache: first-block skips the later blocks on steps where the first block barely "
-                            "changed (default: the model's; none for the published checkpoints)")
+                       help="step cache: on steps where the first block barely changed, first-block reuses the later "
+                            "blocks' last residual and taylorseer extrapolates it from the last two computed steps; "
+                            "mag skips every block while the residual's magnitude, calibrated on the first unit, "
+                            "barely changes (default: the model's; none for the published checkpoints)")
     speed.add_argument("--cache-threshold", type=float, metavar="T",
-                       help="first-block: relative change below which a step reuses the cached blocks (default: the "
+                       help="first-block/taylorseer: relative change of the first block below which a step skips the "
+                            "later blocks; mag: accumulated magnitude error below which it skips (default: the "
                             "model's; 0 never skips)")
     speed.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="native",
                        help="attention kernel; flash/sage need their package, a CUDA GPU and float16/bfloat16")

@@ -14,7 +14,7 @@ from .settings import ATTENTION_BACKENDS, DTYPES, OFFLOAD_MODES, QUANTIZE_MODES,
 PROMPT_CHARS = 1000
 STEPS_RANGE = (1, 50)
 GUIDANCE_RANGE = (0.0, 15.0)
-CACHE_THRESHOLD_RANGE = (0.0, 1.0)  # a relative change of the first block's residual
+CACHE_THRESHOLD_RANGE = (0.0, 1.0)  # a relative change (first-block, taylorseer) or accumulated error (mag)
 IMAGE_MAX_PIXELS = 4096 * 4096
 VIDEO_MAX_PIXELS = 1280 * 768  # per frame: the largest published variant's size
 VIDEO_MAX_FRAMES = 241  # the most frames any published variant makes

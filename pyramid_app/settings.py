@@ -159,7 +159,7 @@ class GenerationOptions:
     video_steps: tuple = None
     guidance_scale: float = None
     video_guidance_scale: float = None
-    cache: str = None  # the step cache: none | first-block (None: the model's default)
+    cache: str = None  # the step cache: none | first-block | taylorseer | mag (None: the model's default)
     cache_threshold: float = None
 
     def __post_init__(self):

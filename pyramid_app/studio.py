@@ -347,8 +347,10 @@ def _speed_panel(sampling, hosted: bool) -> dict:
     with gr.Accordion("Speed", open=False):
         gr.Markdown("Faster generation without retraining; the choices are recorded in each output's settings.")
         cache = gr.Radio(list(choices["cache"]), value=CACHE_MODES[0], label="Step cache",
-                         info="first-block: when the first block's output barely changed since the last step, reuse "
-                              "the rest of the network's (reset at every stage, unit and guidance branch)")
+                         info="when the first block's output barely changed since the last step, first-block reuses "
+                              "the rest of the network's last result and taylorseer extrapolates it from the last two; "
+                              "mag skips the whole network while its output's magnitude, calibrated on the first "
+                              "unit, barely changes (reset at every stage, unit and guidance branch)")
         cache_threshold = gr.Slider(*limits.CACHE_THRESHOLD_RANGE, value=sampling.cache_threshold, step=0.01,
                                     label="Cache threshold (0 never skips; higher is faster and less exact)")
         attention_backend = gr.Radio(list(choices["attention_backend"]), value=limits.SERVER_SPEED["attention_backend"],

@@ -137,7 +137,7 @@ def test_a_failing_row_is_recorded_and_the_suite_goes_on(tmp_path, monkeypatch):
 def test_options_missing_here_are_refused_with_the_reason():
     config, _ = model_configs(tiny=True)
     transformer = build_transformer(config, "cpu", torch.float32)
-    for row, message in ((gpu_suite.Row("c", "384p", cache=("mag", 0.05)), "cache=mag: not available in this build"),
+    for row, message in ((gpu_suite.Row("f", "384p", fp8=True), "quantize=fp8 is timed on a CUDA GPU only"),
                          (gpu_suite.Row("a", "384p", attention_backend="flash"), "attention_backend=flash: "),
                          (gpu_suite.Row("o", "384p", offload="group"), "offload=group moves weights")):
         with pytest.raises(gpu_suite.Unavailable, match=message):

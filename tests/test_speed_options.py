@@ -31,15 +31,27 @@ def test_threshold_zero_equals_uncached_exactly(pipe):
     assert cached.settings["cache_threshold"] == 0.0
 
 
-def test_every_stage_of_every_unit_starts_fresh(pipe):
+@pytest.mark.parametrize("cache", ["first-block", "taylorseer"])
+def test_every_stage_of_every_unit_starts_fresh(pipe, cache):
     """With a threshold nothing stays under, only a reset can force a full step: exactly the first step of each
     stage of each unit is computed. A cache that leaked across a stage jump or a unit would compute fewer."""
-    out = generate(pipe, cache="first-block", cache_threshold=1e9)
+    out = generate(pipe, cache=cache, cache_threshold=1e9)
     state = step_cache_state(pipe.transformer)
     total_steps = sum(STEPS["first_frame_steps"]) + (UNITS - 1) * sum(STEPS["video_steps"])
     assert state.computed_steps == UNITS * STAGES
     assert state.computed_steps + state.skipped_steps == total_steps
     assert not torch.equal(out.latents, generate(pipe).latents)
+
+
+def test_mag_calibrates_on_the_first_unit_and_skips_in_the_later_ones(pipe):
+    """Unit 0 runs every step and measures each stage's magnitude ratio; units 1 and 2 share its schedule, so
+    each of their stages computes its first step (fresh after the reset) and skips the second."""
+    out = generate(pipe, cache="mag", cache_threshold=1e9)
+    state = step_cache_state(pipe.transformer)
+    per_unit = sum(STEPS["video_steps"])
+    assert (state.computed_steps, state.skipped_steps) == (per_unit + (UNITS - 1) * STAGES, (UNITS - 1) * STAGES)
+    assert len(state.magnitude_ratios) == STAGES and out.settings["cache"] == "mag"
+    assert torch.isfinite(out.latents).all() and not torch.equal(out.latents, generate(pipe).latents)
 
 
 def test_cache_none_removes_the_hooks_again(pipe):

@@ -120,7 +120,7 @@ def parse_args(argv=None):
     parser.add_argument("--guidance-scale", type=float, help="default: the model's")
     parser.add_argument("--video-guidance-scale", type=float, help="default: the model's")
     parser.add_argument("--cache", choices=CACHE_MODES, help="step cache (default: the model's)")
-    parser.add_argument("--cache-threshold", type=float, help="first-block cache threshold (default: the model's)")
+    parser.add_argument("--cache-threshold", type=float, help="step cache threshold (default: the model's)")
     parser.add_argument("--speed-runs", type=int, default=5)
     parser.add_argument("--device", default="cpu", help="torch device to generate on, e.g. cuda (default: cpu)")
     parser.add_argument("--out", help="write the figures here as JSON")

@@ -127,6 +127,8 @@ def clip_attention_calls(size: str) -> dict:
 
 
 def main(argv=None):
+    from benchmarks.report import report  # here: row processes load this file over another checkout's packages
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--baseline", help="a checkout (e.g. the previous release) to measure side by side")
@@ -147,10 +149,7 @@ def main(argv=None):
                 result["max_difference"] = float((output - reference).abs().max())
                 result["bit_equal"] = bool(torch.equal(output, reference))
             figures["steps"][size] = results
-    text = json.dumps(figures, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    report(figures, args.out)
 
 
 if __name__ == "__main__":

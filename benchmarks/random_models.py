@@ -103,9 +103,8 @@ def guided_velocity(transformer, text: PromptEmbeddings, negative: PromptEmbeddi
     """v(clips, t) with classifier-free guidance over a [negative ; text] batch, as the pipeline computes it for the
     published checkpoints (official defaults: the timestep in the compute dtype)."""
     dtype = transformer.dtype
-    hidden = torch.cat([negative.hidden_states, text.hidden_states]).to(dtype)
-    mask = torch.cat([negative.attention_mask, text.attention_mask])
-    pooled = torch.cat([negative.pooled, text.pooled]).to(dtype)
+    both = negative.followed_by(text).without_padding_columns()
+    hidden, mask, pooled = both.hidden_states.to(dtype), both.attention_mask, both.pooled.to(dtype)
 
     shapes = []
 

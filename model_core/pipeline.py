@@ -487,7 +487,7 @@ class PyramidFlowPipeline(PyramidLoraLoaderMixin, DiffusionPipeline):
 
     def _velocity(self, text: PromptEmbeddings, negative: Optional[PromptEmbeddings], scale: float):
         """v(clips, t) from the transformer, with classifier-free guidance when `negative` is given."""
-        embeddings = text if negative is None else _concat(negative, text)
+        embeddings = (text if negative is None else negative.followed_by(text)).without_padding_columns()
         dtype = self.compute_dtype
         timestep_dtype = dtype if self.official_defaults else torch.float32  # the authors cast t to the latents' dtype
         split = negative is not None and self.parallel is not None and self.parallel.config.guidance == 2
@@ -613,8 +613,3 @@ def _unit_guidance(first: float, video: float, decay: bool, units: int) -> list:
     """Guidance per unit: `first` for the first frame, `video` after it, optionally decaying linearly to 1."""
     later = np.linspace(video, min(video, 1.0), max(units - 1, 1)) if decay else [video] * max(units - 1, 1)
     return [first, *[float(g) for g in later]]
-
-
-def _concat(a: PromptEmbeddings, b: PromptEmbeddings) -> PromptEmbeddings:
-    return PromptEmbeddings(torch.cat([a.hidden_states, b.hidden_states]), torch.cat([a.attention_mask, b.attention_mask]),
-                            torch.cat([a.pooled, b.pooled]))

@@ -31,6 +31,18 @@ class PromptEmbeddings:
     def to(self, device) -> "PromptEmbeddings":
         return PromptEmbeddings(self.hidden_states.to(device), self.attention_mask.to(device), self.pooled.to(device))
 
+    def followed_by(self, other: "PromptEmbeddings") -> "PromptEmbeddings":
+        """This batch's rows, then `other`'s (e.g. [negative ; prompt] for classifier-free guidance)."""
+        return PromptEmbeddings(torch.cat([self.hidden_states, other.hidden_states]),
+                                torch.cat([self.attention_mask, other.attention_mask]), torch.cat([self.pooled, other.pooled]))
+
+    def without_padding_columns(self) -> "PromptEmbeddings":
+        """The trailing token columns that are padding in every row dropped: no valid token attends to a padded one
+        and the transformer's outputs there are discarded, so only the work on them goes (rounding aside)."""
+        used = self.attention_mask.bool().any(0).nonzero()
+        length = int(used.max()) + 1 if len(used) else 1
+        return PromptEmbeddings(self.hidden_states[:, :length], self.attention_mask[:, :length], self.pooled)
+
     def repeat(self, batch: int) -> "PromptEmbeddings":
         """Repeat a single-prompt embedding `batch` times along the batch axis."""
         return PromptEmbeddings(

@@ -98,3 +98,12 @@ def test_transformer_with_merged_calls_equals_per_group_and_plans_once_per_forwa
         merged = velocity(model, clips, inputs)
     assert [len(plan) for plan in plans] == [1]  # planned once for all the layers: one call each
     torch.testing.assert_close(merged, per_group, atol=1e-5, rtol=0)
+
+
+def test_a_cuda_device_plans_a_published_clip_in_far_fewer_calls():
+    """benchmarks/attention_calls.py from the plans alone: a 5-s clip (16 units) of the published miniFLUX, 24 blocks."""
+    from benchmarks.attention_calls import clip_attention_calls
+
+    calls = {size: clip_attention_calls(size) for size in ("384p", "768p")}
+    assert calls["384p"]["per_group"] == calls["768p"]["per_group"] == 98_640  # the groups do not depend on the size
+    assert (calls["384p"]["cuda_plan"], calls["768p"]["cuda_plan"]) == (12_240, 20_880)

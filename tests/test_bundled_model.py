@@ -63,7 +63,7 @@ def test_shape_by_stage_reads_first_frames_from_each_stage_start(tmp_path):
     assert sum(sum(reads.values()) for reads in figures["last_stage_shape_swaps"].values()) == 3
 
 
-@pytest.mark.parametrize("sweep_file, cache", [("cache_sweep.json", "first-block"), ("cache_sweep_modes.json", "taylorseer"),
+@pytest.mark.parametrize("sweep_file, cache", [("cache_sweep.json", "first-block"), ("cache_sweep.json", "taylorseer"),
                                                ("cache_sweep_mag.json", "mag")])
 def test_the_measured_cache_threshold_is_the_bundled_models_default_when_a_cache_is_picked(sweep_file, cache):
     """benchmarks/cache_sweep*.json (28 held-out pairs): each cache mode at 0.3 is at least 1.5x faster with colour,

@@ -10,6 +10,7 @@ from model_core import PyramidFlowPipeline
 from model_core.checkpoints import SETTINGS_FILE
 from model_core.speed import compile_blocks, speed_choices
 from model_core.step_cache import step_cache_state
+from model_core.text import PromptEmbeddings
 from tiny_checkpoint import build_tiny_checkpoint
 
 STEPS = dict(first_frame_steps=(2, 2, 2), video_steps=(2, 2, 2), output_type="latent")
@@ -52,6 +53,35 @@ def test_mag_calibrates_on_the_first_unit_and_skips_in_the_later_ones(pipe):
     assert (state.computed_steps, state.skipped_steps) == (per_unit + (UNITS - 1) * STAGES, (UNITS - 1) * STAGES)
     assert len(state.magnitude_ratios) == STAGES and out.settings["cache"] == "mag"
     assert torch.isfinite(out.latents).all() and not torch.equal(out.latents, generate(pipe).latents)
+
+
+def test_text_columns_that_are_padding_in_every_row_are_dropped():
+    mask = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 0, 1, 1, 0, 0]])
+    text = PromptEmbeddings(torch.randn(2, 6, 4), mask, torch.randn(2, 3))
+    kept = text.without_padding_columns()
+    assert torch.equal(kept.attention_mask, mask[:, :4]) and torch.equal(kept.hidden_states, text.hidden_states[:, :4])
+    assert torch.equal(kept.pooled, text.pooled)
+    assert PromptEmbeddings(torch.randn(1, 3, 4), torch.zeros(1, 3), torch.randn(1, 3)).without_padding_columns(
+        ).attention_mask.shape == (1, 1)
+
+
+def test_the_transformer_sees_only_the_used_text_columns_and_the_result_is_unchanged(pipe, monkeypatch):
+    lengths, forward = [], pipe.transformer.forward
+
+    def spy(*args, **kwargs):
+        lengths.append(kwargs["encoder_attention_mask"].shape[1])
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(pipe.transformer, "forward", spy)
+    trimmed = generate(pipe)
+    used = int(pipe.encode_prompt("a red circle moving left", None, pipe.transformer.device, False)[0]
+               .attention_mask.sum())
+    assert set(lengths) == {used} and used < 128
+    monkeypatch.setattr(PromptEmbeddings, "without_padding_columns", lambda self: self)
+    lengths.clear()
+    padded = generate(pipe)
+    assert set(lengths) == {128}
+    torch.testing.assert_close(trimmed.latents, padded.latents, atol=1e-4, rtol=0)  # rounding: 1.5e-5 seen
 
 
 def test_cache_none_removes_the_hooks_again(pipe):

@@ -8,7 +8,7 @@ of 32: the counts do not depend on the width), on the 384p and 768p latent grids
 
 - `per group`: this checkout as it runs on the CPU (one attention call per causal group, masks made once per forward);
 - `CUDA plan`: this checkout with the calls a CUDA device plans for the published width (model_core/transformers/
-  attention_plan.py: CALL_OVERHEAD_MACS["cuda"], batch x heads x head_dim = 2 x 30 x 64), run here on the CPU;
+  attention_plan.py: ACCELERATOR_CALL_OVERHEAD_MACS, batch x heads x head_dim = 2 x 30 x 64), run here on the CPU;
 - `baseline` (with --baseline): the same step with another checkout's model_core, in a subprocess.
 
 Per row: attention (SDPA) calls and all dispatched aten ops (torch.profiler, nested ops included), CPU seconds per
@@ -57,12 +57,19 @@ def late_unit_step(grid):
                 timestep=torch.full((2,), 500.0))
 
 
+def cuda_overhead_pairs() -> float:
+    """A call's overhead in query-key pairs as a CUDA device plans the published width."""
+    from model_core.transformers.attention_plan import ACCELERATOR_CALL_OVERHEAD_MACS, call_overhead_pairs
+
+    return call_overhead_pairs(ACCELERATOR_CALL_OVERHEAD_MACS, PUBLISHED_BATCH_HEADS_DIM)
+
+
 def use_cuda_plan():
     """Plan this process's calls as a CUDA device does for the published width."""
     from model_core.transformers import attention_plan
 
-    planned = attention_plan.call_overhead_pairs
-    attention_plan.call_overhead_pairs = lambda device, batch_heads_dim: planned("cuda", PUBLISHED_BATCH_HEADS_DIM)
+    pairs = cuda_overhead_pairs()
+    attention_plan.call_overhead_pairs = lambda macs, batch_heads_dim: pairs
 
 
 def measure(size: str, repeats: int, output_path: str) -> dict:
@@ -110,10 +117,10 @@ def clip_attention_calls(size: str) -> dict:
     """Attention calls of a whole 5-s clip (16 units), per group vs the CUDA plan, from the plans alone."""
     from model_core.temporal import history_layout, tokens_per_frame
     from model_core.transformers.attention import causal_group_ends
-    from model_core.transformers.attention_plan import call_overhead_pairs, merge_groups
+    from model_core.transformers.attention_plan import merge_groups
 
     latent_h, latent_w = (8 * side // 8 for side in GRIDS[size])
-    layers, overhead = 24, call_overhead_pairs("cuda", PUBLISHED_BATCH_HEADS_DIM)
+    layers, overhead = 24, cuda_overhead_pairs()
     per_group = planned = 0
     for unit in range(16):
         steps = 20 if unit == 0 else 10

@@ -7,7 +7,12 @@ import pytest
 import torch
 
 from model_core.transformers import attention_plan
-from model_core.transformers.attention import blockwise_causal_attention, causal_group_ends, dense_block_causal_mask
+from model_core.transformers.attention import (
+    blockwise_causal_attention,
+    causal_group_ends,
+    dense_block_causal_mask,
+    run_calls,
+)
 from model_core.transformers.attention_plan import merge_groups, plan_calls
 from tests.test_transformer_behaviour import TINY, pyramid_column, randn, text_inputs, tiny_model, velocity
 
@@ -69,10 +74,10 @@ def test_merged_calls_equal_one_call_per_group_and_the_dense_mask(frame_tokens, 
     q, k, v, valid, ends = padded_sequence(frame_tokens)
     per_group = blockwise_causal_attention(q, k, v, ends, valid)
     monkeypatch.setitem(attention_plan.CALL_OVERHEAD_MACS, "cpu", 1e12)
-    calls = plan_calls(ends, valid, "mask", q.dtype, 3 * 8)
+    calls = plan_calls(ends, valid, "mask", q)
     rows = ends[-1] if len(ends) > 1 else 1  # a single group needs the key padding only
     assert len(calls) == 1 and tuple(calls[0].mask.shape) == (2, 1, rows, ends[-1])
-    merged = blockwise_causal_attention(q, k, v, ends, valid, calls=calls)
+    merged = run_calls(q, k, v, calls)
     torch.testing.assert_close(merged, per_group, atol=1e-6, rtol=0)
     frame_ids = torch.repeat_interleave(torch.arange(len(ends)), torch.tensor([e - s for s, e in zip([0, *ends[:-1]], ends)]))
     dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, dense_block_causal_mask(frame_ids, valid))

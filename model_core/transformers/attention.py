@@ -15,7 +15,7 @@ import torch
 from diffusers.models.attention import AttentionModuleMixin
 from torch import nn
 
-from .attention_backends import DEFAULT_ATTENTION_BACKEND, MASK_STYLES, attend
+from .attention_backends import DEFAULT_ATTENTION_BACKEND, attend, mask_style
 from .attention_plan import plan_calls
 from .embeddings import apply_rope
 
@@ -33,8 +33,7 @@ class AttentionLayout:
     def calls(self, style: str, q: torch.Tensor) -> list:
         """The kernel calls of every layer for backends of mask `style` (attention_plan.py), planned once."""
         if style not in self.plans:
-            batch, heads, _, dim = q.shape
-            self.plans[style] = plan_calls(self.group_ends, self.key_valid, style, q.dtype, heads * dim)
+            self.plans[style] = plan_calls(self.group_ends, self.key_valid, style, q)
         return self.plans[style]
 
 
@@ -50,17 +49,19 @@ def causal_group_ends(num_text: int, frame_token_counts, causal: bool = True) ->
     return ends
 
 
-def blockwise_causal_attention(q, k, v, group_ends, key_valid, backend=DEFAULT_ATTENTION_BACKEND, calls=None) -> torch.Tensor:
+def blockwise_causal_attention(q, k, v, group_ends, key_valid, backend=DEFAULT_ATTENTION_BACKEND) -> torch.Tensor:
     """Blockwise causal attention (Sec. 3.4): query group g attends to keys [0, group_ends[g]).
 
     q, k, v: [B, heads, L, D]; key_valid: [B, L] bool. Padded-text queries see valid keys only,
-    so their (unused) outputs stay finite. `calls` is the layer's plan (planned here when not given).
+    so their (unused) outputs stay finite.
     """
-    style = MASK_STYLES.get(backend, "mask")
-    if calls is None:
-        calls = plan_calls(group_ends, key_valid, style, q.dtype, q.shape[1] * q.shape[3])
+    return run_calls(q, k, v, plan_calls(group_ends, key_valid, mask_style(backend), q), backend)
+
+
+def run_calls(q, k, v, calls: list, backend=DEFAULT_ATTENTION_BACKEND) -> torch.Tensor:
+    """The attention of a planned layer (attention_plan.py); q, k, v and the result are [B, heads, L, D]."""
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # the dispatch's [B, L, heads, D]
-    outputs = [attend(q[:, call.start : call.end], k[:, : call.end], v[:, : call.end], call.mask, backend, style)
+    outputs = [attend(q[:, call.start : call.end], k[:, : call.end], v[:, : call.end], call.mask, backend)
                for call in calls]
     return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)).transpose(1, 2)
 
@@ -116,8 +117,7 @@ class BlockwiseCausalAttnProcessor:
         if layout.rope is not None:
             q, k = apply_rope(q, *layout.rope), apply_rope(k, *layout.rope)
         backend = getattr(self._attention_backend, "value", self._attention_backend) or DEFAULT_ATTENTION_BACKEND
-        calls = layout.calls(MASK_STYLES.get(backend, "mask"), q)
-        out = blockwise_causal_attention(q, k, v, layout.group_ends, layout.key_valid, backend, calls)
+        out = run_calls(q, k, v, layout.calls(mask_style(backend), q), backend)
         return merge_heads(out if layout.context is None else layout.context.to_sequence(out))
 
 

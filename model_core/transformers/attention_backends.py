@@ -71,6 +71,11 @@ def check_attention_backend(name, device=None, dtype=None) -> str:
     return canonical
 
 
+def mask_style(backend: str) -> str:
+    """How `backend` takes the key-padding mask (MASK_STYLES)."""
+    return MASK_STYLES.get(backend, "mask")
+
+
 def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """0 where allowed, -inf elsewhere: what SDPA makes of a bool mask on every call, made once."""
     return torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
@@ -94,7 +99,7 @@ def attend(q, k, v, mask, backend: str = DEFAULT_ATTENTION_BACKEND, style: str =
     backend's style (MASK_STYLES; tests pass another to check a style with the native kernel): a mask
     [B, 1, Lq or 1, Lk] or a BlockMask, or `key_mask(...)` of the per-group styles."""
     kernel = AttentionBackendName(backend)
-    style = style or MASK_STYLES.get(backend, "mask")
+    style = style or mask_style(backend)
     if style in ("mask", "block_mask"):
         return dispatch_attention_fn(q, k, v, attn_mask=mask, backend=kernel)
     if style == "prefix":

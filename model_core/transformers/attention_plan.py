@@ -8,8 +8,8 @@ the H200's matmul rate. So consecutive groups are merged into one call whose [B,
 keeps the causality inside it, where the masked-out work costs less than the calls saved.
 
 The split minimises  sum over calls of (Lq x Lk + call overhead)  by dynamic programming over the
-groups; the overhead is `CALL_OVERHEAD_MACS` (the multiply-adds a device does in the time one extra
-call costs) in query-key pairs of this layer's batch x heads x head_dim. A merged call's mask is
+groups; the overhead is `call_overhead_macs(device)` (the multiply-adds a device does in the time one
+extra call costs) in query-key pairs of this layer's batch x heads x head_dim. A merged call's mask is
 bounded by `MERGED_MASK_ELEMENTS`, so long sequences never build a full L x L mask. The plan and its
 masks are made once per forward and shared by every layer.
 
@@ -24,11 +24,13 @@ import torch
 
 from .attention_backends import additive, key_mask
 
-# Multiply-adds one extra attention call is worth, per device type. CUDA: a call's ~60 dispatched ops at the ~6 us
-# per op the H200 baseline spent (27 k ops in its 170 ms guided step) is ~0.4 ms, at ~1e14 attention multiply-adds
-# per second. CPU and others: 0, one call per group, because merging saved no time on the 2-core CPU
+# Multiply-adds one extra attention call is worth on an accelerator, whose kernels the host queues: a call's ~60
+# dispatched ops at the ~6 us per op the H200 baseline spent (27 k ops in its 170 ms guided step) is ~0.4 ms, at
+# ~1e14 attention multiply-adds per second.
+ACCELERATOR_CALL_OVERHEAD_MACS = 4e10
+# Device types that differ. The CPU: 0, one call per group, because merging saved no time on the 2-core CPU
 # (benchmarks/attention_calls.py) and the per-group calls give today's outputs bit for bit there.
-CALL_OVERHEAD_MACS = {"cuda": 4e10}
+CALL_OVERHEAD_MACS = {"cpu": 0.0}
 MERGED_MASK_ELEMENTS = 2**25  # B x Lq x Lk of a merged call's mask (64 MiB as bfloat16)
 
 
@@ -41,9 +43,12 @@ class AttentionCall:
     mask: object  # an additive [B, 1, 1 or Lq, end] mask, a flex BlockMask, or attention_backends.key_mask(...)
 
 
-def call_overhead_pairs(device: torch.device, batch_heads_dim: int) -> float:
-    """One call's fixed cost in query-key pairs of a layer with batch x heads x head_dim = `batch_heads_dim`."""
-    macs = CALL_OVERHEAD_MACS.get(torch.device(device).type, 0.0)
+def call_overhead_macs(device) -> float:
+    return CALL_OVERHEAD_MACS.get(torch.device(device).type, ACCELERATOR_CALL_OVERHEAD_MACS)
+
+
+def call_overhead_pairs(macs: float, batch_heads_dim: int) -> float:
+    """A call's fixed cost of `macs` in query-key pairs of a layer with batch x heads x head_dim = `batch_heads_dim`."""
     return macs / (2 * batch_heads_dim)  # QK^T and PV: 2 x head_dim multiply-adds per pair and head
 
 
@@ -93,19 +98,21 @@ def flex_block_mask(group_ends: list, key_valid: torch.Tensor):
     return create_block_mask(sees, key_valid.shape[0], None, length, length, device=key_valid.device)
 
 
-def plan_calls(group_ends: list, key_valid: torch.Tensor, style: str, dtype: torch.dtype, heads_dim: int) -> list:
-    """The kernel calls of one layer for a backend of mask `style` (attention_backends.MASK_STYLES)."""
+def plan_calls(group_ends: list, key_valid: torch.Tensor, style: str, q: torch.Tensor) -> list:
+    """The kernel calls of one layer with queries q [B, heads, L, D] for a backend of mask `style`
+    (attention_backends.MASK_STYLES)."""
     if style == "block_mask":
         return [AttentionCall(0, group_ends[-1], flex_block_mask(group_ends, key_valid))]
     starts = [0, *group_ends[:-1]]
     if style != "mask":
-        return [AttentionCall(start, end, key_mask(key_valid[:, :end], style, dtype)) for start, end in zip(starts, group_ends)]
-    batch = key_valid.shape[0]
+        return [AttentionCall(start, end, key_mask(key_valid[:, :end], style, q.dtype)) for start, end in zip(starts, group_ends)]
+    batch, heads, _, dim = q.shape
+    overhead = call_overhead_pairs(call_overhead_macs(key_valid.device), batch * heads * dim)
     calls = []
-    for first, last in merge_groups(group_ends, batch, call_overhead_pairs(key_valid.device, batch * heads_dim)):
+    for first, last in merge_groups(group_ends, batch, overhead):
         start, end = starts[first], group_ends[last - 1]
         merged = last - first > 1
-        mask = additive(causal_mask(group_ends, start, end, key_valid), dtype) if merged else key_mask(
-            key_valid[:, :end], style, dtype)
+        mask = additive(causal_mask(group_ends, start, end, key_valid), q.dtype) if merged else key_mask(
+            key_valid[:, :end], style, q.dtype)
         calls.append(AttentionCall(start, end, mask))
     return calls

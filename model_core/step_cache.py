@@ -42,6 +42,7 @@ from .transformers.blocks import DualStreamBlock
 CACHE_MODES = ("none", "first-block", "taylorseer", "mag")
 DEFAULT_CACHE_THRESHOLD = SamplingDefaults.cache_threshold
 MAG_MAX_SKIPS = 2  # MagCache's K: consecutive steps skipped at most
+NOTHING_SKIPPED = (1.0, 0.0, 0)  # mag's (ratio product, error, skips in a row) after a computed step
 _HEAD_HOOK, _BLOCK_HOOK, _TIMESTEP_HOOK = "pyramid_step_cache_head", "pyramid_step_cache_block", "pyramid_step_cache_t"
 
 
@@ -79,14 +80,14 @@ class StepCacheState:
     skip: bool = False
     timesteps: tuple = (None, None)  # mag: (previous step's t, this step's t) in this stage
     magnitude_ratios: dict = field(default_factory=dict)  # mag: (t before, t) -> per-row ratio, kept across stages
-    accumulated: tuple = (1.0, 0.0, 0)  # mag: (ratio product, error, skips in a row) since the last computed step
+    accumulated: tuple = NOTHING_SKIPPED  # mag: (ratio product, error, skips in a row) since the last computed step
     computed_steps: int = 0
     skipped_steps: int = 0
 
     def reset(self):
         self.head_residual = self.head_output = None
         self.trunk_residuals, self.step, self.skip = [], -1, False
-        self.timesteps, self.accumulated = (None, None), (1.0, 0.0, 0)
+        self.timesteps, self.accumulated = (None, None), NOTHING_SKIPPED
 
     def decide(self, skip: bool) -> bool:
         """Every rank's common decision for this step, counted."""
@@ -126,12 +127,16 @@ def passed_through(module, args):
     return (args[1], args[0]) if isinstance(module, DualStreamBlock) else args[0]
 
 
-class FirstBlockHook(ModelHook):
-    """first-block / taylorseer, on the first block: runs it and decides whether the remaining blocks run."""
+class StateHook(ModelHook):
+    """A hook that shares the transformer's StepCacheState."""
 
     def __init__(self, state: StepCacheState):
         super().__init__()
         self.state = state
+
+
+class FirstBlockHook(StateHook):
+    """first-block / taylorseer, on the first block: runs it and decides whether the remaining blocks run."""
 
     def new_forward(self, module, image, *args, **kwargs):
         text, output = self.fn_ref.original_forward(image, *args, **kwargs)
@@ -144,24 +149,20 @@ class FirstBlockHook(ModelHook):
         return text, output
 
 
-class MagnitudeHeadHook(FirstBlockHook):
+class MagnitudeHeadHook(StateHook):
     """mag, on the first block: decides before it runs whether the trunk runs; a skipped step passes its input on."""
 
     def new_forward(self, module, image, *args, **kwargs):
         state = self.state
         state.step += 1
         accumulated = state.magnitude_allows_skip()
-        state.accumulated = accumulated if state.decide(accumulated is not None) else (1.0, 0.0, 0)
+        state.accumulated = accumulated if state.decide(accumulated is not None) else NOTHING_SKIPPED
         state.head_output = image
         return passed_through(module, (image, *args)) if state.skip else self.fn_ref.original_forward(image, *args, **kwargs)
 
 
-class TimestepHook(ModelHook):
+class TimestepHook(StateHook):
     """mag, on the transformer: records each step's timestep, the key of the magnitude ratios."""
-
-    def __init__(self, state: StepCacheState):
-        super().__init__()
-        self.state = state
 
     def pre_forward(self, module, *args, **kwargs):
         timestep = kwargs["timestep"] if "timestep" in kwargs else args[4]
@@ -169,13 +170,13 @@ class TimestepHook(ModelHook):
         return args, kwargs
 
 
-class RemainingBlockHook(ModelHook):
+class RemainingBlockHook(StateHook):
     """On every later block: passes its input through while the trunk is skipped. The last block
     records the trunk's image residual on computed steps and adds it back on skipped ones."""
 
     def __init__(self, state: StepCacheState, is_last: bool):
-        super().__init__()
-        self.state, self.is_last = state, is_last
+        super().__init__(state)
+        self.is_last = is_last
 
     def new_forward(self, module, *args, **kwargs):
         state = self.state

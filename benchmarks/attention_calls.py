@@ -18,8 +18,6 @@ the op count is what this CPU can measure of a GPU's host-bound step; GPU second
 Also, from the plans alone: attention calls of the whole 5-s clip (16 units, [20,20,20] then [10,10,10] steps).
 """
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -107,10 +105,9 @@ def run_row(row: str, size: str, repeats: int, output_path: str, baseline: str =
         "a.use_cuda_plan()" if row == "CUDA plan" else "pass",
         f"print(json.dumps(a.measure({size!r}, {repeats}, {output_path!r})))",
     ])
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=baseline or ROOT)
-    if done.returncode:
-        raise SystemExit(f"the {row!r} row failed:\n{done.stderr}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    from benchmarks.report import child_figures  # not at the top: row processes load this file over other checkouts
+
+    return child_figures([sys.executable, "-c", code], cwd=baseline or ROOT)
 
 
 def clip_attention_calls(size: str) -> dict:
@@ -134,7 +131,7 @@ def clip_attention_calls(size: str) -> dict:
 
 
 def main(argv=None):
-    from benchmarks.report import report  # here: row processes load this file over another checkout's packages
+    from benchmarks.report import report
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)

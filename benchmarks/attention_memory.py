@@ -14,7 +14,6 @@ just before the attention call (inputs already allocated).
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.report import child_figures  # noqa: E402
 from model_core.transformers.attention import (  # noqa: E402
     blockwise_causal_attention,
     causal_group_ends,
@@ -78,8 +78,7 @@ def measure(method: str, output: Path):
 
 def run_child(method: str, output: Path) -> dict:
     cmd = [sys.executable, __file__, "--child", method, "--output", str(output)]
-    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return child_figures(cmd)
 
 
 def main():

@@ -8,16 +8,14 @@ changed), timing `--repeats` generations after one untimed warm-up. The figure i
 side's median, their ratio, and the largest difference between the two sides' latents.
 """
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from benchmarks.report import report
+from benchmarks.report import child_figures, report
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "assets" / "models" / "pyramid-flow-shapes"
@@ -42,11 +40,7 @@ print(json.dumps(statistics.median(times)))
 
 
 def one_side(checkout: Path, repeats: int, out: Path) -> float:
-    done = subprocess.run([sys.executable, "-c", WORKER, str(MODEL), PROMPT, str(SEED), str(repeats), str(out)],
-                          capture_output=True, text=True, cwd=checkout)
-    if done.returncode:
-        raise SystemExit(f"the run in {checkout} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return child_figures([sys.executable, "-c", WORKER, MODEL, PROMPT, SEED, repeats, out], cwd=checkout)
 
 
 def main(argv=None):

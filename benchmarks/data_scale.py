@@ -16,10 +16,11 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from benchmarks.report import child_figures
 
 RECIPE = "training/configs/tiny_shapes_flow.yaml"
 CLIPS = 8
@@ -125,10 +126,7 @@ def data_child(annotations: str, steps: int) -> dict:
 def run_child(annotations: Path, empty: Path, steps: int, output: Path, data_only: bool) -> dict:
     command = [sys.executable, "-m", "benchmarks.data_scale", "--data-child" if data_only else "--child",
                str(annotations), str(empty), str(steps), str(output)]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode:
-        raise RuntimeError(result.stderr[-3000:])
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return child_figures(command)
 
 
 def main(argv=None) -> int:

@@ -18,7 +18,6 @@ output included.
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.report import child_figures  # noqa: E402
 from model_core.vae import CausalVideoVAE  # noqa: E402
 
 FRAMES, HEIGHT, WIDTH = 49, 384, 640
@@ -74,8 +74,7 @@ def measure(direction: str, mode: str) -> dict:
 
 def run_in_child(direction: str, mode: str) -> dict:
     command = [sys.executable, __file__, "--child", direction, mode]
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return child_figures(command)
 
 
 def report(direction: str):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import write_text
+from .atomic import private_sibling, write_text
 
 logger = logging.getLogger(__name__)
 CHUNK = 1 << 26  # bytes scanned at a time while building
@@ -62,8 +62,8 @@ def index_arrays(path: Path) -> dict:
 def write_index(path: Path, folder: Path) -> None:
     """The index files of `path` in `folder` from one scan, holding one block in memory, not N lines: each block is
     appended to a raw file per array, then each .npy is its header (the row count known only now) and that raw data,
-    written under a temporary name and renamed."""
-    raw = {name: folder / f"{name}.raw.tmp" for name in INDEX_FILES}
+    written under a name of this process alone and renamed (every rank of a launch may build the same index)."""
+    raw = {name: private_sibling(folder / f"{name}.raw") for name in INDEX_FILES}
     rows = 0
     with ExitStack() as files:
         out = {name: files.enter_context(raw[name].open("wb")) for name in INDEX_FILES}
@@ -76,7 +76,7 @@ def write_index(path: Path, folder: Path) -> None:
     for name in INDEX_FILES:
         length = raw[name].stat().st_size // 8
         shape = (length // 2, 2) if name == "lines" else (length,)
-        staged = folder / f"{name}.tmp.npy"
+        staged = private_sibling(folder / f"{name}.npy")
         with staged.open("wb") as target, raw[name].open("rb") as source:
             np.lib.format.write_array_header_1_0(target, {"descr": "<i8", "fortran_order": False, "shape": shape})
             shutil.copyfileobj(source, target, CHUNK)

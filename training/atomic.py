@@ -1,4 +1,5 @@
 """Files and folders written whole or not at all: each is built under a temporary sibling, then renamed into place."""
+import os
 import shutil
 from pathlib import Path
 
@@ -9,11 +10,18 @@ def staging_path(target) -> Path:
     return target.with_name(target.name + ".tmp")
 
 
+def private_sibling(target) -> Path:
+    """A temporary sibling `<target>.<pid>.tmp` of this process alone, so processes writing the same file at once
+    (every rank of a launch building one cache) never write into, or remove, each other's staging file."""
+    target = Path(target)
+    return target.with_name(f"{target.name}.{os.getpid()}.tmp")
+
+
 def write_text(path, text: str) -> Path:
     """Write `text` to `path` (creating its folder) so that readers never see a partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = staging_path(path)
+    temporary = private_sibling(path)
     temporary.write_text(text)
     temporary.replace(path)
     return path

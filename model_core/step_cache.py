@@ -30,6 +30,7 @@ sampler:
 - diffusers' MagCache takes one list of ratios per step of one schedule; a pyramid video has one schedule
   per stage (and another for the first frame), so the ratios here are keyed by timestep pairs.
 """
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -50,8 +51,8 @@ def check_cache_options(cache, threshold) -> tuple:
     """(mode, threshold) validated; a ValueError names what is allowed."""
     if cache not in CACHE_MODES:
         raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}; got {cache!r}.")
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold < 0:
-        raise ValueError(f"cache_threshold must be a number >= 0 (0 never skips a step); got {threshold!r}.")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < math.inf:
+        raise ValueError(f"cache_threshold must be a finite number >= 0 (0 never skips a step); got {threshold!r}.")
     return cache, float(threshold)
 
 

@@ -18,6 +18,7 @@ import torch
 
 from model_core.media_files import read_image, read_video
 from model_core.storyboard import Storyboard
+from model_core.transformers.attention_backends import canonical_backend_name
 
 from . import ranks
 from .job_queue import JobQueue, run_jobs
@@ -137,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="first-block/taylorseer: relative change of the first block below which a step skips the "
                             "later blocks; mag: accumulated magnitude error below which it skips (default: the "
                             "model's; 0 never skips)")
-    speed.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="native",
-                       help="attention kernel; flash/sage need their package, a CUDA GPU and float16/bfloat16")
+    speed.add_argument("--attention-backend", type=canonical_backend_name, choices=ATTENTION_BACKENDS,
+                       default="native", help="attention kernel (flash-varlen and flash_varlen are one); flash/sage "
+                                              "need their package, a CUDA GPU and float16/bfloat16")
     speed.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (slow first unit)")
     generate.add_argument("--save-queue", type=Path, metavar="QUEUE_FILE",
                           help="add the job(s) to this queue file instead of generating (run it with run-queue)")

@@ -14,7 +14,7 @@ import torch
 
 from model_core.memory import DTYPES as DTYPE_NAMES, OFFLOAD_CHOICES, QUANTIZE_CHOICES
 from model_core.step_cache import CACHE_MODES, check_cache_options
-from model_core.transformers.attention_backends import MASK_STYLES
+from model_core.transformers.attention_backends import MASK_STYLES, canonical_backend_name
 
 OFFLOAD_MODES = OFFLOAD_CHOICES
 QUANTIZE_MODES = QUANTIZE_CHOICES
@@ -119,6 +119,7 @@ class ModelOptions:
         checked_choice(self.device, DEVICES, "device")
         checked_choice(self.offload, OFFLOAD_MODES, "offload")
         checked_choice(self.quantize, QUANTIZE_MODES, "quantize")
+        object.__setattr__(self, "attention_backend", canonical_backend_name(self.attention_backend))
         checked_choice(self.attention_backend, ATTENTION_BACKENDS, "attention_backend")
 
     def check_device_available(self) -> None:

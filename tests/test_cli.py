@@ -114,7 +114,8 @@ def generated(monkeypatch):
     (["--prompts-file", "{dir}/absent.txt", "--out-dir", "{dir}/batch"], "absent.txt"),
     (["--prompt", "a cat", "--out", "{out}", "--lora", "{dir}/no-adapter"], "no-adapter does not exist"),
     (["--prompt", "a cat", "--out", "{out}", "--cache", "tea"], "choose from 'none', 'first-block'"),
-    (["--prompt", "a cat", "--out", "{out}", "--cache-threshold", "-0.1"], "cache_threshold must be a number >= 0"),
+    (["--prompt", "a cat", "--out", "{out}", "--cache-threshold", "-0.1"], "cache_threshold must be a finite number >= 0"),
+    (["--prompt", "a cat", "--out", "{out}", "--cache-threshold", "nan"], "cache_threshold must be a finite number"),
     (["--prompt", "a cat", "--out", "{out}", "--attention-backend", "eager"], "choose from 'native', 'flex'"),
 ])
 def test_argument_errors_are_one_line_before_loading(tmp_path, capsys, no_model_load, arguments, fragment):
@@ -127,6 +128,21 @@ def test_argument_errors_are_one_line_before_loading(tmp_path, capsys, no_model_
     code, _, err = run_cli(capsys, *arguments)
     assert_one_line_error(code, err, fragment)
     assert not out.exists() and not (tmp_path / "batch").exists()
+
+
+def test_attention_backend_is_spelled_either_way(tmp_path, capsys, monkeypatch):
+    """`flash-varlen` (the issue's and diffusers' docs' spelling) and `flash_varlen` name one backend."""
+    asked = []
+
+    def record(model):
+        asked.append(model.attention_backend)
+        raise ValueError("stop before loading")
+
+    monkeypatch.setattr(cli, "load_pipeline", record)
+    for spelling in ("flash-varlen", "Flash_Varlen", " sage-varlen"):
+        run_cli(capsys, "--prompt", "a cat", "--out", tmp_path / "out.mp4", "--attention-backend", spelling)
+    assert asked == ["flash_varlen", "flash_varlen", "sage_varlen"]
+    assert settings.ModelOptions(attention_backend="FLEX").attention_backend == "flex"
 
 
 def test_missing_bundled_model_says_to_pass_model(tmp_path, capsys, no_model_load, monkeypatch):

@@ -122,7 +122,7 @@ def test_bad_speed_options_are_explained(checkpoint, options, message):
 def test_bad_cache_is_explained(pipe):
     with pytest.raises(ValueError, match="cache must be one of none, first-block"):
         generate(pipe, cache="teacache")
-    with pytest.raises(ValueError, match="cache_threshold must be a number >= 0"):
+    with pytest.raises(ValueError, match="cache_threshold must be a finite number >= 0"):
         generate(pipe, cache="first-block", cache_threshold="high")
 
 

@@ -167,5 +167,5 @@ def test_bad_cache_options_are_refused():
     model = tiny_model("mmdit")
     with pytest.raises(ValueError, match="cache must be one of none, first-block, taylorseer, mag"):
         enable_step_cache(model, "tea", 0.1)
-    with pytest.raises(ValueError, match="cache_threshold must be a number >= 0"):
+    with pytest.raises(ValueError, match="cache_threshold must be a finite number >= 0"):
         enable_step_cache(model, "first-block", -1)

@@ -53,10 +53,14 @@ def usable_attention_backends(device=None, dtype=None) -> list:
     return names
 
 
+def canonical_backend_name(name) -> str:
+    """`flash-varlen`, `Flash_Varlen` and `flash_varlen` all name the backend `flash_varlen`."""
+    return str(name).strip().lower().replace("-", "_")
+
+
 def check_attention_backend(name, device=None, dtype=None) -> str:
-    """The canonical backend name (`flash-varlen` is accepted for `flash_varlen`), or a ValueError that
-    says what is usable here."""
-    canonical = str(name).strip().lower().replace("-", "_")
+    """The canonical backend name (see canonical_backend_name), or a ValueError that says what is usable here."""
+    canonical = canonical_backend_name(name)
     usable = usable_attention_backends(device, dtype)
     if canonical not in usable:
         where = " on this device" if device is not None else ""

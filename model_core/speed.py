@@ -3,7 +3,9 @@
 `attention_backend` and `compile` shape the loaded transformer (given to `from_pretrained`); `cache` and
 `cache_threshold` are per generation (the checkpoint's sampling defaults fill them when not given).
 """
+import logging
 import shutil
+import warnings
 
 import torch
 
@@ -11,6 +13,13 @@ from .step_cache import CACHE_MODES
 from .transformers.attention_backends import DEFAULT_ATTENTION_BACKEND, check_attention_backend, usable_attention_backends
 
 CPU_COMPILERS = ("cc", "gcc", "clang")
+FLEX_WITHOUT_COMPILE = (
+    "attention_backend 'flex' without compile runs torch's unfused flex reference, which holds every attention "
+    "score at once (slower and larger than native); turn compile on with it, or use native."
+)
+TORCH_FLEX_WARNING = r"flex_attention called without torch\.compile"  # torch's own multi-line form of the above
+
+logger = logging.getLogger(__name__)
 
 
 def compile_available(device) -> bool:
@@ -46,6 +55,9 @@ def apply_speed_options(transformer, device, dtype, attention_backend=DEFAULT_AT
     backend = check_speed_options(device, dtype, attention_backend, compile)
     if backend != DEFAULT_ATTENTION_BACKEND:
         transformer.set_attention_backend(backend)
+    if backend == "flex" and not compile:
+        logger.warning(FLEX_WITHOUT_COMPILE)
+        warnings.filterwarnings("ignore", message=TORCH_FLEX_WARNING, category=UserWarning)
     if compile:
         compile_blocks(transformer)
     return {"attention_backend": backend, "compile": compile}

@@ -13,7 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
+from model_core import speed
 from model_core.media_files import read_image, read_metadata, read_video, write_video
+from model_core.transformers.attention_backends import installed_attention_backends
 from pyramid_app import cli, settings
 from tiny_checkpoint import build_tiny_checkpoint
 
@@ -175,6 +177,20 @@ def test_module_entry_point_prints_no_traceback(tiny_model, tmp_path):
     lines = completed.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: num_frames must be 1 + 8k and at most 161"), completed.stderr
     assert completed.stdout == "" and not (tmp_path / "o.mp4").exists()
+
+
+@pytest.mark.skipif("flex" not in installed_attention_backends(), reason="torch has no flex attention here")
+def test_flex_without_compile_says_so_in_one_line(tiny_model, tmp_path):
+    """In a real process: our one sentence instead of torch's multi-line warning and diffusers' experimental notice."""
+    out = tmp_path / "o.png"
+    completed = subprocess.run(
+        [sys.executable, "-m", "pyramid_app", "generate", "--prompt", "a cat", "--out", str(out), "--model",
+         str(tiny_model), "--num-frames", "1", "--first-frame-steps", "1,1,1", "--attention-backend", "flex", "--quiet"],
+        capture_output=True, text=True, cwd=settings.BUNDLED_MODEL.parents[2],
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stderr.strip().splitlines() == [speed.FLEX_WITHOUT_COMPILE]
+    assert out.is_file()
 
 
 def test_settings_map_one_to_one_onto_pipeline_arguments():

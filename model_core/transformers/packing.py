@@ -5,8 +5,10 @@ packing [text ; history clips oldest first ; current unit], the causal attention
 the output head and unpatchifying the current unit. Subclasses supply the patch embedding,
 the rotary positions and the stack of blocks.
 """
+import logging
 import math
 from collections import OrderedDict
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -20,6 +22,18 @@ from .attention_backends import check_attention_backend
 from .embeddings import PATCH, clip_positions, unpatchify
 
 ROPE_CACHE_SIZE = 8  # shapes of RoPE angles kept: a unit's three stages, with room for guided/unguided text lengths
+
+
+@contextmanager
+def without_experimental_notice():
+    """Hold back diffusers' notice that its attention-backend API is experimental: our option is stable."""
+    notices = logging.getLogger(ModelMixin.__module__)
+    level = notices.level
+    notices.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        notices.setLevel(level)
 
 
 class ClipGrid(NamedTuple):
@@ -123,7 +137,13 @@ class PyramidTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
     def set_attention_backend(self, backend: str) -> None:
         """Route every blockwise causal attention call through `backend` (see attention_backends.py);
         a backend whose package is missing is refused with a ValueError naming the installed ones."""
-        super().set_attention_backend(check_attention_backend(backend))
+        with without_experimental_notice():
+            super().set_attention_backend(check_attention_backend(backend))
+
+    def reset_attention_backend(self) -> None:
+        """Back to the native kernel."""
+        with without_experimental_notice():
+            super().reset_attention_backend()
 
     def call_block(self, block, index: int, num_blocks: int, *args):
         """Run a block, through activation checkpointing for the first `gradient_checkpointing_ratio` of them."""

@@ -47,8 +47,14 @@ NOTHING_SKIPPED = (1.0, 0.0, 0)  # mag's (ratio product, error, skips in a row) 
 _HEAD_HOOK, _BLOCK_HOOK, _TIMESTEP_HOOK = "pyramid_step_cache_head", "pyramid_step_cache_block", "pyramid_step_cache_t"
 
 
+def canonical_cache_name(name):
+    """`first-block`, `First_Block` and `first_block` all name the mode `first-block`; a non-string stays as is."""
+    return name.strip().lower().replace("_", "-") if isinstance(name, str) else name
+
+
 def check_cache_options(cache, threshold) -> tuple:
-    """(mode, threshold) validated; a ValueError names what is allowed."""
+    """(canonical mode, threshold) validated; a ValueError names what is allowed."""
+    cache = canonical_cache_name(cache)
     if cache not in CACHE_MODES:
         raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}; got {cache!r}.")
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < math.inf:

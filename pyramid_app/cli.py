@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from model_core.media_files import read_image, read_video
+from model_core.step_cache import canonical_cache_name
 from model_core.storyboard import Storyboard
 from model_core.transformers.attention_backends import canonical_backend_name
 
@@ -129,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "parallel on an even number of ranks, context parallel over the rest)")
 
     speed = generate.add_argument_group("speed")
-    speed.add_argument("--cache", choices=CACHE_MODES,
+    speed.add_argument("--cache", type=canonical_cache_name, choices=CACHE_MODES,
                        help="step cache: on steps where the first block barely changed, first-block reuses the later "
                             "blocks' last residual and taylorseer extrapolates it from the last two computed steps; "
                             "mag skips every block while the residual's magnitude, calibrated on the first unit, "

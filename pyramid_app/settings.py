@@ -173,8 +173,9 @@ class GenerationOptions:
         if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < SEED_LIMIT):
             raise ValueError(f"seed must be a whole number from 0 to {SEED_LIMIT - 1}; got {self.seed!r}")
         if self.cache is not None or self.cache_threshold is not None:
-            check_cache_options(CACHE_MODES[0] if self.cache is None else self.cache,
-                                0.0 if self.cache_threshold is None else self.cache_threshold)
+            cache, _ = check_cache_options(CACHE_MODES[0] if self.cache is None else self.cache,
+                                           0.0 if self.cache_threshold is None else self.cache_threshold)
+            object.__setattr__(self, "cache", None if self.cache is None else cache)
         for name in ("first_frame_steps", "video_steps"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, parse_steps(getattr(self, name), name))

@@ -132,8 +132,9 @@ def test_argument_errors_are_one_line_before_loading(tmp_path, capsys, no_model_
     assert not out.exists() and not (tmp_path / "batch").exists()
 
 
-def test_attention_backend_is_spelled_either_way(tmp_path, capsys, monkeypatch):
-    """`flash-varlen` (the issue's and diffusers' docs' spelling) and `flash_varlen` name one backend."""
+def test_speed_option_names_are_spelled_either_way(tmp_path, capsys, monkeypatch):
+    """`flash-varlen` (the issue's and diffusers' docs' spelling) and `flash_varlen` name one backend, and
+    `first_block` the cache `first-block`."""
     asked = []
 
     def record(model):
@@ -145,6 +146,11 @@ def test_attention_backend_is_spelled_either_way(tmp_path, capsys, monkeypatch):
         run_cli(capsys, "--prompt", "a cat", "--out", tmp_path / "out.mp4", "--attention-backend", spelling)
     assert asked == ["flash_varlen", "flash_varlen", "sage_varlen"]
     assert settings.ModelOptions(attention_backend="FLEX").attention_backend == "flex"
+    request = cli.plan(cli.build_parser().parse_args(
+        ["generate", "--prompt", "a cat", "--out", str(tmp_path / "out.mp4"), "--cache", "First_Block"]))
+    assert request.options.cache == "first-block"
+    assert settings.GenerationOptions(cache="MAG ").cache == "mag"
+    assert settings.GenerationOptions(cache_threshold=0.2).cache is None  # still the model's default
 
 
 def test_missing_bundled_model_says_to_pass_model(tmp_path, capsys, no_model_load, monkeypatch):

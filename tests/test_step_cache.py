@@ -6,6 +6,7 @@ import torch
 from model_core.step_cache import (
     MAG_MAX_SKIPS,
     StepCacheState,
+    check_cache_options,
     enable_step_cache,
     relative_change,
     reset_step_cache,
@@ -169,3 +170,4 @@ def test_bad_cache_options_are_refused():
         enable_step_cache(model, "tea", 0.1)
     with pytest.raises(ValueError, match="cache_threshold must be a finite number >= 0"):
         enable_step_cache(model, "first-block", -1)
+    assert check_cache_options("First_Block", 0.2) == ("first-block", 0.2)

@@ -97,6 +97,34 @@ def test_set_attention_backend_changes_the_called_kernel(monkeypatch):
     assert (len(native_calls), len(flex_calls)) == (4 * groups, 2)
 
 
+@pytest.mark.skipif("flex" not in CPU_BACKENDS, reason="flex attention is not available in this torch")
+def test_diffusers_attention_backend_context_reaches_a_model_with_no_backend_set(monkeypatch):
+    """diffusers' `attention_backend(...)` context steers a model with no backend of its own, as it steers
+    diffusers' models; a backend set on one model never leaks into another."""
+    model = tiny_model("flux")
+    clips, inputs = pyramid_column(), text_inputs(model, 2)
+    native_calls, flex_calls = counting(monkeypatch, "native"), counting(monkeypatch, "flex")
+    with torch.no_grad():
+        expected = velocity(model, clips, inputs)
+        with attention_dispatch.attention_backend("flex"):
+            inside = velocity(model, clips, inputs)
+        assert len(flex_calls) == 2
+        velocity(model, clips, inputs)
+        assert len(flex_calls) == 2
+        model.set_attention_backend("native")  # a model's own backend wins over the context
+        with attention_dispatch.attention_backend("flex"):
+            velocity(model, clips, inputs)
+        tiny_model("flux").set_attention_backend("flex")  # another model's backend stays that model's
+        velocity(model, clips, inputs)
+        model.reset_attention_backend()
+        velocity(model, clips, inputs)
+    assert len(flex_calls) == 2 and len(native_calls) == 5 * 4 * 2
+    torch.testing.assert_close(inside, expected, atol=1e-5, rtol=0)
+    with attention_dispatch.attention_backend("_native_math"), pytest.raises(ValueError, match="usable: native"):
+        model.reset_attention_backend()
+        velocity(model, clips, inputs)
+
+
 def test_unavailable_backend_is_refused_with_the_usable_ones(monkeypatch):
     model = tiny_model("mmdit")
     missing = "sage" if "sage" not in installed_attention_backends() else "flash"

@@ -15,7 +15,7 @@ import torch
 from diffusers.models.attention import AttentionModuleMixin
 from torch import nn
 
-from .attention_backends import DEFAULT_ATTENTION_BACKEND, attend, mask_style
+from .attention_backends import DEFAULT_ATTENTION_BACKEND, active_attention_backend, attend, mask_style
 from .attention_plan import plan_calls
 from .embeddings import apply_rope
 
@@ -102,8 +102,9 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 class BlockwiseCausalAttnProcessor:
     """Rotary positions then blockwise causal attention; [B, heads, L, D] -> [B, L, heads·D].
 
-    Holds the attention backend the way diffusers' processors do (`_attention_backend`, None =
-    native SDPA), so `ModelMixin.set_attention_backend` / `reset_attention_backend` reach it.
+    Holds the attention backend the way diffusers' processors do (`_attention_backend`, None = diffusers'
+    active backend, native unless inside its `attention_backend(...)` context), so
+    `ModelMixin.set_attention_backend` / `reset_attention_backend` and that context reach it.
     Under context parallel the ranks first swap sequence for heads (Ulysses) and swap back after.
     """
 
@@ -116,7 +117,7 @@ class BlockwiseCausalAttnProcessor:
             q, k, v = (layout.context.to_heads(x) for x in (q, k, v))
         if layout.rope is not None:
             q, k = apply_rope(q, *layout.rope), apply_rope(k, *layout.rope)
-        backend = getattr(self._attention_backend, "value", self._attention_backend) or DEFAULT_ATTENTION_BACKEND
+        backend = getattr(self._attention_backend, "value", self._attention_backend) or active_attention_backend()
         out = run_calls(q, k, v, layout.calls(mask_style(backend), q), backend)
         return merge_heads(out if layout.context is None else layout.context.to_sequence(out))
 

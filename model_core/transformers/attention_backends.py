@@ -15,7 +15,7 @@ Every style computes the same attention; only rounding differs between kernels.
 """
 import torch
 from diffusers.models import attention_dispatch
-from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
+from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, dispatch_attention_fn
 
 DEFAULT_ATTENTION_BACKEND = "native"
 MASK_STYLES = {  # backend -> how the key-padding mask reaches the kernel (see the module docstring)
@@ -73,6 +73,14 @@ def check_attention_backend(name, device=None, dtype=None) -> str:
             f"attention_backend {name!r} is not available{why}; usable{where}: {', '.join(usable)}."
         )
     return canonical
+
+
+def active_attention_backend() -> str:
+    """diffusers' process-wide backend (inside its `attention_backend(...)` context, else DIFFUSERS_ATTN_BACKEND),
+    which a model with no backend set follows as diffusers' own models do; one we cannot run is refused."""
+    active, _ = _AttentionBackendRegistry.get_active_backend()
+    name = getattr(active, "value", active)
+    return name if name == DEFAULT_ATTENTION_BACKEND else check_attention_backend(name)
 
 
 def mask_style(backend: str) -> str:

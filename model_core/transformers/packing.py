@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 from diffusers.configuration_utils import ConfigMixin
 from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 
@@ -25,15 +26,18 @@ ROPE_CACHE_SIZE = 8  # shapes of RoPE angles kept: a unit's three stages, with r
 
 
 @contextmanager
-def without_experimental_notice():
-    """Hold back diffusers' notice that its attention-backend API is experimental: our option is stable."""
+def backend_of_this_model_only():
+    """Around diffusers' set/reset_attention_backend: keep its process-wide active backend (set_attention_backend
+    also makes the backend process-wide, and every model with no backend of its own would follow it), and hold
+    back its notice that the API is experimental (our option is stable)."""
     notices = logging.getLogger(ModelMixin.__module__)
-    level = notices.level
+    level, active = notices.level, _AttentionBackendRegistry.get_active_backend()[0]
     notices.setLevel(logging.ERROR)
     try:
         yield
     finally:
         notices.setLevel(level)
+        _AttentionBackendRegistry.set_active_backend(active)
 
 
 class ClipGrid(NamedTuple):
@@ -137,12 +141,12 @@ class PyramidTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
     def set_attention_backend(self, backend: str) -> None:
         """Route every blockwise causal attention call through `backend` (see attention_backends.py);
         a backend whose package is missing is refused with a ValueError naming the installed ones."""
-        with without_experimental_notice():
+        with backend_of_this_model_only():
             super().set_attention_backend(check_attention_backend(backend))
 
     def reset_attention_backend(self) -> None:
         """Back to the native kernel."""
-        with without_experimental_notice():
+        with backend_of_this_model_only():
             super().reset_attention_backend()
 
     def call_block(self, block, index: int, num_blocks: int, *args):

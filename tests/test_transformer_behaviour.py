@@ -23,8 +23,11 @@ TEXT_LEN = 6
 
 
 def tiny_model(kind, **overrides):
+    """The same random weights in every process, whatever ran before (module init draws from torch's global RNG)."""
     cls, config = TINY[kind]
-    return cls.from_config({**config, **overrides}).eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return cls.from_config({**config, **overrides}).eval()
 
 
 def randn(*shape, seed=0):

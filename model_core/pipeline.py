@@ -29,7 +29,7 @@ from .memory import (
 from .parallel import SINGLE_PROCESS
 from .sampling import Progress, sample_video
 from .speed import apply_speed_options, check_speed_options
-from .step_cache import check_cache_options, enable_step_cache, reset_step_cache
+from .step_cache import check_cache_options, enable_step_cache, reset_step_cache, standing_cache
 from .scheduler import PyramidFlowScheduler
 from .storyboard import Storyboard, unit_texts
 from .temporal import frames_for_duration, latent_frames
@@ -137,7 +137,8 @@ class PyramidFlowPipeline(PyramidLoraLoaderMixin, DiffusionPipeline):
         parallel: split each generation over the ranks of the initialised process group (see `enable_parallelism`).
         attention_backend: native | flex | flash | flash_varlen | sage | sage_varlen where installed (see
         model_core.transformers.attention_backends); compile: torch.compile the transformer's repeated blocks.
-        The step cache is chosen per call (`cache`, `cache_threshold`).
+        The step cache is chosen per call (`cache`, `cache_threshold`); a call that names none uses the one set with
+        `pipe.transformer.enable_cache(FirstBlockCacheConfig(...))` (or TaylorSeer / MagCache), else the model's.
         """
         device, dtype = resolve_device(device), resolve_dtype(torch_dtype)
         check_memory_options(device, dtype, offload, quantize)
@@ -327,6 +328,9 @@ class PyramidFlowPipeline(PyramidLoraLoaderMixin, DiffusionPipeline):
         _check_embeddings(negative_prompt_embeds, "negative_prompt_embeds")
         height, width = _check_size(spec.height if height is None else height, spec.width if width is None else width,
                                     self._size_multiple)
+        standing = standing_cache(self.transformer)  # transformer.enable_cache(...): used when this call names no cache
+        if cache is None and standing is not None:
+            cache, cache_threshold = standing[0], standing[1] if cache_threshold is None else cache_threshold
         sampling = self.family.sampling.filled(first_frame_steps=first_frame_steps, video_steps=video_steps,
                                                guidance_scale=guidance_scale, video_guidance_scale=video_guidance_scale,
                                                cache=cache, cache_threshold=cache_threshold)

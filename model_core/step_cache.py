@@ -62,6 +62,26 @@ def check_cache_options(cache, threshold) -> tuple:
     return cache, float(threshold)
 
 
+def diffusers_cache_options(config) -> tuple:
+    """(mode, threshold) of the step cache that stands in for diffusers' cache `config` (the module docstring says
+    why diffusers' own hooks are not used): FirstBlockCacheConfig and MagCacheConfig keep their threshold, and
+    TaylorSeerCacheConfig, which has none, gets DEFAULT_CACHE_THRESHOLD. Their other fields steer diffusers' hooks
+    and are not read; mag ratios calibrated on one schedule are refused, since ours are calibrated per generation."""
+    from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+
+    if isinstance(config, FirstBlockCacheConfig):
+        return check_cache_options("first-block", config.threshold)
+    if isinstance(config, TaylorSeerCacheConfig):
+        return check_cache_options("taylorseer", DEFAULT_CACHE_THRESHOLD)
+    if isinstance(config, MagCacheConfig):
+        if not config.calibrate:
+            raise ValueError("MagCacheConfig's mag_ratios are one schedule's; the pyramid's mag cache calibrates its "
+                             "ratios during each generation: pass MagCacheConfig(calibrate=True, threshold=...).")
+        return check_cache_options("mag", config.threshold)
+    raise ValueError(f"{type(config).__name__} is not a step cache of the pyramid transformers; use "
+                     "FirstBlockCacheConfig, TaylorSeerCacheConfig or MagCacheConfig(calibrate=True).")
+
+
 def relative_change(residual: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
     """Per batch row: mean |residual - previous| / mean |previous|."""
     dims = tuple(range(1, residual.ndim))
@@ -240,6 +260,12 @@ def disable_step_cache(transformer) -> None:
 
 def step_cache_state(transformer) -> Optional[StepCacheState]:
     return getattr(transformer, "_step_cache_state", None)
+
+
+def standing_cache(transformer) -> Optional[tuple]:
+    """(mode, threshold) set with the transformer's `enable_cache(config)`, or None."""
+    config = getattr(transformer, "_cache_config", None)
+    return None if config is None else diffusers_cache_options(config)
 
 
 def reset_step_cache(transformer) -> None:

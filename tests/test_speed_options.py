@@ -4,13 +4,20 @@ import json
 import pytest
 import torch
 import torch._dynamo
+from diffusers.hooks import (
+    FirstBlockCacheConfig,
+    MagCacheConfig,
+    PyramidAttentionBroadcastConfig,
+    TaylorSeerCacheConfig,
+)
 from torch._dynamo.utils import counters
 
 from model_core import PyramidFlowPipeline
 from model_core.checkpoints import SETTINGS_FILE
 from model_core.speed import compile_blocks, speed_choices
-from model_core.step_cache import step_cache_state
+from model_core.step_cache import DEFAULT_CACHE_THRESHOLD, step_cache_state
 from model_core.text import PromptEmbeddings
+from tests.test_transformer_behaviour import tiny_model
 from tiny_checkpoint import build_tiny_checkpoint
 
 STEPS = dict(first_frame_steps=(2, 2, 2), video_steps=(2, 2, 2), output_type="latent")
@@ -53,6 +60,45 @@ def test_mag_calibrates_on_the_first_unit_and_skips_in_the_later_ones(pipe):
     assert (state.computed_steps, state.skipped_steps) == (per_unit + (UNITS - 1) * STAGES, (UNITS - 1) * STAGES)
     assert len(state.magnitude_ratios) == STAGES and out.settings["cache"] == "mag"
     assert torch.isfinite(out.latents).all() and not torch.equal(out.latents, generate(pipe).latents)
+
+
+def test_diffusers_enable_cache_is_the_cache_of_calls_that_name_none(pipe):
+    """transformer.enable_cache(FirstBlockCacheConfig(...)) as on diffusers' models: calls naming no cache use it,
+    a call naming one wins for that call, and disable_cache goes back to the model's default."""
+    uncached, reference = generate(pipe), generate(pipe, cache="first-block", cache_threshold=1e9)
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=1e9))
+    try:
+        assert pipe.transformer.is_cache_enabled
+        with pytest.raises(ValueError, match="already enabled; call disable_cache"):
+            pipe.transformer.enable_cache(TaylorSeerCacheConfig())
+        standing = generate(pipe)
+        assert (standing.settings["cache"], standing.settings["cache_threshold"]) == ("first-block", 1e9)
+        assert torch.equal(standing.latents, reference.latents) and step_cache_state(pipe.transformer).skipped_steps
+        assert torch.equal(generate(pipe, cache="none").latents, uncached.latents)
+        assert generate(pipe, cache_threshold=0.0).settings["cache_threshold"] == 0.0
+    finally:
+        pipe.transformer.disable_cache()
+    assert not pipe.transformer.is_cache_enabled and generate(pipe).settings["cache"] == "none"
+
+
+@pytest.mark.parametrize("config, expected", [
+    (lambda: TaylorSeerCacheConfig(), ("taylorseer", DEFAULT_CACHE_THRESHOLD)),
+    (lambda: MagCacheConfig(calibrate=True, threshold=0.5), ("mag", 0.5)),
+    (lambda: MagCacheConfig(mag_ratios=[1.0, 0.9]), "calibrates its ratios during each generation"),
+    (lambda: PyramidAttentionBroadcastConfig(), "not a step cache of the pyramid transformers"),
+])
+def test_diffusers_cache_configs_map_onto_the_step_caches_or_are_refused(config, expected):
+    model = tiny_model("flux")
+    if isinstance(expected, str):
+        with pytest.raises(ValueError, match=expected):
+            model.enable_cache(config())
+        assert not model.is_cache_enabled and step_cache_state(model) is None
+        return
+    model.enable_cache(config())
+    state = step_cache_state(model)
+    assert (state.mode, state.threshold) == expected
+    model.disable_cache()
+    assert step_cache_state(model) is None
 
 
 def test_text_columns_that_are_padding_in_every_row_are_dropped():

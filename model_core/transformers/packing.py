@@ -15,6 +15,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 
@@ -81,7 +82,7 @@ def pyramid_positions(grids, interpolate: bool) -> torch.Tensor:
     return torch.cat(positions)
 
 
-class PyramidTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
+class PyramidTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
     """Shared forward of the pyramid flow transformers: velocity of the current unit of each column.
 
     A subclass defines `latent_channels`, `embed_clips(clips, grids)` (image tokens [B, L_img, D]),
@@ -93,7 +94,8 @@ class PyramidTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
     `use_flash_attn` is kept for config compatibility only: attention always keeps the blockwise
     causal mask (the official flash path drops it). `use_temporal_causal=False` lets every token
     attend to every valid token. LoRA adapters come through diffusers' `PeftAdapterMixin`
-    (`load_lora_adapter`, `set_adapters`, `fuse_lora`, `unload_lora`; see model_core.lora).
+    (`load_lora_adapter`, `set_adapters`, `fuse_lora`, `unload_lora`; see model_core.lora), step caches
+    through diffusers' `CacheMixin` (`enable_cache`, `disable_cache`, `is_cache_enabled`; see model_core.step_cache).
     """
 
     _supports_gradient_checkpointing = True
@@ -148,6 +150,25 @@ class PyramidTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         """Back to the native kernel."""
         with backend_of_this_model_only():
             super().reset_attention_backend()
+
+    def enable_cache(self, config) -> None:
+        """diffusers' `enable_cache` on the pyramid step caches (model_core.step_cache): FirstBlockCacheConfig,
+        TaylorSeerCacheConfig or MagCacheConfig(calibrate=True) become the `cache` the pipeline uses when a call
+        names none; other configs are refused with a ValueError."""
+        from ..step_cache import diffusers_cache_options, enable_step_cache
+
+        if self._cache_config is not None:
+            raise ValueError(f"a step cache ({type(self._cache_config).__name__}) is already enabled; "
+                             "call disable_cache() first.")
+        enable_step_cache(self, *diffusers_cache_options(config))
+        self._cache_config = config
+
+    def disable_cache(self) -> None:
+        """Remove the step cache that `enable_cache` set."""
+        from ..step_cache import disable_step_cache
+
+        disable_step_cache(self)
+        self._cache_config = None
 
     def call_block(self, block, index: int, num_blocks: int, *args):
         """Run a block, through activation checkpointing for the first `gradient_checkpointing_ratio` of them."""

@@ -330,7 +330,8 @@ class PyramidFlowPipeline(PyramidLoraLoaderMixin, DiffusionPipeline):
                                     self._size_multiple)
         standing = standing_cache(self.transformer)  # transformer.enable_cache(...): used when this call names no cache
         if cache is None and standing is not None:
-            cache, cache_threshold = standing[0], standing[1] if cache_threshold is None else cache_threshold
+            cache = standing[0]
+            cache_threshold = standing[1] if cache_threshold is None else cache_threshold
         sampling = self.family.sampling.filled(first_frame_steps=first_frame_steps, video_steps=video_steps,
                                                guidance_scale=guidance_scale, video_guidance_scale=video_guidance_scale,
                                                cache=cache, cache_threshold=cache_threshold)

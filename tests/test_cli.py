@@ -172,13 +172,16 @@ def test_no_subcommand_is_a_usage_error(capsys):
     assert capsys.readouterr().err.startswith("error: ")
 
 
+def run_module(*arguments):
+    """`python -m pyramid_app generate ...` in a real process, from the repository root."""
+    return subprocess.run([sys.executable, "-m", "pyramid_app", "generate", *map(str, arguments)],
+                          capture_output=True, text=True, cwd=settings.BUNDLED_MODEL.parents[2])
+
+
 def test_module_entry_point_prints_no_traceback(tiny_model, tmp_path):
     """A request the loaded model rejects, in a real process: one line, exit 2, no traceback."""
-    completed = subprocess.run(
-        [sys.executable, "-m", "pyramid_app", "generate", "--prompt", "a cat", "--out", str(tmp_path / "o.mp4"),
-         "--model", str(tiny_model), "--num-frames", "169", "--quiet"],
-        capture_output=True, text=True, cwd=settings.BUNDLED_MODEL.parents[2],
-    )
+    completed = run_module("--prompt", "a cat", "--out", tmp_path / "o.mp4", "--model", tiny_model,
+                           "--num-frames", 169, "--quiet")
     assert completed.returncode == cli.EXIT_USAGE
     lines = completed.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: num_frames must be 1 + 8k and at most 161"), completed.stderr
@@ -189,11 +192,8 @@ def test_module_entry_point_prints_no_traceback(tiny_model, tmp_path):
 def test_flex_without_compile_says_so_in_one_line(tiny_model, tmp_path):
     """In a real process: our one sentence instead of torch's multi-line warning and diffusers' experimental notice."""
     out = tmp_path / "o.png"
-    completed = subprocess.run(
-        [sys.executable, "-m", "pyramid_app", "generate", "--prompt", "a cat", "--out", str(out), "--model",
-         str(tiny_model), "--num-frames", "1", "--first-frame-steps", "1,1,1", "--attention-backend", "flex", "--quiet"],
-        capture_output=True, text=True, cwd=settings.BUNDLED_MODEL.parents[2],
-    )
+    completed = run_module("--prompt", "a cat", "--out", out, "--model", tiny_model, "--num-frames", 1,
+                           "--first-frame-steps", "1,1,1", "--attention-backend", "flex", "--quiet")
     assert completed.returncode == 0, completed.stderr
     assert completed.stderr.strip().splitlines() == [speed.FLEX_WITHOUT_COMPILE]
     assert out.is_file()

@@ -147,7 +147,7 @@ class PyramidTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
             super().set_attention_backend(check_attention_backend(backend))
 
     def reset_attention_backend(self) -> None:
-        """Back to the native kernel."""
+        """Back to no backend of its own: diffusers' active one (native outside its `attention_backend(...)`)."""
         with backend_of_this_model_only():
             super().reset_attention_backend()
 

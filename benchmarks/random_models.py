@@ -2,7 +2,7 @@
 
 Shared by benchmarks.gpu_suite and benchmarks.official_side_by_side. No checkpoint and no text encoder is needed:
 the transformer and VAE are built with the published configs (those of the official layouts in
-../shared/reference/layout_*.json, `config` key) on the meta device, materialised with `to_empty` and filled from a torch.Generator; the prompt
+tests/reference/layout_*.json, `config` key) on the meta device, materialised with `to_empty` and filled from a torch.Generator; the prompt
 embeddings are random tensors of the published T5 / CLIP sizes.
 """
 import math
@@ -30,7 +30,7 @@ TINY_VAE = dict(encoder_block_out_channels=[8, 16, 16, 16], decoder_block_out_ch
 
 def published_config(model_class) -> dict:
     """The constructor config of a published model: our classes' defaults are the published sizes (a test checks
-    them against the official layouts in ../shared/reference, which need not travel with the code)."""
+    them against the official layouts in tests/reference, which the library need not carry)."""
     with torch.device("meta"):
         config = model_class().config
     return {key: value for key, value in config.items() if not key.startswith("_")}

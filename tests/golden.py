@@ -1,8 +1,8 @@
 """Discovery of golden forward cases produced by the official implementation.
 
 A golden set is a directory of `<name>.json` descriptions with `<name>.weights.safetensors`
-and `<name>.cases.safetensors` beside them (see ../shared/reference/README.md). The directory
-comes from the environment variable PYRAMID_GOLDEN_DIR (default ../shared/reference/golden).
+and `<name>.cases.safetensors` beside them (see tests/reference/README.md). The directory
+comes from the environment variable PYRAMID_GOLDEN_DIR (default tests/reference/golden).
 """
 import json
 import os
@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from reference import REFERENCE_DIR
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DIR = ROOT.parent / "shared" / "reference" / "golden"
+DEFAULT_DIR = REFERENCE_DIR / "golden"
 
 FLUX = "PyramidFluxTransformer"
 MMDIT = "PyramidDiffusionMMDiT"

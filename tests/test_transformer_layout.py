@@ -1,22 +1,19 @@
 """Full-size parameter layouts equal the official manifests (keys, order, shapes, buffer, count)."""
-import json
-from pathlib import Path
-
 import pytest
 import torch
+from reference import layout_manifest
 
 from model_core.transformers import PyramidFluxTransformer, PyramidMMDiT
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 MANIFESTS = {
-    "layout_miniflux_transformer.json": PyramidFluxTransformer,
-    "layout_sd3_mmdit.json": PyramidMMDiT,
+    "miniflux_transformer": PyramidFluxTransformer,
+    "sd3_mmdit": PyramidMMDiT,
 }
 
 
-@pytest.fixture(scope="module", params=sorted(MANIFESTS), ids=lambda name: name.split(".")[0])
+@pytest.fixture(scope="module", params=sorted(MANIFESTS))
 def built(request):
-    manifest = json.loads((REFERENCE / request.param).read_text())
+    manifest = layout_manifest(request.param)
     with torch.device("meta"):
         model = MANIFESTS[request.param].from_config(manifest["config"])
     return manifest, model

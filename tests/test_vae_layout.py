@@ -3,16 +3,14 @@ import json
 
 import pytest
 import torch
-from golden import ROOT
+from reference import layout_manifest
 
 from model_core.vae import CausalVideoVAE
-
-MANIFEST = ROOT.parent / "shared" / "reference" / "layout_causal_vae.json"
 
 
 @pytest.fixture(scope="module")
 def manifest() -> dict:
-    return json.loads(MANIFEST.read_text())
+    return layout_manifest("causal_vae")
 
 
 @pytest.fixture(scope="module")

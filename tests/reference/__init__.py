@@ -1,8 +1,8 @@
-"""The authors' reference tables (../shared/reference), for parity tests."""
+"""The authors' reference data (this folder, described in its README.md), for parity tests."""
 import json
 from pathlib import Path
 
-REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+REFERENCE_DIR = Path(__file__).resolve().parent
 
 
 def scheduler_tables() -> dict:

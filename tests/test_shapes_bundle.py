@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+from test_repository_files import absolute_paths, text_files
 
 from training.config import CONFIG_DIR, load_config
 from training.launch import main
@@ -55,6 +56,12 @@ def test_bundle_is_an_official_layout_checkpoint_of_copies(bundled):
     assert settings["sampling"] == load_config(CONFIG_DIR / "tiny_shapes.yaml")["bundle"]["sampling"]
     vae = json.loads((model / "causal_video_vae" / "config.json").read_text())
     assert vae["encoder_spatial_down_sample"] == [True, True, False, False]
+
+
+def test_bundle_names_no_absolute_path(bundled):
+    model = bundled[0] / "work" / "model"
+    assert {str(path.relative_to(model)): absolute_paths(path) for path in text_files(model)
+            if absolute_paths(path)} == {}
 
 
 def test_pipeline_loads_the_bundle_and_generates(bundled):

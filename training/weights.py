@@ -1,7 +1,10 @@
 """Model weights as safetensors in the folder layouts that diffusers `from_pretrained` and peft read."""
+import json
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
+
+from .atomic import write_text
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -10,8 +13,16 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 def save_weights(folder: Path, model, state: dict) -> None:
     """config.json + diffusion_pytorch_model.safetensors, loadable with `type(model).from_pretrained(folder)`."""
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_config(folder)
+    write_text(folder / model.config_name, portable_config(model))
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / WEIGHTS_NAME))
+
+
+def portable_config(model) -> str:
+    """The model's config.json text without `_name_or_path`, the folder this process loaded the model from: a path
+    on this machine, which means nothing on another."""
+    config = json.loads(model.to_json_string())
+    config.pop("_name_or_path", None)
+    return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
 
 def load_weights(model, folder: Path) -> None:

@@ -3,6 +3,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .media_files import cover_size
+
 
 def as_frames(media, what: str) -> torch.Tensor:
     """An image (PIL, [H, W, 3] array) or a clip ([T, H, W, 3]) as a uint8 tensor [T, H, W, 3]."""
@@ -19,8 +21,7 @@ def as_frames(media, what: str) -> torch.Tensor:
 def to_video_tensor(frames: torch.Tensor, height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """uint8 [T, H, W, 3] -> [1, 3, T, height, width] in [-1, 1], resized to cover then centre-cropped."""
     video = frames.to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
-    scale = max(height / video.shape[-2], width / video.shape[-1])
-    size = (max(height, round(video.shape[-2] * scale)), max(width, round(video.shape[-1] * scale)))
+    size = cover_size(*video.shape[-2:], height, width, shrink_only=False)
     if size != tuple(video.shape[-2:]):
         video = F.interpolate(video, size=size, mode="bilinear", align_corners=False, antialias=True)
     top, left = (size[0] - height) // 2, (size[1] - width) // 2

@@ -59,12 +59,14 @@ def probe_video(path) -> VideoInfo:
         return _video_info(path, container, stream)
 
 
-def read_video(path, max_frames=None, max_pixels=None) -> tuple:
+def read_video(path, max_frames=None, max_pixels=None, cover=None) -> tuple:
     """Decode frame by frame into one `uint8 [T, H, W, 3]` RGB array sized from the header; returns (frames, fps).
 
     A video with more than `max_frames` frames or more than `max_pixels` pixels per frame is refused with a
     ValueError before any frame is decoded (and again while decoding, should the header understate). Frames
-    come out upright: a display rotation (phone videos) is applied as ffmpeg's autorotate does.
+    come out upright: a display rotation (phone videos) is applied as ffmpeg's autorotate does. With
+    `cover=(height, width)` each frame is scaled down as it is decoded to the smallest size covering that
+    (`model_core.media.cover_size`), so a large clip is never held at its own size.
     """
     with _opened_video(path) as (container, stream):
         info = _video_info(path, container, stream)
@@ -78,7 +80,8 @@ def read_video(path, max_frames=None, max_pixels=None) -> tuple:
             for frame in container.decode(stream):
                 if max_frames is not None and count == max_frames:
                     raise ValueError(f"video {path} has more than {max_frames} frames; at most {max_frames} are allowed")
-                pixels = _upright(frame.to_ndarray(format="rgb24", width=info.width, height=info.height,
+                height, width = _decoded_size(info, frame.rotation, cover)
+                pixels = _upright(frame.to_ndarray(format="rgb24", width=width, height=height,
                                                    interpolation=SCALING), frame.rotation)
                 if frames is None:
                     frames = np.empty((info.num_frames, *pixels.shape), np.uint8)  # filled in place
@@ -103,15 +106,20 @@ def probe_image(path) -> tuple:
         return image.size
 
 
-def read_image(path, max_pixels=None) -> np.ndarray:
+def read_image(path, max_pixels=None, cover=None) -> np.ndarray:
     """Load an image as `uint8 [H, W, 3]` RGB: alpha dropped, greyscale and palettes expanded.
 
-    An image with more than `max_pixels` pixels is refused with a ValueError before it is decoded.
+    An image with more than `max_pixels` pixels is refused with a ValueError before it is decoded. With
+    `cover=(height, width)` it is scaled down to the smallest size covering that (JPEGs already while decoding).
     """
     with _opened_image(path) as image:
         _refuse_oversized(f"image {path}", *image.size, max_pixels)
         try:
-            return np.asarray(image.convert("RGB")).copy()
+            if cover is None:
+                return np.asarray(image.convert("RGB")).copy()
+            image.draft("RGB", cover[::-1])  # JPEG: decode at a power-of-two reduction still covering `cover`
+            height, width = cover_size(image.height, image.width, *cover)
+            return np.array(image.convert("RGB").resize((width, height), Image.BICUBIC, reducing_gap=2.0))
         except (OSError, SyntaxError, ValueError) as error:
             raise ValueError(f"cannot read image {path}: it is damaged or not {IMAGE_KINDS}") from error
 
@@ -293,6 +301,26 @@ def _opened_image(path):
         raise ValueError(f"cannot read image {path}: expected {IMAGE_KINDS}") from error
     with image:
         yield image
+
+
+def cover_size(frame_height: int, frame_width: int, height: int, width: int, shrink_only: bool = True) -> tuple:
+    """(height, width) of a frame scaled, aspect kept, to the smallest size covering `height` x `width`: the size
+    `to_video_tensor` resizes to before its centre crop. `shrink_only`: a frame already smaller keeps its size."""
+    scale = max(height / frame_height, width / frame_width)
+    if shrink_only and scale >= 1:
+        return frame_height, frame_width
+    return max(height, round(frame_height * scale)), max(width, round(frame_width * scale))
+
+
+def _decoded_size(info: VideoInfo, rotation, cover) -> tuple:
+    """(height, width) to decode a frame at (before it is turned upright): its own, or scaled to cover `cover`."""
+    if cover is None:
+        return info.height, info.width
+    quarter_turn = round(rotation / 90) % 2 if rotation else 0
+    if quarter_turn:
+        width, height = cover_size(info.width, info.height, *cover)
+        return height, width
+    return cover_size(info.height, info.width, *cover)
 
 
 def _upright(pixels: np.ndarray, rotation) -> np.ndarray:

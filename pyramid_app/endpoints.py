@@ -6,7 +6,9 @@ handlers receive the values as the client sent them and check every one (`limits
 decoding an upload; any failure reaches the client as one `gr.Error` sentence.
 """
 import asyncio
+import functools
 import logging
+import os
 import secrets
 import threading
 import time
@@ -27,12 +29,13 @@ from .catalog import BUNDLED, MISSING_BUNDLED, ModelMenu, is_local, length_limit
 from .cli import USER_ERRORS
 from .jobs import Job, PipelineCache, StopSwitches, UnitPreview, progress_text, run_job
 from .output_file import save
+from .replies import reply
 from .outputs import SessionOutputs
 from model_core.storyboard import Storyboard
 
 from .settings import STAGE_COUNT, GenerationOptions, ModelOptions
-from .studio_queue import StudioQueues, job_id_at, queue_rows
-from .uploads import image_frames, video_frames
+from .studio_queue import INPUTS_FOLDER, Admission, StudioQueues, job_id_at, queue_rows
+from .uploads import HOSTED_DECODE_BYTES, LOCAL_DECODE_BYTES, DecodeBudget, ReceivedFiles, decoded_upload, header_check
 
 THUMBNAIL_SIDE = 160
 LORA_WEIGHT_MAX = 2.0  # the weight slider's range is 0 to this
@@ -40,7 +43,7 @@ OUT_OF_MEMORY = ("Out of memory. Open Memory and try offload 'model' or 'sequent
                  "VAE tiling, or fewer frames.")
 PROGRESS_INTERVAL = 0.25  # seconds between progress-bar updates; each one is a message the browser renders
 NOTHING_FINISHED = "Stopped before the first frame was finished; nothing was saved."
-HOSTED_QUEUE_CAP = 10  # waiting jobs per session in hosted mode
+UPLOAD_KIND = {"image_to_video": "image", "extend_video": "video"}  # the parameter's name
 MISSING_UPLOAD = {"image_to_video": "Upload an image to animate first.", "extend_video": "Upload a video clip to extend first."}
 LOG = logging.getLogger(__name__)
 
@@ -54,12 +57,28 @@ class Endpoints:
         self.default_model = self.menu.default
         self.outputs = SessionOutputs(output_dir, hosted=self.menu.hosted)
         self.output_dir = self.outputs.root
+        self.received = ReceivedFiles(set(), self.outputs.folder)  # `admit_uploads_of` gives it the server's uploads
+        self.decode_budget = DecodeBudget(HOSTED_DECODE_BYTES if self.menu.hosted else LOCAL_DECODE_BYTES)
         self.loras = find_loras(lora_dir) if lora_dir else {}  # the only LoRAs a person can pick: the operator's
         self.pipelines = pipelines or PipelineCache()
         self.stops = StopSwitches()
         self.device_lock = threading.Lock()  # one generation at a time: Generate or a queued job
-        self.queues = StudioQueues(self.output_dir, self.pipelines, self.device_lock, save, per_session=self.menu.hosted,
-                                   cap=HOSTED_QUEUE_CAP if self.menu.hosted else None)
+        self.queues = StudioQueues(self.output_dir, self.pipelines, self.device_lock, save,
+                                   read_input=functools.partial(decoded_upload, budget=self.decode_budget),
+                                   session_folder=self.outputs.folder if self.menu.hosted else None,
+                                   admission=Admission() if self.menu.hosted else None)
+
+    def admit_uploads_of(self, demo: gr.Blocks) -> None:
+        """Accept as uploads the files Gradio's upload route of `demo` received (and this session's outputs)."""
+        self.received.received = demo.upload_file_set
+
+    def client_file(self, payload, request, what: str):
+        """The local path of a file a client sent, admitted only if it was uploaded (see `uploads`); a call made in
+        this process (no request) names any file."""
+        path = _upload_path(payload)
+        if path is None or request is None:
+            return path
+        return self.received.admit(path, _session(request), what)
 
     # --- the four API endpoints ---------------------------------------------------------------
 
@@ -88,10 +107,11 @@ class Endpoints:
         started = time.monotonic()
         session = _session(request)
         stop = self.stops.start(session)  # Stop works from the moment the request runs, loading included
-        upload = _upload_path(upload)
+        sent, upload = upload, None
         try:
-            model, prompt, options = self._checked(mode, prompt, num_frames, controls)
-            condition = await asyncio.to_thread(_read_upload, mode, upload)
+            upload = self.client_file(sent, request, UPLOAD_KIND.get(mode, "upload"))
+            model, prompt, options, spec = self._checked(mode, prompt, num_frames, controls)
+            condition = await asyncio.to_thread(_read_upload, mode, upload, spec, self.decode_budget)
             progress(0, desc="loading model (a hub model is downloaded on first use)")
             pipe = await asyncio.to_thread(self.pipelines.get, model, tqdm)
             frames, shown = [], float("-inf")
@@ -113,7 +133,7 @@ class Endpoints:
             self.outputs.sweep()
             out = await asyncio.to_thread(save, result, self.outputs.folder(session) / _output_name(mode, result))
         except Exception as error:
-            sentence = _failure_sentence(error, upload, mode)
+            sentence = _failure_sentence(error, mode)
             yield gr.skip(), gr.skip(), f"Not done: {sentence}", gr.skip(), gr.skip()  # the status line says it too
             raise gr.Error(sentence, print_exception=False) from None
         finally:
@@ -128,11 +148,11 @@ class Endpoints:
         storyboard = storyboard_of(controls.get("storyboard"))
         if storyboard is not None:  # its seconds set the length
             return model, storyboard, _generation_options(mode, controls, None, spec, storyboard=storyboard,
-                                                          long_video=not self.menu.hosted)
+                                                          long_video=not self.menu.hosted), spec
         prompt = limits.prompt(prompt)
         if mode in ("text_to_video", "text_to_image") and not prompt.strip():
             raise ValueError("the prompt is empty; describe what you want to see")
-        return model, prompt, _generation_options(mode, controls, num_frames, spec)
+        return model, prompt, _generation_options(mode, controls, num_frames, spec), spec
 
     def _model_options(self, controls) -> tuple:
         """The checked ModelOptions and the spec of the variant they name (its size and length limits)."""
@@ -181,21 +201,25 @@ class Endpoints:
     def queue_text_to_image(self, prompt: str, request: gr.Request = None, **controls):
         return self.add_to_queue("text_to_image", prompt, None, None, request, **controls)
 
-    def add_to_queue(self, mode: str, prompt: str, upload, num_frames, request: gr.Request = None, **controls):
+    def add_to_queue(self, mode: str, prompt: str, sent, num_frames, request: gr.Request = None, **controls):
         """Queue the job the tab's controls describe; returns the queue's rows and a status line."""
-        session = _session(request)
+        session, upload = _session(request), None
         try:
             model, spec = self._model_options(controls)
             storyboard = storyboard_of(controls.get("storyboard"))
             prompt = "" if storyboard else limits.prompt(prompt)
             options = _generation_options(mode, controls, num_frames, spec, seeded=False, storyboard=storyboard,
                                           long_video=not self.menu.hosted)
-            upload = _upload_path(upload)
+            upload = self.client_file(sent, request, UPLOAD_KIND.get(mode, "upload"))
             if mode in MISSING_UPLOAD:
-                _read_upload(mode, upload)
-            job = self.queues.add(session, mode, prompt, storyboard and storyboard.to_settings(), upload, options, model)
+                if not upload:
+                    raise ValueError(MISSING_UPLOAD[mode])
+                header_check(mode, upload)
+            self.outputs.sweep()
+            job = self.queues.add(session, mode, prompt, storyboard and storyboard.to_settings(), upload, options, model,
+                                  address=client_address(request))
         except (*USER_ERRORS, OSError) as error:
-            raise gr.Error(_message(error, upload), print_exception=False) from None
+            raise gr.Error(reply(error), print_exception=False) from None
         queue = self.queues.queue(session)
         return queue_rows(queue), f"Queued as #{[j.id for j in queue.jobs].index(job.id) + 1}: {job.text or mode}"
 
@@ -222,20 +246,23 @@ class Endpoints:
             elif action == "clear":
                 queue.clear()
         except ValueError as error:
-            raise gr.Error(_message(error), print_exception=False) from None
+            raise gr.Error(reply(error), print_exception=False) from None
         return queue_rows(queue)
 
     def export_queue(self, request: gr.Request = None) -> str:
         queue = self.queues.queue(_session(request))
         return str(queue.export(queue.path.parent / "queue-export.json"))
 
-    def import_queue(self, path, request: gr.Request = None):
+    def import_queue(self, sent, request: gr.Request = None):
+        """Append the jobs of an exported queue file (local mode: a hosted queue ends with its server)."""
         session = _session(request)
         queue = self.queues.queue(session)
         try:
-            queue.merge(path)
+            if self.menu.hosted:
+                raise ValueError("importing a queue is for a studio of your own; on this hosted studio add jobs one by one")
+            queue.merge(self.client_file(sent, request, "queue file"), inputs_within=queue.path.parent / INPUTS_FOLDER)
         except (*USER_ERRORS, OSError) as error:
-            raise gr.Error(_message(error, path), print_exception=False) from None
+            raise gr.Error(reply(error), print_exception=False) from None
         self.queues.start(session)
         return queue_rows(queue)
 
@@ -278,27 +305,38 @@ def storyboard_of(table) -> Storyboard:
     return Storyboard.coerce(pairs)
 
 
-def _failure_sentence(error: Exception, upload, mode: str) -> str:
+def _failure_sentence(error: Exception, mode: str) -> str:
     """What the person is told when a generation fails: the sentence of an error they caused, else (a fault of the
     app, logged in full) its kind and first words."""
     if isinstance(error, torch.OutOfMemoryError):
         return OUT_OF_MEMORY
     if isinstance(error, (*USER_ERRORS, OSError)):
-        return _message(error, upload)
+        return reply(error)
     LOG.exception("%s failed", mode)
-    return f"The generation failed ({type(error).__name__}: {_message(error, upload)}); the server log has the details."
+    return f"The generation failed ({type(error).__name__}: {reply(error)}); the server log has the details."
 
 
 def _session(request) -> str:
     return getattr(request, "session_hash", None) or "local"
 
 
-def _read_upload(mode, upload):
+def client_address(request) -> str:
+    """The caller's network address: on a Space the hop its proxy appended to X-Forwarded-For (the last one; a
+    client can forge the earlier ones), else the connection's own."""
+    forwarded = getattr(request, "headers", {}).get("x-forwarded-for", "") if os.environ.get("SPACE_ID") else ""
+    if forwarded.strip():
+        return forwarded.split(",")[-1].strip()
+    client = getattr(request, "client", None)
+    return getattr(client, "host", None) or "local"
+
+
+def _read_upload(mode, upload, spec, budget):
+    """The image or clip of `mode`, decoded no larger than what covers the variant's size (None: text modes)."""
     if mode not in MISSING_UPLOAD:
         return None
     if not upload:
         raise ValueError(MISSING_UPLOAD[mode])
-    return image_frames(upload) if mode == "image_to_video" else video_frames(upload)
+    return decoded_upload(mode, upload, spec, budget)
 
 
 def _generation_options(mode, controls, num_frames, spec, seeded: bool = True, storyboard=None,
@@ -350,15 +388,3 @@ def _finished_text(result, out: Path, started: float) -> str:
     if result.interrupted:
         return f"Stopped: kept {length} in `{out.name}` ({seconds:.1f} s)."
     return f"Saved `{out.name}`: {length}, seed {result.settings['seed']}, in {seconds:.1f} s."
-
-
-def _message(error: BaseException, upload=None) -> str:
-    """The first line of a user error, with the upload folder dropped from the uploaded file's path; capitalised
-    unless it starts with an option name."""
-    lines = str(error).strip().splitlines()
-    text = lines[0] if lines else type(error).__name__
-    if upload:
-        text = text.replace(str(Path(upload).parent) + "/", "")
-    if "_" in text.split(" ", 1)[0]:  # an option name, spelled as in the API
-        return text
-    return text[0].upper() + text[1:]

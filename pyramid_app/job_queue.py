@@ -6,7 +6,9 @@ A job found `running` when a queue is loaded was cut off by a crash and is pendi
 redone. The studio keeps one queue per session in its output folder; `python -m pyramid_app run-queue FILE`
 runs a saved one headless.
 """
+import errno
 import json
+import logging
 import os
 import secrets
 import tempfile
@@ -19,6 +21,11 @@ QUEUE_FORMAT = 1
 QUEUE_FILE = "queue.json"
 STATES = ("pending", "running", "done", "failed")
 MODES = ("text_to_video", "image_to_video", "extend_video", "text_to_image")
+LOG = logging.getLogger(__name__)
+
+
+def new_job_id() -> str:
+    return secrets.token_hex(4)
 
 
 @dataclass(frozen=True)
@@ -32,7 +39,7 @@ class QueuedJob:
     model: dict = field(default_factory=dict)
     input: Optional[str] = None  # the image (image_to_video) or clip (extend_video) file
     out: Optional[str] = None  # where to write; None lets the runner choose a name in its output folder
-    id: str = field(default_factory=lambda: secrets.token_hex(4))
+    id: str = field(default_factory=new_job_id)
     state: str = "pending"
     output: Optional[str] = None  # the file written, once done
     error: Optional[str] = None  # why it failed
@@ -60,11 +67,10 @@ class QueuedJob:
 
 
 class JobQueue:
-    """Jobs in running order, saved to `path` after every change; at most `cap` jobs waiting (None: no cap)."""
+    """Jobs in running order, saved to `path` after every change."""
 
-    def __init__(self, path, cap: Optional[int] = None):
+    def __init__(self, path):
         self.path = Path(path)
-        self.cap = cap
         self._lock = threading.RLock()
         self.jobs, self.paused = read_queue(self.path) if self.path.is_file() else ([], False)
         self.jobs = [replace(job, state="pending") if job.state == "running" else job for job in self.jobs]
@@ -73,12 +79,8 @@ class JobQueue:
 
     def add(self, job: QueuedJob) -> QueuedJob:
         with self._lock:
-            waiting = sum(j.state == "pending" for j in self.jobs)
-            if self.cap is not None and waiting >= self.cap:
-                raise ValueError(f"the queue already holds {waiting} waiting jobs, the most allowed here; "
-                                 "run or remove some first")
             if any(j.id == job.id for j in self.jobs):
-                job = replace(job, id=secrets.token_hex(4))
+                job = replace(job, id=new_job_id())
             self.jobs.append(job)
             self._save()
             return job
@@ -121,9 +123,13 @@ class JobQueue:
             self._save()
             return self.jobs[index]
 
-    def merge(self, path) -> int:
-        """Append the jobs of an exported queue file as pending ones; returns how many came."""
+    def merge(self, path, inputs_within=None) -> int:
+        """Append the jobs of an exported queue file as pending ones; returns how many came. With `inputs_within`
+        (the studio) every job's input file must lie in that folder and its output name is this queue's choice."""
         jobs, _ = read_queue(Path(path))
+        if inputs_within is not None:
+            jobs = [_kept_within(job, number, self.path.parent, Path(inputs_within))
+                    for number, job in enumerate(jobs, start=1)]
         with self._lock:
             for job in jobs:
                 self.add(replace(job, state="pending", output=None, error=None))
@@ -153,7 +159,23 @@ class JobQueue:
         raise ValueError(f"no job {job_id!r} in the queue")
 
     def _save(self) -> None:
-        write_queue(self.path, self.jobs, self.paused)
+        """Write the queue; on a full disk the queue goes on in memory (its states stay right) and says so once."""
+        try:
+            write_queue(self.path, self.jobs, self.paused)
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            LOG.warning("the queue %s could not be saved (disk full); it goes on in memory", self.path.name)
+
+
+def _kept_within(job: QueuedJob, number: int, folder: Path, inputs: Path) -> QueuedJob:
+    """`job` without an output name, refused unless its input (if any) is a file in `inputs`."""
+    if job.input is not None:
+        path = (folder / job.input).resolve()
+        if not (path.is_relative_to(inputs.resolve()) and path.is_file()):
+            raise ValueError(f"job {number} of the imported queue names an input that is not among this queue's "
+                             "inputs; add image and clip jobs with their upload instead")
+    return replace(job, out=None)
 
 
 def run_jobs(queue: JobQueue, run: Callable, user_errors: tuple = (ValueError, FileNotFoundError)) -> dict:
@@ -202,27 +224,3 @@ def write_queue(path: Path, jobs: list, paused: bool = False) -> Path:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
-
-
-class SessionQueues:
-    """One queue per browser session under `folder` (hosted mode), each capped at `cap` waiting jobs."""
-
-    def __init__(self, folder, cap: Optional[int] = None):
-        self.folder = Path(folder)
-        self.cap = cap
-        self._queues = {}
-        self._lock = threading.Lock()
-
-    def get(self, session: str) -> JobQueue:
-        safe = "".join(c for c in session if c.isalnum() or c in "-_")[:64] or "default"
-        with self._lock:
-            if safe not in self._queues:
-                self._queues[safe] = JobQueue(self.folder / safe / QUEUE_FILE, cap=self.cap)
-            return self._queues[safe]
-
-    def saved(self) -> list:
-        """The sessions whose queues are on disk (from this run or an earlier one)."""
-        if not self.folder.is_dir():
-            return []
-        return sorted(entry.name for entry in self.folder.iterdir()
-                      if entry.is_dir() and not entry.is_symlink() and (entry / QUEUE_FILE).is_file())

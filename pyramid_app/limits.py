@@ -60,7 +60,7 @@ def seed(value):
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     text = str(value).strip() if isinstance(value, (str, int)) and not isinstance(value, bool) else None
-    if text is None or not text.isdigit() or int(text) >= SEED_LIMIT:
+    if text is None or not (text.isascii() and text.isdigit()) or int(text) >= SEED_LIMIT:
         raise ValueError(f"the seed must be a whole number from 0 to {SEED_LIMIT - 1} (or empty for a random one); "
                          f"got {shown(value)}")
     return int(text)

@@ -3,10 +3,11 @@
 Local mode: the output folder itself. Hosted mode: one subfolder per session, named by a keyed hash of the
 session that no other client can guess, and files older than `max_age` swept away while the studio runs.
 """
+import contextlib
 import hashlib
 import hmac
+import os
 import secrets
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -31,19 +32,21 @@ class SessionOutputs:
         return self.root / hmac.new(self._key, session.encode(), hashlib.sha256).hexdigest()[:32]
 
     def sweep(self, now: float = None) -> int:
-        """In hosted mode, at most every SWEEP_INTERVAL: delete outputs older than `max_age` and the session
-        folders left empty. Returns how many files went."""
+        """In hosted mode, at most every SWEEP_INTERVAL: delete the files of session folders (outputs, queues and
+        their inputs) older than `max_age`, and the folders left empty. Returns how many files went."""
         now = time.time() if now is None else now
         with self._lock:
             if not self.hosted or now - self._last_sweep < SWEEP_INTERVAL or not self.root.is_dir():
                 return 0
             self._last_sweep = now
             removed = 0
-            for folder in (path for path in self.root.iterdir() if path.is_dir() and not path.is_symlink()):
-                for file in folder.iterdir():
-                    if file.is_file() and now - file.stat().st_mtime > self.max_age:
+            for folder, subfolders, files in os.walk(self.root, topdown=False):  # never follows a link
+                for name in files:
+                    file = Path(folder) / name
+                    if folder != str(self.root) and now - file.lstat().st_mtime > self.max_age:
                         file.unlink(missing_ok=True)
                         removed += 1
-                if not any(folder.iterdir()):
-                    shutil.rmtree(folder, ignore_errors=True)
+                if folder != str(self.root):
+                    with contextlib.suppress(OSError):  # not empty (or a generation just wrote into it)
+                        Path(folder).rmdir()
             return removed

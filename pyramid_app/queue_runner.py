@@ -23,11 +23,9 @@ def job_prompt(job: QueuedJob):
     return Storyboard.coerce(job.storyboard) if job.storyboard else job.prompt
 
 
-def job_inputs(job: QueuedJob, folder: Path) -> tuple:
-    if job.input is None:
-        return ()
-    path = folder / job.input
-    return (read_image(path),) if job.mode == "image_to_video" else (read_video(path)[0],)
+def read_input_file(mode: str, path: Path, spec) -> object:
+    """A job's image (image_to_video) or clip (extend_video) at its own size; the pipeline resizes it to `spec`'s."""
+    return read_image(path) if mode == "image_to_video" else read_video(path)[0]
 
 
 def job_output(job: QueuedJob, folder: Path) -> Path:
@@ -44,10 +42,13 @@ def seeded_job(queue: JobQueue, job: QueuedJob) -> QueuedJob:
     return job
 
 
-def generate_job(pipe, job: QueuedJob, folder: Path, save: Callable, **call_options) -> Path:
-    """Run one job on a loaded pipeline and write its output; `call_options` go to the pipeline (callback, ...)."""
+def generate_job(pipe, job: QueuedJob, folder: Path, save: Callable, read_input: Callable = read_input_file,
+                 **call_options) -> Path:
+    """Run one job on a loaded pipeline and write its output; `read_input(mode, path, spec)` decodes its input file,
+    `call_options` go to the pipeline (callback, ...)."""
     options = GenerationOptions(**job.options)
-    result = getattr(pipe, job.mode)(*job_inputs(job, folder), job_prompt(job),
+    inputs = () if job.input is None else (read_input(job.mode, folder / job.input, pipe.spec),)
+    result = getattr(pipe, job.mode)(*inputs, job_prompt(job),
                                      **options.to_pipeline_kwargs(job.mode), **call_options)
     out = job_output(job, folder)
     if len(result.frames) == 0:

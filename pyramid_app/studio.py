@@ -17,6 +17,8 @@ from . import gallery, limits
 from .catalog import ModelMenu, length_limits
 from .endpoints import LORA_WEIGHT_MAX, Endpoints
 from .outputs import OUTPUT_MAX_AGE, SWEEP_INTERVAL
+from .replies import reply
+from .studio_blocks import StudioBlocks
 from .settings import (
     ATTENTION_BACKENDS,
     DTYPES,
@@ -27,7 +29,8 @@ from .settings import (
     fresh_seed,
     memory_choices,
 )
-from .studio_queue import QUEUE_HEADERS
+from .uploads import HOSTED_DECODE_BYTES
+from .studio_queue import ADDRESS_QUEUE_CAP, QUEUE_HEADERS, QUEUED_JOB_MAX_AGE, SUBMISSIONS_PER_MINUTE
 
 GENERATION_QUEUE = "generation"  # one concurrency group: one generation at a time on this device
 PLACEHOLDER_SPEC = VARIANTS["384p"]  # slider limits until a model with known limits is picked
@@ -41,6 +44,15 @@ EXAMPLE_PROMPTS = [  # the bundled model's grammar: a {color} {shape} moving {di
     "a yellow circle moving down",
 ]
 HELPERS = dict(api_visibility="private", queue=False)
+HOSTED_CAPS_TEXT = (f" Here a clip may take at most {HOSTED_DECODE_BYTES >> 20} MiB once scaled to the model's size "
+                    f"(at 768p: {HOSTED_DECODE_BYTES // (1280 * 768 * 3)} frames); outputs are kept for "
+                    f"{OUTPUT_MAX_AGE / 3600:g} hours at unguessable addresses.")
+LOCAL_QUEUE_TEXT = ("Jobs added with **Add to queue** run one after another, also when this tab is closed; the queue is "
+                    "saved in the output folder and survives a restart. `python -m pyramid_app run-queue FILE` runs an "
+                    "exported queue without the studio.")
+HOSTED_QUEUE_TEXT = ("Jobs added with **Add to queue** run one after another, also when this tab is closed, while the "
+                     f"server runs: at most {ADDRESS_QUEUE_CAP} waiting per visitor, {SUBMISSIONS_PER_MINUTE} added a "
+                     f"minute, and a job that waits over {QUEUED_JOB_MAX_AGE / 60:g} minutes expires.")
 
 
 def build_studio(default_model=None, output_dir="outputs", pipelines=None, models=None, hosted=False,
@@ -55,10 +67,9 @@ def build_studio(default_model=None, output_dir="outputs", pipelines=None, model
         endpoints.pipelines.warm_up(ModelOptions(model=menu.source_for(menu.default), dtype=_default_dtype()))
     spec = facts.spec("auto") or PLACEHOLDER_SPEC
     delete_cache = (SWEEP_INTERVAL, OUTPUT_MAX_AGE) if hosted else None
-    with gr.Blocks(title="Pyramid Flow Studio", delete_cache=delete_cache) as demo:
+    with StudioBlocks(title="Pyramid Flow Studio", delete_cache=delete_cache) as demo:
         gr.Markdown("# Pyramid Flow Studio\nVideo generation with Pyramidal Flow Matching.")
-        gr.Markdown(limits.CAPS_TEXT + (" Outputs are kept for {:g} hours.".format(OUTPUT_MAX_AGE / 3600)
-                                        if hosted else ""), elem_id="caps")
+        gr.Markdown(limits.CAPS_TEXT + (HOSTED_CAPS_TEXT if hosted else ""), elem_id="caps")
         model_note = gr.Markdown(facts.note, elem_id="model-note")
         history, selected, fps = gr.State([]), gr.State(None), gr.State(spec.fps)
         with gr.Row():
@@ -80,7 +91,7 @@ def build_studio(default_model=None, output_dir="outputs", pipelines=None, model
         for mode, button in queue_buttons.items():
             button.click(getattr(endpoints, f"queue_{mode}"), inputs[mode], [queue_table, queue_status],
                          api_name=f"queue_{mode}", inputs_kwargs=_with_storyboard(controls, storyboards, mode),
-                         concurrency_limit=None)
+                         concurrency_limit=None, preprocess=False)  # the handlers check raw values
         with gr.Accordion("This session's outputs", open=True):
             with gr.Row():
                 outputs = gr.Gallery(label="Outputs", columns=4, height=260, allow_preview=False,
@@ -138,13 +149,13 @@ def build_studio(default_model=None, output_dir="outputs", pipelines=None, model
             return (entry["path"], entry["settings"], gr.update(value=None if image else entry["path"], visible=not image),
                     gr.update(value=entry["path"] if image else None, visible=image))
 
-        def reuse(path):
+        def reuse(path, request: gr.Request):
             if not path:
                 raise gr.Error("Select an output in the gallery (or upload one) first.", print_exception=False)
             try:
-                settings = gallery.saved_settings(path)
+                settings = gallery.saved_settings(endpoints.client_file(path, request, "file to reuse"))
             except (ValueError, FileNotFoundError) as error:
-                raise gr.Error(str(error).splitlines()[0], print_exception=False) from None
+                raise gr.Error(reply(error), print_exception=False) from None
             return _reuse_updates(settings, menu, tabs, inputs, controls, status, storyboards)
 
         reuse_targets = [tabs, status, *controls.values(), *storyboards.values(),
@@ -152,6 +163,7 @@ def build_studio(default_model=None, output_dir="outputs", pipelines=None, model
         outputs.select(select_output, history, [selected, selected_settings, result_video, result_image], **HELPERS)
         reuse_button.click(reuse, selected, reuse_targets, **HELPERS)
         reuse_file.upload(reuse, reuse_file, reuse_targets, **HELPERS)
+    endpoints.admit_uploads_of(demo)
     return demo
 
 
@@ -208,9 +220,7 @@ def _storyboard_table(elem_id) -> gr.Dataframe:
 def _queue_panel(endpoints) -> tuple:
     """The queue: its jobs, what to do with them, export / import; refreshed every 2 s while the app is open."""
     with gr.Accordion("Queue", open=False, elem_id="queue"):
-        gr.Markdown("Jobs added with **Add to queue** run one after another, also when this tab is closed; the queue "
-                    "is saved in the output folder and survives a restart. `python -m pyramid_app run-queue FILE` "
-                    "runs an exported queue without the studio.")
+        gr.Markdown(HOSTED_QUEUE_TEXT if endpoints.menu.hosted else LOCAL_QUEUE_TEXT)
         table = gr.Dataframe(headers=QUEUE_HEADERS, interactive=False, wrap=True, elem_id="queue-table")
         status = gr.Markdown("", elem_id="queue-status")
         with gr.Row():
@@ -221,7 +231,8 @@ def _queue_panel(endpoints) -> tuple:
             paused = gr.Checkbox(False, label="Paused (the running job finishes, no other starts)", elem_id="queue-paused")
             clear = gr.Button("Clear finished", size="sm", elem_id="queue-clear")
             export = gr.DownloadButton("Export queue", size="sm", elem_id="queue-export")
-            upload = gr.UploadButton("Import queue", file_types=[".json"], size="sm", elem_id="queue-import")
+            upload = gr.UploadButton("Import queue", file_types=[".json"], size="sm", elem_id="queue-import",
+                                     visible=not endpoints.menu.hosted)
     for action, button in {**buttons, "clear": clear}.items():
         button.click(_queue_action(endpoints, action), position, table, **HELPERS)
 

@@ -5,7 +5,7 @@ import pytest
 
 from model_core.media_files import read_metadata, read_video
 from pyramid_app import cli
-from pyramid_app.job_queue import JobQueue, QueuedJob, SessionQueues, read_queue, run_jobs
+from pyramid_app.job_queue import JobQueue, QueuedJob, read_queue, run_jobs
 from tiny_checkpoint import build_tiny_checkpoint
 
 FAST = ["--first-frame-steps", "1,1,1", "--video-steps", "1,1,1", "--guidance", 1, "--video-guidance", 1, "--quiet"]
@@ -45,19 +45,6 @@ def test_a_job_running_when_the_app_died_is_pending_after_a_restart(tmp_path):
     running = queue.add(job("a"))
     queue.update(running.id, state="running")
     assert JobQueue(path).jobs[0].state == "pending"
-
-
-def test_cap_limits_waiting_jobs_per_session(tmp_path):
-    queues = SessionQueues(tmp_path, cap=2)
-    mine, yours = queues.get("session-1"), queues.get("session-2")
-    mine.add(job("a"))
-    mine.add(job("b"))
-    with pytest.raises(ValueError, match="already holds 2 waiting jobs"):
-        mine.add(job("c"))
-    yours.add(job("c"))
-    assert prompts(queues.get("session-1")) == ["a", "b"] and prompts(yours) == ["c"]
-    assert (tmp_path / "session-1" / "queue.json").is_file() and (tmp_path / "session-2" / "queue.json").is_file()
-    assert queues.get("../../etc").path.parent == tmp_path / "etc"  # a session id never leaves the folder
 
 
 def test_export_and_import_one_file(tmp_path):

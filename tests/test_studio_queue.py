@@ -111,25 +111,31 @@ def test_a_storyboard_runs_past_the_slider_to_the_long_video_length_except_when_
         _generation_options("text_to_video", controls, None, spec, storyboard=twenty, long_video=False)
 
 
-def test_hosted_session_queues_left_waiting_run_again_after_a_restart(tiny_model, tmp_path):
+def test_hosted_queues_are_the_sessions_own_and_end_with_the_server(tiny_model, tmp_path):
+    """A hosted queue lives in its session's keyed-hash output folder, never under the raw session hash, and jobs a
+    stranger left waiting are not run by the next server (its key names other folders)."""
     import threading
 
-    from pyramid_app.output_file import save
-    from pyramid_app.job_queue import SessionQueues
     from pyramid_app.jobs import PipelineCache
+    from pyramid_app.output_file import save
+    from pyramid_app.outputs import SessionOutputs
+    from pyramid_app.queue_runner import read_input_file
     from pyramid_app.studio_queue import StudioQueues
+
+    def studio_queues():
+        outputs = SessionOutputs(tmp_path, hosted=True)
+        queues = StudioQueues(tmp_path, PipelineCache(), threading.Lock(), save, read_input_file,
+                              session_folder=outputs.folder)
+        return outputs, queues
 
     options = {"num_frames": 9, "seed": 6, "guidance_scale": 1, "video_guidance_scale": 1,
                "first_frame_steps": [1, 1, 1], "video_steps": [1, 1, 1]}
-    saved = SessionQueues(tmp_path / "queues")  # what an earlier run of the app left on disk
-    for session, prompt in (("abc123", "a red ball"), ("def456", "a blue cube")):
-        saved.get(session).add(QueuedJob(mode="text_to_video", prompt=prompt, model={"model": str(tiny_model)},
-                                         options=options))
-    assert saved.saved() == ["abc123", "def456"]
-    queues = StudioQueues(tmp_path, PipelineCache(), threading.Lock(), save, per_session=True, cap=10)
-    for session, prompt in (("abc123", "a red ball"), ("def456", "a blue cube")):
-        queues.wait(session, timeout=QUEUE_TIMEOUT_S)
-        job, = queues.queue(session).jobs
-        assert job.state == "done", job.error
-        made = tmp_path / "queues" / session / job.output  # into that session's folder, nobody else's
-        assert made.is_file() and read_metadata(made)["prompt"] == prompt
+    outputs, queues = studio_queues()
+    queue = queues.queue("abc123")
+    queue.set_paused(True)
+    queue.add(QueuedJob(mode="text_to_video", prompt="a red ball", model={"model": str(tiny_model)}, options=options))
+    assert queue.path.is_relative_to(outputs.folder("abc123")) and "abc123" not in str(queue.path)
+    assert queues.queue("def456").jobs == []
+    _, restarted = studio_queues()
+    assert restarted.queue("abc123").jobs == [] and restarted.queue("abc123").path != queue.path
+    assert queue.path.is_file()  # left for the sweep, never run again

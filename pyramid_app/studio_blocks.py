@@ -1,0 +1,57 @@
+"""The studio's gr.Blocks: Gradio's own refusals of a request's values reworded as one sentence naming the field.
+
+Before a handler runs, Gradio checks the values a client sent: file references with Gradio's meta must lie in its
+upload folder, and every value must parse as its component's data model. Its refusals name server paths or dump
+pydantic's report over many lines; here each becomes the sentence the handlers use for the same mistake.
+"""
+import gradio as gr
+import pydantic
+
+from .limits import shown
+from .replies import sentence
+from .uploads import NOT_RECEIVED
+
+EXPECTED = {  # what a component's value must be, by component class
+    "Dataframe": "a table: a list of rows, or {'headers': [...], 'data': [[...], ...]}",
+    "Image": "an uploaded image", "Video": "an uploaded video", "File": "an uploaded file",
+    "UploadButton": "an uploaded file", "DownloadButton": "a file",
+}
+
+
+class StudioBlocks(gr.Blocks):
+    async def preprocess_data(self, block_fn, inputs, state, explicit_call: bool = False):
+        expected = len(block_fn.inputs)
+        if len(inputs) < expected:
+            raise gr.Error(f"this endpoint takes {expected} values; got {len(inputs)}", print_exception=False)
+        names = list(block_fn.input_parameter_names or []) + [None] * expected
+        for index, (block, value) in enumerate(zip(block_fn.inputs, inputs)):
+            _check_value(block, value, names[index] or getattr(block, "label", None) or f"value {index + 1}",
+                         self.upload_file_set)
+        return await super().preprocess_data(block_fn, inputs, state, explicit_call)
+
+
+def _check_value(block, value, name: str, received: set) -> None:
+    """Refuse what Gradio would refuse for `block`, with a sentence naming `name`."""
+    for path in _referenced_paths(value):
+        if path not in received:
+            raise gr.Error(sentence(NOT_RECEIVED.format(what=name)), print_exception=False)
+    model = getattr(block, "data_model", None)
+    if model is None or value is None or getattr(block, "stateful", False):
+        return
+    try:
+        model.model_validate(value, context={"validate_meta": True})
+    except pydantic.ValidationError:
+        expected = EXPECTED.get(type(block).__name__, f"a value of a {type(block).__name__.lower()}")
+        raise gr.Error(f"{name} must be {expected}; got {shown(value)}", print_exception=False) from None
+
+
+def _referenced_paths(value) -> list:
+    """The paths of the file references with Gradio's meta in `value` (the ones Gradio checks itself)."""
+    if isinstance(value, dict):
+        meta = value.get("meta")
+        own = [value["path"]] if isinstance(meta, dict) and meta.get("_type") == "gradio.FileData" and isinstance(
+            value.get("path"), str) else []
+        return own + [path for item in value.values() for path in _referenced_paths(item)]
+    if isinstance(value, list):
+        return [path for item in value for path in _referenced_paths(item)]
+    return []

@@ -7,11 +7,24 @@ import logging
 
 __version__ = "0.1.0"
 
-# torchao 0.18's prebuilt C++ extensions target torch 2.11. Under the pinned torch they fail to load and say so at
-# import, torch warns about torchao's pytree constants, and diffusers about torchao's tensor classes; the Python
-# quantisation paths used here work. These lines would break the CLI's one-line errors, so only errors pass.
-for _noisy in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
-    logging.getLogger(_noisy).setLevel(logging.ERROR)
+
+
+def _not_a_torchao_import_notice(record: logging.LogRecord) -> bool:
+    """False for the three notices that importing torchao 0.18 logs under torch 2.13 (directly, or through diffusers'
+    model classes), true for everything else these loggers say. PyPI's torchao carries CUDA kernels that a CPU build
+    of torch cannot load (none of this package's paths calls them); torch flags torchao's own pytree registrations;
+    diffusers 0.42 looks for tensor classes that torchao 0.18 moved (needed only for checkpoints torchao saved).
+    Printed, they would break the CLI's one-line errors."""
+    message = record.getMessage()
+    if record.name == "torchao":
+        return not message.startswith("Failed to load ")
+    if record.name == "torch.utils._pytree":
+        return not any(str(getattr(arg, "__module__", "")).startswith("torchao.") for arg in record.args or ())
+    return not message.startswith("Unable to import `torchao` Tensor objects")
+
+
+for _name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
+    logging.getLogger(_name).addFilter(_not_a_torchao_import_notice)
 
 _EXPORTS = {
     "PyramidFlowScheduler": "model_core.scheduler",

@@ -6,12 +6,11 @@ before any frame is decoded. The settings travel three ways that all read back i
 mp4 `comment` tag, the PNG `Comment` text chunk, and a JSON sidecar next to the media file.
 
 Every file is written to a hidden staging sibling `.<name>.<8 characters>.partial<suffix>` that the
-writer holds an exclusive `flock` on, then renamed into place. A writer killed mid-write leaves the
-staged file unlocked; `sweep_partials` (run by the first write into each folder of a process, and
-by the app on start) removes such files and leaves those a live writer still holds.
+writer holds (`model_core.file_lock`: an exclusive `flock` where there is one), then renamed into place.
+A writer killed mid-write leaves the staged file unheld; `sweep_partials` (run by the first write into each
+folder of a process, and by the app on start) removes such files and leaves those a live writer still holds.
 """
 import errno
-import fcntl
 import json
 import math
 import os
@@ -26,6 +25,8 @@ from typing import NamedTuple
 import av
 import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
+
+from .file_lock import hold, remove_unless_held, replace_held
 
 METADATA_KEY = "comment"
 PNG_METADATA_KEY = "Comment"
@@ -168,7 +169,7 @@ def sweep_partials(folder) -> list:
         return []
     return [Path(entry.path) for entry in os.scandir(folder)
             if STAGED_NAME.match(entry.name) and entry.is_file(follow_symlinks=False)
-            and _remove_if_abandoned(Path(entry.path))]
+            and remove_unless_held(Path(entry.path))]
 
 
 class VideoWriter:
@@ -422,7 +423,7 @@ def _disk_full_said(path):
 
 
 class _Staged:
-    """A hidden, flock-held sibling of `target`: renamed onto it by `commit`, removed by `discard`."""
+    """A hidden sibling of `target` that this writer holds: renamed onto it by `commit`, removed by `discard`."""
 
     def __init__(self, target: Path):
         self.target = Path(target)
@@ -435,14 +436,14 @@ class _Staged:
             while True:
                 self.path = folder / f".{self.target.name}.{secrets.token_hex(4)}.partial{self.target.suffix}"
                 self._handle = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-                fcntl.flock(self._handle, fcntl.LOCK_EX)
+                hold(self._handle)
                 if _same_file(self.path, self._handle):
                     break  # else a sweep removed it between creation and locking: take another name
                 os.close(self._handle)
 
     def commit(self) -> None:
-        os.replace(self.path, self.target)
-        self._release()
+        replace_held(self._handle, self.path, self.target)
+        self._handle = None
 
     def discard(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -471,20 +472,3 @@ def _same_file(path: Path, handle: int) -> bool:
         return os.stat(path).st_ino == os.fstat(handle).st_ino
     except FileNotFoundError:
         return False
-
-
-def _remove_if_abandoned(path: Path) -> bool:
-    """Remove a staged file unless a live writer holds its lock (the lock dies with the writer's process)."""
-    try:
-        handle = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    else:
-        path.unlink(missing_ok=True)
-        return True
-    finally:
-        os.close(handle)

@@ -1,5 +1,6 @@
-"""`pip install <repo>` into a fresh virtualenv outside the checkout, then the two commands, offline,
-with the bundled model and recipes read from the installed copy (slow: it installs torch and gradio)."""
+"""`pip install <repo>` into a fresh virtualenv outside the checkout: the library and the command line without gradio,
+then `<repo>[studio]` and the studio command, offline, with the bundled model and recipes read from the installed
+copy (slow: it installs torch and gradio)."""
 import json
 import os
 import shutil
@@ -44,10 +45,14 @@ def test_pip_install_gives_working_commands(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     started = time.monotonic()
-    run([bin_dir / "pip", "install", "-q", checkout_copy(tmp_path / "repo")], work, env)
+    repo = checkout_copy(tmp_path / "repo")
+    run([bin_dir / "pip", "install", "-q", repo], work, env)
     installed = time.monotonic()
 
     python = bin_dir / "python"
+    without_studio = run([python, "-c", "import importlib.util, model_core; model_core.PyramidFlowPipeline; "
+                                        "print(importlib.util.find_spec('gradio'))"], work, env)
+    assert without_studio == "None\n"  # the library imports, and no dependency of it installed gradio
     where = json.loads(run([python, "-c", "import json, pyramid_app.settings as s, training.config as c; "
                                           "print(json.dumps([str(s.BUNDLED_MODEL), str(c.CONFIG_DIR)]))"], work, env))
     assert all(Path(path).is_relative_to(home) and Path(path).is_dir() for path in where), where
@@ -59,5 +64,8 @@ def test_pip_install_gives_working_commands(tmp_path):
     frames = run([python, "-c", "import av; print(sum(1 for _ in av.open('a.mp4').decode(video=0)))"],
                  work, env)
     assert int(frames) == 17
+    commands = time.monotonic()
+    run([bin_dir / "pip", "install", "-q", f"{repo}[studio]"], work, env)
     assert run([bin_dir / "pyramid-flow-studio", "--help"], work, env).startswith("usage: pyramid-flow-studio")
-    print(f"install {installed - started:.0f} s, commands {time.monotonic() - installed:.0f} s", file=sys.stderr)
+    print(f"install {installed - started:.0f} s, library and CLI {commands - installed:.0f} s, "
+          f"studio extra and command {time.monotonic() - commands:.0f} s", file=sys.stderr)

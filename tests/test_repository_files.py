@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from golden import FLUX, golden_cases
 from reference import REFERENCE_DIR
 
 from benchmarks.random_models import TINY_TRANSFORMER
+from model_core.checkpoints import FAMILIES, VAE_FOLDER, transformer_folder
 from model_core.transformers import PyramidFluxTransformer
 from training.weights import save_weights
 
@@ -23,6 +25,9 @@ ASSETS = ROOT / "assets"
 CONFIGS_WRITTEN_WITH_THE_BUILD_PATH = {"models/pyramid-flow-shapes/causal_video_vae/config.json",
                                        "models/pyramid-flow-shapes/diffusion_transformer_64p/config.json"}
 
+PUBLISHED = {"rain1011/pyramid-flow-miniflux": "miniflux", "rain1011/pyramid-flow-sd3": "sd3"}
+SPACE_HARDWARE = {"cpu-basic", "cpu-upgrade", "t4-small", "t4-medium", "l4x1", "l4x4", "a10g-small", "a10g-large",
+                  "a10g-largex2", "a10g-largex4", "a100-large"}  # the flavours the Spaces configuration reference lists
 PATH = r"(?:/[\w.@~-]+){2,}/?|[A-Za-z]:[\\/][^\s\"']*"  # /a/b... or C:\... / C:/...
 PATH_IN_TEXT = re.compile(rf"(?<![\w.:/~-])(?:{PATH})")
 WHOLE_PATH = re.compile(PATH)
@@ -138,3 +143,26 @@ def test_golden_cases_come_from_PYRAMID_GOLDEN_DIR(tmp_path, monkeypatch):
     assert {case.spec_path.parent for case in cases} == {tmp_path}
     monkeypatch.setenv("PYRAMID_GOLDEN_DIR", str(tmp_path / "empty"))
     assert golden_cases(FLUX) == []
+
+
+def space_config() -> dict:
+    _, header, _ = (ROOT / "README.md").read_text(encoding="utf-8").split("---\n", 2)
+    return yaml.safe_load(header)
+
+
+def test_space_header_names_the_license_and_the_published_models():
+    config = space_config()
+    assert config["license"] == "mit" and (ROOT / "LICENSE").read_text().startswith("MIT License\n")
+    assert 0 < len(config["short_description"]) <= 60  # the Hub's limit
+    assert config["suggested_hardware"] in SPACE_HARDWARE
+    assert config["models"] == list(PUBLISHED)
+
+
+def test_space_preloads_the_folders_the_loader_fetches_for_384p():
+    """What model_core.loading downloads for a published repo at 384p: its JSON files, the VAE, the 384p
+    transformer and the family's text encoders and tokenizers."""
+    preloaded = dict(entry.split(" ") for entry in space_config()["preload_from_hub"])
+    assert set(preloaded) == set(PUBLISHED)
+    for repo, family in PUBLISHED.items():
+        folders = [VAE_FOLDER, transformer_folder("384p"), *FAMILIES[family].text_folders]
+        assert sorted(preloaded[repo].split(",")) == sorted(["*.json", *(f"{folder}/*" for folder in folders)])

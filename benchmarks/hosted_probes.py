@@ -146,6 +146,28 @@ def huge_mp4(path: Path, side=2000, frames=40) -> Path:
     return path
 
 
+def amplification_clip(path: Path, width=1280, height=768, frames=241) -> Path:
+    """A clip within the caps that is tiny on disk (one colour at crf 51) and 0.7 GB decoded at its own size."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=24, options={"crf": "51", "preset": "ultrafast"})
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        frame = av.VideoFrame.from_ndarray(np.full((height, width, 3), 90, np.uint8), format="rgb24")
+        for _ in range(frames):
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
+
+
+def amplification_image(path: Path, side=4096) -> Path:
+    """A 4096 x 4096 PNG of one colour: 50 KB on disk, 48 MiB decoded, far more as the pipeline's float tensor."""
+    from PIL import Image
+
+    Image.new("RGB", (side, side), (30, 90, 200)).save(path, optimize=True)
+    return path
+
+
 def probe_files(folder: Path) -> dict:
     """The uploads the probes send: broken, oversized, and a valid image and clip for the other probes."""
     from model_core.media_files import write_image, write_video
@@ -271,9 +293,13 @@ def call(url: str, endpoint: str, data: list, timeout=120) -> tuple:
 
 def parameters(url: str) -> dict:
     """Endpoint -> [(parameter name, default)] in call order, from the running studio's API description."""
+    return {name: endpoint_parameters(url, name) for name in ENDPOINTS}
+
+
+def endpoint_parameters(url: str, endpoint: str) -> list:
+    """[(parameter name, default)] of one endpoint in call order, from the running studio's API description."""
     api = get_json(url + "/gradio_api/info")["named_endpoints"]
-    return {name: [(p["parameter_name"], p.get("parameter_default")) for p in api[f"/{name}"]["parameters"]]
-            for name in ENDPOINTS}
+    return [(p["parameter_name"], p.get("parameter_default")) for p in api[f"/{endpoint}"]["parameters"]]
 
 
 def classify(kind: str, payload) -> tuple:

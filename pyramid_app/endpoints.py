@@ -34,6 +34,7 @@ from .outputs import SessionOutputs
 from model_core.storyboard import Storyboard
 
 from .settings import STAGE_COUNT, GenerationOptions, ModelOptions
+from .studio_blocks import FILE_INPUTS
 from .studio_queue import INPUTS_FOLDER, Admission, StudioQueues, job_id_at, queue_rows
 from .uploads import HOSTED_DECODE_BYTES, LOCAL_DECODE_BYTES, DecodeBudget, ReceivedFiles, decoded_upload, header_check
 
@@ -57,7 +58,7 @@ class Endpoints:
         self.default_model = self.menu.default
         self.outputs = SessionOutputs(output_dir, hosted=self.menu.hosted)
         self.output_dir = self.outputs.root
-        self.received = ReceivedFiles(set(), self.outputs.folder)  # `admit_uploads_of` gives it the server's uploads
+        self.received = ReceivedFiles([], self.outputs.folder)  # `admit_uploads_of` gives it the server's uploads
         self.decode_budget = DecodeBudget(HOSTED_DECODE_BYTES if self.menu.hosted else LOCAL_DECODE_BYTES)
         self.loras = find_loras(lora_dir) if lora_dir else {}  # the only LoRAs a person can pick: the operator's
         self.pipelines = pipelines or PipelineCache()
@@ -69,8 +70,11 @@ class Endpoints:
                                    admission=Admission() if self.menu.hosted else None)
 
     def admit_uploads_of(self, demo: gr.Blocks) -> None:
-        """Accept as uploads the files Gradio's upload route of `demo` received (and this session's outputs)."""
-        self.received.received = demo.upload_file_set
+        """Accept as uploads the files Gradio's upload route of `demo` received and the copies Gradio makes of them
+        in the caches of `demo`'s file inputs (not of its outputs, which hold every session's results)."""
+        inputs = [block for block in demo.blocks.values()
+                  if type(block).__name__ in FILE_INPUTS and getattr(block, "interactive", None) is not False]
+        self.received.received = [demo.upload_file_set, *(block.temp_files for block in inputs)]
 
     def client_file(self, payload, request, what: str):
         """The local path of a file a client sent, admitted only if it was uploaded (see `uploads`); a call made in

@@ -11,11 +11,8 @@ from .limits import shown
 from .replies import sentence
 from .uploads import NOT_RECEIVED
 
-EXPECTED = {  # what a component's value must be, by component class
-    "Dataframe": "a table: a list of rows, or {'headers': [...], 'data': [[...], ...]}",
-    "Image": "an uploaded image", "Video": "an uploaded video", "File": "an uploaded file",
-    "UploadButton": "an uploaded file", "DownloadButton": "a file",
-}
+FILE_INPUTS = ("Image", "Video", "File", "UploadButton")  # components whose value names a file on the server
+EXPECTED = {"Dataframe": "a table: a list of rows, or {'headers': [...], 'data': [[...], ...]}"}
 
 
 class StudioBlocks(gr.Blocks):
@@ -24,17 +21,25 @@ class StudioBlocks(gr.Blocks):
         if len(inputs) < expected:
             raise gr.Error(f"this endpoint takes {expected} values; got {len(inputs)}", print_exception=False)
         names = list(block_fn.input_parameter_names or []) + [None] * expected
-        for index, (block, value) in enumerate(zip(block_fn.inputs, inputs)):
-            _check_value(block, value, names[index] or getattr(block, "label", None) or f"value {index + 1}",
-                         self.upload_file_set)
-        return await super().preprocess_data(block_fn, inputs, state, explicit_call)
+        names = [names[index] or getattr(block, "label", None) or f"value {index + 1}"
+                 for index, block in enumerate(block_fn.inputs)]
+        files = [name for block, name in zip(block_fn.inputs, names) if type(block).__name__ in FILE_INPUTS]
+        for block, value, name in zip(block_fn.inputs, inputs, names):
+            _check_value(block, value, name, self.upload_file_set)
+        try:
+            return await super().preprocess_data(block_fn, inputs, state, explicit_call)
+        except pydantic.ValidationError:  # a file reference Gradio could not read as one
+            raise _not_received(files[0] if files else "a file") from None
 
 
 def _check_value(block, value, name: str, received: set) -> None:
-    """Refuse what Gradio would refuse for `block`, with a sentence naming `name`."""
-    for path in _referenced_paths(value):
-        if path not in received:
-            raise gr.Error(sentence(NOT_RECEIVED.format(what=name)), print_exception=False)
+    """Refuse what Gradio would refuse for `block`, with a sentence naming `name`: a file not uploaded, or (other
+    components) a value that does not parse. File references are parsed by Gradio after its own checks."""
+    if type(block).__name__ in FILE_INPUTS:
+        paths = _referenced_paths(value) + ([value] if isinstance(value, str) else [])
+        if any(path not in received for path in paths):
+            raise _not_received(name)
+        return
     model = getattr(block, "data_model", None)
     if model is None or value is None or getattr(block, "stateful", False):
         return
@@ -43,6 +48,10 @@ def _check_value(block, value, name: str, received: set) -> None:
     except pydantic.ValidationError:
         expected = EXPECTED.get(type(block).__name__, f"a value of a {type(block).__name__.lower()}")
         raise gr.Error(f"{name} must be {expected}; got {shown(value)}", print_exception=False) from None
+
+
+def _not_received(name: str) -> gr.Error:
+    return gr.Error(sentence(NOT_RECEIVED.format(what=name)), print_exception=False)
 
 
 def _referenced_paths(value) -> list:

@@ -21,16 +21,17 @@ DECODE_WAIT_SECONDS = 30.0  # how long a decode waits for its share of the budge
 
 
 class ReceivedFiles:
-    """Which paths a client may name: Gradio's received uploads (`received`, the Blocks' upload set) and the
-    outputs of the caller's session (`session_folder(session)`)."""
+    """Which paths a client may name: files Gradio received as uploads (`received`: sets of paths, Gradio's upload
+    set and the caches it moves an input's upload into) and the outputs of the caller's session
+    (`session_folder(session)`)."""
 
-    def __init__(self, received: set, session_folder):
+    def __init__(self, received: list, session_folder):
         self.received = received
         self.session_folder = session_folder
 
     def admit(self, path: str, session: str, what: str) -> str:
         """`path` if the caller may open it, else the one sentence NOT_RECEIVED."""
-        if path in self.received and Path(path).is_file():
+        if any(path in paths for paths in self.received):
             return path
         folder = self.session_folder(session).resolve()
         resolved = Path(path).resolve()

@@ -152,3 +152,30 @@ def test_run_queue_with_a_failing_job_exits_nonzero_and_names_it(tiny_model, tmp
 def test_run_queue_on_a_missing_file_is_one_line(tmp_path, capsys):
     assert cli.main(["run-queue", str(tmp_path / "none.json")]) == cli.EXIT_USAGE
     assert capsys.readouterr().err.strip() == f"error: no such queue file: {tmp_path / 'none.json'}"
+
+
+def test_a_full_disk_fails_the_job_and_the_queue_goes_on_in_memory(tmp_path, monkeypatch):
+    """The worker marks the job failed with the disk's sentence and runs the next one, though the queue file cannot
+    be written; the states it reports stay right."""
+    import errno
+
+    from pyramid_app import job_queue
+
+    queue = JobQueue(tmp_path / "queue.json")
+    queue.add(job("a"))
+    queue.add(job("b"))
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def run(queued):
+        if queued.prompt == "a":
+            said = OSError("disk full while writing /srv/out/a.mp4")
+            said.errno = errno.ENOSPC
+            raise said
+        return tmp_path / "b.mp4"
+
+    monkeypatch.setattr(job_queue, "write_queue", full)
+    counts = run_jobs(queue, run, (Exception,))
+    assert counts["failed"] == 1 and counts["done"] == 1 and counts["running"] == 0
+    assert queue.jobs[0].error == "disk full while writing /srv/out/a.mp4"

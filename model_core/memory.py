@@ -6,9 +6,9 @@ import importlib.util
 
 import torch
 
-OFFLOAD_CHOICES = ("none", "model", "sequential", "group")
-QUANTIZE_CHOICES = ("none", "int8", "nf4", "fp8")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .option_names import DTYPE_NAMES, OFFLOAD_CHOICES, QUANTIZE_CHOICES
+
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def resolve_device(device=None) -> torch.device:

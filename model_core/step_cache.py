@@ -30,7 +30,6 @@ sampler:
 - diffusers' MagCache takes one list of ratios per step of one schedule; a pyramid video has one schedule
   per stage (and another for the first frame), so the ratios here are keyed by timestep pairs.
 """
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -38,28 +37,13 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from .checkpoints import SamplingDefaults
+from .option_names import CACHE_MODES, canonical_cache_name, check_cache_options
 from .transformers.blocks import DualStreamBlock
 
-CACHE_MODES = ("none", "first-block", "taylorseer", "mag")
 DEFAULT_CACHE_THRESHOLD = SamplingDefaults.cache_threshold
 MAG_MAX_SKIPS = 2  # MagCache's K: consecutive steps skipped at most
 NOTHING_SKIPPED = (1.0, 0.0, 0)  # mag's (ratio product, error, skips in a row) after a computed step
 _HEAD_HOOK, _BLOCK_HOOK, _TIMESTEP_HOOK = "pyramid_step_cache_head", "pyramid_step_cache_block", "pyramid_step_cache_t"
-
-
-def canonical_cache_name(name):
-    """`first-block`, `First_Block` and `first_block` all name the mode `first-block`; a non-string stays as is."""
-    return name.strip().lower().replace("_", "-") if isinstance(name, str) else name
-
-
-def check_cache_options(cache, threshold) -> tuple:
-    """(canonical mode, threshold) validated; a ValueError names what is allowed."""
-    cache = canonical_cache_name(cache)
-    if cache not in CACHE_MODES:
-        raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}; got {cache!r}.")
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < math.inf:
-        raise ValueError(f"cache_threshold must be a finite number >= 0 (0 never skips a step); got {threshold!r}.")
-    return cache, float(threshold)
 
 
 def diffusers_cache_options(config) -> tuple:

@@ -1,11 +1,19 @@
 """`python -m pyramid_app generate`: a prompt (plus an image or a clip) in, an mp4 or png out.
 
-Everything a person can get wrong is checked before the model loads; any error ends the run with
-one line `error: ...` on stderr. Ctrl-C stops after the current step and still saves the finished units.
+Everything a person can get wrong is checked before the model loads, against the model's limits as its folder
+states them and the studio's caps (`limits`); any error ends the run with one line `error: ...` on stderr. Ctrl-C
+stops after the current step and still saves the finished units.
+
+Only light modules are imported at the top (argparse, the option names, `settings`): torch, diffusers, PyAV and
+the model's modules are imported inside the command functions (`plan`, `run`, `run_queue`, `save_queue`), so
+`--help` and a mistyped option answer at once instead of after seconds of imports.
 """
 import argparse
 import itertools
+import os
+import re
 import signal
+import stat
 import sys
 import threading
 import time
@@ -13,18 +21,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
-import torch
+from model_core.option_names import canonical_backend_name, canonical_cache_name
 
-from model_core.media_files import read_image, read_video
-from model_core.step_cache import canonical_cache_name
-from model_core.storyboard import Storyboard
-from model_core.transformers.attention_backends import canonical_backend_name
-
-from . import ranks
-from .job_queue import JobQueue, run_jobs
-from .output_file import OutputFile, save
-from .queue_runner import Stopped, generate_job, model_options, queued_jobs_from_request, seeded_job
 from .settings import (
     ATTENTION_BACKENDS,
     CACHE_MODES,
@@ -35,6 +33,7 @@ from .settings import (
     GenerationOptions,
     ModelOptions,
     model_source,
+    parse_steps,
 )
 
 EXIT_FAILED = 1
@@ -45,6 +44,9 @@ OUTPUT_SUFFIXES = (".mp4", ".png")
 TEXT_MODES = ("text_to_video", "text_to_image")  # the modes where the prompt is the only input
 OUT_OF_MEMORY_HINT = ("out of memory; try --offload model or --offload sequential, --quantize int8 or nf4, "
                       "--vae-tiling, or fewer frames / a smaller size")
+STEP_LIST_OPTIONS = ("--first-frame-steps", "--video-steps")
+NEGATIVE_FIRST = re.compile(r"-\d")  # a value like -5,10,10, which argparse would take for an option
+SIZE_HEADROOM = 4  # a frame may have up to this many times the pixels of the variant the model was made for
 
 
 class UsageError(ValueError):
@@ -68,7 +70,7 @@ class Request:
 
     mode: str
     jobs: tuple
-    condition: np.ndarray  # the --image or --extend frames, else None
+    condition: object  # the --image or --extend frames (uint8 numpy array), else None
     model: ModelOptions
     options: GenerationOptions
     source: Path = None  # the --image or --extend file
@@ -155,15 +157,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def plan(args) -> Request:
-    """Check the command line and read the inputs; everything short of loading the model."""
+    """Check the command line and read the inputs; everything short of loading the model. The missing output
+    folders that may be made are made last, once everything else has passed."""
+    from . import limits, ranks
+
     if args.image and args.extend:
         raise UsageError("use either --image or --extend, not both")
     mode = _mode(args)
     jobs = _jobs(args, mode)
+    folders = _folders_to_make(args, jobs)
+    limits.prompt(args.negative_prompt, "the negative prompt")
+    for name in ("guidance_scale", "video_guidance_scale"):
+        if getattr(args, name) is not None:
+            limits.number(getattr(args, name), name, *limits.GUIDANCE_RANGE)
+    most_steps = limits.STEPS_RANGE[1]
     options = GenerationOptions(
-        negative_prompt=args.negative_prompt, num_frames=args.num_frames, duration=args.duration,
-        height=args.height, width=args.width, seed=args.seed,
-        first_frame_steps=args.first_frame_steps, video_steps=args.video_steps,
+        negative_prompt=args.negative_prompt,
+        num_frames=args.num_frames, duration=args.duration, height=args.height, width=args.width, seed=args.seed,
+        first_frame_steps=_steps(args.first_frame_steps, "first_frame_steps", most_steps),
+        video_steps=_steps(args.video_steps, "video_steps", most_steps),
         guidance_scale=args.guidance_scale, video_guidance_scale=args.video_guidance_scale,
         cache=args.cache, cache_threshold=args.cache_threshold,
     )
@@ -172,12 +184,72 @@ def plan(args) -> Request:
                          lora=args.lora, attention_backend=args.attention_backend, compile=args.compile)
     model.check_device_available()
     model_source(model.model)
-    condition = read_image(args.image) if args.image else read_video(args.extend)[0] if args.extend else None
     parallel = ranks.parse_layout(args.parallel)
     if args.parallel != "auto" and not ranks.launched_with_several_ranks():
         raise UsageError("--parallel splits a run over several processes; start it with "
                          "torchrun --nproc_per_node N -m pyramid_app generate ...")
+    _check_against_model(args, mode, jobs)
+    condition = _read_condition(args)
+    for folder in folders:
+        _make_folder(folder, report=not args.quiet and ranks.is_main())
     return Request(mode, jobs, condition, model, options, args.image or args.extend, parallel)
+
+
+def _steps(value, name: str, most: int):
+    return None if value is None else parse_steps(value, name, most)
+
+
+def _check_against_model(args, mode: str, jobs) -> None:
+    """Length, duration, storyboard and frame size against the model's limits, read from its folder the way the
+    studio reads them (`catalog.model_facts`: pyramid_flow.json and the variant folders) without loading it. A model
+    whose limits are unknown until it loads (a hub repo other than the published ones, a damaged folder, a variant
+    it lacks) is checked as it loads."""
+    from model_core.temporal import frames_for_duration
+
+    from . import catalog, limits
+
+    named = args.model or catalog.BUNDLED
+    if not (named == catalog.BUNDLED or named in catalog.HUB_MODELS or Path(named).expanduser().is_dir()):
+        return
+    facts = catalog.model_facts(named)
+    spec = facts.spec(args.variant)
+    if spec is None:
+        return
+    extension = mode == "extend_video"
+    low, high, step = catalog.length_limits(spec, extension, long_video=True)
+    if args.num_frames is not None and mode != "text_to_image":
+        limits.frame_count(args.num_frames, low, high, step, what="new frames" if extension else "num_frames")
+    if args.duration is not None and frames_for_duration(args.duration, spec.fps, spec.frames_per_latent,
+                                                         new_frames_only=extension) > high:
+        raise ValueError(f"duration must be at most {high / spec.fps:.1f} s for this model ({high} frames at "
+                         f"{spec.fps} fps); got {args.duration:g}")
+    storyboard = jobs[0].prompt if args.storyboard is not None else None
+    if storyboard is not None and storyboard.num_frames(spec.fps, spec.frames_per_latent, continues=extension) > high:
+        raise ValueError(f"the storyboard lasts {storyboard.seconds:g} s; this model makes at most {high} frames "
+                         f"({high / spec.fps:.1f} s): shorten its segments")
+    height, width = args.height or spec.height, args.width or spec.width
+    if height * width > SIZE_HEADROOM * spec.height * spec.width:
+        variant = facts.variants[0] if args.variant == "auto" else args.variant
+        raise ValueError(f"--height {height} --width {width} is {height * width} pixels per frame; the {variant} variant "
+                         f"makes at most {SIZE_HEADROOM * spec.height * spec.width} ({SIZE_HEADROOM} times its "
+                         f"{spec.height}x{spec.width}): ask for a smaller size")
+
+
+def _read_condition(args):
+    """The --image or --extend frames, refused beyond the studio's caps from the file's header before decoding."""
+    if not (args.image or args.extend):
+        return None
+    from model_core.media_files import probe_image, probe_video, read_image, read_video
+
+    from . import limits
+
+    if args.image:
+        path = _input_file(args.image, "--image", "image file")
+        limits.image_upload(probe_image(path), path)
+        return read_image(path, max_pixels=limits.IMAGE_MAX_PIXELS)
+    path = _input_file(args.extend, "--extend", "video file")
+    limits.video_upload(probe_video(path), path)
+    return read_video(path, max_frames=limits.VIDEO_MAX_FRAMES, max_pixels=limits.VIDEO_MAX_PIXELS)[0]
 
 
 def _mode(args) -> str:
@@ -190,6 +262,8 @@ def _mode(args) -> str:
 
 
 def _jobs(args, mode: str) -> tuple:
+    from . import limits
+
     if sum(given is not None for given in (args.prompt, args.prompts_file, args.storyboard)) > 1:
         raise UsageError("use one of --prompt, --prompts-file and --storyboard")
     if args.storyboard is not None:
@@ -200,7 +274,7 @@ def _jobs(args, mode: str) -> tuple:
         prompts = _read_prompts(args.prompts_file)
         suffix = ".png" if mode == "text_to_image" else ".mp4"
         return tuple(Job(prompt, args.out_dir / f"{index:04d}{suffix}") for index, prompt in enumerate(prompts))
-    prompt = (args.prompt or "").strip()
+    prompt = limits.prompt(args.prompt, "the prompt").strip()
     if not prompt and mode in TEXT_MODES:
         raise UsageError("give a non-empty --prompt TEXT (or --prompts-file FILE with --out-dir DIR)")
     if args.out is None:
@@ -209,28 +283,67 @@ def _jobs(args, mode: str) -> tuple:
     return (Job(prompt, args.out),)
 
 
-def _read_storyboard(args, mode: str) -> Storyboard:
+def _read_storyboard(args, mode: str):
+    from model_core.storyboard import Storyboard
+
     if mode == "text_to_image" or args.num_frames is not None or args.duration is not None:
         raise UsageError("a storyboard makes a video whose length its seconds set; drop --num-frames / --duration "
                          "and name --out FILE.mp4")
     if args.out is None:
         raise UsageError("missing --out FILE.mp4")
     _check_output(args.out, mode, args)
-    if not args.storyboard.is_file():
-        raise FileNotFoundError(f"no such storyboard file: {args.storyboard}")
+    text = _read_text(args.storyboard, "--storyboard", "storyboard file")
     try:
-        return Storyboard.parse(args.storyboard.read_text(encoding="utf-8"))
+        return Storyboard.parse(text)
     except ValueError as error:
         raise UsageError(f"{args.storyboard}: {error}") from None
 
 
 def _read_prompts(path: Path) -> list:
-    if not path.is_file():
-        raise FileNotFoundError(f"no such prompts file: {path}")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    from . import limits
+
+    lines = _read_text(path, "--prompts-file", "prompts file").splitlines()
+    prompts = [limits.prompt(line, f"the prompt on line {number} of {path}").strip()
+               for number, line in enumerate(lines, 1) if line.strip()]
     if not prompts:
         raise UsageError(f"{path} holds no prompts; write one prompt per line")
     return prompts
+
+
+def _input_file(path: Path, option: str, what: str) -> Path:
+    """`path` when it is a regular file; else a sentence naming the option, the file and what it is instead of
+    `what` ("image file", ...)."""
+    wanted = f"{'an' if what[0] in 'aeiou' else 'a'} {what}"
+    try:
+        file_type = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileNotFoundError(f"no such {what}: {path}") from None
+    if stat.S_ISDIR(file_type):
+        raise UsageError(f"{option} {path} is a folder, not {wanted}")
+    if not stat.S_ISREG(file_type):
+        raise UsageError(f"{option} {path} is {_special_kind(file_type)}, not {wanted}")
+    return path
+
+
+def _special_kind(file_type: int) -> str:
+    if stat.S_ISCHR(file_type) or stat.S_ISBLK(file_type):
+        return "a device"
+    if stat.S_ISFIFO(file_type):
+        return "a named pipe"
+    return "a socket" if stat.S_ISSOCK(file_type) else "a special file"
+
+
+def _read_text(path: Path, option: str, what: str) -> str:
+    """The text of a UTF-8 file; anything else is refused naming the option and the file."""
+    data = _input_file(path, option, what).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise UsageError(f"{option} {path} is not UTF-8 text (byte {error.start} cannot be decoded); "
+                         "save it as UTF-8") from None
+    if "\0" in text:
+        raise UsageError(f"{option} {path} is a binary file, not UTF-8 text")
+    return text
 
 
 def _check_output(out: Path, mode: str, args) -> None:
@@ -243,6 +356,43 @@ def _check_output(out: Path, mode: str, args) -> None:
         raise UsageError(f"--out {out} is a folder; give a file name ending in .mp4 or .png")
 
 
+def _folders_to_make(args, jobs) -> list:
+    """The missing folders this command writes into, each checked by `_may_make`; with --save-queue only the queue
+    file's is made now, since run-queue makes the outputs' folders as it writes them."""
+    options = {job.out.parent: "--out-dir" if args.prompts_file is not None else "--out" for job in jobs}
+    if args.save_queue is not None:
+        options[args.save_queue.parent] = "--save-queue"
+    missing = [folder for folder, option in options.items() if _may_make(folder, option)]
+    if args.save_queue is not None:
+        return [folder for folder in missing if folder == args.save_queue.parent]
+    return missing
+
+
+def _may_make(folder: Path, option: str) -> bool:
+    """False when `folder` exists, True when it is missing and may be made: inside the working folder, or inside an
+    existing folder other than the filesystem root, so a mistyped absolute path is refused rather than made at the
+    root."""
+    absolute = Path(os.path.abspath(folder))
+    existing = next(path for path in (absolute, *absolute.parents) if path.exists())
+    if not existing.is_dir():
+        raise UsageError(f"{option}: {existing} is a file, not a folder")
+    if existing == absolute:
+        return False
+    if existing == Path(existing.anchor) and not absolute.is_relative_to(Path.cwd()):
+        raise UsageError(f"{option}: the folder {absolute} does not exist and is not made at the filesystem root; "
+                         "create it first, or write inside the working folder or an existing folder")
+    return True
+
+
+def _make_folder(folder: Path, report: bool) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OSError(f"cannot create the folder {folder}: {error.strerror or error}") from None
+    if report:
+        _stderr_line(f"created the folder {folder}")
+
+
 def load_pipeline(model: ModelOptions):
     from model_core import PyramidFlowPipeline
 
@@ -251,6 +401,9 @@ def load_pipeline(model: ModelOptions):
 
 def save_queue(request: Request, path: Path) -> int:
     """Append the request's jobs to a queue file (created if missing) for `run-queue`; no model loads."""
+    from .job_queue import JobQueue
+    from .queue_runner import queued_jobs_from_request
+
     queue = JobQueue(path)
     for job in queued_jobs_from_request(request, path.parent):
         queue.add(job)
@@ -261,12 +414,16 @@ def save_queue(request: Request, path: Path) -> int:
 def run_queue(path: Path, quiet: bool = False) -> int:
     """Run a saved queue's pending jobs in order, each model loaded once per run of jobs that share it;
     every job's state is saved as it changes, so a crashed run resumes where it stopped."""
-    if not path.is_file():
-        raise FileNotFoundError(f"no such queue file: {path}")
+    from .job_queue import JobQueue, run_jobs
+    from .output_file import save, sweep_leftovers
+    from .queue_runner import Stopped, generate_job, job_output, model_options, seeded_job
+
+    _input_file(path, "QUEUE_FILE", "queue file")
     report = (lambda message: None) if quiet else _stderr_line
     if quiet:
         _silence_library_progress_bars()
     queue = JobQueue(path)
+    sweep_leftovers(job_output(job, path.parent).parent for job in queue.jobs)
     loaded = {}
 
     def run_one(job):
@@ -301,34 +458,42 @@ def run(request: Request, quiet: bool = False) -> int:
     Under torchrun every rank computes each job and rank 0 alone reports and writes."""
     from model_core.memory import resolve_device
 
+    from . import ranks
+    from .output_file import OutputFile, sweep_leftovers
+
     several = ranks.start(resolve_device(None if request.model.device == "auto" else request.model.device))
-    quiet = quiet or not ranks.is_main()
-    report = (lambda message: None) if quiet else _stderr_line
-    if quiet:
-        _silence_library_progress_bars()
-    report("loading model ...")
-    pipe = load_pipeline(request.model)
-    if several:
-        pipe.enable_parallelism(request.parallel)
-    inputs = () if request.condition is None else (request.condition,)
-    for job in request.jobs:
-        seeded = request.options.seeded()
-        seeded = replace(seeded, seed=ranks.agree(seeded.seed))  # the same noise on every rank
-        report(f"{job.out.name}: {request.mode.replace('_', ' ')}, seed {seeded.seed}")
-        with _stop_on_ctrl_c() as stop, OutputFile(job.out, pipe.spec.fps, keep=ranks.is_main()) as output:
-            result = getattr(pipe, request.mode)(*inputs, job.prompt, **seeded.to_pipeline_kwargs(request.mode),
-                                                 callback_on_step_end=step_callback(None if quiet else ProgressPrinter(), stop),
-                                                 **output.pipeline_options)
-            saved = output.save(result)
-        if not saved:
-            report(f"interrupted before the first frame was finished: nothing saved to {job.out}")
-            return EXIT_INTERRUPTED
+    try:
+        quiet = quiet or not ranks.is_main()
+        report = (lambda message: None) if quiet else _stderr_line
+        if quiet:
+            _silence_library_progress_bars()
         if ranks.is_main():
-            print(f"{job.out}\tseed={seeded.seed}", flush=True)
-        if result.interrupted:
-            report(f"interrupted: saved {saved} frames to {job.out}")
-            return EXIT_INTERRUPTED
-    return 0
+            sweep_leftovers(job.out.parent for job in request.jobs)
+        report("loading model ...")
+        pipe = load_pipeline(request.model)
+        if several:
+            pipe.enable_parallelism(request.parallel)
+        inputs = () if request.condition is None else (request.condition,)
+        for job in request.jobs:
+            seeded = request.options.seeded()
+            seeded = replace(seeded, seed=ranks.agree(seeded.seed))  # the same noise on every rank
+            report(f"{job.out.name}: {request.mode.replace('_', ' ')}, seed {seeded.seed}")
+            with _stop_on_ctrl_c() as stop, OutputFile(job.out, pipe.spec.fps, keep=ranks.is_main()) as output:
+                result = getattr(pipe, request.mode)(*inputs, job.prompt, **seeded.to_pipeline_kwargs(request.mode),
+                                                     callback_on_step_end=step_callback(None if quiet else ProgressPrinter(), stop),
+                                                     **output.pipeline_options)
+                saved = output.save(result)
+            if not saved:
+                report(f"interrupted before the first frame was finished: nothing saved to {job.out}")
+                return EXIT_INTERRUPTED
+            if ranks.is_main():
+                print(f"{job.out}\tseed={seeded.seed}", flush=True)
+            if result.interrupted:
+                report(f"interrupted: saved {saved} frames to {job.out}")
+                return EXIT_INTERRUPTED
+        return 0
+    finally:
+        ranks.stop()
 
 
 def step_callback(on_progress, stop: threading.Event):
@@ -408,33 +573,56 @@ def _first_line(error: BaseException) -> str:
 
 def main(argv=None) -> int:
     try:
-        args = build_parser().parse_args(argv)
-        if ranks.launched_with_several_ranks() and (args.command == "run-queue" or args.save_queue is not None):
-            raise UsageError("queues run in one process (every rank would write the queue file); "
-                             "use torchrun with generate --out or --prompts-file")
-        if args.command == "run-queue":
-            return run_queue(args.queue_file, quiet=args.quiet)
-        if args.save_queue is not None:
-            return save_queue(plan(args), args.save_queue)
-        return run(plan(args), quiet=args.quiet)
+        args = build_parser().parse_args(_negative_lists_attached(sys.argv[1:] if argv is None else argv))
+        return _command(args)
     except USER_ERRORS as error:
         _error_line(_first_line(error), every_rank_sees_it=True)
         return EXIT_USAGE
-    except torch.OutOfMemoryError:
-        _error_line(OUT_OF_MEMORY_HINT)
-        return EXIT_FAILED
     except OSError as error:
         _error_line(_first_line(error))
         return EXIT_FAILED
     except KeyboardInterrupt:
         _error_line("interrupted; nothing was saved for the current output", every_rank_sees_it=True)
         return EXIT_INTERRUPTED
-    finally:
-        ranks.stop()
+    except RuntimeError as error:
+        if not _is_out_of_memory(error):
+            raise
+        _error_line(OUT_OF_MEMORY_HINT)
+        return EXIT_FAILED
+
+
+def _command(args) -> int:
+    from . import ranks
+
+    if ranks.launched_with_several_ranks() and (args.command == "run-queue" or args.save_queue is not None):
+        raise UsageError("queues run in one process (every rank would write the queue file); "
+                         "use torchrun with generate --out or --prompts-file")
+    if args.command == "run-queue":
+        return run_queue(args.queue_file, quiet=args.quiet)
+    if args.save_queue is not None:
+        return save_queue(plan(args), args.save_queue)
+    return run(plan(args), quiet=args.quiet)
+
+
+def _negative_lists_attached(argv) -> list:
+    """`--video-steps -5,10,10` as `--video-steps=-5,10,10`: argparse takes a value that starts with '-' and is not
+    one number for an option, so such a list would never reach the steps check that says what is allowed."""
+    argv = list(argv)
+    for index in range(len(argv) - 1, 0, -1):
+        if argv[index - 1] in STEP_LIST_OPTIONS and NEGATIVE_FIRST.match(argv[index]):
+            argv[index - 1:index + 1] = [f"{argv[index - 1]}={argv[index]}"]
+    return argv
+
+
+def _is_out_of_memory(error: RuntimeError) -> bool:
+    torch = sys.modules.get("torch")  # not imported: the error cannot be torch's
+    return torch is not None and isinstance(error, torch.OutOfMemoryError)
 
 
 def _error_line(message: str, every_rank_sees_it: bool = False) -> None:
     """Rank 0 prints every error; another rank prints, naming itself, only what may have happened to it alone."""
+    from . import ranks
+
     if ranks.is_main():
         _stderr_line(f"error: {message}")
     elif not every_rank_sees_it:

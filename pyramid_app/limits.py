@@ -6,8 +6,7 @@ setting, says what was wrong and what is allowed. The caps are stated in the UI 
 import math
 from pathlib import Path
 
-from model_core.step_cache import CACHE_MODES
-from model_core.transformers.attention_backends import DEFAULT_ATTENTION_BACKEND
+from model_core.option_names import CACHE_MODES, DEFAULT_ATTENTION_BACKEND
 
 from .settings import ATTENTION_BACKENDS, DTYPES, OFFLOAD_MODES, QUANTIZE_MODES, SEED_LIMIT
 

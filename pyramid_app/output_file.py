@@ -2,7 +2,14 @@
 are decoded, so a stop keeps what was made without a final decode of the whole clip."""
 from pathlib import Path
 
-from model_core.media_files import VideoWriter, write_image, write_video
+from model_core.media_files import VideoWriter, sweep_partials, write_image, write_video
+
+
+def sweep_leftovers(folders) -> list:
+    """Remove what writers killed mid-write (kill -9, power loss) left in `folders`: only the hidden staged files
+    `.<name>.<8 characters>.partial<suffix>` that no live writer holds (`media_files.sweep_partials`), never other
+    files. Called when the CLI or the studio starts, so litter goes before the next write there. Returns the paths."""
+    return [path for folder in dict.fromkeys(map(Path, folders)) for path in sweep_partials(folder)]
 
 
 def save(result, out: Path) -> Path:

@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 from . import ranks
+from .output_file import sweep_leftovers
 from .studio import CSS, THEME, build_studio
 
 DEFAULT_PORT = 7860
@@ -68,6 +69,7 @@ def launch(demo, flags: argparse.Namespace, block: bool = True):
     """Serve `demo` with a queue; only `flags.output_dir` (and Gradio's upload cache) is readable over HTTP.
     Every error reaches the client as its message (`show_error`): the handlers raise only sentences."""
     flags.output_dir.mkdir(parents=True, exist_ok=True)
+    sweep_leftovers([flags.output_dir, *filter(Path.is_dir, flags.output_dir.iterdir())])  # a killed run's partials
     demo.queue(default_concurrency_limit=1)
     return demo.launch(server_name=flags.host, server_port=flags.port, share=flags.share,
                        allowed_paths=[str(flags.output_dir.resolve())], inbrowser=not flags.no_browser,

@@ -1,7 +1,8 @@
 """Options a person sets, with one name each across pipeline, CLI and studio, checked before any model loads.
 
 `ModelOptions` says how to load a checkpoint, `GenerationOptions` what to generate with it; both
-reject bad values with a sentence naming the option and what it allows.
+reject bad values with a sentence naming the option and what it allows. torch is imported only by the methods that
+need it, so the command line's `--help` can list these options without loading it.
 """
 import importlib.util
 import math
@@ -10,17 +11,12 @@ from dataclasses import asdict, dataclass, replace
 from importlib import resources
 from pathlib import Path
 
-import torch
-
-from model_core.memory import DTYPES as DTYPE_NAMES, OFFLOAD_CHOICES, QUANTIZE_CHOICES
-from model_core.step_cache import CACHE_MODES, check_cache_options
-from model_core.transformers.attention_backends import MASK_STYLES, canonical_backend_name
+from model_core.option_names import (ATTENTION_BACKENDS, CACHE_MODES, DEVICES, DTYPE_NAMES, OFFLOAD_CHOICES,
+                                     QUANTIZE_CHOICES, canonical_backend_name, check_cache_options)
 
 OFFLOAD_MODES = OFFLOAD_CHOICES
 QUANTIZE_MODES = QUANTIZE_CHOICES
-DTYPES = tuple(DTYPE_NAMES)
-DEVICES = ("auto", "cpu", "cuda", "mps")  # ok: the device names a person may choose
-ATTENTION_BACKENDS = tuple(MASK_STYLES)
+DTYPES = DTYPE_NAMES
 STAGE_COUNT = 3
 SEED_LIMIT = 2**63
 BUNDLED_NAME = Path("models") / "pyramid-flow-shapes"
@@ -37,15 +33,17 @@ def bundled_model_dir() -> Path:
 BUNDLED_MODEL = bundled_model_dir()
 
 
-def parse_steps(value, name: str) -> tuple:
-    """'20,20,20' (or a sequence) -> (20, 20, 20): one positive step count per pyramid stage."""
+def parse_steps(value, name: str, most: int = None) -> tuple:
+    """'20,20,20' (or a sequence) -> (20, 20, 20): one positive step count per pyramid stage, each at most `most`
+    when given."""
     parts = value.split(",") if isinstance(value, str) else list(value)
     try:
         steps = tuple(int(str(part).strip()) for part in parts)
     except ValueError:
         steps = ()
-    if len(steps) != STAGE_COUNT or min(steps) < 1:
-        raise ValueError(f"{name} must be {STAGE_COUNT} positive integers separated by commas, "
+    if len(steps) != STAGE_COUNT or min(steps) < 1 or (most is not None and max(steps) > most):
+        bound = "" if most is None else f" from 1 to {most}"
+        raise ValueError(f"{name} must be {STAGE_COUNT} positive integers{bound} separated by commas, "
                          f"like 20,20,20; got {value!r}")
     return steps
 
@@ -125,6 +123,8 @@ class ModelOptions:
     def check_device_available(self) -> None:
         if self.device in ("auto", "cpu"):
             return
+        import torch
+
         accelerator = torch.accelerator.current_accelerator()
         if accelerator is None or accelerator.type != torch.device(self.device).type:
             present = ", ".join(["auto", "cpu"] + ([accelerator.type] if accelerator is not None else []))
@@ -132,6 +132,8 @@ class ModelOptions:
 
     def to_load_kwargs(self) -> dict:
         """Keyword arguments for `PyramidFlowPipeline.from_pretrained` after the source."""
+        import torch
+
         return dict(
             variant=self.variant,
             torch_dtype=getattr(torch, self.dtype),
@@ -192,9 +194,11 @@ class GenerationOptions:
         return kwargs
 
 
-def memory_choices(device: torch.device) -> dict:
-    """The dtype, offload and quantize values that can work on `device` (each checked with the others at
-    their defaults), so a UI offers only those."""
+def memory_choices(device) -> dict:
+    """The dtype, offload and quantize values that can work on `device` (a torch.device; each checked with the
+    others at their defaults), so a UI offers only those."""
+    import torch
+
     from model_core.memory import check_memory_options
 
     def works(dtype="float32", offload="none", quantize="none") -> bool:

@@ -17,8 +17,9 @@ import torch
 from diffusers.models import attention_dispatch
 from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, dispatch_attention_fn
 
-DEFAULT_ATTENTION_BACKEND = "native"
-MASK_STYLES = {  # backend -> how the key-padding mask reaches the kernel (see the module docstring)
+from ..option_names import DEFAULT_ATTENTION_BACKEND, canonical_backend_name
+
+MASK_STYLES = {  # each of option_names.ATTENTION_BACKENDS -> how the key-padding mask reaches the kernel (see above)
     "native": "mask",
     "flex": "block_mask",
     "flash": "compact",
@@ -51,11 +52,6 @@ def usable_attention_backends(device=None, dtype=None) -> list:
     if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
         names = [name for name in names if name not in HALF_PRECISION_ONLY]
     return names
-
-
-def canonical_backend_name(name) -> str:
-    """`flash-varlen`, `Flash_Varlen` and `flash_varlen` all name the backend `flash_varlen`."""
-    return str(name).strip().lower().replace("-", "_")
 
 
 def check_attention_backend(name, device=None, dtype=None) -> str:

@@ -1,9 +1,11 @@
-"""Probe a running studio as a hostile API client would: malformed inputs, foreign models, cancel, an oversized upload.
+"""Probe a running studio as a hostile API client would: malformed inputs, foreign models, server files named as
+uploads, amplification uploads, a queue flood from fresh sessions, cancel, an oversized upload.
 
     python -m benchmarks.hosted_probes --app DIR [--hosted] [--model FOLDER] [--out FILE.json]
 
 starts `python app.py` of the checkout in DIR (this one or, through `git worktree`, an earlier release) on a free
-port, sends every probe over HTTP (`/gradio_api/call`, and gradio_client for the cancel), and prints one table.
+port, sends every probe over HTTP (`/gradio_api/call`, and gradio_client for the cancel and the flood), counts the
+tracebacks in the server's log, and prints one table.
 A probe's answer is *clean* when it is an error sentence (non-empty, no "Traceback"), *accepted* when the request
 ran although it should have been refused, *failed* otherwise (an empty error, a traceback, no answer).
 """
@@ -355,6 +357,69 @@ def upload_cap_memory(studio: Studio, video: Path) -> dict:
                 peak_rss_after_mib=round(studio.peak_rss_mib(), 1))
 
 
+FILE_COMPONENTS = ("Image", "Video", "File", "UploadButton")
+
+
+def file_inputs(url: str) -> list:
+    """(endpoint, parameter) of every file input the running studio's API lists."""
+    api = get_json(url + "/gradio_api/info")["named_endpoints"]
+    return [(name.lstrip("/"), p["parameter_name"]) for name, endpoint in api.items()
+            for p in endpoint["parameters"] if p.get("component") in FILE_COMPONENTS]
+
+
+def path_probes(url: str, server_files: list) -> list:
+    """Name server files nobody uploaded on every file input: a bare path dict, one with Gradio's meta, a plain
+    string. One row per (input, form, file); `answers` counts the distinct replies per input (goal: 1)."""
+    rows = []
+    for endpoint, parameter in file_inputs(url):
+        params = endpoint_parameters(url, endpoint)
+        replies = set()
+        for path in server_files:
+            for form, payload in (("dict", {"path": path}), ("meta", {"path": path, "meta": {"_type": "gradio.FileData"}}),
+                                  ("string", path)):
+                values = {name: default for name, default in params} | FAST | {"prompt": "a ball", parameter: payload}
+                verdict, message = classify(*call(url, endpoint, [values[name] for name, _ in params]))
+                replies.add(message)
+                rows.append(dict(endpoint=endpoint, what=f"{parameter}: {form} {path}", verdict=verdict, message=message))
+        for row in rows[-3 * len(server_files):]:
+            row["answers"] = len(replies)
+    return rows
+
+
+def amplification_memory(studio: Studio, endpoint: str, field: str, path: Path) -> dict:
+    """Peak RSS of the server before and after `path` is sent to `endpoint` (an upload within the caps)."""
+    before = studio.peak_rss_mib()
+    params = endpoint_parameters(studio.url, endpoint)
+    values = {name: default for name, default in params} | FAST | {field: upload(studio.url, path), "prompt": "",
+                                                                   "num_frames": 8 if endpoint == "extend_video" else 9}
+    verdict, message = classify(*call(studio.url, endpoint, [values[name] for name, _ in params]))
+    time.sleep(1)
+    return dict(file=path.name, bytes=path.stat().st_size, verdict=verdict, message=message[:200],
+                peak_rss_before_mib=round(before, 1), peak_rss_after_mib=round(studio.peak_rss_mib(), 1))
+
+
+def queue_flood(url: str, clients: int = 12, jobs_each: int = 2) -> dict:
+    """Fresh gradio_client sessions each queueing `jobs_each` text-to-video jobs at once; how many were taken."""
+    from gradio_client import Client
+
+    accepted, refusals = 0, {}
+    for _ in range(clients):
+        client = Client(url, verbose=False, download_files=False)
+        for _ in range(jobs_each):
+            try:
+                client.predict("a red ball", **FAST, api_name="/queue_text_to_video")
+                accepted += 1
+            except Exception as error:  # the AppError carries the sentence
+                text = str(error).splitlines()[0]
+                refusals[text] = refusals.get(text, 0) + 1
+    return dict(clients=clients, sent=clients * jobs_each, accepted=accepted, refusals=refusals)
+
+
+def frames_streamed(job) -> bool:
+    """Whether a submitted generation has streamed the frames of a finished unit (its status line speaks earlier)."""
+    return any(isinstance(outputs[1], list) and outputs[1] for outputs in job.outputs())
+
+
 def cancel_latency(url: str, steps: int = 50, wait: float = 180) -> dict:
     """Start a long text-to-video, cancel it mid-run as `job.cancel()` does; time the cancel, the slowest
     /gradio_api/info answer meanwhile, and a 1-step text-to-image sent right after (it waits for the device),
@@ -369,7 +434,7 @@ def cancel_latency(url: str, steps: int = 50, wait: float = 180) -> dict:
     slow = FAST | {name: steps for name in STEP_NAMES[3:]}  # the first unit quick, the later ones long
     job = client.submit("a blue circle moving right", seed="1", **slow, api_name="/text_to_video")
     deadline = time.monotonic() + 300
-    while not job.outputs() and time.monotonic() < deadline:  # mid-run: the first unit has streamed in
+    while not frames_streamed(job) and time.monotonic() < deadline:  # mid-run: the first unit has streamed in
         time.sleep(0.05)
     info_times, done = [], threading.Event()
 
@@ -425,15 +490,25 @@ def main(argv=None) -> dict:
             studio.wait_ready()
             time.sleep(2)  # the warm-up load
             memory = upload_cap_memory(studio, files["huge.mp4"])
+            amplification = [amplification_memory(studio, "extend_video", "video", amplification_clip(work / "flat.mp4")),
+                             amplification_memory(studio, "image_to_video", "image", amplification_image(work / "big.png"))]
             rows = run_probes(studio.url, files, {"prompt": "a ball", "image": "!file:ok.png", "video": "!file:ok.mp4"},
                               timeout=args.probe_timeout, restart=studio.restart)
+            server_files = [str(files["ok.png"]), str(files["ok.mp4"]), "/etc/passwd", "/nope/x.png"]
+            paths = path_probes(studio.url, server_files)
+            flood = queue_flood(studio.url)
             cancel = cancel_latency(studio.url)
         finally:
             studio.close()
-    report = dict(app=str(args.app), hosted=args.hosted, counts=summary(rows), upload_cap=memory, cancel=cancel, rows=rows)
-    for row in rows:
-        print(f"{row['verdict']:8s} {row['endpoint']:15s} {row['what']:40s} {row['message'][:90]!r}")
-    print(json.dumps({key: report[key] for key in ("counts", "upload_cap", "cancel")}, indent=1))
+        tracebacks = (work / "server.log").read_text(errors="replace").count("Traceback (most recent call last)")
+    report = dict(app=str(args.app), hosted=args.hosted, counts=summary(rows), path_counts=summary(paths),
+                  server_tracebacks=tracebacks,
+                  most_answers_per_input=max([row["answers"] for row in paths] or [0]), upload_cap=memory,
+                  amplification=amplification, queue_flood=flood, cancel=cancel, rows=rows, path_rows=paths)
+    for row in rows + paths:
+        print(f"{row['verdict']:8s} {row['endpoint']:15s} {row['what'][:60]:60s} {row['message'][:90]!r}")
+    print(json.dumps({key: report[key] for key in ("counts", "path_counts", "most_answers_per_input", "server_tracebacks", "upload_cap",
+                                                   "amplification", "queue_flood", "cancel")}, indent=1))
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))
     return report

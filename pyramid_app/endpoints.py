@@ -43,6 +43,8 @@ LORA_WEIGHT_MAX = 2.0  # the weight slider's range is 0 to this
 OUT_OF_MEMORY = ("Out of memory. Open Memory and try offload 'model' or 'sequential', quantization int8/nf4, "
                  "VAE tiling, or fewer frames.")
 PROGRESS_INTERVAL = 0.25  # seconds between progress-bar updates; each one is a message the browser renders
+LOADING = "Loading the model… (a hub model is downloaded on first use)"
+STOPPING = "Stopping after the current step; the finished frames will be saved…"
 NOTHING_FINISHED = "Stopped before the first frame was finished; nothing was saved."
 UPLOAD_KIND = {"image_to_video": "image", "extend_video": "video"}  # the parameter's name
 MISSING_UPLOAD = {"image_to_video": "Upload an image to animate first.", "extend_video": "Upload a video clip to extend first."}
@@ -116,20 +118,24 @@ class Endpoints:
             upload = self.client_file(sent, request, UPLOAD_KIND.get(mode, "upload"))
             model, prompt, options, spec = self._checked(mode, prompt, num_frames, controls)
             condition = await asyncio.to_thread(_read_upload, mode, upload, spec, self.decode_budget)
+            yield gr.skip(), [], LOADING, str(options.seed), gr.skip()
             progress(0, desc="loading model (a hub model is downloaded on first use)")
-            pipe = await asyncio.to_thread(self.pipelines.get, model, tqdm)
+            await asyncio.to_thread(self.pipelines.get, model, tqdm)
             frames, shown = [], float("-inf")
-            async for event in run_job(pipe, Job(mode, prompt, condition, options), stop, self.device_lock):
+            yield gr.skip(), gr.skip(), _running_text(stop, None), gr.skip(), gr.skip()
+            async for event in run_job(self.pipelines, model, Job(mode, prompt, condition, options), stop,
+                                       self.device_lock):
                 if isinstance(event, UnitPreview):
                     frames = frames + _thumbnails(event.frames)
-                    yield gr.skip(), frames, f"Generating… {progress_text(event.progress)}", str(options.seed), gr.skip()
+                    yield gr.skip(), frames, _running_text(stop, event.progress), str(options.seed), gr.skip()
                 elif isinstance(event, Progress):
                     if time.monotonic() - shown >= PROGRESS_INTERVAL:
                         progress(event.fraction, desc=progress_text(event))
+                        yield gr.skip(), gr.skip(), _running_text(stop, event), gr.skip(), gr.skip()
                         shown = time.monotonic()
                 else:
                     result = event
-            if len(result.frames) == 0:
+            if len(result.frames[0]) == 0:
                 yield gr.skip(), [], NOTHING_FINISHED, str(options.seed), gr.skip()
                 return
             if self.menu.hosted:  # the menu value, not the server's folder
@@ -144,7 +150,7 @@ class Endpoints:
             self.stops.finish(session)
         history = gallery.add(history or [], out, result.settings)
         # the strip ends with every saved frame (an extension's clip included), not only the previews streamed
-        yield str(out), _thumbnails(result.frames), _finished_text(result, out, started), str(options.seed), history
+        yield str(out), _thumbnails(result.frames[0]), _finished_text(result, out, started), str(options.seed), history
 
     def _checked(self, mode, prompt, num_frames, controls) -> tuple:
         """(ModelOptions, prompt, GenerationOptions with a seed), every value checked."""
@@ -275,7 +281,7 @@ class Endpoints:
     def stop(self, request: gr.Request = None) -> str:
         """`/stop`: the caller's running generation ends after its current step and keeps its finished units."""
         if self.stops.stop(_session(request)):
-            return "Stopping after the current step; the finished frames will be saved."
+            return STOPPING
         return "Nothing is generating."
 
 
@@ -371,6 +377,12 @@ def _generation_options(mode, controls, num_frames, spec, seeded: bool = True, s
     return options.seeded() if seeded else options
 
 
+def _running_text(stop, progress) -> str:
+    """The status line while a generation runs: where it is, and that it is stopping once Stop was pressed."""
+    where = "" if progress is None else f" ({progress_text(progress)})"
+    return f"{STOPPING}{where}" if stop.is_set() else f"Generating…{where}"
+
+
 def _thumbnails(frames: np.ndarray) -> list:
     height, width = frames.shape[1:3]
     scale = THUMBNAIL_SIDE / max(height, width)
@@ -386,7 +398,7 @@ def _output_name(mode: str, result) -> str:
 
 
 def _finished_text(result, out: Path, started: float) -> str:
-    frames = len(result.frames)
+    frames = len(result.frames[0])
     length = f"{frames} frames ({frames / result.fps:.1f} s at {result.fps} fps)" if frames > 1 else "1 image"
     seconds = time.monotonic() - started
     if result.interrupted:

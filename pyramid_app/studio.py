@@ -113,7 +113,7 @@ def build_studio(default_model=None, output_dir="outputs", pipelines=None, model
                          concurrency_limit=1,
                          show_progress_on=[results[mode]], preprocess=False,  # the handlers check raw values
                          ).then(gallery.gallery_items, history, outputs, **HELPERS)
-        stop_button.click(endpoints.stop, None, status, api_name="stop", concurrency_limit=None)
+        stop_button.click(endpoints.stop, None, status, api_name="stop", concurrency_limit=None, show_progress="hidden")
 
         sliders = {mode: inputs[mode][-1] for mode in lengths}
         model_inputs = [controls["model"], controls["variant"], *sliders.values()]

@@ -8,6 +8,8 @@ import urllib.request
 from pathlib import Path
 
 import gradio
+
+from benchmarks import hosted_probes
 import numpy as np
 import pytest
 import torch
@@ -177,7 +179,7 @@ def test_text_to_image_saves_a_png(client):
 def test_stop_keeps_the_partial_video(client):
     job = client.submit("a slow ball", seed="7", api_name="/text_to_video")
     deadline = time.monotonic() + 60
-    while not job.outputs() and time.monotonic() < deadline:  # the first unit's frames have streamed in
+    while not hosted_probes.frames_streamed(job) and time.monotonic() < deadline:  # the first unit has streamed in
         time.sleep(0.05)
     assert client.predict(api_name="/stop").startswith("Stopping")
     video, frames, status, _ = job.result(timeout=60)

@@ -50,8 +50,13 @@ def generate_job(pipe, job: QueuedJob, folder: Path, save: Callable, read_input:
     inputs = () if job.input is None else (read_input(job.mode, folder / job.input, pipe.spec),)
     result = getattr(pipe, job.mode)(*inputs, job_prompt(job),
                                      **options.to_pipeline_kwargs(job.mode), **call_options)
+    return saved_result(result, job, folder, save)
+
+
+def saved_result(result, job: QueuedJob, folder: Path, save: Callable) -> Path:
+    """Write a job's result where the job says; a stopped job raises `Stopped` (after saving what it made)."""
     out = job_output(job, folder)
-    if len(result.frames) == 0:
+    if len(result.frames[0]) == 0:
         raise Stopped("stopped before the first frame was finished; nothing was saved")
     out.parent.mkdir(parents=True, exist_ok=True)
     save(result, out)

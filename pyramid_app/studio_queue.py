@@ -1,5 +1,5 @@
 """The studio's job queue: "Add to queue" next to Generate, a list with reorder / pause / clear / export / import, and a
-worker thread that runs the jobs one after another on the same loaded pipelines as Generate.
+worker thread that runs the jobs one after another on the same loaded pipelines and device call as Generate.
 
 Local mode: one queue in the output folder (`queue.json`) that survives a restart and runs on where it stopped.
 Hosted mode: each browser session's queue lives in that session's output folder (named by the same keyed hash, so
@@ -18,7 +18,9 @@ from typing import Callable, Optional
 
 from .job_queue import QUEUE_FILE, JobQueue, QueuedJob, new_job_id, run_jobs
 from .replies import without_paths
-from .queue_runner import generate_job, model_options, seeded_job
+from .jobs import Job, StopFlag, run_on_device
+from .queue_runner import job_prompt, model_options, saved_result, seeded_job
+from .settings import GenerationOptions
 
 INPUTS_FOLDER = "queue-inputs"
 QUEUE_FOLDER = "queue"  # in a hosted session's output folder
@@ -144,9 +146,13 @@ class StudioQueues:
             if self.admission is not None:
                 self.admission.check_fresh(job.id)
             job = seeded_job(queue, job)
-            pipe = self.pipelines.get(model_options(job))
+            model = model_options(job)
+            pipe = self.pipelines.get(model)  # loaded before the device call, as Generate does
             with self.device_lock:
-                return generate_job(pipe, job, folder, self.save, read_input=self.read_input)
+                condition = None if job.input is None else self.read_input(job.mode, folder / job.input, pipe.spec)
+                *_, result = run_on_device(self.pipelines, model, Job(job.mode, job_prompt(job), condition,
+                                                                      GenerationOptions(**job.options)), StopFlag())
+                return saved_result(result, job, folder, self.save)
 
         run_jobs(queue, run, (Exception,))  # in the studio any failure is the job's: it is listed, the rest go on
 

@@ -4,17 +4,20 @@
 models from an allow-list only, outputs per browser session and swept after a while, smaller uploads.
 """
 import argparse
+import importlib.util
 import os
+import sys
 import tempfile
 from pathlib import Path
 
 from . import ranks
 from .output_file import sweep_leftovers
-from .studio import CSS, THEME, build_studio
 
 DEFAULT_PORT = 7860
 MAX_UPLOAD = {False: "500mb", True: "50mb"}  # local, hosted
 CACHE_DIR = Path(tempfile.gettempdir()) / "pyramid-flow-studio"
+NO_GRADIO = ("error: the studio needs gradio, which is not installed; install the studio extra: "
+             "pip install 'pyramid-flow-studio[studio]'")
 
 
 def parse_flags(argv=None) -> argparse.Namespace:
@@ -70,6 +73,8 @@ def launch(demo, flags: argparse.Namespace, block: bool = True):
     Every error reaches the client as its message (`show_error`): the handlers raise only sentences."""
     flags.output_dir.mkdir(parents=True, exist_ok=True)
     sweep_leftovers([flags.output_dir, *filter(Path.is_dir, flags.output_dir.iterdir())])  # a killed run's partials
+    from .studio import CSS, THEME  # the studio (gradio) is the [studio] extra: loaded once one is served
+
     demo.queue(default_concurrency_limit=1)
     return demo.launch(server_name=flags.host, server_port=flags.port, share=flags.share,
                        allowed_paths=[str(flags.output_dir.resolve())], inbrowser=not flags.no_browser,
@@ -81,6 +86,11 @@ def launch(demo, flags: argparse.Namespace, block: bool = True):
 def main(argv=None) -> int:
     """The `pyramid-flow-studio` command: serve the studio until stopped."""
     flags = parse_flags(argv)
+    if importlib.util.find_spec("gradio") is None:
+        print(NO_GRADIO, file=sys.stderr)
+        return 2
+    from .studio import build_studio  # the studio (gradio) is the [studio] extra: loaded once one is served
+
     use_own_cache()
     if ranks.launched_with_several_ranks():  # torchrun: rank 0 serves, every rank computes
         from .studio_ranks import serve_on_every_rank

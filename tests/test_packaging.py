@@ -81,6 +81,15 @@ def test_library_and_command_line_import_without_gradio():
     assert imported.stdout == "['gradio']\n"  # only the blocked entry: nothing tried to import it
 
 
+def test_the_studio_command_without_gradio_says_which_extra_to_install():
+    from pyramid_app.serve import NO_GRADIO
+
+    served = run_python("import sys; sys.modules['gradio'] = None\n"
+                        "from pyramid_app import serve\n"
+                        "sys.exit(serve.main(['--no-browser']))")
+    assert served.returncode == 2 and served.stderr.strip() == NO_GRADIO
+
+
 def test_importing_torchao_through_the_library_logs_nothing_and_other_warnings_still_pass():
     imported = run_python(
         "import logging, model_core\n"

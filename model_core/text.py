@@ -7,7 +7,7 @@ import torch
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
 from .checkpoints import detect_family
-from .loading import MODEL_BUILD_LOCK
+from .loading import MODEL_BUILD_LOCK, check_finite, check_plain_files, check_weights_fit
 
 logger = logging.getLogger(__name__)
 
@@ -70,23 +70,43 @@ class PromptEncoder:
         return ", ".join(f"{name}/ + {_tokenizer_folder(name)}/" for name in folders)
 
     @classmethod
-    def from_pretrained(cls, root, torch_dtype=torch.float32, device=None, t5_quantization_config=None) -> "PromptEncoder":
-        """Load the encoders and tokenizers from the official subfolders of a checkpoint root;
-        a bitsandbytes `t5_quantization_config` loads the T5 encoder quantised straight onto `device`."""
-        root = Path(root)
-        if not root.is_dir():
-            raise FileNotFoundError(f"Checkpoint folder {root} does not exist.")
-        encoder_classes = {name: cls.clip_class for name in cls.clip_folders} | {cls.t5_folder: T5EncoderModel}
-        tokenizer_classes = {name: CLIPTokenizer for name in cls.clip_folders} | {cls.t5_folder: T5Tokenizer}
-        for name, tokenizer_class in tokenizer_classes.items():
+    def encoder_classes(cls) -> dict:
+        """Encoder folder -> the transformers class it loads as."""
+        return {name: cls.clip_class for name in cls.clip_folders} | {cls.t5_folder: T5EncoderModel}
+
+    @classmethod
+    def tokenizer_classes(cls) -> dict:
+        """Encoder folder -> the tokenizer class of its tokenizer folder."""
+        return {name: CLIPTokenizer for name in cls.clip_folders} | {cls.t5_folder: T5Tokenizer}
+
+    @classmethod
+    def check_files(cls, root: Path) -> None:
+        """Refuse, before anything is built, a checkpoint root whose encoder or tokenizer folders lack a file, hold
+        something that is not a plain file, or hold encoder weights that do not fit their config (a missing tensor
+        would otherwise be initialised at random)."""
+        for name, tokenizer_class in cls.tokenizer_classes().items():
+            for folder in (root / name, root / _tokenizer_folder(name)):
+                if folder.is_dir():
+                    check_plain_files(folder)
             _require(root / name, [("config.json",)], cls.layout())
             _require(root / name, [(file,) for file in WEIGHT_FILES], cls.layout())
             _require(root / _tokenizer_folder(name), TOKENIZER_FILES[tokenizer_class], cls.layout())
+        for name, model_class in cls.encoder_classes().items():
+            check_weights_fit(model_class, root / name)
+
+    @classmethod
+    def from_pretrained(cls, root, torch_dtype=torch.float32, device=None, t5_quantization_config=None) -> "PromptEncoder":
+        """Load the encoders and tokenizers from the official subfolders of a checkpoint root, once `check_files`
+        passes; a bitsandbytes `t5_quantization_config` loads the T5 encoder quantised straight onto `device`."""
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"Checkpoint folder {root} does not exist.")
+        cls.check_files(root)
         t5_kwargs = {"quantization_config": t5_quantization_config, "device_map": {"": device}} if t5_quantization_config else {}
         encoders = {name: _load_encoder(root / name, model_class, torch_dtype, **(t5_kwargs if name == cls.t5_folder else {}))
-                    for name, model_class in encoder_classes.items()}
+                    for name, model_class in cls.encoder_classes().items()}
         tokenizers = {name: tokenizer_class.from_pretrained(root / _tokenizer_folder(name))
-                      for name, tokenizer_class in tokenizer_classes.items()}
+                      for name, tokenizer_class in cls.tokenizer_classes().items()}
         return cls(encoders, tokenizers).to(device)
 
     def to(self, device=None, dtype=None) -> "PromptEncoder":
@@ -181,6 +201,7 @@ def _tokenize(tokenizer, prompts: list[str], max_length: int, name: str):
 def _load_encoder(folder: Path, model_class, torch_dtype, **kwargs) -> torch.nn.Module:
     with MODEL_BUILD_LOCK:
         encoder = model_class.from_pretrained(folder, dtype=torch_dtype, use_safetensors=True, **kwargs)
+    check_finite(encoder, folder)
     return encoder.eval().requires_grad_(False)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from .loading import MODEL_BUILD_LOCK
+from .weight_files import MODEL_BUILD_LOCK
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"

@@ -14,7 +14,8 @@ from PIL import Image
 
 from . import __version__
 from .checkpoints import FAMILIES, SETTINGS_FILE, Family, VariantSpec, describe, from_description
-from .loading import MODEL_BUILD_LOCK, ResolvedCheckpoint, load_model, resolve_checkpoint
+from .loading import ResolvedCheckpoint, load_model, resolve_checkpoint
+from .weight_files import MODEL_BUILD_LOCK
 from .lora import PyramidLoraLoaderMixin
 from .media import as_frames, to_frames, to_video_tensor
 from .memory import (

@@ -7,7 +7,7 @@ import torch
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
 from .checkpoints import detect_family
-from .loading import MODEL_BUILD_LOCK, check_finite, check_plain_files, check_weights_fit
+from .weight_files import MODEL_BUILD_LOCK, check_finite, check_plain_files, check_weights_fit
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,8 @@ from model_core.checkpoints import (
     vae_temporal_scale,
     with_overrides,
 )
-from model_core.loading import check_finite, load_model, resolve_checkpoint
+from model_core.loading import load_model, resolve_checkpoint
+from model_core.weight_files import check_finite
 from model_core.text import load_prompt_encoder
 from model_core.tiny_text import write_tiny_text_stack
 from model_core.vae import CausalVideoVAE

@@ -1,4 +1,5 @@
 """Files and folders written whole or not at all: each is built under a temporary sibling, then renamed into place."""
+import json
 import os
 import shutil
 from pathlib import Path
@@ -25,6 +26,11 @@ def write_text(path, text: str) -> Path:
     temporary.write_text(text)
     temporary.replace(path)
     return path
+
+
+def write_annotations(path, records) -> Path:
+    """Write jsonl records (one JSON object a line) so that readers never see a partial file."""
+    return write_text(path, "".join(json.dumps(record) + "\n" for record in records))
 
 
 def fresh_staging(target) -> Path:

@@ -14,7 +14,6 @@ from model_core.media import to_video_tensor
 from model_core.temporal import latent_frames, pixel_frames
 from model_core.text import PromptEmbeddings
 
-from .atomic import write_text
 from .shards import load_tensors
 
 logger = logging.getLogger(__name__)
@@ -191,8 +190,3 @@ def annotation_record(entry: Annotation) -> dict:
     record = {entry.kind: entry.path, "text": entry.text, "latent": entry.latent, "text_fea": entry.text_fea,
               "height": entry.height, "width": entry.width, "clip_start": entry.clip_start}
     return {k: v for k, v in record.items() if v is not None}
-
-
-def write_annotations(path, records) -> None:
-    """Write jsonl records atomically."""
-    write_text(path, "".join(json.dumps(record) + "\n" for record in records))

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_annotations
+
 PALETTE = {
     "red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 230), "yellow": (230, 210, 40),
     "magenta": (210, 50, 200), "cyan": (40, 200, 210), "white": (235, 235, 235),
@@ -114,7 +116,6 @@ def write_world(out, count: int, seed: int, heldout: int, num_frames: int = NUM_
     """Write the clips and `train.jsonl` / `heldout.jsonl` under `out`; returns the train jsonl."""
     from model_core.media_files import write_video
 
-    from .data import write_annotations
 
     out = Path(out)
     (out / "clips").mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from safetensors.torch import load, load_file, save
 
+from .atomic import write_annotations
 
 logger = logging.getLogger(__name__)
 REFERENCE = "#"  # `<file>.arrow#<row>`
@@ -59,7 +60,6 @@ def extract_in_shards(num_units: int, shard_size: int, folder: Path, prefix: str
     """Run `encode(unit) -> (jsonl record, tensors) | None` over this process's shards of [0, num_units) and write
     each shard as `<prefix>-<s>.arrow` + `.jsonl` (records get `key`: the row's reference); then the main process
     joins the shards' lines into `<folder>/../annotations.jsonl`. Returns (written, skipped) of this process."""
-    from .data import write_annotations
     from .parallel import process_state
 
     if shard_size < 1:

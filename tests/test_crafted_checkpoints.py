@@ -34,7 +34,7 @@ from model_core.checkpoints import (
 from model_core.loading import load_model, resolve_checkpoint
 from model_core.weight_files import check_finite
 from model_core.text import load_prompt_encoder
-from model_core.tiny_text import write_tiny_text_stack
+from training.tiny_text import write_tiny_text_stack
 from model_core.vae import CausalVideoVAE
 from pyramid_app import settings
 

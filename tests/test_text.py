@@ -15,7 +15,7 @@ from model_core.text import (
     SD3PromptEncoder,
     load_prompt_encoder,
 )
-from model_core.tiny_text import write_tiny_text_stack
+from training.tiny_text import write_tiny_text_stack
 
 FAMILIES = ("miniflux", "sd3")
 PROMPTS = ["a cat", "a drone shot of snowy mountains at sunrise, cinematic lighting", ""]

@@ -6,7 +6,7 @@ import torch
 
 from model_core.init import reinitialize
 from model_core.checkpoints import FAMILIES, SETTINGS_FILE, VAE_FOLDER, transformer_folder
-from model_core.tiny_text import write_tiny_text_stack
+from training.tiny_text import write_tiny_text_stack
 from training.initial_checkpoint import name_as_published
 
 OFFICIAL_CLASS = {"miniflux": "PyramidFluxTransformer", "sd3": "PyramidDiffusionMMDiT"}

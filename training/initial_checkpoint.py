@@ -9,9 +9,9 @@ import torch
 
 from model_core.checkpoints import FAMILIES, SETTINGS_FILE, VAE_FOLDER, transformer_folder
 from model_core.init import reinitialize
-from model_core.tiny_text import write_tiny_text_stack
 
 from .models import transformer_class
+from .tiny_text import write_tiny_text_stack
 from .weights import save_weights
 
 INITIAL_POSTERIOR_LOGVAR = -8.0  # std 0.018: early reconstructions see the encoder's mean, not the prior's noise

@@ -21,7 +21,7 @@ from transformers import (
     T5Tokenizer,
 )
 
-from .init import reinitialize
+from model_core.init import reinitialize
 
 DEFAULT_CORPUS = (
     "a cat sitting on a red sofa in the afternoon sun",

@@ -1,15 +1,20 @@
 """LoRA adapters the diffusers way: the transformers are `PeftAdapterMixin`s, the pipeline gets `load_lora_weights`.
 
-Two file layouts are read: a peft adapter folder (adapter_config.json + adapter_model.safetensors, what
-`training` writes for recipe lora.yaml) and diffusers' `pytorch_lora_weights.safetensors` (or any
-.safetensors file of LoRA weights), whose keys may carry the pipeline's `transformer.` prefix.
+Two file layouts are read: diffusers' `pytorch_lora_weights.safetensors` (or any .safetensors file of LoRA
+weights), whose keys may carry the pipeline's `transformer.` prefix, and a peft adapter folder (adapter_config.json
++ adapter_model.safetensors). A source is a local folder or file, or a hub repo id whose file (`weight_name`) is
+fetched by huggingface_hub. What is written, by `save_lora_weights` and by `training`, is diffusers' pipeline file.
 """
 import json
+import os
+import tempfile
 from pathlib import Path
+from typing import Optional
 
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
+from .loading import HUB_ID
 from .weight_files import MODEL_BUILD_LOCK
 
 PEFT_CONFIG = "adapter_config.json"
@@ -21,7 +26,8 @@ PREFIX = "transformer."
 
 def lora_specs(lora) -> list:
     """[(source, weight)] from what `from_pretrained(lora=...)` takes: a source, a (source, weight) pair, or a list
-    of either (a source is a peft adapter folder, a folder with pytorch_lora_weights.safetensors, or that file)."""
+    of either (a source is a folder with pytorch_lora_weights.safetensors, that file, a peft adapter folder or a hub
+    repo id)."""
     if lora is None:
         return []
     if isinstance(lora, (str, Path)) or _is_pair(lora):
@@ -44,11 +50,67 @@ def lora_name(source) -> str:
     return path.stem if path.is_file() else path.name
 
 
+def resolve_lora(source, weight_name: Optional[str] = None) -> Path:
+    """The local path of a LoRA: a folder or file here (with `weight_name`, that file in the folder), else the file
+    `weight_name` (default pytorch_lora_weights.safetensors) of the hub repo `source`, fetched by huggingface_hub."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if weight_name is None:
+            return path
+        if not (path / weight_name).is_file():
+            raise FileNotFoundError(f"{path} holds no file {weight_name}; weight_name names a .safetensors file in it")
+        return path / weight_name
+    if not HUB_ID.match(str(source)):
+        raise FileNotFoundError(f"LoRA {source} does not exist; give a folder, a .safetensors file or a hub repo id "
+                                f"like 'user/my-lora'")
+    return _hub_file(str(source), weight_name or DIFFUSERS_WEIGHTS)
+
+
+def _hub_file(repo_id: str, filename: str) -> Path:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled,
+                                        RepositoryNotFoundError)
+
+    try:
+        return Path(hf_hub_download(repo_id, filename))
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
+        raise ConnectionError(f"cannot download {filename} of {repo_id!r}: the Hugging Face Hub is not reachable (no "
+                              f"network, or HF_HUB_OFFLINE=1); download it where there is network and pass the file") from error
+    except RepositoryNotFoundError as error:
+        raise FileNotFoundError(f"hub repo {repo_id!r} does not exist or is private; give a LoRA folder, a file or a "
+                                f"public repo id") from error
+    except EntryNotFoundError as error:
+        raise FileNotFoundError(f"hub repo {repo_id!r} has no file {filename}; name its LoRA file with "
+                                f"weight_name=") from error
+
+
+def _jsonable(config: dict) -> dict:
+    """A LoraConfig dict as JSON takes it (peft keeps target_modules as a set)."""
+    return {key: sorted(value) if isinstance(value, set) else value for key, value in config.items()}
+
+
 def _peft_config(folder: Path) -> dict:
     from peft import LoraConfig
 
-    config = LoraConfig.from_pretrained(str(folder)).to_dict()
-    return {key: sorted(value) if isinstance(value, set) else value for key, value in config.items()}
+    return _jsonable(LoraConfig.from_pretrained(str(folder)).to_dict())
+
+
+def write_lora_file(path, weights: dict, config: dict) -> Path:
+    """Diffusers' pipeline LoRA file at `path`: the transformer's LoRA weights (peft keys, no adapter name) under
+    `transformer.`, its LoraConfig prefixed the same way in the safetensors metadata. Staged under a hidden temporary
+    name in the same folder and renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": "pt",
+                DIFFUSERS_METADATA_KEY: json.dumps({PREFIX + k: v for k, v in _jsonable(config).items()}, sort_keys=True)}
+    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file({PREFIX + key: value.detach().contiguous() for key, value in weights.items()}, staging, metadata=metadata)
+        os.replace(staging, path)
+    finally:
+        Path(staging).unlink(missing_ok=True)
+    return path
 
 
 def _file_metadata(file: Path):
@@ -133,10 +195,13 @@ class PyramidLoraLoaderMixin:
             self._lora_weights = {}
         return self._lora_weights
 
-    def load_lora_weights(self, source, adapter_name: str = None, weight: float = 1.0) -> str:
-        """Load a LoRA (peft adapter folder, diffusers folder or .safetensors file) and activate it at `weight`."""
+    def load_lora_weights(self, source, adapter_name: str = None, weight: float = 1.0,
+                          weight_name: Optional[str] = None) -> str:
+        """Load a LoRA and activate it at `weight`: a diffusers or peft folder, a .safetensors file, or a hub repo id
+        (`weight_name`: the file in the folder or repo, by default pytorch_lora_weights.safetensors). The adapter is
+        named `adapter_name`, else after the folder, file or repo."""
         weight = float(weight)
-        name = load_lora_adapter(self.transformer, source, adapter_name)
+        name = load_lora_adapter(self.transformer, resolve_lora(source, weight_name), adapter_name or lora_name(source))
         self._loras()[name] = weight
         self._lora_sources = {**getattr(self, "_lora_sources", {}), name: str(source)}
         self.set_adapters(list(self._loras()), list(self._loras().values()))
@@ -197,6 +262,22 @@ class PyramidLoraLoaderMixin:
         if self._loras():
             self.transformer.unload_lora()
         self._lora_weights, self._active_loras, self._lora_sources = {}, {}, {}
+
+    def save_lora_weights(self, save_directory, adapter_name: str = None, weight_name: str = DIFFUSERS_WEIGHTS) -> Path:
+        """Write the loaded LoRA `adapter_name` (may be left out when one is loaded) to `save_directory/weight_name`
+        in diffusers' pipeline layout (see `write_lora_file`): `load_lora_weights(save_directory)` reads it back, and
+        so do diffusers' pipelines. Returns the file's path."""
+        from peft.utils import get_peft_model_state_dict
+
+        loaded = list(self._loras())
+        if adapter_name is None and len(loaded) != 1:
+            raise ValueError(f"{len(loaded)} LoRAs are loaded; name the one to save with adapter_name= "
+                             f"({', '.join(map(repr, loaded)) or 'load one first'})")
+        adapter_name = loaded[0] if adapter_name is None else adapter_name
+        if adapter_name not in loaded:
+            raise ValueError(f"no LoRA named {adapter_name!r} is loaded; loaded: {loaded}")
+        weights = get_peft_model_state_dict(self.transformer, adapter_name=adapter_name)
+        return write_lora_file(Path(save_directory) / weight_name, weights, self.transformer.peft_config[adapter_name].to_dict())
 
     def lora_settings(self) -> list:
         """[{"name", "weight"}] of the active adapters, for an output's settings."""

@@ -59,7 +59,7 @@ def run(model, clips, text):
         return velocity(model, clips, text)
 
 
-def test_peft_folder_gives_the_trained_model(adapters, inputs):
+def test_training_folder_gives_the_trained_model(adapters, inputs):
     folder, trained = adapters["a"]
     model, clips, text = inputs
     model.load_state_dict(base_weights(trained))
@@ -123,7 +123,23 @@ def test_two_adapters_with_weights(adapters, inputs):
         holder.set_adapters(["a", "second"], [1.0])
 
 
-def test_diffusers_files_load_like_the_peft_folder(adapters, inputs, tmp_path):
+def test_peft_adapter_folder_loads_like_training_folder(adapters, inputs, tmp_path):
+    """A peft adapter folder (adapter_config.json + adapter_model.safetensors: what training wrote before)."""
+    from peft import get_peft_model_state_dict
+
+    from training.models import lora_config
+
+    model, clips, text = inputs
+    folder, trained = adapters["a"]
+    model.load_state_dict(base_weights(trained))
+    peft_folder = tmp_path / "peft-a"
+    lora_config({"rank": 4, "alpha": 8, "target_modules": TARGETS}).save_pretrained(str(peft_folder))
+    save_file(get_peft_model_state_dict(trained), str(peft_folder / "adapter_model.safetensors"))
+    assert load_lora_adapter(model, peft_folder) == "peft-a"
+    torch.testing.assert_close(run(model, clips, text), run(trained, clips, text), rtol=0, atol=1e-6)
+
+
+def test_diffusers_files_load_like_the_training_folder(adapters, inputs, tmp_path):
     model, clips, text = inputs
     folder, trained = adapters["a"]
     model.load_state_dict(base_weights(trained))

@@ -7,7 +7,6 @@ from safetensors.torch import load_file, save_file
 from .atomic import write_text
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 def save_weights(folder: Path, model, state: dict) -> None:
@@ -30,20 +29,25 @@ def load_weights(model, folder: Path) -> None:
 
 
 def save_lora_weights(folder: Path, model, lora: dict, state: dict) -> None:
-    """A peft adapter folder (adapter_config.json + adapter_model.safetensors) from a full state dict."""
+    """`folder`/pytorch_lora_weights.safetensors from a full state dict, in diffusers' pipeline layout with the
+    LoraConfig in its metadata (model_core.lora.write_lora_file): what `PyramidFlowPipeline.load_lora_weights(folder)`
+    and diffusers' own loaders read."""
     from peft import get_peft_model_state_dict
+
+    from model_core.lora import DIFFUSERS_WEIGHTS, write_lora_file
 
     from .models import lora_config
 
-    folder.mkdir(parents=True, exist_ok=True)
-    lora_config(lora).save_pretrained(str(folder))
-    adapter = get_peft_model_state_dict(model, state_dict=state)
-    save_file({k: v.contiguous() for k, v in adapter.items()}, str(folder / ADAPTER_WEIGHTS_NAME))
+    write_lora_file(Path(folder) / DIFFUSERS_WEIGHTS, get_peft_model_state_dict(model, state_dict=state),
+                    lora_config(lora).to_dict())
 
 
 def load_lora_weights(model, folder: Path) -> None:
+    """The LoRA weights of `folder` (training's file, or an older run's peft adapter folder) into `model`."""
     from peft import set_peft_model_state_dict
 
-    result = set_peft_model_state_dict(model, load_file(str(Path(folder) / ADAPTER_WEIGHTS_NAME)))
+    from model_core.lora import read_lora
+
+    result = set_peft_model_state_dict(model, read_lora(folder)[0])
     if result.unexpected_keys:
         raise ValueError(f"the adapter in {folder} has weights this model lacks, e.g. {result.unexpected_keys[:3]}")

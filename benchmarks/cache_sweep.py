@@ -36,7 +36,7 @@ def sweep(pipe, pairs, modes, thresholds) -> dict:
     for prompt, seed in pairs:
         for cache, threshold in settings:
             started = time.perf_counter()
-            frames = pipe.text_to_video(prompt, seed=seed, num_frames=NUM_FRAMES, cache=cache, cache_threshold=threshold).frames
+            frames = pipe.text_to_video(prompt, seed=seed, num_frames=NUM_FRAMES, cache=cache, cache_threshold=threshold).frames[0]
             seconds[(cache, threshold)].append(time.perf_counter() - started)
             reading = read_clip(frames)
             hits[(cache, threshold)] += [a == b for a, b in zip((reading.color, reading.shape, reading.direction),

@@ -93,7 +93,7 @@ def main(argv=None) -> int:
         end_peak = memory.take()
         memory.running = False
     figures = {
-        "setup": {"seconds": args.seconds, "frames": int(decoded_at_end.frames.shape[0]), "units": len(streamed),
+        "setup": {"seconds": args.seconds, "frames": int(decoded_at_end.frames[0].shape[0]), "units": len(streamed),
                   "variant": VARIANT_384P, "device": str(device), "torch": torch.__version__, "steps": "2,2,2, no guidance",
                   "memory": "peak allocated (CUDA)" if device.type == "cuda" else "peak resident set size (CPU)"},
         "streamed_per_unit": streamed,

@@ -37,9 +37,9 @@ def measure(pipe, seeds: int, pairs: list, on_group=None) -> dict:
             before, after = f"a {color} {shape} moving {old}", f"a {color} {shape} moving {new}"
             for seed in range(seeds):
                 clips = {
-                    "storyboard": pipe.text_to_video([(1, before), (1, after)], seed=seed).frames,
-                    "old_only": pipe.text_to_video(before, duration=2, seed=seed).frames,
-                    "new_only": pipe.text_to_video(after, duration=2, seed=seed).frames,
+                    "storyboard": pipe.text_to_video([(1, before), (1, after)], seed=seed).frames[0],
+                    "old_only": pipe.text_to_video(before, duration=2, seed=seed).frames[0],
+                    "new_only": pipe.text_to_video(after, duration=2, seed=seed).frames[0],
                 }
                 for kind, frames in clips.items():
                     readings[kind].append((later_direction(frames), old, new))

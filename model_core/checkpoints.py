@@ -38,6 +38,7 @@ VARIANT_RANGES = {"height": (1, MAX_SIDE), "width": (1, MAX_SIDE), "max_latent_f
                   "fps": (1, MAX_FPS), "frames_per_latent": (1, MAX_FRAMES_PER_LATENT)}
 SAMPLING_RANGES = {"first_frame_steps": (1, MAX_STEPS), "video_steps": (1, MAX_STEPS),
                    "guidance_scale": (0.0, MAX_GUIDANCE), "video_guidance_scale": (0.0, MAX_GUIDANCE),
+                   "image_to_video_guidance_scale": (0.0, MAX_GUIDANCE),
                    "cache_threshold": (0.0, MAX_CACHE_THRESHOLD)}
 NORMALIZATION_RANGES = {"first_shift": (-MAX_NORMALIZATION, MAX_NORMALIZATION),
                         "first_scale": (1 / MAX_NORMALIZATION, MAX_NORMALIZATION),
@@ -117,10 +118,22 @@ class SamplingDefaults:
     video_guidance_scale: float = 5.0
     cache: str = "none"  # the step cache (model_core.step_cache): none | first-block | taylorseer | mag
     cache_threshold: float = 0.05  # skip the trunk below this change (model_core.step_cache: per mode)
+    image_to_video_guidance_scale: Optional[float] = None  # image_to_video's video guidance; None: video_guidance_scale
 
     def filled(self, **given) -> "SamplingDefaults":
         """The given settings, these defaults where a value is None."""
         return replace(self, **{name: value for name, value in given.items() if value is not None})
+
+    def for_mode(self, mode: str) -> "SamplingDefaults":
+        """The defaults of one generation mode: image_to_video has its own video guidance where one is set."""
+        if mode == "image_to_video" and self.image_to_video_guidance_scale is not None:
+            return replace(self, video_guidance_scale=self.image_to_video_guidance_scale)
+        return self
+
+
+# The published checkpoints' defaults: the authors' generate_i2v, app and README animate an image with video
+# guidance 4 (text-to-video uses 5).
+PUBLISHED_SAMPLING = SamplingDefaults(image_to_video_guidance_scale=4.0)
 
 
 @dataclass(frozen=True)
@@ -130,7 +143,7 @@ class Family:
     text_folders: tuple
     normalization: LatentNormalization
     variants: dict
-    sampling: SamplingDefaults = SamplingDefaults()
+    sampling: SamplingDefaults = PUBLISHED_SAMPLING
 
 
 VARIANTS = {

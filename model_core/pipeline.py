@@ -4,7 +4,7 @@ import math
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ from .text import PROMPT_ENCODERS, PromptEmbeddings
 OFFICIAL_PROMPT_SUFFIX = ", hyper quality, Ultra HD, 8K"  # the authors' `generate` appends it to every prompt
 OFFICIAL_NEGATIVE_PROMPT = ("cartoon style, worst quality, low quality, blurry, absolute black, absolute white, low res, "
                             "extra limbs, extra digits, misplaced objects, mutated anatomy, monochrome, horror")
-OUTPUT_TYPES = ("np", "pil", "latent")
+OUTPUT_TYPES = ("np", "pil", "pt", "latent")
 MODEL_INDEX = "model_index.json"
 CUSTOM_PIPELINE_MODULE = (  # what `save_pretrained` writes as pipeline.py, for DiffusionPipeline(custom_pipeline=...)
     '''"""Pyramid Flow Studio's pipeline, for `DiffusionPipeline.from_pretrained(<folder>, custom_pipeline=<folder>, trust_remote_code=True)`."""\n'''
@@ -51,12 +51,24 @@ CUSTOM_PIPELINE_MODULE = (  # what `save_pretrained` writes as pipeline.py, for 
 
 @dataclass
 class PyramidFlowPipelineOutput(BaseOutput):
-    """A finished (or stopped) generation. `frames`: uint8 [T, H, W, 3] ("np"), a list of PIL images ("pil") or None
-    ("latent"); `latents`: the normalised latents [1, C, T, h, w]; `settings`: everything needed to reproduce it."""
+    """A finished (or stopped) generation, batched as in diffusers: `frames[0]` is the first video. Per `output_type`,
+    `frames` is uint8 [B, T, H, W, 3] ("np"), a list of lists of PIL images ("pil"), float [B, T, 3, H, W] in [0, 1]
+    ("pt": the "np" pixels / 255) or the latents ("latent"); None when the frames were streamed (`stream_to`).
+    `latents`: the normalised latents [B, C, T, h, w]. Videos of different lengths (a stop in the middle of a batch)
+    come as a list instead of one array or tensor. `settings`: everything needed to reproduce the call."""
 
-    frames: Optional[Union[np.ndarray, list]]
-    latents: Optional[torch.Tensor]
+    frames: Optional[Union[np.ndarray, torch.Tensor, list]]
+    latents: Optional[Union[torch.Tensor, list]]
     fps: int
+    interrupted: bool
+    settings: dict
+
+
+class _Video(NamedTuple):
+    """One video of a call: uint8 frames [T, H, W, 3] (None when not decoded), latents [1, C, T, h, w]."""
+
+    frames: Optional[np.ndarray]
+    latents: torch.Tensor
     interrupted: bool
     settings: dict
 
@@ -67,8 +79,10 @@ class PyramidFlowPipeline(PyramidLoraLoaderMixin, DiffusionPipeline):
     Calls follow diffusers' pipeline conventions: `pipe(prompt, ...)` is text-to-video and returns a
     `PyramidFlowPipelineOutput`; `callback_on_step_end(pipe, step_index, timestep, callback_kwargs)` runs after every
     transformer step, `pipe.progress` says where the generation is, and setting `pipe._interrupt = True` stops it
-    after that step (finished units are kept). LoRAs: `load_lora_weights(source, adapter_name=, weight=)`,
-    `set_adapters`, `fuse_lora` / `unfuse_lora`, `unload_lora_weights` (model_core.lora); outputs record them."""
+    after that step (finished units are kept). `self.progress_bar` shows the steps of each video unless
+    `set_progress_bar_config(disable=True)`. A list of prompts and `num_videos_per_prompt` make several videos, one
+    after another. LoRAs: `load_lora_weights(source or hub id, weight_name=, adapter_name=, weight=)`, `set_adapters`,
+    `fuse_lora` / `unfuse_lora`, `unload_lora_weights`, `save_lora_weights` (model_core.lora); outputs record them."""
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->transformer->vae"
     _optional_components = ["text_encoder_3", "tokenizer_3"]
@@ -129,9 +143,9 @@ class PyramidFlowPipeline(PyramidLoraLoaderMixin, DiffusionPipeline):
         """Load a checkpoint folder or hub repo id (only the needed subfolders are fetched).
 
         offload: none | model | sequential | group; quantize: none | int8 | nf4 | fp8 (see model_core.memory);
-        lora: LoRAs for the transformer, loaded with `load_lora_weights`: a peft adapter folder (what `training` writes
-        for recipe lora.yaml), a folder with or a path to diffusers' pytorch_lora_weights.safetensors, a
-        (source, weight) pair, or a list of them;
+        lora: LoRAs for the transformer, loaded with `load_lora_weights`: a folder with (what `training` writes for
+        recipe lora.yaml) or a path to diffusers' pytorch_lora_weights.safetensors, a peft adapter folder, a hub repo
+        id, a (source, weight) pair, or a list of them;
         official_defaults: generate as the authors' code does (prompt suffix, default negative prompt, guidance when the
         scale is > 0, uint8 by truncation, timesteps in the compute dtype); None turns it on for the published
         checkpoints (those without our `pyramid_flow.json`) and off for our own models.
@@ -261,7 +275,10 @@ class PyramidFlowPipeline(PyramidLoraLoaderMixin, DiffusionPipeline):
 
         `prompt` may be a storyboard (a `Storyboard` or a list of (seconds, prompt) pairs; also `storyboard=`): each
         unit is generated with the text of the segment it starts in, over the history of all units before it; the
-        segments' seconds set the length. Every mode but text_to_image takes one."""
+        segments' seconds set the length. Every mode but text_to_image takes one.
+
+        Every mode also takes diffusers' batch options (a list of prompts, `num_videos_per_prompt`, a generator per
+        video), `num_inference_steps` and `output_type` "np" | "pil" | "pt" | "latent" (see `_generate`)."""
         return self._generate("text_to_video", prompt, None, **options)
 
     __call__ = text_to_video
@@ -303,16 +320,73 @@ class PyramidFlowPipeline(PyramidLoraLoaderMixin, DiffusionPipeline):
     # --- the engine -----------------------------------------------------------------------------
 
     @torch.no_grad()  # inference: no autograd graph through the sampling loop
-    def _generate(self, mode, prompt, condition_frames, *, negative_prompt=None, num_frames=None, duration=None,
-                  height=None, width=None, first_frame_steps=None, video_steps=None,
-                  guidance_scale=None, video_guidance_scale=None, video_guidance_decay=False, seed=None,
-                  cache=None, cache_threshold=None, generator=None, prompt_embeds: Optional[PromptEmbeddings] = None,
-                  negative_prompt_embeds: Optional[PromptEmbeddings] = None, output_type: str = "np",
-                  return_dict: bool = True, callback_on_step_end: Optional[Callable] = None,
-                  callback_on_step_end_tensor_inputs=("latents",), storyboard=None, stream_to=None):
-        """`stream_to` (an object with `write(frames)`, e.g. model_core.media_files.VideoWriter): each finished unit is
-        decoded at once, the causal VAE keeping its caches, and its uint8 frames written there, so no more than a
-        unit's frames are held; the output's `frames` is then None."""
+    def _generate(self, mode, prompt, condition_frames, *, num_videos_per_prompt: int = 1, num_inference_steps=None,
+                  generator=None, seed=None, output_type: str = "np", return_dict: bool = True, **options):
+        """Every mode's call: the videos of a batch made one after another, returned batched in `output_type`.
+
+        `prompt` may be a list of prompts, each making `num_videos_per_prompt` videos (prompt by prompt, as in
+        diffusers). `generator` is a torch.Generator or a list of one per video; one generator (or `seed`, random when
+        None, which seeds one) is drawn from by the videos in turn: video i goes on from where video i - 1 left it.
+        `num_inference_steps=N` (diffusers' name) gives every pyramid stage of every unit N steps: first_frame_steps =
+        video_steps = (N,) * stages; give it or those two, not both. A stop ends the batch: the video under way keeps
+        its finished units and later ones are not made. `stream_to` (an object with `write(frames)`, e.g.
+        model_core.media_files.VideoWriter; one video, output_type "np"): each finished unit is decoded at once, the
+        causal VAE keeping its caches, and its uint8 frames written there, so no more than a unit's frames are held;
+        the output's `frames` is then None."""
+        prompts, listed = _prompt_batch(prompt, num_videos_per_prompt, options.get("prompt_embeds"))
+        for each in prompts if listed else ():  # every prompt checked before the first video is made
+            _check_prompt(each, required=condition_frames is None)
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}; got {output_type!r}")
+        if options.get("stream_to") is not None and (output_type != "np" or len(prompts) > 1):
+            raise ValueError("stream_to writes the uint8 frames of one video as units finish; leave output_type at "
+                             "'np' and make one video")
+        options.update(_inference_steps(num_inference_steps, options, self.scheduler.config.stages))
+        generators, seed = self._generators(generator, seed, len(prompts))
+        self._interrupt = False
+        videos = []
+        for video_prompt, video_generator in zip(prompts, generators):
+            if videos and self._stop_requested():
+                break
+            videos.append(self._generate_video(mode, video_prompt, condition_frames, generator=video_generator, seed=seed,
+                                               decode=output_type != "latent", **options))
+        interrupted = len(videos) < len(prompts) or videos[-1].interrupted
+        settings = videos[0].settings
+        if listed or num_videos_per_prompt != 1:
+            settings = {**settings, "num_videos_per_prompt": int(num_videos_per_prompt), "interrupted": interrupted}
+            if listed:
+                settings["prompt"] = list(prompt)
+        latents = _batched([video.latents[0] for video in videos], torch.stack)
+        frames = _video_output([video.frames for video in videos], latents, output_type)
+        if not return_dict:
+            return frames, settings
+        return PyramidFlowPipelineOutput(frames=frames, latents=latents, fps=self.spec.fps, interrupted=interrupted,
+                                         settings=settings)
+
+    def _generators(self, generator, seed, count: int) -> tuple:
+        """(one torch.Generator per video, the seed recorded): the given list, or one generator shared by all."""
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != count or not all(isinstance(g, torch.Generator) for g in generator):
+                raise ValueError(f"a generator list needs one torch.Generator per video ({count}); got {len(generator)} "
+                                 f"item(s)")
+            return list(generator), seed
+        if generator is None:
+            seed = secrets.randbelow(2**63) if seed is None else int(seed)
+            if self.parallel is not None:  # the same noise on every rank
+                seed = self.parallel.agree(seed)
+            generator = torch.Generator().manual_seed(seed)
+        elif not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator or a list of one per video; got {type(generator).__name__}")
+        return [generator] * count, seed
+
+    def _generate_video(self, mode, prompt, condition_frames, *, generator, seed, decode: bool, negative_prompt=None,
+                        num_frames=None, duration=None, height=None, width=None, first_frame_steps=None, video_steps=None,
+                        guidance_scale=None, video_guidance_scale=None, video_guidance_decay=False, cache=None,
+                        cache_threshold=None, prompt_embeds: Optional[PromptEmbeddings] = None,
+                        negative_prompt_embeds: Optional[PromptEmbeddings] = None,
+                        callback_on_step_end: Optional[Callable] = None,
+                        callback_on_step_end_tensor_inputs=("latents",), storyboard=None, stream_to=None) -> "_Video":
+        """One video with `generator`; uint8 frames unless `decode` is False or they were streamed."""
         spec = self.spec
         storyboard = _storyboard_of(prompt, storyboard)
         if storyboard is not None:
@@ -333,19 +407,15 @@ class PyramidFlowPipeline(PyramidLoraLoaderMixin, DiffusionPipeline):
         if cache is None and standing is not None:
             cache = standing[0]
             cache_threshold = standing[1] if cache_threshold is None else cache_threshold
-        sampling = self.family.sampling.filled(first_frame_steps=first_frame_steps, video_steps=video_steps,
-                                               guidance_scale=guidance_scale, video_guidance_scale=video_guidance_scale,
-                                               cache=cache, cache_threshold=cache_threshold)
+        sampling = self.family.sampling.for_mode(mode).filled(
+            first_frame_steps=first_frame_steps, video_steps=video_steps, guidance_scale=guidance_scale,
+            video_guidance_scale=video_guidance_scale, cache=cache, cache_threshold=cache_threshold)
         cache, cache_threshold = check_cache_options(sampling.cache, sampling.cache_threshold)
         first_frame_steps = _check_steps(sampling.first_frame_steps, "first_frame_steps", self.scheduler.config.stages)
         video_steps = _check_steps(sampling.video_steps, "video_steps", self.scheduler.config.stages)
         guidance_scale, video_guidance_scale = sampling.guidance_scale, sampling.video_guidance_scale
         _check_guidance(guidance_scale, "guidance_scale")
         _check_guidance(video_guidance_scale, "video_guidance_scale")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}; got {output_type!r}")
-        if stream_to is not None and output_type != "np":
-            raise ValueError("stream_to writes uint8 frames as units finish; leave output_type at 'np'")
         tensor_inputs = list(callback_on_step_end_tensor_inputs or ())
         unknown = [name for name in tensor_inputs if name not in self._callback_tensor_inputs]
         if unknown:
@@ -353,11 +423,6 @@ class PyramidFlowPipeline(PyramidLoraLoaderMixin, DiffusionPipeline):
         if duration is not None:
             num_frames = frames_for_duration(duration, spec.fps, spec.frames_per_latent, new_frames_only=mode == "extend_video")
         history_frames, new_units = self._plan_units(mode, num_frames, condition_frames)
-        if generator is None:
-            seed = secrets.randbelow(2**63) if seed is None else int(seed)
-            if self.parallel is not None:  # the same noise on every rank
-                seed = self.parallel.agree(seed)
-            generator = torch.Generator().manual_seed(seed)
         device = self._execution_device
 
         scale = self.vae.spatial_scale
@@ -395,9 +460,10 @@ class PyramidFlowPipeline(PyramidLoraLoaderMixin, DiffusionPipeline):
                 decode_unit(history, keep=mode != "extend_video")
 
         enable_step_cache(self.transformer, cache, cache_threshold)
-        self._interrupt, self._progress = False, None
+        self._progress = None
         finished = list(history.split(1, dim=2)) if history is not None else []
         step_index = 0
+        progress_bar = self.progress_bar(total=_step_count(len(finished), total_units, first_frame_steps, video_steps))
 
         def on_step(progress: Progress, t, x):
             nonlocal step_index
@@ -413,15 +479,17 @@ class PyramidFlowPipeline(PyramidLoraLoaderMixin, DiffusionPipeline):
                 if decode_unit is not None:
                     decode_unit(x)
             step_index += 1
+            progress_bar.update()
             return x
 
-        latents, interrupted = sample_video(
-            velocity_for_unit, self.scheduler, latent_shape, history, first_frame_steps, video_steps,
-            generator=generator, on_step=on_step, stop=self._stop_requested, device=device,
-        )
+        with progress_bar:
+            latents, interrupted = sample_video(
+                velocity_for_unit, self.scheduler, latent_shape, history, first_frame_steps, video_steps,
+                generator=generator, on_step=on_step, stop=self._stop_requested, device=device,
+            )
         if latents is None:  # stopped before the first unit was finished
             latents = torch.zeros(*latent_shape[:2], 0, *latent_shape[3:], device=device)
-        frames = self.decode_latents(latents) if output_type != "latent" and stream_to is None else None
+        frames = self.decode_latents(latents) if decode and stream_to is None else None
         if mode == "extend_video" and frames is not None:
             frames = np.concatenate([to_frames(condition), frames[history_frames:]])
         settings = {
@@ -441,11 +509,7 @@ class PyramidFlowPipeline(PyramidLoraLoaderMixin, DiffusionPipeline):
             settings["prompt_embeds"] = "given"
         if storyboard is not None:
             settings["storyboard"] = storyboard.to_settings()
-        if output_type == "pil" and frames is not None:
-            frames = [Image.fromarray(frame) for frame in frames]
-        if not return_dict:
-            return frames, settings
-        return PyramidFlowPipelineOutput(frames=frames, latents=latents, fps=spec.fps, interrupted=interrupted, settings=settings)
+        return _Video(frames, latents, interrupted, settings)
 
     @property
     def _latent_channels(self) -> int:
@@ -579,6 +643,58 @@ def _storyboard_of(prompt, storyboard) -> Optional[Storyboard]:
     if isinstance(prompt, (Storyboard, list, tuple)):
         return Storyboard.coerce(prompt)
     return None
+
+
+def _prompt_batch(prompt, num_videos_per_prompt, prompt_embeds) -> tuple:
+    """(the prompt of each video, whether `prompt` is a list of prompts): a list of strings is a list of prompts (a
+    list of (seconds, prompt) pairs stays a storyboard), each repeated `num_videos_per_prompt` times."""
+    if isinstance(num_videos_per_prompt, bool) or not isinstance(num_videos_per_prompt, (int, np.integer)) \
+            or num_videos_per_prompt < 1:
+        raise ValueError(f"num_videos_per_prompt must be a whole number of at least 1; got {num_videos_per_prompt!r}")
+    listed = isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(isinstance(each, str) for each in prompt)
+    if listed and prompt_embeds is not None:
+        raise ValueError("prompt_embeds hold the embeddings of one prompt; give a list of prompts or prompt_embeds, not both")
+    prompts = list(prompt) if listed else [prompt]
+    return [each for each in prompts for _ in range(int(num_videos_per_prompt))], listed
+
+
+def _inference_steps(num_inference_steps, options: dict, stages: int) -> dict:
+    """first_frame_steps and video_steps from diffusers' `num_inference_steps`: N steps in every stage of every unit."""
+    if num_inference_steps is None:
+        return {}
+    if options.get("first_frame_steps") is not None or options.get("video_steps") is not None:
+        raise ValueError("give num_inference_steps or first_frame_steps / video_steps, not both")
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)) \
+            or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be a whole number of at least 1 (the steps of every pyramid stage); "
+                         f"got {num_inference_steps!r}")
+    steps = (int(num_inference_steps),) * stages
+    return {"first_frame_steps": steps, "video_steps": steps}
+
+
+def _step_count(first_unit: int, total_units: int, first_frame_steps, video_steps) -> int:
+    """Transformer steps of units first_unit..total_units - 1: unit 0 takes first_frame_steps, later ones video_steps."""
+    return sum(sum(first_frame_steps if unit == 0 else video_steps) for unit in range(first_unit, total_units))
+
+
+def _batched(videos: list, stack: Callable):
+    """The videos (arrays or tensors) as one batch [B, ...] when their shapes agree, else the list of them."""
+    if len(videos) == 1:
+        return videos[0][None]
+    return stack(videos) if all(video.shape == videos[0].shape for video in videos) else videos
+
+
+def _video_output(frames: list, latents, output_type: str):
+    """The output's `frames` from each video's uint8 frames (None when streamed) and the batched latents."""
+    if output_type == "latent":
+        return latents
+    if frames[0] is None:
+        return None
+    if output_type == "pil":
+        return [[Image.fromarray(frame) for frame in video] for video in frames]
+    if output_type == "pt":  # diffusers' video layout: [B, T, C, H, W] in [0, 1]
+        return _batched([torch.from_numpy(video).permute(0, 3, 1, 2).float() / 255 for video in frames], torch.stack)
+    return _batched(frames, np.stack)
 
 
 def _check_prompt(prompt, required: bool) -> str:

@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--guidance", dest="guidance_scale", type=float, metavar="G",
                           help="guidance scale of the first frame (default: the model's; 7 for the published checkpoints)")
     sampling.add_argument("--video-guidance", dest="video_guidance_scale", type=float, metavar="G",
-                          help="guidance scale of later frames (default: the model's; 5 for the published checkpoints)")
+                          help="guidance scale of later frames (default: the model's; 5 for the published checkpoints, "
+                               "4 when animating an image)")
 
     model = generate.add_argument_group("model and memory")
     model.add_argument("--model", metavar="PATH_OR_REPO", help="checkpoint folder or hub repo id (default: bundled)")
@@ -396,7 +397,9 @@ def _make_folder(folder: Path, report: bool) -> None:
 def load_pipeline(model: ModelOptions):
     from model_core import PyramidFlowPipeline
 
-    return PyramidFlowPipeline.from_pretrained(model_source(model.model), **model.to_load_kwargs())
+    pipe = PyramidFlowPipeline.from_pretrained(model_source(model.model), **model.to_load_kwargs())
+    pipe.set_progress_bar_config(disable=True)  # the CLI reports progress from its step callback
+    return pipe
 
 
 def save_queue(request: Request, path: Path) -> int:

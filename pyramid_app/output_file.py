@@ -15,8 +15,8 @@ def sweep_leftovers(folders) -> list:
 def save(result, out: Path) -> Path:
     """Write a whole result with its settings: a .png holds its first frame, an .mp4 every frame."""
     if out.suffix.lower() == ".png":
-        return write_image(result.frames[0], out, result.settings)
-    return write_video(result.frames, out, result.fps, result.settings)
+        return write_image(result.frames[0][0], out, result.settings)
+    return write_video(result.frames[0], out, result.fps, result.settings)
 
 
 class OutputFile:
@@ -46,9 +46,9 @@ class OutputFile:
     def save(self, result) -> int:
         """Finish the file with the result's settings; returns how many frames it holds (0: nothing was saved)."""
         if not self.streamed:
-            if self.keep and len(result.frames):
+            if self.keep and len(result.frames[0]):
                 save(result, self.path)
-            return len(result.frames)
+            return len(result.frames[0])
         if self._writer is not None and self.frames_written:
             self._writer.close(result.settings)
         return self.frames_written

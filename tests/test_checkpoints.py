@@ -35,7 +35,7 @@ def write_settings(root, **settings):
 
 def test_published_families_sample_with_the_recommended_settings():
     for family in FAMILIES.values():
-        assert family.sampling == SamplingDefaults((20, 20, 20), (10, 10, 10), 7.0, 5.0)
+        assert family.sampling == SamplingDefaults((20, 20, 20), (10, 10, 10), 7.0, 5.0, image_to_video_guidance_scale=4.0)
 
 
 def test_a_checkpoint_names_its_own_sampling_defaults(tmp_path):

@@ -34,7 +34,7 @@ class WorldPipeline:
     def clip(self, prompt, seed):
         if self.recolor:
             prompt = prompt.replace(parse_prompt(prompt)[0], self.recolor)
-        return SimpleNamespace(frames=render_clip(prompt, seed))
+        return SimpleNamespace(frames=render_clip(prompt, seed)[None])  # batched, as the pipeline's output
 
     def text_to_video(self, prompt, seed, num_frames, **options):
         return self.clip(prompt, seed)

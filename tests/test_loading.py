@@ -30,7 +30,7 @@ def test_official_layout_loads_end_to_end(checkpoint):
     assert (pipe.family.name, pipe.variant) == (family, "384p")
     assert type(pipe.transformer).__name__ == ("PyramidMMDiT" if family == "sd3" else "PyramidFluxTransformer")
     out = pipe.text_to_image("a red circle", first_frame_steps=(1, 1, 1), seed=0)
-    assert out.frames.shape == (1, 64, 64, 3)
+    assert out.frames[0].shape == (1, 64, 64, 3)
 
 
 def test_family_and_variant_can_be_named(checkpoint):
@@ -135,7 +135,7 @@ def test_hub_id_resolves_through_the_hub_cache(checkpoint, tmp_path, monkeypatch
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
     pipe = PyramidFlowPipeline.from_pretrained(repo)
     assert pipe.checkpoint.root == snapshot
-    assert pipe.text_to_image("a cube", first_frame_steps=(1, 1, 1), seed=1).frames.shape == (1, 64, 64, 3)
+    assert pipe.text_to_image("a cube", first_frame_steps=(1, 1, 1), seed=1).frames[0].shape == (1, 64, 64, 3)
 
 
 def test_loads_in_parallel_threads_leave_module_construction_alone(checkpoint):

@@ -86,5 +86,5 @@ def test_pipeline_fp8_on_cuda_computes_in_float8_where_it_can(tmp_path):
     checkpoint = build_tiny_checkpoint(tmp_path / "miniflux", "miniflux")
     pipe = PyramidFlowPipeline.from_pretrained(checkpoint, device="cuda", torch_dtype="bfloat16", quantize="fp8")
     out = pipe.text_to_video("a red circle", num_frames=9, seed=0, **FAST)
-    assert out.frames.shape == (9, 64, 64, 3)
+    assert out.frames[0].shape == (9, 64, 64, 3)
     assert out.settings["fp8"] == ("compute" if fp8_compute_supported(device) else "storage")

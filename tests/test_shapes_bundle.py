@@ -70,7 +70,7 @@ def test_pipeline_loads_the_bundle_and_generates(bundled):
     pipe = PyramidFlowPipeline.from_pretrained(bundled[0] / "work" / "model", device="cpu")
     result = pipe.text_to_video("a red circle moving right", num_frames=9, first_frame_steps=(1, 1, 1),
                                 video_steps=(1, 1, 1), seed=0)
-    assert result.frames.shape == (9, 64, 64, 3) and result.fps == 8
+    assert result.frames[0].shape == (9, 64, 64, 3) and result.fps == 8
 
 
 def test_rerun_skips_finished_phases(bundled):

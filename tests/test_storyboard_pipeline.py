@@ -57,7 +57,7 @@ def embedding(pipe, prompt):
 
 def test_two_segments_with_the_bundled_model_give_the_summed_frame_count(bundled):
     out = bundled(RIGHT_THEN_LEFT, seed=0, **FAST)
-    assert out.frames.shape == (9 + 8, 64, 64, 3)
+    assert out.frames[0].shape == (9 + 8, 64, 64, 3)
     assert out.settings["storyboard"] == {"segments": [{"seconds": 1.0, "prompt": "a red circle moving right"},
                                                        {"seconds": 1.0, "prompt": "a red circle moving left"}],
                                           "blend": False}
@@ -93,18 +93,18 @@ def test_one_segment_equals_text_to_video_bit_for_bit(bundled):
 def test_image_and_extension_take_a_storyboard(tiny, monkeypatch):
     image = np.full((64, 64, 3), 120, np.uint8)
     out = tiny.image_to_video(image, storyboard=[(1, "red"), (1, "blue")], seed=0, **FAST)
-    assert out.frames.shape[0] == 17 and out.settings["mode"] == "image_to_video"
+    assert out.frames[0].shape[0] == 17 and out.settings["mode"] == "image_to_video"
     seen = texts_per_unit(tiny, monkeypatch)
-    clip = tiny.text_to_video("red", num_frames=9, seed=0, **FAST).frames
+    clip = tiny.text_to_video("red", num_frames=9, seed=0, **FAST).frames[0]
     seen.clear()
     extended = tiny.extend_video(clip, [(1, "blue"), (1, "green")], seed=1, **FAST)
-    assert extended.frames.shape[0] == 9 + 16 and np.array_equal(extended.frames[:9], clip)
+    assert extended.frames[0].shape[0] == 9 + 16 and np.array_equal(extended.frames[0][:9], clip)
     assert [torch.equal(t, embedding(tiny, p)) for t, p in zip(seen, ("blue", "green"))] == [True, True]
 
 
 def test_settings_round_trip_through_the_mp4_and_reuse(bundled, tmp_path):
     out = bundled(RIGHT_THEN_LEFT, seed=3, **FAST)
-    path = write_video(out.frames, tmp_path / "story.mp4", out.fps, out.settings)
+    path = write_video(out.frames[0], tmp_path / "story.mp4", out.fps, out.settings)
     settings = gallery.saved_settings(path)
     assert settings["storyboard"] == out.settings["storyboard"]
     values = gallery.control_values(settings)
@@ -127,7 +127,7 @@ def test_bad_storyboards_are_refused_with_a_sentence(tiny, call, message):
 
 def test_videos_run_past_the_published_length_up_to_twenty_seconds(tiny):
     out = tiny.text_to_video("x", num_frames=25, seed=0, **FAST)  # the checkpoint's trained maximum is 17
-    assert out.frames.shape[0] == 25 and out.latents.shape[2] == 4
+    assert out.frames[0].shape[0] == 25 and out.latents.shape[2] == 4
     with pytest.raises(ValueError, match="at most 161 for this model"):
         tiny.text_to_video("x", num_frames=169)
 
@@ -135,15 +135,15 @@ def test_videos_run_past_the_published_length_up_to_twenty_seconds(tiny):
 @pytest.mark.parametrize("mode", ["text_to_video", "image_to_video", "extend_video"])
 def test_streamed_frames_equal_the_decoded_output(tiny, mode):
     inputs = {"text_to_video": (), "image_to_video": (np.full((64, 64, 3), 90, np.uint8),),
-              "extend_video": (tiny.text_to_video("a", num_frames=9, seed=2, **FAST).frames,)}[mode]
+              "extend_video": (tiny.text_to_video("a", num_frames=9, seed=2, **FAST).frames[0],)}[mode]
     length = 16 if mode == "extend_video" else 25
     whole = getattr(tiny, mode)(*inputs, "x", num_frames=length, seed=5, **FAST)
     sink = FrameList()
     streamed = getattr(tiny, mode)(*inputs, "x", num_frames=length, seed=5, stream_to=sink, **FAST)
-    assert streamed.frames is None and streamed.settings["num_frames"] == len(sink.frames) == len(whole.frames)
+    assert streamed.frames is None and streamed.settings["num_frames"] == len(sink.frames) == len(whole.frames[0])
     assert len(sink.chunks) == {"text_to_video": 4, "image_to_video": 4, "extend_video": 3}[mode]
-    assert np.abs(sink.frames.astype(int) - whole.frames).max() <= 1  # float rounding of the chunked causal decode
-    assert streamed.settings == {**whole.settings, "num_frames": len(whole.frames)}
+    assert np.abs(sink.frames.astype(int) - whole.frames[0]).max() <= 1  # float rounding of the chunked causal decode
+    assert streamed.settings == {**whole.settings, "num_frames": len(whole.frames[0])}
 
 
 # --- the command line: --storyboard FILE, also into a queue ---------------------------------------------

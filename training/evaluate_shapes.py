@@ -41,7 +41,7 @@ def score(frames_of, pairs, names: tuple) -> dict:
 
 def text_to_video_frames(pipe, options: dict):
     def frames_of(prompt, seed):
-        return pipe.text_to_video(prompt, seed=seed, num_frames=NUM_FRAMES, **options).frames
+        return pipe.text_to_video(prompt, seed=seed, num_frames=NUM_FRAMES, **options).frames[0]
 
     return frames_of
 
@@ -60,7 +60,7 @@ def vae_round_trip_frames(pipe):
 def image_to_video_frames(pipe, options: dict):
     def frames_of(prompt, seed):
         first = render_clip(prompt, seed, num_frames=1)[0]
-        return pipe.image_to_video(first, prompt, seed=seed, num_frames=NUM_FRAMES, **options).frames
+        return pipe.image_to_video(first, prompt, seed=seed, num_frames=NUM_FRAMES, **options).frames[0]
 
     return frames_of
 
@@ -68,7 +68,7 @@ def image_to_video_frames(pipe, options: dict):
 def extension_frames(pipe, options: dict):
     def frames_of(prompt, seed):
         context = render_clip(prompt, seed)[:EXTENSION_CONTEXT]
-        frames = pipe.extend_video(context, prompt, seed=seed, num_frames=NUM_FRAMES - EXTENSION_CONTEXT, **options).frames
+        frames = pipe.extend_video(context, prompt, seed=seed, num_frames=NUM_FRAMES - EXTENSION_CONTEXT, **options).frames[0]
         return frames[EXTENSION_CONTEXT - 1 :]  # the last given frame, then the new ones
 
     return frames_of
@@ -147,6 +147,7 @@ def main(argv=None) -> int:
                                                guidance_scale=args.guidance_scale,
                                                video_guidance_scale=args.video_guidance_scale, cache=args.cache,
                                                cache_threshold=args.cache_threshold))
+    del options["image_to_video_guidance_scale"]  # not a call option: every mode is scored at video_guidance_scale
     pairs = world_pairs(args.world_seed, args.stream, args.count)
     report({"model": str(args.model), "stream": args.stream, **evaluate(pipe, pairs, options, args.speed_runs)}, args.out)
     return 0

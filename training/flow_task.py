@@ -141,4 +141,4 @@ class FlowTask:
                 options[key] = tuple(validation[key])
         for index, prompt in enumerate(validation["prompts"]):
             result = pipe.text_to_video(prompt, seed=validation.get("seed", 0), **options)
-            write_video(result.frames, out_dir / f"{index:02d}.mp4", result.fps, result.settings)
+            write_video(result.frames[0], out_dir / f"{index:02d}.mp4", result.fps, result.settings)

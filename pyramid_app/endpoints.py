@@ -7,11 +7,13 @@ decoding an upload; any failure reaches the client as one `gr.Error` sentence.
 """
 import asyncio
 import functools
+import json
 import logging
 import os
 import secrets
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import gradio as gr
@@ -22,6 +24,7 @@ from tqdm.auto import tqdm
 
 from model_core.loading import check_contained
 from model_core.lora import find_loras
+from model_core.media_files import read_image, read_video
 from model_core.sampling import Progress
 
 from . import gallery, limits
@@ -35,7 +38,7 @@ from model_core.storyboard import Storyboard
 
 from .settings import STAGE_COUNT, GenerationOptions, ModelOptions
 from .studio_blocks import FILE_INPUTS
-from .studio_queue import INPUTS_FOLDER, Admission, StudioQueues, job_id_at, queue_rows
+from .studio_queue import INPUTS_FOLDER, QUEUE_EXPORT, Admission, StudioQueues, job_id_at, queue_badge, queue_rows
 from .uploads import HOSTED_DECODE_BYTES, LOCAL_DECODE_BYTES, DecodeBudget, ReceivedFiles, decoded_upload, header_check
 
 THUMBNAIL_SIDE = 160
@@ -48,6 +51,8 @@ STOPPING = "Stopping after the current step; the finished frames will be savedâ€
 NOTHING_FINISHED = "Stopped before the first frame was finished; nothing was saved."
 UPLOAD_KIND = {"image_to_video": "image", "extend_video": "video"}  # the parameter's name
 MISSING_UPLOAD = {"image_to_video": "Upload an image to animate first.", "extend_video": "Upload a video clip to extend first."}
+STEP_NAMES = ("first_frame_steps", "video_steps")
+GUIDANCE_NAMES = ("guidance_scale", "video_guidance_scale")
 LOG = logging.getLogger(__name__)
 
 
@@ -66,6 +71,7 @@ class Endpoints:
         self.pipelines = pipelines or PipelineCache()
         self.stops = StopSwitches()
         self.device_lock = threading.Lock()  # one generation at a time: Generate or a queued job
+        self._exported = {}  # export file -> a hash of the queue state it holds
         self.queues = StudioQueues(self.output_dir, self.pipelines, self.device_lock, save,
                                    read_input=functools.partial(decoded_upload, budget=self.decode_budget),
                                    session_folder=self.outputs.folder if self.menu.hosted else None,
@@ -187,9 +193,7 @@ class Endpoints:
 
     def _lora(self, name, weight) -> tuple:
         """The picked LoRA as ((path, weight),), or () for none; only names from the LoRA folder are accepted."""
-        weight = 1.0 if weight is None else weight
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= LORA_WEIGHT_MAX:
-            raise ValueError(f"the LoRA weight must be a number from 0 to {LORA_WEIGHT_MAX:g}; got {limits.shown(weight)}")
+        weight = lora_weight(weight)
         if name in (None, "", gallery.NO_LORA):
             return ()
         if not isinstance(name, str) or name not in self.loras:
@@ -231,12 +235,35 @@ class Endpoints:
         except (*USER_ERRORS, OSError) as error:
             raise gr.Error(reply(error), print_exception=False) from None
         queue = self.queues.queue(session)
-        return queue_rows(queue), f"Queued as #{[j.id for j in queue.jobs].index(job.id) + 1}: {job.text or mode}"
+        queued = f"Queued as #{[j.id for j in queue.jobs].index(job.id) + 1}: {job.text or gallery.MODE_LABELS[mode]}"
+        gr.Info(f"{queued}. It runs after the jobs before it; its result joins this session's outputs.")
+        return self.rows(queue), queued
 
-    def queue_view(self, request: gr.Request = None):
-        """The rows of the caller's queue and whether it is paused."""
+    def rows(self, queue) -> list:
+        """The queue's table rows, a finished job's output described as in the gallery."""
+        return queue_rows(queue, _output_summary)
+
+    def queue_view(self, history: list, request: gr.Request = None, announce: bool = True) -> tuple:
+        """The caller's queue: (rows, paused, panel title, export file, history, gallery items). The outputs of finished
+        jobs not yet in `history` join it (else history and gallery are gr.skip()), each told in a toast if
+        `announce`."""
         queue = self.queues.queue(_session(request))
-        return queue_rows(queue), queue.paused
+        known = {entry["path"] for entry in history or []}
+        added = history or []
+        for position, job in enumerate(queue.jobs, start=1):
+            settings = _saved_settings(job.output) if job.state == "done" and job.output not in known else None
+            if settings is not None:
+                added = gallery.add(added, job.output, settings)
+                if announce:
+                    gr.Info(f"Queued job #{position} is done: {gallery.caption(settings)}. "
+                            "It is in this session's outputs.")
+        changed = len(added) != len(history or [])
+        return (self.rows(queue), queue.paused, gr.update(label=queue_badge(queue)), self._queue_export(queue),
+                added if changed else gr.skip(), gallery.gallery_items(added) if changed else gr.skip())
+
+    def queue_badge(self, request: gr.Request = None):
+        """The queue panel's title, saying what the caller's queue holds."""
+        return gr.update(label=queue_badge(self.queues.queue(_session(request))))
 
     def queue_action(self, action: str, position=None, request: gr.Request = None):
         """up / down / remove the job at `position`, pause / resume, clear (finished jobs); returns the rows."""
@@ -257,11 +284,16 @@ class Endpoints:
                 queue.clear()
         except ValueError as error:
             raise gr.Error(reply(error), print_exception=False) from None
-        return queue_rows(queue)
+        return self.rows(queue)
 
-    def export_queue(self, request: gr.Request = None) -> str:
-        queue = self.queues.queue(_session(request))
-        return str(queue.export(queue.path.parent / "queue-export.json"))
+    def _queue_export(self, queue) -> str:
+        """The queue as a file for the Export button, written again only when the queue changed."""
+        path = queue.path.parent / QUEUE_EXPORT
+        state = hash(json.dumps([[asdict(job) for job in queue.jobs], queue.paused]))
+        if self._exported.get(path) != state or not path.is_file():
+            queue.export(path)
+            self._exported[path] = state
+        return str(path)
 
     def import_queue(self, sent, request: gr.Request = None):
         """Append the jobs of an exported queue file (local mode: a hosted queue ends with its server)."""
@@ -274,7 +306,7 @@ class Endpoints:
         except (*USER_ERRORS, OSError) as error:
             raise gr.Error(reply(error), print_exception=False) from None
         self.queues.start(session)
-        return queue_rows(queue)
+        return self.rows(queue)
 
     # --- helpers behind the other controls ----------------------------------------------------
 
@@ -313,6 +345,28 @@ def storyboard_of(table) -> Storyboard:
             raise ValueError(f"storyboard row {number} needs its seconds as a number and a prompt") from None
         pairs.append((seconds, limits.prompt(text if text is not None else "", f"the prompt of storyboard row {number}")))
     return Storyboard.coerce(pairs)
+
+
+@functools.lru_cache(maxsize=1024)
+def _saved_settings(path: str):
+    """The settings a finished queued job's output carries (None: unreadable or gone); read once per file."""
+    try:
+        return gallery.saved_settings(path)
+    except (ValueError, OSError):
+        return None
+
+
+def _output_summary(path: str) -> str:
+    """What a finished queued job made, as its gallery caption says it, and where it is."""
+    settings = _saved_settings(path)
+    return f"{gallery.details(settings)} Â· in this session's outputs" if settings else Path(path).name
+
+
+def output_thumbnails(path: str) -> list:
+    """The frame strip of an output file: its frames (or image) scaled down to thumbnails as they are decoded."""
+    cover = (THUMBNAIL_SIDE, THUMBNAIL_SIDE)
+    frames = read_image(path, cover=cover)[None] if path.endswith(".png") else read_video(path, cover=cover)[0]
+    return _thumbnails(frames)
 
 
 def _failure_sentence(error: Exception, mode: str) -> str:
@@ -355,26 +409,64 @@ def _generation_options(mode, controls, num_frames, spec, seeded: bool = True, s
     it and no num_frames is passed on) checked against the model's limits. A storyboard may run to the long-video
     length where `long_video` (local mode); the slider, and every length in hosted mode, stops at the published one."""
     extension = mode == "extend_video"
-    low, high, step = length_limits(spec, extension, long_video=long_video and storyboard is not None)
     if storyboard is not None:
-        num_frames = storyboard.num_frames(spec.fps, spec.frames_per_latent, continues=extension)
-        if num_frames > high:
-            where = "in the studio" if long_video else "on this hosted studio"
-            raise ValueError(f"the storyboard lasts {storyboard.seconds:g} s ({num_frames} frames); this model makes at "
-                             f"most {high} frames ({high / spec.fps:.1f} s) {where}: shorten its segments")
-    low_steps, high_steps = limits.STEPS_RANGE
-    steps = {name: tuple(limits.whole(controls[gallery.step_control(name, stage)], f"{name} (stage {stage + 1})",
-                                      low_steps, high_steps) for stage in range(STAGE_COUNT))
-             for name in ("first_frame_steps", "video_steps")}
-    guidance = {name: limits.number(controls[name], name, *limits.GUIDANCE_RANGE)
-                for name in ("guidance_scale", "video_guidance_scale")}
-    if mode != "text_to_image":
-        num_frames = limits.frame_count(num_frames, low, high, step, what="new frames" if extension else "num_frames")
+        num_frames = storyboard_frames(storyboard, spec, extension, long_video)
+    steps = {name: tuple(NUMBER_CHECKS[gallery.step_control(name, stage)](controls[gallery.step_control(name, stage)])
+                         for stage in range(STAGE_COUNT)) for name in STEP_NAMES}
+    guidance = {name: NUMBER_CHECKS[name](controls[name]) for name in GUIDANCE_NAMES}
+    if mode != "text_to_image" and storyboard is None:
+        num_frames = checked_frames(num_frames, spec, extension)
     negative = limits.prompt(controls["negative_prompt"], "the negative prompt")
     options = GenerationOptions(negative_prompt=negative or None,
                                 num_frames=None if mode == "text_to_image" or storyboard is not None else num_frames,
                                 seed=limits.seed(controls["seed"]), **guidance, **steps, **limits.cache_controls(controls))
     return options.seeded() if seeded else options
+
+
+def checked_frames(value, spec, extension: bool) -> int:
+    """A slider-free length check: `value` frames (new frames for an extension) must be one the model makes."""
+    low, high, step = length_limits(spec, extension)
+    return limits.frame_count(value, low, high, step, what="new frames" if extension else "num_frames")
+
+
+def storyboard_frames(storyboard: Storyboard, spec, extension: bool, long_video: bool) -> int:
+    """The frames a storyboard's seconds make, within the long-video length where `long_video` (local mode), else
+    within the published one."""
+    low, high, step = length_limits(spec, extension, long_video=long_video)
+    num_frames = storyboard.num_frames(spec.fps, spec.frames_per_latent, continues=extension)
+    if num_frames > high:
+        where = "in the studio" if long_video else "on this hosted studio"
+        raise ValueError(f"the storyboard lasts {storyboard.seconds:g} s ({num_frames} frames); this model makes at "
+                         f"most {high} frames ({high / spec.fps:.1f} s) {where}: shorten its segments")
+    return limits.frame_count(num_frames, low, high, step, what="new frames" if extension else "num_frames")
+
+
+def lora_weight(weight) -> float:
+    """The LoRA weight from 0 to LORA_WEIGHT_MAX (None: 1)."""
+    weight = 1.0 if weight is None else weight
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= LORA_WEIGHT_MAX:
+        raise ValueError(f"the LoRA weight must be a number from 0 to {LORA_WEIGHT_MAX:g}; got {limits.shown(weight)}")
+    return float(weight)
+
+
+NUMBER_CHECKS = {  # number control -> the check the endpoints apply to it (a ValueError with the API's sentence)
+    **{name: functools.partial(limits.number, name=name, low=limits.GUIDANCE_RANGE[0], high=limits.GUIDANCE_RANGE[1])
+       for name in GUIDANCE_NAMES},
+    **{gallery.step_control(name, stage): functools.partial(limits.whole, name=f"{name} (stage {stage + 1})",
+                                                            low=limits.STEPS_RANGE[0], high=limits.STEPS_RANGE[1])
+       for name in STEP_NAMES for stage in range(STAGE_COUNT)},
+    "cache_threshold": lambda value: limits.cache_controls({"cache_threshold": value})["cache_threshold"],
+    "lora_weight": lora_weight,
+}
+
+
+def refusal(check, *arguments) -> str:
+    """The sentence `check(*arguments)` refuses with, as a client is told it; empty when it passes."""
+    try:
+        check(*arguments)
+    except ValueError as error:
+        return reply(error)
+    return ""
 
 
 def _running_text(stop, progress) -> str:
@@ -399,7 +491,8 @@ def _output_name(mode: str, result) -> str:
 
 def _finished_text(result, out: Path, started: float) -> str:
     frames = len(result.frames[0])
-    length = f"{frames} frames ({frames / result.fps:.1f} s at {result.fps} fps)" if frames > 1 else "1 image"
+    length = ("1 image" if out.suffix == ".png" else
+              f"{frames} frame{'s' if frames > 1 else ''} ({frames / result.fps:.1f} s at {result.fps} fps)")
     seconds = time.monotonic() - started
     if result.interrupted:
         return f"Stopped: kept {length} in `{out.name}` ({seconds:.1f} s)."

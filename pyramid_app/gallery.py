@@ -23,18 +23,23 @@ def gallery_items(history: list) -> list:
     return [(entry["path"], caption(entry["settings"])) for entry in history]
 
 
-def caption(settings: dict) -> str:
+def caption(settings: dict, prompt_chars: int = CAPTION_PROMPT_CHARS) -> str:
+    """'Text → Video · 17 frames · seed 5 — a red ball': what an output is, its prompt cut to `prompt_chars`."""
+    prompt = settings.get("prompt") or ""
+    if len(prompt) > prompt_chars:
+        prompt = prompt[: prompt_chars - 1] + "…"
+    label = f"{MODE_LABELS.get(settings.get('mode'), 'output')} · {details(settings)}"
+    return f"{label} — {prompt}" if prompt else label
+
+
+def details(settings: dict) -> str:
+    """'17 frames · seed 5' (· stopped): an output's length, seed and whether it was stopped."""
     frames = settings.get("num_frames")
-    parts = [MODE_LABELS.get(settings.get("mode"), "output")]
-    if frames and frames > 1:
-        parts.append(f"{frames} frames")
+    parts = [f"{frames} frames"] if frames and frames > 1 else []
     parts.append(f"seed {settings.get('seed')}")
     if settings.get("interrupted"):
         parts.append("stopped")
-    prompt = settings.get("prompt") or ""
-    if len(prompt) > CAPTION_PROMPT_CHARS:
-        prompt = prompt[: CAPTION_PROMPT_CHARS - 1] + "…"
-    return " · ".join(parts) + (f" — {prompt}" if prompt else "")
+    return " · ".join(parts)
 
 
 def saved_settings(path) -> dict:

@@ -3,7 +3,9 @@
 `build_studio()` returns the Blocks; `pyramid_app.serve` launches it. The generation handlers live in
 `endpoints`, the model menu in `catalog`, the session outputs in `gallery`.
 """
+import functools
 from dataclasses import asdict
+from pathlib import Path
 
 import gradio as gr
 import torch
@@ -13,14 +15,16 @@ from model_core.memory import resolve_device
 from model_core.speed import speed_choices
 from model_core.step_cache import CACHE_MODES
 
-from . import gallery, limits
+from . import bundled_prompts, gallery, limits
 from .catalog import ModelMenu, length_limits
-from .endpoints import LORA_WEIGHT_MAX, Endpoints
+from .endpoints import (LORA_WEIGHT_MAX, NUMBER_CHECKS, Endpoints, checked_frames, output_thumbnails, refusal,
+                        storyboard_frames, storyboard_of)
 from .outputs import OUTPUT_MAX_AGE, SWEEP_INTERVAL
 from .replies import reply
 from .studio_blocks import StudioBlocks
 from .settings import (
     ATTENTION_BACKENDS,
+    BUNDLED_MODEL,
     DTYPES,
     OFFLOAD_MODES,
     QUANTIZE_MODES,
@@ -33,17 +37,18 @@ from .uploads import HOSTED_DECODE_BYTES
 from .studio_queue import ADDRESS_QUEUE_CAP, QUEUE_HEADERS, QUEUED_JOB_MAX_AGE, SUBMISSIONS_PER_MINUTE
 
 GENERATION_QUEUE = "generation"  # one concurrency group: one generation at a time on this device
-PLACEHOLDER_SPEC = VARIANTS["384p"]  # slider limits until a model with known limits is picked
+PLACEHOLDER_SPEC = VARIANTS["384p"]  # length limits until a model with known limits is picked
 THEME = gr.themes.Soft(primary_hue="indigo")
 CSS = ("#frames .thumbnail-item { min-width: 48px; }\n"
-       "#result-image img { width: 100%; height: 360px; object-fit: contain; image-rendering: pixelated; }")
-EXAMPLE_PROMPTS = [  # the bundled model's grammar: a {color} {shape} moving {direction}
-    "a blue circle moving right",
-    "a blue square moving up",
-    "a green triangle moving left",
-    "a yellow circle moving down",
-]
+       "#result-image img { width: 100%; height: 360px; object-fit: contain; image-rendering: pixelated; }\n"
+       # the outputs' captions in full, under each thumbnail rather than cut to one line over it
+       "#outputs .thumbnail-item { aspect-ratio: auto; height: auto; display: flex; flex-direction: column; }\n"
+       "#outputs .thumbnail-item video, #outputs .thumbnail-item img { aspect-ratio: 1; height: auto; flex: none; }\n"
+       "#outputs .thumbnail-item > svg { top: 35%; width: 30%; height: 30%; }\n"
+       "#outputs .caption-label { position: static; max-width: none; white-space: normal; overflow-wrap: anywhere; "
+       "border: none; border-top: 1px solid var(--border-color-primary); border-radius: 0; opacity: 1; }")
 HELPERS = dict(api_visibility="private", queue=False)
+QUEUED_HELPER = dict(api_visibility="private", concurrency_limit=None, show_progress="hidden")  # may show a toast
 HOSTED_CAPS_TEXT = (f" Here a clip may take at most {HOSTED_DECODE_BYTES >> 20} MiB once scaled to the model's size "
                     f"(at 768p: {HOSTED_DECODE_BYTES // (1280 * 768 * 3)} frames); outputs are kept for "
                     f"{OUTPUT_MAX_AGE / 3600:g} hours at unguessable addresses.")
@@ -71,10 +76,11 @@ def build_studio(default_model=None, output_dir="outputs", pipelines=None, model
         gr.Markdown("# Pyramid Flow Studio\nVideo generation with Pyramidal Flow Matching.")
         gr.Markdown(limits.CAPS_TEXT + (HOSTED_CAPS_TEXT if hosted else ""), elem_id="caps")
         model_note = gr.Markdown(facts.note, elem_id="model-note")
-        history, selected, fps = gr.State([]), gr.State(None), gr.State(spec.fps)
+        history, selected = gr.State([]), gr.State(None)
         with gr.Row():
             with gr.Column(scale=5):
-                tabs, inputs, buttons, lengths, queue_buttons, storyboards = _mode_tabs(spec)
+                tabs, inputs, buttons, lengths, queue_buttons, storyboards, prompt_notes, grammars = _mode_tabs(
+                    spec, _is_bundled(menu, menu.default))
                 stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
                 controls = {**_model_panel(menu, facts), **_lora_panel(endpoints.loras),
                             **_sampling_panel(facts.sampling), **_memory_panel(), **_speed_panel(facts.sampling, hosted)}
@@ -87,14 +93,15 @@ def build_studio(default_model=None, output_dir="outputs", pipelines=None, model
                 seed_used = gr.Textbox(label="Seed used", interactive=False, elem_id="seed-used")
                 frames = gr.Gallery(label="Frames", columns=9, height=220,
                                     object_fit="contain", fit_columns=False, elem_id="frames")
-        queue_table, queue_status = _queue_panel(endpoints)
+        queue_panel, queue_table, queue_status, queue_paused, queue_export = _queue_panel(endpoints)
         for mode, button in queue_buttons.items():
             button.click(getattr(endpoints, f"queue_{mode}"), inputs[mode], [queue_table, queue_status],
                          api_name=f"queue_{mode}", inputs_kwargs=_with_storyboard(controls, storyboards, mode),
-                         concurrency_limit=None, preprocess=False)  # the handlers check raw values
+                         concurrency_limit=None, preprocess=False,  # the handlers check raw values
+                         ).then(endpoints.queue_badge, None, queue_panel, **HELPERS)
         with gr.Accordion("This session's outputs", open=True):
             with gr.Row():
-                outputs = gr.Gallery(label="Outputs", columns=4, height=260, allow_preview=False,
+                outputs = gr.Gallery(label="Outputs", show_label=False, columns=4, height=380, allow_preview=False,
                                      fit_columns=False, elem_id="outputs")
                 with gr.Column():
                     selected_settings = gr.JSON(label="Settings of the selected output")
@@ -115,39 +122,51 @@ def build_studio(default_model=None, output_dir="outputs", pipelines=None, model
                          ).then(gallery.gallery_items, history, outputs, **HELPERS)
         stop_button.click(endpoints.stop, None, status, api_name="stop", concurrency_limit=None, show_progress="hidden")
 
-        sliders = {mode: inputs[mode][-1] for mode in lengths}
-        model_inputs = [controls["model"], controls["variant"], *sliders.values()]
-        length_outputs = [model_note, fps, *sliders.values(), *lengths.values()]
+        lengths_fields = {mode: inputs[mode][-1] for mode in lengths}
 
-        def lengths_for(choice, variant, *current):
-            model = menu.facts(choice)
-            spec = model.spec(variant)
-            sizes = [_slider_update(spec, value, mode == "extend_video") for mode, value in zip(sliders, current)]
-            rate = spec.fps if spec else None
-            notes = [_length_note(_clamped(spec, value, mode == "extend_video"), rate, mode == "extend_video")
-                     for mode, value in zip(sliders, current)]
-            return [model.note, rate or gr.skip(), *sizes, *notes]
+        def limits_for(choice, variant):
+            """The model's note, and the length fields' ranges for its variant (their values stay as typed)."""
+            spec = menu.facts(choice).spec(variant)
+            return [menu.facts(choice).note, *(_length_field_update(spec, mode == "extend_video")
+                                               for mode in lengths_fields)]
 
-        def model_changed(choice, variant, *current):
+        def model_changed(choice, variant):
             variants = ["auto", *menu.facts(choice).variants]
             variant = variant if variant in variants else "auto"
-            return [gr.update(choices=variants, value=variant), *lengths_for(choice, variant, *current)]
+            return [gr.update(choices=variants, value=variant), *limits_for(choice, variant),
+                    *(gr.update(visible=_is_bundled(menu, choice)) for _ in grammars)]
 
-        controls["model"].change(model_changed, model_inputs, [controls["variant"], *length_outputs], **HELPERS)
+        model_inputs = [controls["model"], controls["variant"]]
+        controls["model"].change(model_changed, model_inputs,
+                                 [controls["variant"], model_note, *lengths_fields.values(), *grammars], **HELPERS)
         sampling_controls = [controls[name] for name in sampling_values(facts.sampling)]
         controls["model"].input(lambda choice: model_sampling(menu.facts(choice)), controls["model"], sampling_controls,
                                 **HELPERS)  # a pick, not a reuse
-        controls["variant"].change(lengths_for, model_inputs, length_outputs, **HELPERS)
-        for mode, slider in sliders.items():
-            slider.change(lambda value, rate, extension=mode == "extend_video": _length_note(value, rate, extension),
-                          [slider, fps], lengths[mode], **HELPERS)
+        controls["variant"].change(limits_for, model_inputs, [model_note, *lengths_fields.values()], **HELPERS)
+        for mode, field in lengths_fields.items():
+            def note(choice, variant, frames, table=None, extension=mode == "extend_video"):
+                return _length_note(menu.facts(choice).spec(variant), frames, table, extension, not hosted)
+
+            sources = [*model_inputs, field, *([storyboards[mode]] if mode in storyboards else [])]
+            gr.on([source.change for source in sources], note, sources, lengths[mode], preprocess=False, **HELPERS)
+        for mode, prompt_note in prompt_notes.items():
+            prompt = inputs[mode][0 if mode in ("text_to_video", "text_to_image") else 1]
+            gr.on([prompt.change, controls["model"].change],
+                  lambda text, choice: bundled_prompts.unseen_words_note(text) if _is_bundled(menu, choice) else "",
+                  [prompt, controls["model"]], prompt_note, **HELPERS)
 
         def select_output(entries, event: gr.SelectData):
-            """The picked output's settings, and the output itself in the Result pane."""
+            """The picked output in the Result pane with its frames, its settings, and what it is in the status line."""
             entry = entries[event.index]
-            image = entry["path"].endswith(".png")
-            return (entry["path"], entry["settings"], gr.update(value=None if image else entry["path"], visible=not image),
-                    gr.update(value=entry["path"] if image else None, visible=image))
+            path, image = entry["path"], entry["path"].endswith(".png")
+            try:
+                strip = output_thumbnails(path)
+            except (ValueError, OSError) as error:
+                raise gr.Error(reply(error), print_exception=False) from None
+            shown = f"Showing `{Path(path).name}`: {gallery.caption(entry['settings'], limits.PROMPT_CHARS)}"
+            return (path, entry["settings"], gr.update(value=None if image else path, visible=not image),
+                    gr.update(value=path if image else None, visible=image), strip, shown,
+                    str(entry["settings"].get("seed", "")))
 
         def reuse(path, request: gr.Request):
             if not path:
@@ -160,48 +179,77 @@ def build_studio(default_model=None, output_dir="outputs", pipelines=None, model
 
         reuse_targets = [tabs, status, *controls.values(), *storyboards.values(),
                          *(component for group in inputs.values() for component in group)]
-        outputs.select(select_output, history, [selected, selected_settings, result_video, result_image], **HELPERS)
+        outputs.select(select_output, history,
+                       [selected, selected_settings, result_video, result_image, frames, status, seed_used], **HELPERS)
         reuse_button.click(reuse, selected, reuse_targets, **HELPERS)
         reuse_file.upload(reuse, reuse_file, reuse_targets, **HELPERS)
+
+        queue_outputs = [queue_table, queue_paused, queue_panel, queue_export, history, outputs]
+        gr.Timer(2.0).tick(endpoints.queue_view, history, queue_outputs, **QUEUED_HELPER)  # finished jobs: a toast
+        demo.load(functools.partial(endpoints.queue_view, announce=False), history, queue_outputs, **QUEUED_HELPER)
     endpoints.admit_uploads_of(demo)
     return demo
 
 
-def _mode_tabs(spec) -> tuple:
-    """The four tabs: per mode its API inputs (upload, prompt, length), Generate button and length note."""
-    inputs, buttons, lengths, queue_buttons, storyboards = {}, {}, {}, {}, {}
+def _mode_tabs(spec, bundled: bool) -> tuple:
+    """The four tabs: per mode its API inputs (upload, prompt, length), Generate button, length note and a note on
+    words the bundled model never saw; the text tabs also show the bundled model's prompt form (`grammars`)."""
+    inputs, buttons, lengths, queue_buttons, storyboards, prompt_notes, grammars = {}, {}, {}, {}, {}, {}, []
     with gr.Tabs(selected="text_to_video") as tabs:
         with gr.Tab("Text → Video", id="text_to_video"):
             prompt = gr.Textbox(label="Prompt", lines=2, placeholder="Describe the video", elem_id="t2v-prompt")
+            prompt_notes["text_to_video"] = gr.Markdown("", elem_id="t2v-prompt-note")
+            grammars.append(_prompt_grammar(prompt, bundled, "t2v-grammar"))
             storyboards["text_to_video"] = _storyboard_table("t2v-storyboard")
-            inputs["text_to_video"] = [prompt, _frames_slider(spec, "Duration (frames)", "t2v-frames")]
-            lengths["text_to_video"] = gr.Markdown(_length_note(spec.max_frames, spec.fps))
+            inputs["text_to_video"] = [prompt, _frames_field(spec, "Duration (frames)", "t2v-frames")]
+            lengths["text_to_video"] = gr.Markdown(_length_note(spec, spec.max_frames), elem_id="t2v-length")
             buttons["text_to_video"] = gr.Button("Generate video", variant="primary", elem_id="t2v-generate")
             queue_buttons["text_to_video"] = gr.Button("Add to queue", elem_id="t2v-queue")
-            gr.Examples([[text] for text in EXAMPLE_PROMPTS], prompt, label="Example prompts for the bundled model",
-                        cache_examples=False)
         with gr.Tab("Image → Video", id="image_to_video"):
             image = gr.Image(label="Image to animate", type="filepath", sources=["upload", "clipboard"], elem_id="i2v-image")
             prompt = gr.Textbox("", label="Prompt (optional)", lines=2, placeholder="How should it move?")
+            prompt_notes["image_to_video"] = gr.Markdown("", elem_id="i2v-prompt-note")
             storyboards["image_to_video"] = _storyboard_table("i2v-storyboard")
-            inputs["image_to_video"] = [image, prompt, _frames_slider(spec, "Duration (frames)", "i2v-frames")]
-            lengths["image_to_video"] = gr.Markdown(_length_note(spec.max_frames, spec.fps))
+            inputs["image_to_video"] = [image, prompt, _frames_field(spec, "Duration (frames)", "i2v-frames")]
+            lengths["image_to_video"] = gr.Markdown(_length_note(spec, spec.max_frames), elem_id="i2v-length")
             buttons["image_to_video"] = gr.Button("Animate image", variant="primary", elem_id="i2v-generate")
             queue_buttons["image_to_video"] = gr.Button("Add to queue", elem_id="i2v-queue")
         with gr.Tab("Extend a video", id="extend_video"):
             video = gr.Video(label="Clip to continue", sources=["upload"], include_audio=True, elem_id="extend-video")
             prompt = gr.Textbox("", label="Prompt (optional)", lines=2, placeholder="What happens next?")
-            new_frames = _frames_slider(spec, "New frames", "extend-frames", extension=True)
+            prompt_notes["extend_video"] = gr.Markdown("", elem_id="extend-prompt-note")
+            new_frames = _frames_field(spec, "New frames", "extend-frames", extension=True)
             inputs["extend_video"] = [video, prompt, new_frames]
-            lengths["extend_video"] = gr.Markdown(_length_note(new_frames.value, spec.fps, extension=True))
+            lengths["extend_video"] = gr.Markdown(_length_note(spec, new_frames.value, extension=True),
+                                                  elem_id="extend-length")
             buttons["extend_video"] = gr.Button("Extend video", variant="primary", elem_id="extend-generate")
             queue_buttons["extend_video"] = gr.Button("Add to queue", elem_id="extend-queue")
         with gr.Tab("Text → Image", id="text_to_image"):
-            inputs["text_to_image"] = [gr.Textbox(label="Prompt", lines=2, placeholder="Describe the image",
-                                                  elem_id="t2i-prompt")]
+            prompt = gr.Textbox(label="Prompt", lines=2, placeholder="Describe the image", elem_id="t2i-prompt")
+            prompt_notes["text_to_image"] = gr.Markdown("", elem_id="t2i-prompt-note")
+            grammars.append(_prompt_grammar(prompt, bundled, "t2i-grammar"))
+            inputs["text_to_image"] = [prompt]
             buttons["text_to_image"] = gr.Button("Generate image", variant="primary", elem_id="t2i-generate")
             queue_buttons["text_to_image"] = gr.Button("Add to queue", elem_id="t2i-queue")
-    return tabs, inputs, buttons, lengths, queue_buttons, storyboards
+    return tabs, inputs, buttons, lengths, queue_buttons, storyboards, prompt_notes, grammars
+
+
+def _prompt_grammar(prompt, bundled: bool, elem_id) -> gr.Column:
+    """The bundled model's prompt form and examples that fill `prompt` when clicked; shown while it is picked."""
+    with gr.Column(visible=bundled, elem_id=elem_id) as grammar:
+        gr.Markdown(bundled_prompts.GRAMMAR_TEXT)
+        gr.Examples([[text] for text in bundled_prompts.EXAMPLE_PROMPTS], prompt, label="Examples (click one)",
+                    cache_examples=False)
+    return grammar
+
+
+def _is_bundled(menu, choice) -> bool:
+    """Whether the menu value names the bundled model (its menu entry or its folder)."""
+    try:
+        source = menu.source_for(choice)
+    except ValueError:
+        return False
+    return source is None or Path(source).expanduser().resolve() == BUNDLED_MODEL.resolve()
 
 
 def _with_storyboard(controls, storyboards, mode) -> dict:
@@ -210,16 +258,21 @@ def _with_storyboard(controls, storyboards, mode) -> dict:
 
 
 def _storyboard_table(elem_id) -> gr.Dataframe:
-    """The segment table under the prompt: filled rows replace the prompt and the length (one row = one prompt)."""
-    return gr.Dataframe(headers=["seconds", "prompt"], datatype=["number", "str"], type="array", row_count=1,
-                        column_count=2, interactive=True, value=[[None, ""]],
-                        label="Storyboard (optional): a prompt per segment; filled rows replace the prompt and the length",
-                        elem_id=elem_id)
+    """The segment table under the prompt: filled rows replace the prompt and the length (one row = one prompt),
+    with a button adding a row."""
+    table = gr.Dataframe(headers=["seconds", "prompt"], datatype=["number", "str"], type="array", row_count=1,
+                         column_count=2, interactive=True, value=[[None, ""]],
+                         label="Storyboard (optional): a prompt per segment; filled rows replace the prompt and the length",
+                         elem_id=elem_id)
+    add_row = gr.Button("Add a segment", size="sm", elem_id=f"{elem_id}-add")
+    add_row.click(lambda rows: [*(rows or []), [None, ""]], table, table, **HELPERS)
+    return table
 
 
 def _queue_panel(endpoints) -> tuple:
-    """The queue: its jobs, what to do with them, export / import; refreshed every 2 s while the app is open."""
-    with gr.Accordion("Queue", open=False, elem_id="queue"):
+    """The queue: its jobs, what to do with them, export / import. Its title says what it holds; the studio refreshes
+    it, the table and the export file every 2 s while the app is open."""
+    with gr.Accordion("Queue", open=False, elem_id="queue") as panel:
         gr.Markdown(HOSTED_QUEUE_TEXT if endpoints.menu.hosted else LOCAL_QUEUE_TEXT)
         table = gr.Dataframe(headers=QUEUE_HEADERS, interactive=False, wrap=True, elem_id="queue-table")
         status = gr.Markdown("", elem_id="queue-status")
@@ -230,7 +283,7 @@ def _queue_panel(endpoints) -> tuple:
         with gr.Row():
             paused = gr.Checkbox(False, label="Paused (the running job finishes, no other starts)", elem_id="queue-paused")
             clear = gr.Button("Clear finished", size="sm", elem_id="queue-clear")
-            export = gr.DownloadButton("Export queue", size="sm", elem_id="queue-export")
+            export = gr.DownloadButton("Export queue", size="sm", elem_id="queue-export")  # its file kept current
             upload = gr.UploadButton("Import queue", file_types=[".json"], size="sm", elem_id="queue-import",
                                      visible=not endpoints.menu.hosted)
     for action, button in {**buttons, "clear": clear}.items():
@@ -240,11 +293,8 @@ def _queue_panel(endpoints) -> tuple:
         return endpoints.queue_action("pause" if value else "resume", None, request)
 
     paused.input(pause_or_resume, paused, table, **HELPERS)
-    export.click(endpoints.export_queue, None, export, **HELPERS)
     upload.upload(endpoints.import_queue, upload, table, **HELPERS)
-    timer = gr.Timer(2.0)
-    timer.tick(endpoints.queue_view, None, [table, paused], **HELPERS)
-    return table, status
+    return panel, table, status, paused, export
 
 
 def _queue_action(endpoints, action):
@@ -254,29 +304,59 @@ def _queue_action(endpoints, action):
     return act
 
 
-def _frames_slider(spec, label, elem_id, extension=False) -> gr.Slider:
+def _frames_field(spec, label, elem_id, extension=False) -> gr.Number:
+    """A length typed or stepped through the lengths the model makes; a value it cannot make is kept as typed, and
+    the note under it says why it would be refused."""
     low, high, step = length_limits(spec, extension)
-    return gr.Slider(low, high, value=low if extension else high, step=step, label=label,
-                     interactive=high > low, elem_id=elem_id)
+    return gr.Number(low if extension else high, minimum=low, maximum=high, step=step, label=label,
+                     info=f"{low} to {high}, in steps of {step}", interactive=high > low, elem_id=elem_id)
 
 
-def _clamped(spec, value, extension):
-    low, high, step = length_limits(spec or PLACEHOLDER_SPEC, extension)
-    return int(min(high, max(low, low + step * round((float(value) - low) / step))))
-
-
-def _slider_update(spec, value, extension):
+def _length_field_update(spec, extension):
     if spec is None:
         return gr.skip()
     low, high, step = length_limits(spec, extension)
-    return gr.update(minimum=low, maximum=high, step=step, value=_clamped(spec, value, extension), interactive=high > low)
+    return gr.update(minimum=low, maximum=high, step=step, info=f"{low} to {high}, in steps of {step}",
+                     interactive=high > low)
 
 
-def _length_note(frames, rate, extension=False) -> str:
-    if not rate:
+def _length_note(spec, frames, table=None, extension=False, long_video=False) -> str:
+    """How long the video will be: from the storyboard's seconds when it has a filled row, else from `frames`; or the
+    sentence a generation would be refused with."""
+    if spec is None:
         return ""
     what = "new frames" if extension else "frames"
-    return f"{int(frames)} {what} ≈ {int(frames) / rate:.1f} s at {rate} fps"
+    try:
+        storyboard = storyboard_of(table)
+        if storyboard is not None:
+            count = storyboard_frames(storyboard, spec, extension, long_video)
+            segments = len(storyboard.segments)
+            plural = "s" if segments > 1 else ""
+            return (f"Storyboard: {segments} segment{plural}, {storyboard.seconds:g} s → {count} {what} ≈ "
+                    f"{count / spec.fps:.1f} s at {spec.fps} fps (the storyboard sets the length)")
+        count = checked_frames(frames, spec, extension)
+    except ValueError as error:
+        return f"⚠️ {reply(error)}"
+    return f"{count} {what} ≈ {count / spec.fps:.1f} s at {spec.fps} fps"
+
+
+def _number_field(name, value, low, high, step, label, **options) -> gr.Number:
+    """A number control of the endpoints' `name`: typed values are kept as typed, never clamped (see `_checked`)."""
+    return gr.Number(value, minimum=low, maximum=high, step=step, label=label, elem_id=name.replace("_", "-"),
+                     **options)
+
+
+def _checked(fields: dict, elem_id) -> gr.Markdown:
+    """A note under number controls: the sentence the endpoints would refuse each value with, as soon as it is typed."""
+    note = gr.Markdown("", elem_id=elem_id)
+
+    def refusals(*values):
+        sentences = [refusal(NUMBER_CHECKS[name], value) for name, value in zip(fields, values)]
+        return "\n\n".join(f"⚠️ {sentence}" for sentence in sentences if sentence)
+
+    gr.on([field.change for field in fields.values()], refusals, list(fields.values()), note, preprocess=False,
+          **HELPERS)
+    return note
 
 
 def _model_panel(menu, facts) -> dict:
@@ -294,7 +374,8 @@ def _lora_panel(loras) -> dict:
     with gr.Accordion("LoRA", open=False, visible=bool(loras)):
         lora = gr.Dropdown([gallery.NO_LORA, *loras], value=gallery.NO_LORA, label="LoRA", elem_id="lora",
                            info="adapters in the studio's LoRA folder (--lora-dir)")
-        weight = gr.Slider(0, LORA_WEIGHT_MAX, value=1.0, step=0.05, label="LoRA weight", elem_id="lora-weight")
+        weight = _number_field("lora_weight", 1.0, 0, LORA_WEIGHT_MAX, 0.05, f"LoRA weight (0 to {LORA_WEIGHT_MAX:g})")
+        _checked({"lora_weight": weight}, "lora-note")
     return {"lora": lora, "lora_weight": weight}
 
 
@@ -316,18 +397,22 @@ def _sampling_panel(sampling) -> dict:
             randomize = gr.Button("Randomise", scale=1, elem_id="randomize")
         randomize.click(lambda: str(fresh_seed()), None, seed, **HELPERS)
         defaults = sampling_values(sampling)
-        guidance = gr.Slider(*limits.GUIDANCE_RANGE, value=defaults["guidance_scale"], step=0.5,
-                             label="Guidance (first frame)")
-        video_guidance = gr.Slider(*limits.GUIDANCE_RANGE, value=defaults["video_guidance_scale"], step=0.5,
-                                   label="Video guidance (later frames)")
+        low, high = limits.GUIDANCE_RANGE
+        with gr.Row():
+            guidance = _number_field("guidance_scale", defaults["guidance_scale"], low, high, 0.5,
+                                     f"Guidance, first frame ({low:g} to {high:g})")
+            video_guidance = _number_field("video_guidance_scale", defaults["video_guidance_scale"], low, high, 0.5,
+                                           f"Video guidance, later frames ({low:g} to {high:g})")
         steps = {}
         for name, label in (("first_frame_steps", "First-frame steps"), ("video_steps", "Video steps")):
-            gr.Markdown(f"**{label}** per pyramid stage (low → full resolution)")
+            gr.Markdown(f"**{label}** per pyramid stage (low → full resolution; {limits.STEPS_RANGE[0]} to "
+                        f"{limits.STEPS_RANGE[1]} each)")
             with gr.Row():
                 for stage in range(STAGE_COUNT):
                     control = gallery.step_control(name, stage)
-                    steps[control] = gr.Slider(*limits.STEPS_RANGE, value=defaults[control], step=1,
-                                               label=f"stage {stage + 1}")
+                    steps[control] = _number_field(control, defaults[control], *limits.STEPS_RANGE, 1,
+                                                   f"stage {stage + 1}", min_width=80)
+        _checked({"guidance_scale": guidance, "video_guidance_scale": video_guidance, **steps}, "sampling-note")
     return {"negative_prompt": negative_prompt, "seed": seed, "guidance_scale": guidance,
             "video_guidance_scale": video_guidance, **steps}
 
@@ -362,8 +447,11 @@ def _speed_panel(sampling, hosted: bool) -> dict:
                               "the rest of the network's last result and taylorseer extrapolates it from the last two; "
                               "mag skips the whole network while its output's magnitude, calibrated on the first "
                               "unit, barely changes (reset at every stage, unit and guidance branch)")
-        cache_threshold = gr.Slider(*limits.CACHE_THRESHOLD_RANGE, value=sampling.cache_threshold, step=0.01,
-                                    label="Cache threshold (0 never skips; higher is faster and less exact)")
+        low, high = limits.CACHE_THRESHOLD_RANGE
+        cache_threshold = _number_field("cache_threshold", sampling.cache_threshold, low, high, 0.01,
+                                        f"Cache threshold, {low:g} to {high:g} (0 never skips; higher is faster and "
+                                        "less exact)")
+        _checked({"cache_threshold": cache_threshold}, "speed-note")
         attention_backend = gr.Radio(list(choices["attention_backend"]), value=limits.SERVER_SPEED["attention_backend"],
                                      label="Attention backend",
                                      info="the server's on a hosted studio" if hosted else _unavailable(

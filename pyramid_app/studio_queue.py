@@ -24,6 +24,7 @@ from .settings import GenerationOptions
 
 INPUTS_FOLDER = "queue-inputs"
 QUEUE_FOLDER = "queue"  # in a hosted session's output folder
+QUEUE_EXPORT = "queue-export.json"  # beside the queue: what the Export button downloads
 QUEUE_HEADERS = ["#", "state", "mode", "prompt", "output"]
 SERVER_QUEUE_CAP = 30  # hosted: waiting jobs on the whole server
 ADDRESS_QUEUE_CAP = 5  # hosted: waiting jobs from one client address, however many sessions it opens
@@ -157,13 +158,24 @@ class StudioQueues:
         run_jobs(queue, run, (Exception,))  # in the studio any failure is the job's: it is listed, the rest go on
 
 
-def queue_rows(queue: JobQueue) -> list:
-    """The queue as table rows: position, state, mode, prompt (or storyboard prompts), output file name."""
+def queue_rows(queue: JobQueue, describe: Callable = lambda path: Path(path).name) -> list:
+    """The queue as table rows: position, state, mode, prompt (or storyboard prompts), and what a finished job made
+    (`describe(output path)`) or why it failed."""
     rows = []
     for position, job in enumerate(queue.jobs, start=1):
-        shown = without_paths(job.error) if job.state == "failed" else Path(job.output).name if job.output else ""
+        shown = without_paths(job.error) if job.state == "failed" else describe(job.output) if job.output else ""
         rows.append([position, job.state, job.mode.replace("_", " "), job.text, shown])
     return rows
+
+
+def queue_badge(queue: JobQueue) -> str:
+    """The queue panel's title with what the queue holds, e.g. 'Queue: 1 running · 2 waiting (paused) · 3 done'."""
+    counts = queue.counts()
+    parts = [f"{counts[state]} {word}" for state, word in (("running", "running"), ("pending", "waiting"),
+                                                            ("done", "done"), ("failed", "failed")) if counts[state]]
+    if queue.paused and counts["pending"]:
+        parts[1 if counts["running"] else 0] += " (paused)"
+    return f"Queue: {' · '.join(parts)}" if parts else "Queue"
 
 
 def job_id_at(queue: JobQueue, position) -> str:

@@ -211,6 +211,56 @@ def test_an_error_replaces_ready_in_the_status_line(client):
     assert statuses == ["Not done: num_frames must be one of 9, 17 for this model; got 25"]
 
 
+@pytest.mark.parametrize("control, value", [("first_frame_steps_stage_1", -5), ("video_steps_stage_3", 51),
+                                            ("guidance_scale", 20), ("cache_threshold", 2)])
+def test_the_ui_notes_refuse_a_number_with_the_apis_sentence(client, control, value):
+    from pyramid_app.endpoints import NUMBER_CHECKS, refusal
+
+    with pytest.raises(AppError) as error:
+        client.predict("x", **{**FAST, control: value}, api_name="/text_to_video")
+    note = refusal(NUMBER_CHECKS[control], value)
+    assert note and note in str(error.value)
+
+
+def test_the_length_note_says_what_the_api_would_and_follows_the_storyboard(tiny_model):
+    spec = catalog.model_facts(str(tiny_model)).spec("auto")
+    assert studio._length_note(spec, 17) == "17 frames ≈ 2.1 s at 8 fps"
+    assert studio._length_note(spec, 100000) == "⚠️ num_frames must be one of 9, 17 for this model; got 100000"
+    assert studio._length_note(spec, 24, extension=True) == "⚠️ New frames must be one of 8, 16 for this model; got 24"
+    table = {"headers": ["seconds", "prompt"], "data": [[1, "a red ball"], [1, "a blue cube"], [None, ""]]}
+    assert studio._length_note(spec, 100000, table, long_video=True) == (
+        "Storyboard: 2 segments, 2 s → 17 frames ≈ 2.1 s at 8 fps (the storyboard sets the length)")
+    long = {"headers": ["seconds", "prompt"], "data": [[30, "a red ball"]]}
+    assert studio._length_note(spec, 17, long, long_video=True).startswith(
+        "⚠️ The storyboard lasts 30 s (241 frames); this model makes at most 161 frames")
+    assert studio._length_note(spec, 17, [[1, "a"], ["soon", "b"]]) == (
+        "⚠️ Storyboard row 2 needs its seconds as a number and a prompt")
+
+
+def test_no_control_clamps_a_typed_number(tiny_model, tmp_path):
+    """Gradio's sliders snap a typed value into their range when the field loses focus; the studio has none."""
+    from pyramid_app.endpoints import NUMBER_CHECKS
+
+    demo = studio.build_studio(default_model=str(tiny_model), output_dir=tmp_path / "outputs")
+    assert not [block for block in demo.blocks.values() if isinstance(block, gradio.Slider)]
+    numbers = {block.elem_id for block in demo.blocks.values() if isinstance(block, gradio.Number)}
+    assert {name.replace("_", "-") for name in NUMBER_CHECKS} <= numbers
+    assert {"t2v-frames", "i2v-frames", "extend-frames"} <= numbers
+
+
+def test_bundled_prompt_words_are_the_shapes_worlds():
+    from pyramid_app import bundled_prompts
+    from training import shapes_world
+
+    assert (bundled_prompts.COLOURS, bundled_prompts.SHAPES, bundled_prompts.DIRECTIONS) == (
+        tuple(shapes_world.PALETTE), shapes_world.SHAPES, tuple(shapes_world.DIRECTIONS))
+    assert not [prompt for prompt in shapes_world.PROMPTS if bundled_prompts.unseen_words(prompt)]
+    assert set(bundled_prompts.EXAMPLE_PROMPTS) <= set(shapes_world.PROMPTS)
+    assert bundled_prompts.unseen_words("A Blue circle moving right, on a blue background!") == ["on", "background"]
+    assert bundled_prompts.unseen_words_note("a blue circle moving right") == ""
+    assert "“background”" in bundled_prompts.unseen_words_note("a blue circle on a background")
+
+
 def test_corrupt_video_gives_a_readable_message(client, tmp_path):
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"this is not a video" * 100)
@@ -284,9 +334,9 @@ def test_sampling_panel_starts_at_the_models_defaults_and_follows_the_menu(tmp_p
     settings["sampling"] = {"first_frame_steps": [3, 4, 5], "guidance_scale": 2.5, "video_guidance_scale": 1.5}
     (root / SETTINGS_FILE).write_text(json.dumps(settings))
     demo = studio.build_studio(default_model=str(root), output_dir=tmp_path / "outputs")
-    sliders = [(block.label, block.value) for block in demo.blocks.values() if isinstance(block, gradio.Slider)]
-    assert ("Guidance (first frame)", 2.5) in sliders and ("Video guidance (later frames)", 1.5) in sliders
-    assert [value for label, value in sliders if label.startswith("stage ")] == [3, 4, 5, 10, 10, 10]
+    numbers = [(block.label, block.value) for block in demo.blocks.values() if isinstance(block, gradio.Number)]
+    assert ("Guidance, first frame (0 to 15)", 2.5) in numbers and ("Video guidance, later frames (0 to 15)", 1.5) in numbers
+    assert [value for label, value in numbers if label.startswith("stage ")] == [3, 4, 5, 10, 10, 10]
     assert studio.model_sampling(catalog.model_facts(str(root))) == [2.5, 1.5, 3, 4, 5, 10, 10, 10]
     published = catalog.model_facts("rain1011/pyramid-flow-miniflux")
     assert studio.model_sampling(published) == [7.0, 5.0, 20, 20, 20, 10, 10, 10]

@@ -1,5 +1,6 @@
 """The studio's queue through its API on a tiny checkpoint: jobs run in the background, the queue outlives the app."""
 import time
+from pathlib import Path
 
 import pytest
 from gradio_client import Client
@@ -139,3 +140,42 @@ def test_hosted_queues_are_the_sessions_own_and_end_with_the_server(tiny_model, 
     _, restarted = studio_queues()
     assert restarted.queue("abc123").jobs == [] and restarted.queue("abc123").path != queue.path
     assert queue.path.is_file()  # left for the sweep, never run again
+
+
+def test_finished_queued_jobs_join_the_gallery_and_the_export_file_is_ready(tiny_model, tmp_path):
+    """What the studio's 2-second refresh shows: the finished job's output with its caption (in the table and in the
+    session's gallery, once), the panel title counting the jobs, and a current export file for a one-click download."""
+    import gradio as gr
+
+    from pyramid_app.endpoints import Endpoints
+
+    endpoints = Endpoints(tiny_model, tmp_path / "outputs")
+    controls = dict(model=str(tiny_model), variant="auto", dtype="float32", offload="none", quantize="none",
+                    vae_tiling=False, negative_prompt="", seed="5", **FAST)
+    _, status = endpoints.queue_text_to_video("a red ball", 9, **controls)
+    assert status == "Queued as #1: a red ball"
+    endpoints.queues.wait("local", timeout=QUEUE_TIMEOUT_S)
+    rows, paused, title, export, history, items = endpoints.queue_view([], announce=False)
+    assert rows == [[1, "done", "text to video", "a red ball", "9 frames · seed 5 · in this session's outputs"]]
+    assert not paused and title["label"] == "Queue: 1 done"
+    assert [(entry["path"], entry["settings"]["prompt"]) for entry in history] == [(
+        str(tmp_path / "outputs" / read_queue(tmp_path / "outputs" / "queue.json")[0][0].output), "a red ball")]
+    assert items == [(history[0]["path"], "Text → Video · 9 frames · seed 5 — a red ball")]
+    exported, _ = read_queue(Path(export))
+    assert [(job.prompt, job.state) for job in exported] == [("a red ball", "done")]
+    _, _, _, same_export, unchanged_history, unchanged_items = endpoints.queue_view(history, announce=False)
+    assert same_export == export and unchanged_history == gr.skip() and unchanged_items == gr.skip()
+
+
+def test_the_queue_panel_title_counts_the_jobs(tmp_path):
+    from pyramid_app.studio_queue import queue_badge
+
+    queue = JobQueue(tmp_path / "queue.json")
+    assert queue_badge(queue) == "Queue"
+    jobs = [queue.add(QueuedJob(mode="text_to_image", prompt=f"job {n}")) for n in range(5)]
+    queue.update(jobs[0].id, state="done")
+    queue.update(jobs[1].id, state="failed", error="no")
+    queue.update(jobs[2].id, state="running")
+    assert queue_badge(queue) == "Queue: 1 running · 2 waiting · 1 done · 1 failed"
+    queue.set_paused(True)
+    assert queue_badge(queue) == "Queue: 1 running · 2 waiting (paused) · 1 done · 1 failed"

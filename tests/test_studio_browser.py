@@ -1,6 +1,8 @@
 """The studio in headless Chromium (Debian's /usr/bin/chromium) with the bundled model: generate, stop, bad
 uploads, reuse; with PYRAMID_UPDATE_SCREENSHOT=1 also refreshes docs/studio.png."""
+import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -156,10 +158,9 @@ def test_segment_table_edited_in_the_browser_makes_a_storyboard_video(page, stud
     set_seed(page, PROMPT_SEED)
     table = page.locator("#t2v-storyboard")
     fill_segment(table, 0, "1", "a red circle moving right")
-    table.locator("[data-testid=cell-0-1]").click()
-    table.locator("[data-testid=cell-0-1] button[aria-label='Open cell menu']").click()
-    page.get_by_text("Add row below").first.click()
+    page.locator("#t2v-storyboard-add").click()  # a button, not the table's hidden cell menu
     fill_segment(table, 1, "1", "a red circle moving left")
+    page.locator("#t2v-length", has_text="Storyboard: 2 segments, 2 s → 17 frames").wait_for(timeout=30_000)
     page.locator("#t2v-prompt textarea").fill("ignored: the filled rows replace the prompt")
     page.locator("#t2v-generate").click()
     wait_for_status(page, "Saved")
@@ -169,3 +170,113 @@ def test_segment_table_edited_in_the_browser_makes_a_storyboard_video(page, stud
     segments = read_metadata(saved)["storyboard"]["segments"]
     assert [(s["seconds"], s["prompt"]) for s in segments] == [(1.0, "a red circle moving right"),
                                                              (1.0, "a red circle moving left")]
+
+
+def status_text(page) -> str:
+    """The status line as a person reads it: its text, without Gradio's progress tracker inside the same block."""
+    return page.locator("#status [data-testid=markdown]").inner_text().strip()
+
+
+def type_number(page, selector: str, text: str) -> None:
+    field = page.locator(f"{selector} input")
+    field.fill(text)
+    field.press("Tab")  # a slider would snap the value into its range here
+
+
+def test_out_of_range_frames_and_steps_keep_their_value_and_get_the_apis_sentence(page):
+    type_number(page, "#t2v-frames", "100000")
+    frames_sentence = "num_frames must be one of 9, 17 for this model; got 100000"
+    page.locator("#t2v-length", has_text=frames_sentence).wait_for(timeout=30_000)
+    page.get_by_text("Sampling").click()
+    type_number(page, "#first-frame-steps-stage-1", "-5")
+    steps_sentence = "first_frame_steps (stage 1) must be a number from 1 to 50; got -5"
+    page.locator("#sampling-note", has_text=steps_sentence).wait_for(timeout=30_000)
+    assert page.locator("#t2v-frames input").input_value() == "100000"  # not snapped back to 17
+    assert page.locator("#first-frame-steps-stage-1 input").input_value() == "-5"  # nor clamped to 1
+    generate_video(page, "a blue circle moving right")
+    page.locator("#status", has_text=f"Not done: {steps_sentence}").wait_for(timeout=30_000)
+    type_number(page, "#first-frame-steps-stage-1", "10")
+    page.locator("#sampling-note").filter(has_text=steps_sentence).wait_for(state="detached", timeout=30_000)
+    page.locator("#t2v-generate").click()
+    page.locator("#status", has_text=f"Not done: {frames_sentence}").wait_for(timeout=30_000)
+    assert status_text(page) == f"Not done: {frames_sentence}"
+
+
+def test_the_prompt_form_of_the_bundled_model_and_its_unseen_words(page):
+    page.locator("#t2v-prompt textarea").fill("a blue circle moving right on a blue background")
+    page.locator("#t2v-prompt-note", has_text="never seen the words “on”, “background”").wait_for(timeout=30_000)
+    assert "a {colour} {shape} moving {direction}" in page.locator("#t2v-grammar").inner_text()
+    page.locator("#t2v-grammar").get_by_text("a green triangle moving left").click()
+    assert page.locator("#t2v-prompt textarea").input_value() == "a green triangle moving left"
+    page.locator("#t2v-prompt-note").filter(has_text="never seen").wait_for(state="detached", timeout=30_000)
+
+
+RECORD_STATUS = """() => {
+    window.statuses = [];
+    const status = document.querySelector('#status');
+    const record = () => {
+        const text = status.querySelector('[data-testid=markdown]').innerText.trim();
+        if (window.statuses[window.statuses.length - 1] !== text) window.statuses.push(text);
+        const tracker = status.querySelector('[data-testid=status-tracker]');
+        const shown = tracker && !tracker.classList.contains('hide') && tracker.innerText.trim();
+        if (shown) window.statuses.push('progress text: ' + shown);
+    };
+    record();
+    new MutationObserver(record).observe(status, {subtree: true, childList: true, characterData: true,
+                                                  attributes: true});
+}"""
+
+
+def test_the_status_line_tells_the_truth_during_a_job_and_after_stop(page):
+    """From the click on: loading or where the job is (unit · stage · step); once Stop took effect only 'Stopping…'
+    and then what was kept, never 'Generating…' again; never Gradio's raw progress text."""
+    page.evaluate(RECORD_STATUS)
+    generate_video(page, "a blue square moving up")
+    page.locator("#status", has_text="(unit 2/3 · stage").wait_for(timeout=GENERATION_TIMEOUT_MS)
+    page.evaluate("() => window.statuses.push('<stop>')")
+    page.locator("#stop").click()
+    wait_for_status(page, "Stopped: kept")
+    statuses = page.evaluate("() => window.statuses")
+    assert not [text for text in statuses if text.startswith("progress text")], statuses
+    statuses.remove("<stop>")
+    stopping = next(index for index, text in enumerate(statuses) if text.startswith(("Stopping", "Stopped")))
+    running, stopped = statuses[1:stopping], statuses[stopping:]
+    assert statuses[0] == "Ready." and running[0].startswith(("Loading the model", "Generating…")), statuses
+    progress = [text for text in running if text.startswith("Generating… (unit")]
+    assert progress and all(re.fullmatch(r"Generating… \(unit [123]/3( · stage [123] · step \d+/10| done)\)", text)
+                            for text in progress), running
+    assert stopped[-1].startswith("Stopped: kept") and all(
+        text.startswith(("Stopping after the current step", "Stopped: kept")) for text in stopped), stopped
+
+
+def test_a_queued_job_shows_a_toast_a_count_and_lands_in_the_gallery(page):
+    prompt = "a green triangle moving left"
+    page.locator("#t2v-prompt textarea").fill(prompt)
+    page.locator("#t2v-queue").click()  # the queue panel stays collapsed
+    page.locator(".toast-body", has_text=re.compile(rf"Queued as #\d+: {prompt}")).wait_for(timeout=30_000)
+    page.locator("#queue", has_text=re.compile(r"Queue: .*(1 running|\d+ waiting)")).wait_for(timeout=30_000)
+    item = page.locator("#outputs .thumbnail-item", has_text=prompt)
+    item.wait_for(timeout=GENERATION_TIMEOUT_MS)
+    done = re.compile(rf"Queued job #\d+ is done: Text → Video · 17 frames · seed \d+ — {prompt}")
+    page.locator(".toast-body", has_text=done).wait_for(timeout=30_000)
+    caption = item.locator(".caption-label")
+    assert caption.inner_text().endswith(f"— {prompt}") and caption.evaluate(
+        "e => e.scrollWidth <= e.clientWidth")  # the whole caption, not cut to one line
+    item.click()
+    page.locator("#status", has_text=re.compile(rf"Showing .*\.mp4.*: Text → Video · 17 frames · seed \d+ — {prompt}")
+                 ).wait_for(timeout=30_000)
+    assert playable_video(page)["duration"] > 0
+    page.locator("#frames img").nth(16).wait_for(timeout=30_000)
+    assert page.locator("#frames img").count() == 17
+    page.locator("#queue").get_by_text("Queue").first.click()
+    page.locator("#queue-table", has_text="17 frames · seed").wait_for(timeout=30_000)
+
+
+def test_export_queue_downloads_in_one_click(page, studio):
+    page.locator("#queue").get_by_text("Queue").first.click()
+    with page.expect_download(timeout=30_000) as download:
+        page.locator("#queue-export").click()
+    exported = json.loads(Path(download.value.path()).read_text())
+    queue_file = Path(studio[1]) / "queue.json"
+    queued = json.loads(queue_file.read_text())["jobs"] if queue_file.is_file() else []
+    assert exported["format"] == 1 and [job["id"] for job in exported["jobs"]] == [job["id"] for job in queued]

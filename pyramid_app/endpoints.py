@@ -450,6 +450,7 @@ def lora_weight(weight) -> float:
 
 
 NUMBER_CHECKS = {  # number control -> the check the endpoints apply to it (a ValueError with the API's sentence)
+    "seed": limits.seed,
     **{name: functools.partial(limits.number, name=name, low=limits.GUIDANCE_RANGE[0], high=limits.GUIDANCE_RANGE[1])
        for name in GUIDANCE_NAMES},
     **{gallery.step_control(name, stage): functools.partial(limits.whole, name=f"{name} (stage {stage + 1})",

@@ -412,7 +412,8 @@ def _sampling_panel(sampling) -> dict:
                     control = gallery.step_control(name, stage)
                     steps[control] = _number_field(control, defaults[control], *limits.STEPS_RANGE, 1,
                                                    f"stage {stage + 1}", min_width=80)
-        _checked({"guidance_scale": guidance, "video_guidance_scale": video_guidance, **steps}, "sampling-note")
+        _checked({"seed": seed, "guidance_scale": guidance, "video_guidance_scale": video_guidance, **steps},
+                 "sampling-note")
     return {"negative_prompt": negative_prompt, "seed": seed, "guidance_scale": guidance,
             "video_guidance_scale": video_guidance, **steps}
 

@@ -207,7 +207,8 @@ def test_the_prompt_form_of_the_bundled_model_and_its_unseen_words(page):
     page.locator("#t2v-prompt-note", has_text="never seen the words “on”, “background”").wait_for(timeout=30_000)
     assert "a {colour} {shape} moving {direction}" in page.locator("#t2v-grammar").inner_text()
     page.locator("#t2v-grammar").get_by_text("a green triangle moving left").click()
-    assert page.locator("#t2v-prompt textarea").input_value() == "a green triangle moving left"
+    page.wait_for_function("() => document.querySelector('#t2v-prompt textarea').value"
+                           " === 'a green triangle moving left'", timeout=30_000)
     page.locator("#t2v-prompt-note").filter(has_text="never seen").wait_for(state="detached", timeout=30_000)
 
 

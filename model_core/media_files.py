@@ -34,6 +34,10 @@ VIDEO_KINDS = "a video ffmpeg can decode (mp4, webm, mov, mkv, gif)"
 IMAGE_KINDS = "an image file (png, jpeg, webp, bmp)"
 STAGED_NAME = re.compile(r"^\..+\.\w{8}\.partial(\.\w+)?$")
 SCALING = "BICUBIC"  # swscale's filter for RGB <-> yuv420p, as the ffmpeg command line uses
+# x264 held to its AVX2 kernels: with its AVX-512 ones (PyAV 18.1's build) the same frames encode to different
+# pictures from run to run, up to 45/255 apart beside a generation, so one seed did not give one video; see
+# `_encoder_options`.
+X264_WITHOUT_AVX512 = {"x264-params": "asm=SSE2Fast,AVX2"}
 _swept_folders = set()
 
 
@@ -192,7 +196,7 @@ class VideoWriter:
         try:
             with _disk_full_said(self.path):
                 self._container = av.open(str(self._encoded.path), "w", format="mp4")
-            self._stream = self._container.add_stream("libx264", rate=self.fps)
+            self._stream = self._container.add_stream("libx264", rate=self.fps, options=_encoder_options())
             self._stream.width, self._stream.height = self.width + self.width % 2, self.height + self.height % 2
             self._stream.pix_fmt = "yuv420p"
             self._stream.codec_context.thread_type = "AUTO"  # x264's frame threads, as the ffmpeg command line uses
@@ -347,6 +351,23 @@ def _checked_fps(fps) -> Fraction:
             or not math.isfinite(fps) or fps <= 0:
         raise ValueError(f"fps must be a positive finite number of frames per second; got {fps!r}")
     return Fraction(float(fps)).limit_denominator(1001)
+
+
+def _encoder_options() -> dict:
+    """x264's options: on a CPU with AVX-512 its AVX2 kernels, which encode the same frames to the same bytes run
+    after run; elsewhere x264's own choice of kernels."""
+    return dict(X264_WITHOUT_AVX512) if _cpu_has_avx512() else {}
+
+
+def _cpu_has_avx512() -> bool:
+    """Whether the CPU and OS offer AVX-512 F, CD, BW, DQ and VL (what x264 asks before it uses AVX-512; every such
+    CPU also has the AVX2 and BMI2 its AVX2 kernels need), as numpy's runtime detection (`numpy.show_runtime()`)
+    found them."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__
+    except ImportError:  # numpy 1.x
+        from numpy.core._multiarray_umath import __cpu_features__
+    return bool(__cpu_features__.get("AVX512_SKX"))
 
 
 def _even_sized(frames: np.ndarray) -> np.ndarray:

@@ -11,9 +11,8 @@ from model_core.checkpoints import (FAMILIES, VARIANTS, SamplingDefaults, Varian
                                     with_overrides)
 from model_core.loading import HUB_ID
 
-from .settings import BUNDLED_MODEL
+from .settings import BUNDLED, BUNDLED_MODEL
 
-BUNDLED = "bundled"
 HUB_MODELS = {"rain1011/pyramid-flow-miniflux": "miniflux", "rain1011/pyramid-flow-sd3": "sd3"}
 PUBLISHED_VARIANTS = ("384p", "768p")
 MISSING_BUNDLED = (f"The bundled model is not installed yet (expected `{BUNDLED_MODEL}`). "

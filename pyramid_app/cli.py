@@ -32,6 +32,7 @@ from .settings import (
     QUANTIZE_MODES,
     GenerationOptions,
     ModelOptions,
+    model_name,
     model_source,
     parse_steps,
 )
@@ -398,6 +399,7 @@ def load_pipeline(model: ModelOptions):
     from model_core import PyramidFlowPipeline
 
     pipe = PyramidFlowPipeline.from_pretrained(model_source(model.model), **model.to_load_kwargs())
+    pipe.source = model_name(model.model)  # outputs record the model as named, not the bundled model's folder
     pipe.set_progress_bar_config(disable=True)  # the CLI reports progress from its step callback
     return pipe
 

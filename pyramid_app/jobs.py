@@ -28,7 +28,7 @@ from model_core.sampling import Progress
 from model_core.storyboard import Storyboard
 
 from .cli import USER_ERRORS
-from .settings import GenerationOptions, ModelOptions, model_source
+from .settings import GenerationOptions, ModelOptions, model_name, model_source
 
 # ZeroGPU's time budget per request (see `gpu_seconds`): a budget, not a measured speed.
 GPU_BASE_SECONDS, GPU_SECONDS_PER_STEP, GPU_MIN_SECONDS, GPU_MAX_SECONDS = 20, 0.5, 60, 300
@@ -74,6 +74,7 @@ class PipelineCache:
                 self._loaded[key].set_progress_bar_config(disable=True)  # the studio shows progress from callbacks
             pipe = self._loaded[key]
             pipe.use_loras(model.lora)
+            pipe.source = model_name(model.model)  # what the outputs' settings record
             return pipe
 
     def warm_up(self, model: ModelOptions) -> threading.Thread:

@@ -31,6 +31,7 @@ def bundled_model_dir() -> Path:
 
 
 BUNDLED_MODEL = bundled_model_dir()
+BUNDLED = "bundled"  # the bundled model's name in settings records and the studio's model menu
 
 
 def parse_steps(value, name: str, most: int = None) -> tuple:
@@ -78,6 +79,12 @@ def checked_choice(value: str, allowed: tuple, name: str) -> str:
 
 def fresh_seed() -> int:
     return secrets.randbelow(SEED_LIMIT)
+
+
+def model_name(model) -> str:
+    """How an output's settings name its model: the folder or hub repo id as the person gave it, else BUNDLED (not
+    where the bundled model lies on this machine), as the studio's menu and Reuse name it."""
+    return str(model) if model else BUNDLED
 
 
 def model_source(model) -> str:

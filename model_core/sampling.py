@@ -50,6 +50,7 @@ def sample_unit(velocity: Callable, scheduler: PyramidFlowScheduler, start, hist
             scale, noise_std = scheduler.renoise_coefficients(stage)
             x = renoise_at_jump(x, scale, noise_std, generator=generator, correlation=-scheduler.config.gamma)
         scheduler.set_timesteps(steps[stage], stage_index=stage, device=x.device)
+        scheduler.set_begin_index(0)  # the steps start at the first timestep: no look-up (a device read) in step()
         conditions = history_clips(history, unit, stage) if unit else []
         for index, t in enumerate(scheduler.timesteps):
             x = scheduler.step(velocity([*conditions, x], t), t, x).prev_sample

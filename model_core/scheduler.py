@@ -71,6 +71,8 @@ class PyramidFlowScheduler(SchedulerMixin, ConfigMixin):
         self.sigmas = None
         self.stage_index = None
         self._step_index = None
+        self._begin_index = None
+        self._sigma_deltas = None
 
     @staticmethod
     def _train_sigmas(num_train_timesteps: int, shift: float) -> torch.Tensor:
@@ -140,15 +142,27 @@ class PyramidFlowScheduler(SchedulerMixin, ConfigMixin):
         timesteps = np.linspace(window.timestep_start, self._last_train_timestep(window), num_inference_steps)
         local = np.linspace(1.0, np.linspace(1.0, 0.0, n + 1)[n - 1], num_inference_steps)
         dtype = torch.float32 if torch.device(device or "cpu").type == "mps" else torch.float64  # MPS has no float64
+        sigmas = np.append(local, 0.0).astype(np.float32 if dtype == torch.float32 else np.float64)
         self.timesteps = torch.from_numpy(timesteps).to(device, dtype)
-        self.sigmas = torch.from_numpy(np.append(local, 0.0)).to(device, dtype)
+        self.sigmas = torch.from_numpy(sigmas).to(device, dtype)
+        self._sigma_deltas = np.diff(sigmas).tolist()  # sigma_next - sigma in the sigmas' dtype, kept on the host
         self.num_inference_steps = num_inference_steps
         self.stage_index = stage_index
         self._step_index = None
+        self._begin_index = None
 
     @property
     def step_index(self):
         return self._step_index
+
+    @property
+    def begin_index(self):
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0):
+        """The index of the first step the caller takes (diffusers' convention, called after `set_timesteps`): the
+        first `step` then need not look its timestep up in the schedule, which reads a value back from the device."""
+        self._begin_index = begin_index
 
     def _index_of(self, timestep) -> int:
         matches = (self.timesteps - torch.as_tensor(timestep, dtype=self.timesteps.dtype).reshape(-1)[0]).abs() < 1e-4
@@ -162,11 +176,10 @@ class PyramidFlowScheduler(SchedulerMixin, ConfigMixin):
         if self.sigmas is None:
             raise ValueError("call set_timesteps(num_inference_steps, stage_index) before step()")
         if self._step_index is None:
-            self._step_index = self._index_of(timestep)
+            self._step_index = self._index_of(timestep) if self._begin_index is None else self._begin_index
         if self._step_index >= self.num_inference_steps:
             raise ValueError(f"all {self.num_inference_steps} steps of stage {self.stage_index} are done")
-        sigma, sigma_next = self.sigmas[self._step_index], self.sigmas[self._step_index + 1]
-        prev = sample.float() + float(sigma_next - sigma) * model_output.float()
+        prev = sample.float() + self._sigma_deltas[self._step_index] * model_output.float()
         self._step_index += 1
         prev = prev.to(sample.dtype)
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)

@@ -5,8 +5,8 @@
 One transformer step of (a) the bundled shapes model at a 17-frame text-to-video's last unit (stage 3, two
 history frames, guidance batch of 2) and (b) a random-weight miniFLUX of reduced width with the 384p latent grid
 48x80 (2 dual + 2 single blocks, 4 heads of 32), also with guidance and a two-frame history. "recomputed" clears
-the RoPE angles the transformer keeps per shape before every step (what every step did before they were kept);
-"reused" is the pipeline's path. Both outputs are compared bit for bit.
+what the transformer keeps per shape (RoPE angles, attention layouts) before every step (what every step did
+before they were kept); "reused" is the pipeline's path. Both outputs are compared bit for bit.
 """
 import argparse
 import json
@@ -39,7 +39,8 @@ def compare(model, inputs, repeats: int) -> dict:
     @torch.no_grad()
     def step(reuse: bool):
         if not reuse:
-            model.__dict__.get("_rope_cache", {}).clear()
+            for kept in ("_rope_cache", "_layout_cache"):
+                model.__dict__.get(kept, {}).clear()
         return model(**inputs).sample[0]
 
     recomputed = median_seconds(lambda: step(False), repeats)

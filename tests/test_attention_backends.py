@@ -7,7 +7,9 @@ from diffusers.models.attention_dispatch import AttentionBackendName, _Attention
 
 from model_core.transformers.attention import blockwise_causal_attention, causal_group_ends
 from model_core.transformers.attention_backends import (
+    HEADS_FIRST,
     attend,
+    attend_heads_first,
     check_attention_backend,
     key_mask,
     installed_attention_backends,
@@ -68,9 +70,18 @@ def test_transformer_with_each_cpu_backend_equals_native(kind, backend):
 
 
 def counting(monkeypatch, name):
-    """Replace the dispatch's kernel for backend `name` by a counting wrapper; returns the call list."""
+    """Replace backend `name`'s kernel by a counting wrapper (native: the SDPA call attention.py makes on
+    [B, heads, L, D]; the others: the dispatch's kernel); returns the call list."""
+    calls = []
+    if name in HEADS_FIRST:
+        def counted_heads_first(q, k, v, mask):
+            calls.append(q.shape)
+            return attend_heads_first(q, k, v, mask)
+
+        monkeypatch.setattr("model_core.transformers.attention.attend_heads_first", counted_heads_first)
+        return calls
     key = AttentionBackendName(name)
-    kernel, calls = _AttentionBackendRegistry._backends[key], []
+    kernel = _AttentionBackendRegistry._backends[key]
 
     def counted(**kwargs):
         calls.append(kwargs["query"].shape)

@@ -5,36 +5,47 @@ later than the query's (text counts as frame 0) and the key is valid text or an 
 Image tokens are in non-decreasing frame order, so the queries split into contiguous groups
 (group 0 = all text + the oldest frame) and each group attends to a prefix of the keys. How the
 groups become kernel calls (one per group, several merged under a bounded mask, or one flex call)
-is planned once per forward in attention_plan.py; no L x L mask of a long sequence is ever built.
-Each call goes through diffusers' attention dispatch with the backend the attention modules
-carry (`transformer.set_attention_backend(name)`; see attention_backends.py).
+is planned once per layout in attention_plan.py; no L x L mask of a long sequence is ever built.
+Each call runs on the backend the attention modules carry (`transformer.set_attention_backend(name)`):
+native as torch's SDPA on [B, heads, L, D], the others through diffusers' attention dispatch
+(see attention_backends.py).
 """
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from diffusers.models.attention import AttentionModuleMixin
 from torch import nn
 
-from .attention_backends import DEFAULT_ATTENTION_BACKEND, active_attention_backend, attend, mask_style
-from .attention_plan import plan_calls
+from .attention_backends import (
+    DEFAULT_ATTENTION_BACKEND,
+    HEADS_FIRST,
+    active_attention_backend,
+    attend,
+    attend_heads_first,
+    mask_style,
+)
+from .attention_plan import plan_calls, plan_key
 from .embeddings import apply_rope
 
 
 @dataclass
 class AttentionLayout:
-    """Per-forward attention inputs shared by every layer: causal groups, key validity, RoPE angles."""
+    """Attention inputs shared by every layer (and every step of a unit and stage): causal groups, key validity,
+    RoPE angles and the kernel calls planned from them."""
 
     group_ends: list  # exclusive end (in the packed sequence) of each query group
     key_valid: torch.Tensor  # [B, L] bool: valid text and all image tokens
-    rope: tuple = None  # (cos, sin) [L, head_dim/2] or None
+    rope: tuple = None  # (cos, sin) rotation tables [L, head_dim] (embeddings.rotation_tables) or None
     context: object = None  # a model_core.parallel.UlyssesContext when ranks share the sequence
-    plans: dict = field(default_factory=dict)  # mask style -> the layer's kernel calls, planned by the first layer
+    plans: dict = field(default_factory=dict)  # attention_plan.plan_key -> the layers' kernel calls, planned once
 
     def calls(self, style: str, q: torch.Tensor) -> list:
         """The kernel calls of every layer for backends of mask `style` (attention_plan.py), planned once."""
-        if style not in self.plans:
-            self.plans[style] = plan_calls(self.group_ends, self.key_valid, style, q)
-        return self.plans[style]
+        key = plan_key(style, q)
+        if key not in self.plans:
+            self.plans[key] = plan_calls(self.group_ends, self.key_valid, style, q)
+        return self.plans[key]
 
 
 def causal_group_ends(num_text: int, frame_token_counts, causal: bool = True) -> list:
@@ -60,10 +71,15 @@ def blockwise_causal_attention(q, k, v, group_ends, key_valid, backend=DEFAULT_A
 
 def run_calls(q, k, v, calls: list, backend=DEFAULT_ATTENTION_BACKEND) -> torch.Tensor:
     """The attention of a planned layer (attention_plan.py); q, k, v and the result are [B, heads, L, D]."""
-    q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # the dispatch's [B, L, heads, D]
-    outputs = [attend(q[:, call.start : call.end], k[:, : call.end], v[:, : call.end], call.mask, backend)
-               for call in calls]
-    return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)).transpose(1, 2)
+    heads_first = backend in HEADS_FIRST
+    if not heads_first:
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # the dispatch's [B, L, heads, D]
+    kernel = attend_heads_first if heads_first else partial(attend, backend=backend)
+    tokens = 2 if heads_first else 1
+    outputs = [kernel(q.narrow(tokens, call.start, call.end - call.start), k.narrow(tokens, 0, call.end),
+                      v.narrow(tokens, 0, call.end), call.mask) for call in calls]
+    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=tokens)
+    return out if heads_first else out.transpose(1, 2)
 
 
 def dense_block_causal_mask(frame_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

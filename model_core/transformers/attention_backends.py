@@ -3,7 +3,7 @@
 Each causal query group attends to a prefix of the keys (Sec. 3.4) in which padded text keys
 must be ignored. How that key-padding is honoured depends on the kernel:
 
-- `native` takes a mask [B, 1, L_q or 1, L_k] (attention_plan.py builds it once per forward, and may merge
+- `native` takes a mask [B, 1, L_q or 1, L_k] (attention_plan.py builds it once per layout, and may merge
   several causal groups into one call) and `flex` one BlockMask for the whole layer;
 - `flash_varlen` and `sage_varlen` read a key mask only as per-row valid lengths of a key
   prefix, so the keys are reordered valid-first (attention does not depend on key order) and
@@ -11,7 +11,9 @@ must be ignored. How that key-padding is honoured depends on the kernel:
 - `flash` and `sage` take no mask at all, so each row attends to its valid keys only, one call
   per batch row when the rows' text lengths differ.
 
-Every style computes the same attention; only rounding differs between kernels.
+Every style computes the same attention; only rounding differs between kernels. `native` calls torch's SDPA
+directly on the layers' [B, heads, L, D] (what diffusers' native backend does after transposing them); the
+others go through diffusers' dispatch.
 """
 import torch
 from diffusers.models import attention_dispatch
@@ -27,6 +29,7 @@ MASK_STYLES = {  # each of option_names.ATTENTION_BACKENDS -> how the key-paddin
     "flash_varlen": "prefix",
     "sage_varlen": "prefix",
 }
+HEADS_FIRST = {"native"}  # run on [B, heads, L, D] as the attention layers hold it (attend_heads_first)
 CUDA_ONLY = {"flash", "flash_varlen", "sage", "sage_varlen"}
 HALF_PRECISION_ONLY = {"flash", "flash_varlen", "sage", "sage_varlen"}
 
@@ -121,3 +124,10 @@ def attend(q, k, v, mask, backend: str = DEFAULT_ATTENTION_BACKEND, style: str =
         for row, keep in enumerate(mask)
     ]
     return torch.cat(rows)
+
+
+def attend_heads_first(q, k, v, mask) -> torch.Tensor:
+    """`native` attention of queries q [B, heads, Lq, D] to keys/values [B, heads, Lk, D] under an additive mask
+    [B, 1, Lq or 1, Lk]: torch's SDPA as diffusers' native backend calls it, without the transposes to and from
+    the dispatch's [B, L, heads, D] around the call."""
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)

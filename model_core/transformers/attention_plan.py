@@ -11,7 +11,8 @@ The split minimises  sum over calls of (Lq x Lk + call overhead)  by dynamic pro
 groups; the overhead is `call_overhead_macs(device)` (the multiply-adds a device does in the time one
 extra call costs) in query-key pairs of this layer's batch x heads x head_dim. A merged call's mask is
 bounded by `MERGED_MASK_ELEMENTS`, so long sequences never build a full L x L mask. The plan and its
-masks are made once per forward and shared by every layer.
+masks are made once per layout and shared by every layer (the transformer keeps a layout for the steps of one
+unit and stage: packing.PyramidTransformer.column_layouts).
 
 How a call receives its mask depends on the backend (attention_backends.MASK_STYLES): `native`
 takes an additive float mask built once; `flex` runs the whole layer as one call with a BlockMask
@@ -50,6 +51,18 @@ def call_overhead_macs(device) -> float:
 def call_overhead_pairs(macs: float, batch_heads_dim: int) -> float:
     """A call's fixed cost of `macs` in query-key pairs of a layer with batch x heads x head_dim = `batch_heads_dim`."""
     return macs / (2 * batch_heads_dim)  # QK^T and PV: 2 x head_dim multiply-adds per pair and head
+
+
+def planned_overhead_pairs(q: torch.Tensor) -> float:
+    """The call overhead a layer with queries q [B, heads, L, D] on q's device is planned with, in query-key pairs."""
+    batch, heads, _, dim = q.shape
+    return call_overhead_pairs(call_overhead_macs(q.device), batch * heads * dim)
+
+
+def plan_key(style: str, q: torch.Tensor) -> tuple:
+    """What a layer's plan depends on beside the causal groups and key validity: the mask style, the masks' dtype
+    and, for merged calls, the planned overhead (a layout keeps one plan per key)."""
+    return style, q.dtype, planned_overhead_pairs(q) if style == "mask" else None
 
 
 def merge_groups(group_ends: list, batch: int, overhead_pairs: float) -> list:
@@ -106,10 +119,8 @@ def plan_calls(group_ends: list, key_valid: torch.Tensor, style: str, q: torch.T
     starts = [0, *group_ends[:-1]]
     if style != "mask":
         return [AttentionCall(start, end, key_mask(key_valid[:, :end], style, q.dtype)) for start, end in zip(starts, group_ends)]
-    batch, heads, _, dim = q.shape
-    overhead = call_overhead_pairs(call_overhead_macs(key_valid.device), batch * heads * dim)
     calls = []
-    for first, last in merge_groups(group_ends, batch, overhead):
+    for first, last in merge_groups(group_ends, q.shape[0], planned_overhead_pairs(q)):
         start, end = starts[first], group_ends[last - 1]
         merged = last - first > 1
         mask = additive(causal_mask(group_ends, start, end, key_valid), q.dtype) if merged else key_mask(

@@ -57,12 +57,18 @@ def rotary_angles(positions: torch.Tensor, axes_dims, theta: float = 10000.0):
     return torch.cos(angles), torch.sin(angles)
 
 
+def rotation_tables(cos: torch.Tensor, sin: torch.Tensor):
+    """The rotary angles' cos/sin [L, D/2] as per-channel tables [L, D] for `apply_rope`: cos repeated for both
+    channels of a pair, sin negated for the first."""
+    return cos.repeat_interleave(2, dim=-1), torch.stack([-sin, sin], dim=-1).flatten(-2)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs (2i, 2i+1) of x [B, heads, L, D] by the angles [L, D/2]."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    even, odd = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack([cos * even - sin * odd, sin * even + cos * odd], dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
+    """Rotate adjacent channel pairs (2i, 2i+1) of x [B, heads, L, D] by their angles, given as `rotation_tables`
+    [L, D]: (x_2i cos - x_2i+1 sin, x_2i sin + x_2i+1 cos) = x * cos + (pairs swapped) * signed sin, in float32."""
+    x32 = x.float()
+    swapped = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return (x32 * cos + swapped * sin).to(x.dtype)
 
 
 def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:

@@ -18,10 +18,11 @@ from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .attention import AttentionLayout, causal_group_ends
 from .attention_backends import check_attention_backend
-from .embeddings import PATCH, clip_positions, unpatchify
+from .embeddings import PATCH, clip_positions, rotation_tables, unpatchify
 
 ROPE_CACHE_SIZE = 8  # shapes of RoPE angles kept: a unit's three stages, with room for guided/unguided text lengths
 
@@ -195,7 +196,7 @@ class PyramidTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
         key = (num_text, tuple(grids), str(device))
         if key not in cache:
             rope = self.rope_angles(num_text, grids)
-            cache[key] = None if rope is None else tuple(angles.to(device) for angles in rope)
+            cache[key] = None if rope is None else tuple(table.to(device) for table in rotation_tables(*rope))
             if len(cache) > ROPE_CACHE_SIZE:
                 cache.popitem(last=False)
         return cache[key]
@@ -203,10 +204,27 @@ class PyramidTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
     def text_validity(self, encoder_attention_mask: torch.Tensor) -> torch.Tensor:
         return encoder_attention_mask.bool()
 
-    def column_velocity(self, clips, text, text_valid, temb) -> torch.Tensor:
+    @torch.compiler.disable  # host-side bookkeeping: traced, its cache would guard (and recompile) on every change
+    def column_layouts(self, encoder_attention_mask: torch.Tensor, column_grids: list, device) -> list:
+        """The attention layout of each column, made once for the steps of a (unit, stage): kept while the same
+        text mask tensor comes back unchanged with the same clip shapes (and dropped with that tensor), so the
+        kernel calls planned from it and their masks are made on the stage's first step only, and later steps
+        make no mask and read nothing back from the device."""
+        cache = self.__dict__.setdefault("_layout_cache", WeakIdKeyDictionary())
+        version = None if encoder_attention_mask.is_inference() else encoder_attention_mask._version
+        key = (version, tuple(tuple(grids) for grids in column_grids), str(device))
+        cached = cache.get(encoder_attention_mask)
+        if cached is None or cached[0] != key:
+            text_valid = self.text_validity(encoder_attention_mask.to(device))
+            num_columns = len(column_grids)
+            cached = key, [self.attention_layout(text_valid[index::num_columns], grids)
+                           for index, grids in enumerate(column_grids)]
+            cache.clear()  # one text mask's layouts at a time
+            cache[encoder_attention_mask] = cached
+        return cached[1]
+
+    def column_velocity(self, clips, grids, layout, text, temb) -> torch.Tensor:
         """Velocity [B, C, T, H, W] of the current unit (the last clip) of one column."""
-        grids = [clip_grid(clip) for clip in clips]
-        layout = self.attention_layout(text_valid, grids)
         image = self.embed_clips(clips, grids)
         context = self.context_parallel
         if context is not None:
@@ -240,13 +258,15 @@ class PyramidTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
         dtype = self.dtype
         temb = self.time_text_embed(timestep, pooled_projections.to(dtype)).to(dtype)
         text = self.context_embedder(encoder_hidden_states.to(dtype))
-        text_valid = self.text_validity(encoder_attention_mask.to(text.device))
+        column_grids = [[clip_grid(clip) for clip in clips] for clips in columns]
+        layouts = self.column_layouts(encoder_attention_mask, column_grids, text.device)
         num_columns = len(columns)
         velocities = [
             self.column_velocity(
                 [clip.to(dtype) for clip in clips],
+                column_grids[index],
+                layouts[index],
                 text[index::num_columns],
-                text_valid[index::num_columns],
                 temb[index::num_columns],
             )
             for index, clips in enumerate(columns)

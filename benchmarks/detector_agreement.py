@@ -13,7 +13,6 @@ import hashlib
 import json
 import sys
 from collections import Counter
-from dataclasses import asdict
 from pathlib import Path
 
 from training.evaluate_shapes import image_to_video_frames, report, text_to_video_frames
@@ -55,7 +54,7 @@ def main(argv=None) -> int:
     from model_core.pipeline import PyramidFlowPipeline
 
     pipe = PyramidFlowPipeline.from_pretrained(args.model, device="cpu")
-    options = asdict(pipe.family.sampling.filled())
+    options = pipe.family.sampling.call_options("text_to_video")
     figures = {"model": str(args.model)}
     for task, frames_for in FRAMES_OF.items():
         frames_of = frames_for(pipe, options)

@@ -130,6 +130,12 @@ class SamplingDefaults:
             return replace(self, video_guidance_scale=self.image_to_video_guidance_scale)
         return self
 
+    def call_options(self, mode: str) -> dict:
+        """These defaults as the keyword arguments of a pipeline call in `mode`."""
+        options = asdict(self.for_mode(mode))
+        del options["image_to_video_guidance_scale"]  # folded into video_guidance_scale by for_mode
+        return options
+
 
 # The published checkpoints' defaults: the authors' generate_i2v, app and README animate an image with video
 # guidance 4 (text-to-video uses 5).
@@ -315,7 +321,8 @@ def check_regular_file(path: Path) -> os.stat_result:
     try:
         status = os.stat(path)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path} does not exist (a link to a missing file?)") from None
+        what = "is a link to a file that does not exist" if os.path.islink(path) else "does not exist"
+        raise FileNotFoundError(f"{path} {what}") from None
     if not stat.S_ISREG(status.st_mode):
         raise ValueError(f"{path} is {_file_kind(status.st_mode)}, not a regular file; a checkpoint holds plain files only")
     return status

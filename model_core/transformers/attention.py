@@ -76,10 +76,15 @@ def run_calls(q, k, v, calls: list, backend=DEFAULT_ATTENTION_BACKEND) -> torch.
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # the dispatch's [B, L, heads, D]
     kernel = attend_heads_first if heads_first else partial(attend, backend=backend)
     tokens = 2 if heads_first else 1
-    outputs = [kernel(q.narrow(tokens, call.start, call.end - call.start), k.narrow(tokens, 0, call.end),
-                      v.narrow(tokens, 0, call.end), call.mask) for call in calls]
+    outputs = [kernel(span(q, tokens, call.start, call.end), span(k, tokens, 0, call.end), span(v, tokens, 0, call.end),
+                      call.mask) for call in calls]
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=tokens)
     return out if heads_first else out.transpose(1, 2)
+
+
+def span(x: torch.Tensor, dim: int, start: int, end: int) -> torch.Tensor:
+    """x's positions [start, end) along `dim`; x itself when that is all of them (one op fewer)."""
+    return x if start == 0 and end == x.shape[dim] else x.narrow(dim, start, end - start)
 
 
 def dense_block_causal_mask(frame_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

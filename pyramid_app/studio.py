@@ -48,6 +48,7 @@ CSS = ("#frames .thumbnail-item { min-width: 48px; }\n"
        "#outputs .caption-label { position: static; max-width: none; white-space: normal; overflow-wrap: anywhere; "
        "border: none; border-top: 1px solid var(--border-color-primary); border-radius: 0; opacity: 1; }")
 HELPERS = dict(api_visibility="private", queue=False)
+IMAGE_GUIDANCE = "image_video_guidance_scale"  # the control behind image_to_video's video_guidance_scale
 QUEUED_HELPER = dict(api_visibility="private", concurrency_limit=None, show_progress="hidden")  # may show a toast
 HOSTED_CAPS_TEXT = (f" Here a clip may take at most {HOSTED_DECODE_BYTES >> 20} MiB once scaled to the model's size "
                     f"(at 768p: {HOSTED_DECODE_BYTES // (1280 * 768 * 3)} frames); outputs are kept for "
@@ -84,6 +85,8 @@ def build_studio(default_model=None, output_dir="outputs", pipelines=None, model
                 stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
                 controls = {**_model_panel(menu, facts), **_lora_panel(endpoints.loras),
                             **_sampling_panel(facts.sampling), **_memory_panel(), **_speed_panel(facts.sampling, hosted)}
+                image_guidance = controls.pop(IMAGE_GUIDANCE)  # the image tab's video_guidance_scale
+                tab_controls = functools.partial(_tab_controls, controls, storyboards, image_guidance)
             with gr.Column(scale=6):
                 status = gr.Markdown("Ready.", label="Status", elem_id="status")
                 result_video = gr.Video(label="Result", buttons=["download"], autoplay=True, loop=True,
@@ -96,7 +99,7 @@ def build_studio(default_model=None, output_dir="outputs", pipelines=None, model
         queue_panel, queue_table, queue_status, queue_paused, queue_export = _queue_panel(endpoints)
         for mode, button in queue_buttons.items():
             button.click(getattr(endpoints, f"queue_{mode}"), inputs[mode], [queue_table, queue_status],
-                         api_name=f"queue_{mode}", inputs_kwargs=_with_storyboard(controls, storyboards, mode),
+                         api_name=f"queue_{mode}", inputs_kwargs=tab_controls(mode),
                          concurrency_limit=None, preprocess=False,  # the handlers check raw values
                          ).then(endpoints.queue_badge, None, queue_panel, **HELPERS)
         with gr.Accordion("This session's outputs", open=True):
@@ -116,7 +119,7 @@ def build_studio(default_model=None, output_dir="outputs", pipelines=None, model
                          None, [result_video, result_image], **HELPERS)
             button.click(getattr(endpoints, mode), [*inputs[mode], history],
                          [results[mode], frames, status, seed_used, history], api_name=mode,
-                         inputs_kwargs=_with_storyboard(controls, storyboards, mode), concurrency_id=GENERATION_QUEUE,
+                         inputs_kwargs=tab_controls(mode), concurrency_id=GENERATION_QUEUE,
                          concurrency_limit=1,
                          show_progress_on=[results[mode]], preprocess=False,  # the handlers check raw values
                          ).then(gallery.gallery_items, history, outputs, **HELPERS)
@@ -139,7 +142,8 @@ def build_studio(default_model=None, output_dir="outputs", pipelines=None, model
         model_inputs = [controls["model"], controls["variant"]]
         controls["model"].change(model_changed, model_inputs,
                                  [controls["variant"], model_note, *lengths_fields.values(), *grammars], **HELPERS)
-        sampling_controls = [controls[name] for name in sampling_values(facts.sampling)]
+        sampling_fields = {**controls, IMAGE_GUIDANCE: image_guidance}
+        sampling_controls = [sampling_fields[name] for name in sampling_values(facts.sampling)]
         controls["model"].input(lambda choice: model_sampling(menu.facts(choice)), controls["model"], sampling_controls,
                                 **HELPERS)  # a pick, not a reuse
         controls["variant"].change(limits_for, model_inputs, [model_note, *lengths_fields.values()], **HELPERS)
@@ -175,9 +179,9 @@ def build_studio(default_model=None, output_dir="outputs", pipelines=None, model
                 settings = gallery.saved_settings(endpoints.client_file(path, request, "file to reuse"))
             except (ValueError, FileNotFoundError) as error:
                 raise gr.Error(reply(error), print_exception=False) from None
-            return _reuse_updates(settings, menu, tabs, inputs, controls, status, storyboards)
+            return _reuse_updates(settings, menu, tabs, inputs, tab_controls, status, storyboards)
 
-        reuse_targets = [tabs, status, *controls.values(), *storyboards.values(),
+        reuse_targets = [tabs, status, *controls.values(), image_guidance, *storyboards.values(),
                          *(component for group in inputs.values() for component in group)]
         outputs.select(select_output, history,
                        [selected, selected_settings, result_video, result_image, frames, status, seed_used], **HELPERS)
@@ -252,9 +256,14 @@ def _is_bundled(menu, choice) -> bool:
     return source is None or Path(source).expanduser().resolve() == BUNDLED_MODEL.resolve()
 
 
-def _with_storyboard(controls, storyboards, mode) -> dict:
-    """The shared controls, plus the tab's segment table as `storyboard` where the tab has one."""
-    return {**controls, "storyboard": storyboards[mode]} if mode in storyboards else controls
+def _tab_controls(controls, storyboards, image_guidance, mode) -> dict:
+    """The controls of one tab's endpoints by parameter name: the shared ones, the tab's segment table as
+    `storyboard` where it has one, and for image-to-video its own video guidance (the model's default for animating
+    an image: 4 for the published models, as in the authors' code)."""
+    tab = {**controls, "storyboard": storyboards[mode]} if mode in storyboards else dict(controls)
+    if mode == "image_to_video":
+        tab["video_guidance_scale"] = image_guidance
+    return tab
 
 
 def _storyboard_table(elem_id) -> gr.Dataframe:
@@ -381,7 +390,8 @@ def _lora_panel(loras) -> dict:
 
 def sampling_values(sampling) -> dict:
     """Sampling-panel control name -> the model's default value."""
-    return gallery.sampling_controls(asdict(sampling))
+    image = sampling.for_mode("image_to_video").video_guidance_scale
+    return {**gallery.sampling_controls(asdict(sampling)), IMAGE_GUIDANCE: image}
 
 
 def model_sampling(facts) -> list:
@@ -403,6 +413,8 @@ def _sampling_panel(sampling) -> dict:
                                      f"Guidance, first frame ({low:g} to {high:g})")
             video_guidance = _number_field("video_guidance_scale", defaults["video_guidance_scale"], low, high, 0.5,
                                            f"Video guidance, later frames ({low:g} to {high:g})")
+            image_guidance = _number_field(IMAGE_GUIDANCE, defaults[IMAGE_GUIDANCE], low, high, 0.5,
+                                           f"… when animating an image ({low:g} to {high:g})")
         steps = {}
         for name, label in (("first_frame_steps", "First-frame steps"), ("video_steps", "Video steps")):
             gr.Markdown(f"**{label}** per pyramid stage (low → full resolution; {limits.STEPS_RANGE[0]} to "
@@ -412,10 +424,10 @@ def _sampling_panel(sampling) -> dict:
                     control = gallery.step_control(name, stage)
                     steps[control] = _number_field(control, defaults[control], *limits.STEPS_RANGE, 1,
                                                    f"stage {stage + 1}", min_width=80)
-        _checked({"seed": seed, "guidance_scale": guidance, "video_guidance_scale": video_guidance, **steps},
-                 "sampling-note")
+        _checked({"seed": seed, "guidance_scale": guidance, "video_guidance_scale": video_guidance,
+                  IMAGE_GUIDANCE: image_guidance, **steps}, "sampling-note")
     return {"negative_prompt": negative_prompt, "seed": seed, "guidance_scale": guidance,
-            "video_guidance_scale": video_guidance, **steps}
+            "video_guidance_scale": video_guidance, IMAGE_GUIDANCE: image_guidance, **steps}
 
 
 def _memory_panel() -> dict:
@@ -477,11 +489,13 @@ def _unavailable(name, choices, device) -> str:
     return f"not available on {device.type}: {', '.join(missing)}" if missing else None
 
 
-def _reuse_updates(settings, menu, tabs, inputs, controls, status, storyboards) -> dict:
-    """Control updates from an output's settings; values this device or model menu cannot take are kept."""
+def _reuse_updates(settings, menu, tabs, inputs, tab_controls, status, storyboards) -> dict:
+    """Control updates from an output's settings (`tab_controls(mode)`: the controls of the output's tab); values
+    this device or model menu cannot take are kept."""
     values = gallery.control_values(settings)
     values["model"] = menu.choice_for(settings.get("model"))
     mode = settings["mode"]
+    controls = tab_controls(mode)
     updates = {tabs: gr.Tabs(selected=mode), status: f"Loaded the settings of a {gallery.caption(settings)}"}
     for name, component in controls.items():
         if name not in values:

@@ -1,5 +1,6 @@
 """The studio without a browser: layout, flags, and every named endpoint through gradio_client on a tiny checkpoint."""
 import asyncio
+import functools
 import json
 import socket
 import time
@@ -337,9 +338,26 @@ def test_sampling_panel_starts_at_the_models_defaults_and_follows_the_menu(tmp_p
     numbers = [(block.label, block.value) for block in demo.blocks.values() if isinstance(block, gradio.Number)]
     assert ("Guidance, first frame (0 to 15)", 2.5) in numbers and ("Video guidance, later frames (0 to 15)", 1.5) in numbers
     assert [value for label, value in numbers if label.startswith("stage ")] == [3, 4, 5, 10, 10, 10]
-    assert studio.model_sampling(catalog.model_facts(str(root))) == [2.5, 1.5, 3, 4, 5, 10, 10, 10]
+    assert studio.model_sampling(catalog.model_facts(str(root))) == [2.5, 1.5, 3, 4, 5, 10, 10, 10, 1.5]
     published = catalog.model_facts("rain1011/pyramid-flow-miniflux")
-    assert studio.model_sampling(published) == [7.0, 5.0, 20, 20, 20, 10, 10, 10]
+    assert studio.model_sampling(published) == [7.0, 5.0, 20, 20, 20, 10, 10, 10, 4.0]  # image to video: 4
+
+
+def test_image_to_video_starts_at_the_models_image_guidance(tmp_path):
+    """The published checkpoints animate an image at video guidance 4 (the authors' default) and make text-to-video at
+    5: the image tab's endpoints default to the first, the others to the second."""
+    root = build_tiny_checkpoint(tmp_path / "published-defaults")
+    settings = json.loads((root / SETTINGS_FILE).read_text())
+    settings["sampling"] = {"video_guidance_scale": 5.0, "image_to_video_guidance_scale": 4.0}
+    (root / SETTINGS_FILE).write_text(json.dumps(settings))
+    api = studio.build_studio(default_model=str(root), output_dir=tmp_path / "outputs").get_api_info()["named_endpoints"]
+
+    def default(endpoint):
+        return next(p["parameter_default"] for p in api[endpoint]["parameters"]
+                    if p["parameter_name"] == "video_guidance_scale")
+
+    assert [default(f"/{mode}") for mode in ("image_to_video", "queue_image_to_video")] == [4.0, 4.0]
+    assert [default(f"/{mode}") for mode in ("text_to_video", "extend_video", "queue_text_to_video")] == [5.0] * 3
 
 
 def test_progress_updates_are_spaced_out(tiny_model, tmp_path):
@@ -381,3 +399,14 @@ def test_speed_panel_offers_what_works_here_and_records_it(client, tiny_model, t
     assert (reused["cache"], reused["cache_threshold"], reused["compile"]) == ("first-block", 0.2, False)
     with pytest.raises(AppError, match="[Cc]ache must be one of none, first-block"):
         client.predict("a red ball", cache="tea", **FAST, api_name="/text_to_video")
+
+
+def test_reusing_an_animated_image_fills_the_image_guidance_not_the_text_one():
+    image_guidance, video_guidance = gradio.Number(), gradio.Number()
+    controls = {"video_guidance_scale": video_guidance, "model": gradio.Dropdown(), "variant": gradio.Dropdown()}
+    inputs = {"image_to_video": [gradio.Image(), gradio.Textbox(), gradio.Number()]}
+    tab_controls = functools.partial(studio._tab_controls, controls, {}, image_guidance)
+    settings = {"mode": "image_to_video", "video_guidance_scale": 3.5, "prompt": "it drifts", "num_frames": 9}
+    updates = studio._reuse_updates(settings, catalog.ModelMenu([]), gradio.Tabs(), inputs, tab_controls,
+                                    gradio.Markdown(), {})
+    assert updates[image_guidance]["value"] == 3.5 and video_guidance not in updates

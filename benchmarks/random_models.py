@@ -86,6 +86,12 @@ class TimeBudgetReached(RuntimeError):
     """Raised from inside a generation when the caller's deadline has passed."""
 
 
+def check_deadline(deadline, during: str):
+    """TimeBudgetReached when `deadline` (time.monotonic() seconds, or None for none) has passed."""
+    if deadline is not None and time.monotonic() > deadline:
+        raise TimeBudgetReached(f"the time budget ran out {during}")
+
+
 @dataclass
 class Clip:
     """What a text-to-video run should make: size, latent frames (units), steps and guidance."""
@@ -109,8 +115,7 @@ def guided_velocity(transformer, text: PromptEmbeddings, negative: PromptEmbeddi
     shapes = []
 
     def velocity(clips, t):
-        if deadline is not None and time.monotonic() > deadline:
-            raise TimeBudgetReached("the time budget ran out during this run")
+        check_deadline(deadline, "during sampling")
         if shapes[-1:] != [clips[-1].shape]:  # a new stage or unit: cached residuals no longer apply
             reset_step_cache(transformer)
             shapes.append(clips[-1].shape)
@@ -148,6 +153,7 @@ def text_to_video(transformer, vae, clip: Clip, text, negative, device, seed: in
     sampled = time.perf_counter()
     frames = None
     if decode:
+        check_deadline(deadline, "before decoding")
         z = NORMALIZATION.denormalize(latents).to(vae.dtype)
         frames = to_frames(vae.decode(z, temporal_chunk=True).sample)  # uint8 [T, H, W, 3] on the CPU, as users get
     return {"latents": latents, "frames": frames, "sampling_s": sampled - started,

@@ -87,7 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=_program_name(), description="Generate video with Pyramidal Flow Matching.")
     commands = parser.add_subparsers(dest="command", required=True)
     generate = commands.add_parser("generate", help="text/image/clip to video or image")
+    for add_options in (_what_options, _sampling_options, _model_options, _speed_options):
+        add_options(generate)
+    generate.add_argument("--save-queue", type=Path, metavar="QUEUE_FILE",
+                          help="add the job(s) to this queue file instead of generating (run it with run-queue)")
+    generate.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
+    run_queue = commands.add_parser("run-queue", help="run a saved queue; finished jobs are skipped, so it resumes")
+    run_queue.add_argument("queue_file", type=Path, metavar="QUEUE_FILE",
+                           help="a queue saved by the studio (Export) or by generate --save-queue")
+    run_queue.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    return parser
+
+
+def _what_options(generate) -> None:
     what = generate.add_argument_group("what to generate")
     what.add_argument("--prompt", metavar="TEXT", help="text prompt (optional with --image or --extend)")
     what.add_argument("--out", type=Path, metavar="FILE", help="output file, .mp4 or .png")
@@ -102,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     length.add_argument("--num-frames", type=int, metavar="N", help="frames to generate (1 + 8k for the published models, 1 + 4k for a VAE with 4x temporal compression; 1 makes an image)")
     length.add_argument("--duration", type=float, metavar="SECONDS", help="seconds of video, rounded to the nearest frame count the model allows")
 
+
+def _sampling_options(generate) -> None:
     sampling = generate.add_argument_group("sampling")
     sampling.add_argument("--height", type=int, metavar="H", help="output height (default: the variant's)")
     sampling.add_argument("--width", type=int, metavar="W", help="output width (default: the variant's)")
@@ -118,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="guidance scale of later frames (default: the model's; 5 for the published checkpoints, "
                                "4 when animating an image)")
 
+
+def _model_options(generate) -> None:
     model = generate.add_argument_group("model and memory")
     model.add_argument("--model", metavar="PATH_OR_REPO", help="checkpoint folder or hub repo id (default: bundled)")
     model.add_argument("--variant", default="auto", help="resolution variant, e.g. 384p or 768p (default: auto)")
@@ -133,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="under torchrun: guidance x context ranks, e.g. 2x1 or 2x2 (default: auto, guidance "
                             "parallel on an even number of ranks, context parallel over the rest)")
 
+
+def _speed_options(generate) -> None:
     speed = generate.add_argument_group("speed")
     speed.add_argument("--cache", type=canonical_cache_name, choices=CACHE_MODES,
                        help="step cache: on steps where the first block barely changed, first-block reuses the later "
@@ -147,15 +166,6 @@ def build_parser() -> argparse.ArgumentParser:
                        default="native", help="attention kernel (flash-varlen and flash_varlen are one); flash/sage "
                                               "need their package, a CUDA GPU and float16/bfloat16")
     speed.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (slow first unit)")
-    generate.add_argument("--save-queue", type=Path, metavar="QUEUE_FILE",
-                          help="add the job(s) to this queue file instead of generating (run it with run-queue)")
-    generate.add_argument("--quiet", action="store_true", help="no progress on stderr")
-
-    run_queue = commands.add_parser("run-queue", help="run a saved queue; finished jobs are skipped, so it resumes")
-    run_queue.add_argument("queue_file", type=Path, metavar="QUEUE_FILE",
-                           help="a queue saved by the studio (Export) or by generate --save-queue")
-    run_queue.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    return parser
 
 
 def plan(args) -> Request:

@@ -68,13 +68,15 @@ class FlowTask:
             return sample.text_features
         return self.prompt_encoder.encode(sample.text, device=self.device)
 
+    def column(self, sample, step: int) -> tuple:
+        """(the sample's column with its velocity target, its text) at `step`."""
+        choices, generator = self.draw(step, sample.request.slot)
+        column = build_column(self.clean_latents(sample), choices, generator, self.scheduler)
+        return column, self.text_of(sample, choices.drop_text).to(self.device)
+
     def losses(self, model, samples: list, step: int) -> dict:
         """Per-sample MSE on the current unit (Eq. 11), with each sample's stage and token count."""
-        columns, texts = [], []
-        for sample in samples:
-            choices, generator = self.draw(step, sample.request.slot)
-            columns.append(build_column(self.clean_latents(sample), choices, generator, self.scheduler))
-            texts.append(self.text_of(sample, choices.drop_text).to(self.device))
+        columns, texts = zip(*(self.column(sample, step) for sample in samples))
         velocities = model(
             sample=[c.clips for c in columns],
             encoder_hidden_states=torch.cat([t.hidden_states for t in texts]),

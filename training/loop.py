@@ -61,6 +61,10 @@ def build_task(config: dict, annotations: list, device):
         from .vae_objective import VAETask
 
         return VAETask(config, device)
+    if config.get("task") == "distill":
+        from .distill_task import DistillTask
+
+        return DistillTask(config, annotations, device)
     from .flow_task import FlowTask
 
     return FlowTask(config, annotations, device)

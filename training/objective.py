@@ -86,16 +86,26 @@ def stage_endpoints(clean: torch.Tensor, stage: int, scheduler, generator: torch
     return coupled_endpoints(clean, stage, window.start_signal, window.end_signal, noise, num_stages)
 
 
+def corrupted_history(latents: torch.Tensor, choices: SampleChoices, generator: torch.Generator, num_stages: int) -> list:
+    """The temporal-pyramid history of the sample's unit at its stage (the pipeline's layout), corrupted (Eq. 16)."""
+    unit = unit_index(choices, latents.shape[2])
+    if not unit:
+        return []
+    pyramid = latent_pyramid(latents[:, :, :unit], num_stages)
+    return [corrupt_history(c, choices.history_strength, generator) for c in history_clips(pyramid, unit, choices.stage)]
+
+
+def column_tokens(clips: list) -> int:
+    """Image tokens of a column's clips (2x2 patches)."""
+    return sum(clip.shape[2] * clip.shape[3] * clip.shape[4] // 4 for clip in clips)
+
+
 def build_column(latents: torch.Tensor, choices: SampleChoices, generator: torch.Generator, scheduler) -> Column:
     """The column of one sample from its normalised clean latents [1, C, T, H, W] (Eqs. 6, 9-11, 16)."""
-    num_stages = scheduler.config.stages
     stage, unit = choices.stage, unit_index(choices, latents.shape[2])
-    history = []
-    if unit:
-        pyramid = latent_pyramid(latents[:, :, :unit], num_stages)
-        history = [corrupt_history(c, choices.history_strength, generator) for c in history_clips(pyramid, unit, stage)]
+    history = corrupted_history(latents, choices, generator, scheduler.config.stages)
     window = scheduler.windows[stage]
     start, end = stage_endpoints(latents[:, :, unit : unit + 1], stage, scheduler, generator)
     noisy = interpolate_on_path(start, end, choices.sigma)
-    tokens = sum(clip.shape[2] * clip.shape[3] * clip.shape[4] // 4 for clip in [*history, noisy])
-    return Column([*history, noisy], velocity_target(start, end), float(window.timestep(choices.sigma)), stage, tokens)
+    clips = [*history, noisy]
+    return Column(clips, velocity_target(start, end), float(window.timestep(choices.sigma)), stage, column_tokens(clips))

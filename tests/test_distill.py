@@ -1,0 +1,99 @@
+"""The `task: distill` recipe on a tiny random teacher: the student gets closer to the teacher's guided multi-step
+output, its folder loads with its own few-step, guidance-free sampling defaults, and a run resumes exactly."""
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from model_core.loading import resolve_checkpoint
+from model_core.pipeline import PyramidFlowPipeline
+from tests.training_helpers import CAPTIONS, precompute_features, tiny_overrides, tiny_world
+from training.config import CONFIG_DIR
+from training.distill_task import nested_intervals
+from training.launch import main
+
+RECIPE = str(CONFIG_DIR / "distill_tiny.yaml")
+WEIGHTS = Path("diffusion_transformer_384p") / "diffusion_pytorch_model.safetensors"
+TEACHER_STEPS, GUIDANCE = 5, 4.0
+DISTILL = [f"distill.teacher_first_frame_steps=[{TEACHER_STEPS}, {TEACHER_STEPS}, {TEACHER_STEPS}]",
+           f"distill.teacher_video_steps=[{TEACHER_STEPS}, {TEACHER_STEPS}, {TEACHER_STEPS}]",
+           f"distill.guidance_scale={GUIDANCE}", f"distill.video_guidance_scale={GUIDANCE}",
+           "train.ema_decay=null", "optim.warmup_steps=0"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    checkpoint, annotations = tiny_world(root, videos=3, images=1)
+    return checkpoint, *precompute_features(checkpoint, annotations, root / "features")
+
+
+def distill(world, output, steps, *extra, resume=None):
+    checkpoint, features, empty = world
+    overrides = tiny_overrides(checkpoint, features, output, global_batch=2, empty_text_fea=empty)
+    args = ["--config", RECIPE, "--max-steps", str(steps), *(["--resume", resume] if resume else []),
+            *overrides, *DISTILL, *extra]
+    assert main(args) == 0
+
+
+def losses(output):
+    with (Path(output) / "metrics.csv").open() as handle:
+        return [float(row["loss"]) for row in csv.DictReader(handle)]
+
+
+def latents(pipe, seed, **options):
+    return pipe.text_to_video(CAPTIONS[seed % 4], num_frames=9, seed=seed, output_type="latent", **options).latents
+
+
+def distance_to_teacher(teacher, student) -> float:
+    """Mean squared distance, on held-out seeds, of the student's latents at its own defaults (2-2-2, no guidance)
+    to the teacher's at its guided 5-5-5 schedule."""
+    steps = (TEACHER_STEPS,) * 3
+    distances = [(latents(student, seed) - latents(teacher, seed, first_frame_steps=steps, video_steps=steps,
+                                                   guidance_scale=GUIDANCE, video_guidance_scale=GUIDANCE)).pow(2).mean()
+                 for seed in range(1000, 1004)]
+    return float(torch.stack(distances).mean())
+
+
+def test_nested_intervals_split_the_teacher_grid_under_the_student_steps():
+    assert nested_intervals(10, 2) == [(0, 9), (9, 10)]
+    assert nested_intervals(9, 3) == [(0, 4), (4, 8), (8, 9)]
+    assert nested_intervals(4, 1) == [(0, 4)]
+    with pytest.raises(ValueError, match="multiple of student steps"):
+        nested_intervals(10, 3)
+
+
+@pytest.mark.slow
+def test_distillation_brings_the_student_to_the_teacher(world, tmp_path):
+    teacher = PyramidFlowPipeline.from_pretrained(world[0])
+    distill(world, tmp_path / "start", 1, "optim.lr=0.0")  # a student equal to the teacher, in the student layout
+    before = distance_to_teacher(teacher, PyramidFlowPipeline.from_pretrained(tmp_path / "start" / "checkpoint-1"))
+    distill(world, tmp_path / "run", 40, "optim.lr=1.0e-3", "train.checkpoint_every=40")
+    after = distance_to_teacher(teacher, PyramidFlowPipeline.from_pretrained(tmp_path / "run" / "checkpoint-40"))
+    print(f"student's distance to the teacher's guided 5-5-5 latents: {before:.4f} before, {after:.4f} after 40 steps")
+    assert after < 0.7 * before
+
+
+def test_distillation_resumes_bitwise(world, tmp_path):
+    distill(world, tmp_path / "straight", 4)
+    distill(world, tmp_path / "resumed", 2, resume="auto")
+    distill(world, tmp_path / "resumed", 4, resume="auto")
+    straight, resumed = (load_file(tmp_path / run / "checkpoint-4" / WEIGHTS) for run in ("straight", "resumed"))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
+    assert all(loss > 0 for loss in losses(tmp_path / "straight"))
+
+
+def test_student_folder_loads_with_its_few_step_guidance_free_schedule(world, tmp_path):
+    distill(world, tmp_path / "run", 1)
+    root = tmp_path / "run" / "checkpoint-1"
+    sampling = resolve_checkpoint(root).family.sampling
+    assert (sampling.first_frame_steps, sampling.video_steps) == ((2, 2, 2), (2, 2, 2))
+    assert (sampling.guidance_scale, sampling.video_guidance_scale) == (1.0, 1.0)
+    student = PyramidFlowPipeline.from_pretrained(root)
+    result = student.text_to_video(CAPTIONS[0], num_frames=9, seed=0, output_type="latent")
+    assert (result.settings["first_frame_steps"], result.settings["video_steps"]) == ([2, 2, 2], [2, 2, 2])
+    assert (result.settings["guidance_scale"], result.settings["video_guidance_scale"]) == (1.0, 1.0)
+    assert not student.official_defaults  # so guidance 1 runs one pass a step (guided only above 1)

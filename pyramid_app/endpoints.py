@@ -53,6 +53,7 @@ UPLOAD_KIND = {"image_to_video": "image", "extend_video": "video"}  # the parame
 MISSING_UPLOAD = {"image_to_video": "Upload an image to animate first.", "extend_video": "Upload a video clip to extend first."}
 STEP_NAMES = ("first_frame_steps", "video_steps")
 GUIDANCE_NAMES = ("guidance_scale", "video_guidance_scale")
+IMAGE_GUIDANCE = "image_video_guidance_scale"  # the studio's field behind image_to_video's video_guidance_scale
 LOG = logging.getLogger(__name__)
 
 
@@ -456,6 +457,8 @@ NUMBER_CHECKS = {  # number control -> the check the endpoints apply to it (a Va
     **{gallery.step_control(name, stage): functools.partial(limits.whole, name=f"{name} (stage {stage + 1})",
                                                             low=limits.STEPS_RANGE[0], high=limits.STEPS_RANGE[1])
        for name in STEP_NAMES for stage in range(STAGE_COUNT)},
+    IMAGE_GUIDANCE: functools.partial(limits.number, name="video_guidance_scale", low=limits.GUIDANCE_RANGE[0],
+                                      high=limits.GUIDANCE_RANGE[1]),
     "cache_threshold": lambda value: limits.cache_controls({"cache_threshold": value})["cache_threshold"],
     "lora_weight": lora_weight,
 }

@@ -6,6 +6,7 @@
 import functools
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 import torch
@@ -17,8 +18,8 @@ from model_core.step_cache import CACHE_MODES
 
 from . import bundled_prompts, gallery, limits
 from .catalog import ModelMenu, length_limits
-from .endpoints import (LORA_WEIGHT_MAX, NUMBER_CHECKS, Endpoints, checked_frames, output_thumbnails, refusal,
-                        storyboard_frames, storyboard_of)
+from .endpoints import (IMAGE_GUIDANCE, LORA_WEIGHT_MAX, NUMBER_CHECKS, Endpoints, checked_frames, output_thumbnails,
+                        refusal, storyboard_frames, storyboard_of)
 from .outputs import OUTPUT_MAX_AGE, SWEEP_INTERVAL
 from .replies import reply
 from .studio_blocks import StudioBlocks
@@ -48,7 +49,6 @@ CSS = ("#frames .thumbnail-item { min-width: 48px; }\n"
        "#outputs .caption-label { position: static; max-width: none; white-space: normal; overflow-wrap: anywhere; "
        "border: none; border-top: 1px solid var(--border-color-primary); border-radius: 0; opacity: 1; }")
 HELPERS = dict(api_visibility="private", queue=False)
-IMAGE_GUIDANCE = "image_video_guidance_scale"  # the control behind image_to_video's video_guidance_scale
 QUEUED_HELPER = dict(api_visibility="private", concurrency_limit=None, show_progress="hidden")  # may show a toast
 HOSTED_CAPS_TEXT = (f" Here a clip may take at most {HOSTED_DECODE_BYTES >> 20} MiB once scaled to the model's size "
                     f"(at 768p: {HOSTED_DECODE_BYTES // (1280 * 768 * 3)} frames); outputs are kept for "
@@ -71,128 +71,158 @@ def build_studio(default_model=None, output_dir="outputs", pipelines=None, model
     facts = menu.facts(menu.default)
     if facts.variants and menu.is_local(menu.default):
         endpoints.pipelines.warm_up(ModelOptions(model=menu.source_for(menu.default), dtype=_default_dtype()))
-    spec = facts.spec("auto") or PLACEHOLDER_SPEC
     delete_cache = (SWEEP_INTERVAL, OUTPUT_MAX_AGE) if hosted else None
     with StudioBlocks(title="Pyramid Flow Studio", delete_cache=delete_cache) as demo:
-        gr.Markdown("# Pyramid Flow Studio\nVideo generation with Pyramidal Flow Matching.")
-        gr.Markdown(limits.CAPS_TEXT + (HOSTED_CAPS_TEXT if hosted else ""), elem_id="caps")
-        model_note = gr.Markdown(facts.note, elem_id="model-note")
-        history, selected = gr.State([]), gr.State(None)
-        with gr.Row():
-            with gr.Column(scale=5):
-                tabs, inputs, buttons, lengths, queue_buttons, storyboards, prompt_notes, grammars = _mode_tabs(
-                    spec, _is_bundled(menu, menu.default))
-                stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
-                controls = {**_model_panel(menu, facts), **_lora_panel(endpoints.loras),
-                            **_sampling_panel(facts.sampling), **_memory_panel(), **_speed_panel(facts.sampling, hosted)}
-                image_guidance = controls.pop(IMAGE_GUIDANCE)  # the image tab's video_guidance_scale
-                tab_controls = functools.partial(_tab_controls, controls, storyboards, image_guidance)
-            with gr.Column(scale=6):
-                status = gr.Markdown("Ready.", label="Status", elem_id="status")
-                result_video = gr.Video(label="Result", buttons=["download"], autoplay=True, loop=True,
-                                        interactive=False, elem_id="result-video")
-                result_image = gr.Image(label="Result", type="filepath", buttons=["download"], interactive=False,
-                                        visible=False, elem_id="result-image")
-                seed_used = gr.Textbox(label="Seed used", interactive=False, elem_id="seed-used")
-                frames = gr.Gallery(label="Frames", columns=9, height=220,
-                                    object_fit="contain", fit_columns=False, elem_id="frames")
-        queue_panel, queue_table, queue_status, queue_paused, queue_export = _queue_panel(endpoints)
-        for mode, button in queue_buttons.items():
-            button.click(getattr(endpoints, f"queue_{mode}"), inputs[mode], [queue_table, queue_status],
-                         api_name=f"queue_{mode}", inputs_kwargs=tab_controls(mode),
-                         concurrency_limit=None, preprocess=False,  # the handlers check raw values
-                         ).then(endpoints.queue_badge, None, queue_panel, **HELPERS)
-        with gr.Accordion("This session's outputs", open=True):
-            with gr.Row():
-                outputs = gr.Gallery(label="Outputs", show_label=False, columns=4, height=380, allow_preview=False,
-                                     fit_columns=False, elem_id="outputs")
-                with gr.Column():
-                    selected_settings = gr.JSON(label="Settings of the selected output")
-                    reuse_button = gr.Button("Reuse settings", elem_id="reuse")
-                    reuse_file = gr.File(label="…or reuse the settings of a file made here or by the CLI",
-                                         file_types=[".mp4", ".png", ".json"], elem_id="reuse-file")
-
-        results = {mode: result_image if mode == "text_to_image" else result_video for mode in gallery.MODE_LABELS}
-        for mode, button in buttons.items():
-            button.click(lambda image_mode=mode == "text_to_image": (gr.update(visible=not image_mode),
-                                                                     gr.update(visible=image_mode)),
-                         None, [result_video, result_image], **HELPERS)
-            button.click(getattr(endpoints, mode), [*inputs[mode], history],
-                         [results[mode], frames, status, seed_used, history], api_name=mode,
-                         inputs_kwargs=tab_controls(mode), concurrency_id=GENERATION_QUEUE,
-                         concurrency_limit=1,
-                         show_progress_on=[results[mode]], preprocess=False,  # the handlers check raw values
-                         ).then(gallery.gallery_items, history, outputs, **HELPERS)
-        stop_button.click(endpoints.stop, None, status, api_name="stop", concurrency_limit=None, show_progress="hidden")
-
-        lengths_fields = {mode: inputs[mode][-1] for mode in lengths}
-
-        def limits_for(choice, variant):
-            """The model's note, and the length fields' ranges for its variant (their values stay as typed)."""
-            spec = menu.facts(choice).spec(variant)
-            return [menu.facts(choice).note, *(_length_field_update(spec, mode == "extend_video")
-                                               for mode in lengths_fields)]
-
-        def model_changed(choice, variant):
-            variants = ["auto", *menu.facts(choice).variants]
-            variant = variant if variant in variants else "auto"
-            return [gr.update(choices=variants, value=variant), *limits_for(choice, variant),
-                    *(gr.update(visible=_is_bundled(menu, choice)) for _ in grammars)]
-
-        model_inputs = [controls["model"], controls["variant"]]
-        controls["model"].change(model_changed, model_inputs,
-                                 [controls["variant"], model_note, *lengths_fields.values(), *grammars], **HELPERS)
-        sampling_fields = {**controls, IMAGE_GUIDANCE: image_guidance}
-        sampling_controls = [sampling_fields[name] for name in sampling_values(facts.sampling)]
-        controls["model"].input(lambda choice: model_sampling(menu.facts(choice)), controls["model"], sampling_controls,
-                                **HELPERS)  # a pick, not a reuse
-        controls["variant"].change(limits_for, model_inputs, [model_note, *lengths_fields.values()], **HELPERS)
-        for mode, field in lengths_fields.items():
-            def note(choice, variant, frames, table=None, extension=mode == "extend_video"):
-                return _length_note(menu.facts(choice).spec(variant), frames, table, extension, not hosted)
-
-            sources = [*model_inputs, field, *([storyboards[mode]] if mode in storyboards else [])]
-            gr.on([source.change for source in sources], note, sources, lengths[mode], preprocess=False, **HELPERS)
-        for mode, prompt_note in prompt_notes.items():
-            prompt = inputs[mode][0 if mode in ("text_to_video", "text_to_image") else 1]
-            gr.on([prompt.change, controls["model"].change],
-                  lambda text, choice: bundled_prompts.unseen_words_note(text) if _is_bundled(menu, choice) else "",
-                  [prompt, controls["model"]], prompt_note, **HELPERS)
-
-        def select_output(entries, event: gr.SelectData):
-            """The picked output in the Result pane with its frames, its settings, and what it is in the status line."""
-            entry = entries[event.index]
-            path, image = entry["path"], entry["path"].endswith(".png")
-            try:
-                strip = output_thumbnails(path)
-            except (ValueError, OSError) as error:
-                raise gr.Error(reply(error), print_exception=False) from None
-            shown = f"Showing `{Path(path).name}`: {gallery.caption(entry['settings'], limits.PROMPT_CHARS)}"
-            return (path, entry["settings"], gr.update(value=None if image else path, visible=not image),
-                    gr.update(value=path if image else None, visible=image), strip, shown,
-                    str(entry["settings"].get("seed", "")))
-
-        def reuse(path, request: gr.Request):
-            if not path:
-                raise gr.Error("Select an output in the gallery (or upload one) first.", print_exception=False)
-            try:
-                settings = gallery.saved_settings(endpoints.client_file(path, request, "file to reuse"))
-            except (ValueError, FileNotFoundError) as error:
-                raise gr.Error(reply(error), print_exception=False) from None
-            return _reuse_updates(settings, menu, tabs, inputs, tab_controls, status, storyboards)
-
-        reuse_targets = [tabs, status, *controls.values(), image_guidance, *storyboards.values(),
-                         *(component for group in inputs.values() for component in group)]
-        outputs.select(select_output, history,
-                       [selected, selected_settings, result_video, result_image, frames, status, seed_used], **HELPERS)
-        reuse_button.click(reuse, selected, reuse_targets, **HELPERS)
-        reuse_file.upload(reuse, reuse_file, reuse_targets, **HELPERS)
-
-        queue_outputs = [queue_table, queue_paused, queue_panel, queue_export, history, outputs]
-        gr.Timer(2.0).tick(endpoints.queue_view, history, queue_outputs, **QUEUED_HELPER)  # finished jobs: a toast
-        demo.load(functools.partial(endpoints.queue_view, announce=False), history, queue_outputs, **QUEUED_HELPER)
+        parts = _layout(menu, endpoints, facts, hosted)
+        _wire_generation(parts, endpoints)
+        _wire_model_menu(parts, menu, facts, hosted)
+        _wire_outputs(parts, endpoints, menu)
+        queue_outputs = [parts.queue_table, parts.queue_paused, parts.queue_panel, parts.queue_export, parts.history,
+                         parts.outputs]
+        gr.Timer(2.0).tick(endpoints.queue_view, parts.history, queue_outputs, **QUEUED_HELPER)  # finished jobs: a toast
+        demo.load(functools.partial(endpoints.queue_view, announce=False), parts.history, queue_outputs, **QUEUED_HELPER)
     endpoints.admit_uploads_of(demo)
     return demo
+
+
+class StudioParts(SimpleNamespace):
+    """The components the studio's events connect, by name (see `_layout`)."""
+
+    def tab_controls(self, mode) -> dict:
+        return _tab_controls(self.controls, self.storyboards, self.image_guidance, mode)
+
+
+def _layout(menu, endpoints, facts, hosted) -> StudioParts:
+    """Every component, placed: the tabs and panels on the left, the result on the right, the queue and the session's
+    outputs below."""
+    spec = facts.spec("auto") or PLACEHOLDER_SPEC
+    gr.Markdown("# Pyramid Flow Studio\nVideo generation with Pyramidal Flow Matching.")
+    gr.Markdown(limits.CAPS_TEXT + (HOSTED_CAPS_TEXT if hosted else ""), elem_id="caps")
+    parts = StudioParts(model_note=gr.Markdown(facts.note, elem_id="model-note"), history=gr.State([]),
+                        selected=gr.State(None))
+    with gr.Row():
+        with gr.Column(scale=5):
+            (parts.tabs, parts.inputs, parts.buttons, parts.lengths, parts.queue_buttons, parts.storyboards,
+             parts.prompt_notes, parts.grammars) = _mode_tabs(spec, _is_bundled(menu, menu.default))
+            parts.stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
+            parts.controls = {**_model_panel(menu, facts), **_lora_panel(endpoints.loras), **_sampling_panel(facts.sampling),
+                              **_memory_panel(), **_speed_panel(facts.sampling, hosted)}
+            parts.image_guidance = parts.controls.pop(IMAGE_GUIDANCE)  # the image tab's video_guidance_scale
+        with gr.Column(scale=6):
+            parts.status = gr.Markdown("Ready.", label="Status", elem_id="status")
+            parts.result_video = gr.Video(label="Result", buttons=["download"], autoplay=True, loop=True,
+                                          interactive=False, elem_id="result-video")
+            parts.result_image = gr.Image(label="Result", type="filepath", buttons=["download"], interactive=False,
+                                          visible=False, elem_id="result-image")
+            parts.seed_used = gr.Textbox(label="Seed used", interactive=False, elem_id="seed-used")
+            parts.frames = gr.Gallery(label="Frames", columns=9, height=220,
+                                      object_fit="contain", fit_columns=False, elem_id="frames")
+    parts.queue_panel, parts.queue_table, parts.queue_status, parts.queue_paused, parts.queue_export = _queue_panel(
+        endpoints)
+    with gr.Accordion("This session's outputs", open=True):
+        with gr.Row():
+            parts.outputs = gr.Gallery(label="Outputs", show_label=False, columns=4, height=380, allow_preview=False,
+                                       fit_columns=False, elem_id="outputs")
+            with gr.Column():
+                parts.selected_settings = gr.JSON(label="Settings of the selected output")
+                parts.reuse_button = gr.Button("Reuse settings", elem_id="reuse")
+                parts.reuse_file = gr.File(label="…or reuse the settings of a file made here or by the CLI",
+                                           file_types=[".mp4", ".png", ".json"], elem_id="reuse-file")
+    return parts
+
+
+def _wire_generation(parts: StudioParts, endpoints) -> None:
+    """Generate, Add to queue and Stop: the API endpoints, each taking its tab's inputs and the shared controls."""
+    for mode, button in parts.queue_buttons.items():
+        button.click(getattr(endpoints, f"queue_{mode}"), parts.inputs[mode], [parts.queue_table, parts.queue_status],
+                     api_name=f"queue_{mode}", inputs_kwargs=parts.tab_controls(mode),
+                     concurrency_limit=None, preprocess=False,  # the handlers check raw values
+                     ).then(endpoints.queue_badge, None, parts.queue_panel, **HELPERS)
+    results = {mode: parts.result_image if mode == "text_to_image" else parts.result_video for mode in gallery.MODE_LABELS}
+    for mode, button in parts.buttons.items():
+        button.click(lambda image_mode=mode == "text_to_image": (gr.update(visible=not image_mode),
+                                                                 gr.update(visible=image_mode)),
+                     None, [parts.result_video, parts.result_image], **HELPERS)
+        button.click(getattr(endpoints, mode), [*parts.inputs[mode], parts.history],
+                     [results[mode], parts.frames, parts.status, parts.seed_used, parts.history], api_name=mode,
+                     inputs_kwargs=parts.tab_controls(mode), concurrency_id=GENERATION_QUEUE, concurrency_limit=1,
+                     show_progress_on=[results[mode]], preprocess=False,  # the handlers check raw values
+                     ).then(gallery.gallery_items, parts.history, parts.outputs, **HELPERS)
+    parts.stop_button.click(endpoints.stop, None, parts.status, api_name="stop", concurrency_limit=None,
+                            show_progress="hidden")
+
+
+def _wire_model_menu(parts: StudioParts, menu, facts, hosted) -> None:
+    """What follows the model menu: its note, variants and length limits, its sampling defaults, the bundled model's
+    prompt grammar and unseen-word notes, and the length notes."""
+    controls, lengths_fields = parts.controls, {mode: parts.inputs[mode][-1] for mode in parts.lengths}
+
+    def limits_for(choice, variant):
+        """The model's note, and the length fields' ranges for its variant (their values stay as typed)."""
+        spec = menu.facts(choice).spec(variant)
+        return [menu.facts(choice).note, *(_length_field_update(spec, mode == "extend_video") for mode in lengths_fields)]
+
+    def model_changed(choice, variant):
+        variants = ["auto", *menu.facts(choice).variants]
+        variant = variant if variant in variants else "auto"
+        return [gr.update(choices=variants, value=variant), *limits_for(choice, variant),
+                *(gr.update(visible=_is_bundled(menu, choice)) for _ in parts.grammars)]
+
+    model_inputs = [controls["model"], controls["variant"]]
+    controls["model"].change(model_changed, model_inputs, [controls["variant"], parts.model_note,
+                                                           *lengths_fields.values(), *parts.grammars], **HELPERS)
+    sampling_fields = {**controls, IMAGE_GUIDANCE: parts.image_guidance}
+    sampling_controls = [sampling_fields[name] for name in sampling_values(facts.sampling)]
+    controls["model"].input(lambda choice: model_sampling(menu.facts(choice)), controls["model"], sampling_controls,
+                            **HELPERS)  # a pick, not a reuse
+    controls["variant"].change(limits_for, model_inputs, [parts.model_note, *lengths_fields.values()], **HELPERS)
+    for mode, field in lengths_fields.items():
+        def note(choice, variant, frames, table=None, extension=mode == "extend_video"):
+            return _length_note(menu.facts(choice).spec(variant), frames, table, extension, not hosted)
+
+        sources = [*model_inputs, field, *([parts.storyboards[mode]] if mode in parts.storyboards else [])]
+        gr.on([source.change for source in sources], note, sources, parts.lengths[mode], preprocess=False, **HELPERS)
+    for mode, prompt_note in parts.prompt_notes.items():
+        prompt = parts.inputs[mode][0 if mode in ("text_to_video", "text_to_image") else 1]
+        gr.on([prompt.change, controls["model"].change],
+              lambda text, choice: bundled_prompts.unseen_words_note(text) if _is_bundled(menu, choice) else "",
+              [prompt, controls["model"]], prompt_note, **HELPERS)
+
+
+def _wire_outputs(parts: StudioParts, endpoints, menu) -> None:
+    """The session's outputs: picking one shows it with its frames and settings; Reuse fills the controls from it or
+    from an uploaded file."""
+
+    def select_output(entries, event: gr.SelectData):
+        """The picked output in the Result pane with its frames, its settings, and what it is in the status line."""
+        entry = entries[event.index]
+        path, image = entry["path"], entry["path"].endswith(".png")
+        try:
+            strip = output_thumbnails(path)
+        except (ValueError, OSError) as error:
+            raise gr.Error(reply(error), print_exception=False) from None
+        shown = f"Showing `{Path(path).name}`: {gallery.caption(entry['settings'], limits.PROMPT_CHARS)}"
+        return (path, entry["settings"], gr.update(value=None if image else path, visible=not image),
+                gr.update(value=path if image else None, visible=image), strip, shown,
+                str(entry["settings"].get("seed", "")))
+
+    def reuse(path, request: gr.Request):
+        if not path:
+            raise gr.Error("Select an output in the gallery (or upload one) first.", print_exception=False)
+        try:
+            settings = gallery.saved_settings(endpoints.client_file(path, request, "file to reuse"))
+        except (ValueError, FileNotFoundError) as error:
+            raise gr.Error(reply(error), print_exception=False) from None
+        return _reuse_updates(settings, menu, parts.tabs, parts.inputs, parts.tab_controls, parts.status,
+                              parts.storyboards)
+
+    reuse_targets = [parts.tabs, parts.status, *parts.controls.values(), parts.image_guidance,
+                     *parts.storyboards.values(), *(component for group in parts.inputs.values() for component in group)]
+    parts.outputs.select(select_output, parts.history,
+                         [parts.selected, parts.selected_settings, parts.result_video, parts.result_image, parts.frames,
+                          parts.status, parts.seed_used], **HELPERS)
+    parts.reuse_button.click(reuse, parts.selected, reuse_targets, **HELPERS)
+    parts.reuse_file.upload(reuse, parts.reuse_file, reuse_targets, **HELPERS)
 
 
 def _mode_tabs(spec, bundled: bool) -> tuple:

@@ -1,6 +1,9 @@
 """The `task: distill` recipe on a tiny random teacher: the student gets closer to the teacher's guided multi-step
 output, its folder loads with its own few-step, guidance-free sampling defaults, and a run resumes exactly."""
 import csv
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ from training.config import CONFIG_DIR
 from training.distill_task import nested_intervals
 from training.launch import main
 
+ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(CONFIG_DIR / "distill_tiny.yaml")
 WEIGHTS = Path("diffusion_transformer_384p") / "diffusion_pytorch_model.safetensors"
 TEACHER_STEPS, GUIDANCE = 5, 4.0
@@ -97,3 +101,19 @@ def test_student_folder_loads_with_its_few_step_guidance_free_schedule(world, tm
     assert (result.settings["first_frame_steps"], result.settings["video_steps"]) == ([2, 2, 2], [2, 2, 2])
     assert (result.settings["guidance_scale"], result.settings["video_guidance_scale"]) == (1.0, 1.0)
     assert not student.official_defaults  # so guidance 1 runs one pass a step (guided only above 1)
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process(world, tmp_path):
+    """Global batch 2: 1 process x 2 accumulation steps vs 2 data-parallel processes x 1, as for every task."""
+    distill(world, tmp_path / "one", 2, "train.gradient_accumulation_steps=2")
+    checkpoint, features, empty = world
+    overrides = tiny_overrides(checkpoint, features, tmp_path / "two", global_batch=2, empty_text_fea=empty)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+               "-m", "training.launch", "--config", RECIPE, "--max-steps", "2", *overrides, *DISTILL]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
+    one, two = load_file(tmp_path / "one" / "checkpoint-2" / WEIGHTS), load_file(tmp_path / "two" / "checkpoint-2" / WEIGHTS)
+    assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)

@@ -85,6 +85,7 @@ class UlyssesContext:
         self.size = mesh.size()
         self.rank = mesh.get_local_rank()
         self.text_slice = self.image_slice = self.image_tokens = 0
+        self._padded_layout = (None, None)  # (a column's layout, its padded global layout): planned once per stage
 
     def _padded(self, tokens: int) -> int:
         return math.ceil(tokens / self.size) * self.size
@@ -103,14 +104,16 @@ class UlyssesContext:
 
         text = torch.cat([text, text.new_zeros(text.shape[0], pad_text, text.shape[2])], dim=1)
         image = torch.cat([image, image.new_zeros(image.shape[0], pad_image, image.shape[2])], dim=1)
-        ends = [end + pad_text for end in layout.group_ends]
-        ends[-1] += pad_image  # padded image queries join the last group; nobody attends to them
-        global_layout = AttentionLayout(
-            group_ends=ends,
-            key_valid=padded(layout.key_valid, 1, False),
-            rope=None if layout.rope is None else tuple(padded(angles, 0, 0.0) for angles in layout.rope),
-            context=self,
-        )
+        if self._padded_layout[0] is not layout:  # the transformer keeps a column's layout for a stage's steps
+            ends = [end + pad_text for end in layout.group_ends]
+            ends[-1] += pad_image  # padded image queries join the last group; nobody attends to them
+            self._padded_layout = layout, AttentionLayout(
+                group_ends=ends,
+                key_valid=padded(layout.key_valid, 1, False),
+                rope=None if layout.rope is None else tuple(padded(angles, 0, 0.0) for angles in layout.rope),
+                context=self,
+            )
+        global_layout = self._padded_layout[1]
         text_local = text[:, self.rank * self.text_slice : (self.rank + 1) * self.text_slice]
         image_local = image[:, self.rank * self.image_slice : (self.rank + 1) * self.image_slice]
         return text_local, image_local, global_layout

@@ -1,6 +1,5 @@
 """PyramidFlowPipeline: text-to-video, text-to-image, image-to-video and video extension."""
 import json
-import math
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from .checkpoints import FAMILIES, SETTINGS_FILE, Family, VariantSpec, describe,
 from .loading import ResolvedCheckpoint, load_model, resolve_checkpoint
 from .weight_files import MODEL_BUILD_LOCK
 from .lora import PyramidLoraLoaderMixin
+from .generation_plan import GenerationPlan, check_prompt, plan_generation
 from .media import as_frames, to_frames, to_video_tensor
 from .memory import (
     apply_fp8,
@@ -30,10 +30,10 @@ from .memory import (
 from .parallel import SINGLE_PROCESS
 from .sampling import Progress, sample_video
 from .speed import apply_speed_options, check_speed_options
-from .step_cache import check_cache_options, enable_step_cache, reset_step_cache, standing_cache
+from .step_cache import enable_step_cache, reset_step_cache
 from .scheduler import PyramidFlowScheduler
 from .storyboard import Storyboard, unit_texts
-from .temporal import frames_for_duration, latent_frames
+from .temporal import latent_frames
 from .text import PROMPT_ENCODERS, PromptEmbeddings
 
 
@@ -335,7 +335,7 @@ class PyramidFlowPipeline(PyramidLoraLoaderMixin, DiffusionPipeline):
         the output's `frames` is then None."""
         prompts, listed = _prompt_batch(prompt, num_videos_per_prompt, options.get("prompt_embeds"))
         for each in prompts if listed else ():  # every prompt checked before the first video is made
-            _check_prompt(each, required=condition_frames is None)
+            check_prompt(each, required=condition_frames is None)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}; got {output_type!r}")
         if options.get("stream_to") is not None and (output_type != "np" or len(prompts) > 1):
@@ -380,99 +380,87 @@ class PyramidFlowPipeline(PyramidLoraLoaderMixin, DiffusionPipeline):
         return [generator] * count, seed
 
     def _generate_video(self, mode, prompt, condition_frames, *, generator, seed, decode: bool, negative_prompt=None,
-                        num_frames=None, duration=None, height=None, width=None, first_frame_steps=None, video_steps=None,
-                        guidance_scale=None, video_guidance_scale=None, video_guidance_decay=False, cache=None,
-                        cache_threshold=None, prompt_embeds: Optional[PromptEmbeddings] = None,
+                        prompt_embeds: Optional[PromptEmbeddings] = None,
                         negative_prompt_embeds: Optional[PromptEmbeddings] = None,
-                        callback_on_step_end: Optional[Callable] = None,
-                        callback_on_step_end_tensor_inputs=("latents",), storyboard=None, stream_to=None) -> "_Video":
-        """One video with `generator`; uint8 frames unless `decode` is False or they were streamed."""
-        spec = self.spec
-        storyboard = _storyboard_of(prompt, storyboard)
-        if storyboard is not None:
-            if mode == "text_to_image":
-                raise ValueError("text_to_image makes one frame; a storyboard needs a video mode")
-            if num_frames is not None or duration is not None:
-                raise ValueError("a storyboard sets the length from its segments' seconds; leave num_frames and duration unset")
-            if prompt_embeds is not None:
-                raise ValueError("give a storyboard or prompt_embeds, not both")
-            prompt = storyboard.segments[0].prompt
-            num_frames = storyboard.num_frames(spec.fps, spec.frames_per_latent, continues=mode == "extend_video")
-        prompt = _check_prompt(prompt, required=condition_frames is None and prompt_embeds is None)
-        _check_embeddings(prompt_embeds, "prompt_embeds")
-        _check_embeddings(negative_prompt_embeds, "negative_prompt_embeds")
-        height, width = _check_size(spec.height if height is None else height, spec.width if width is None else width,
-                                    self._size_multiple)
-        standing = standing_cache(self.transformer)  # transformer.enable_cache(...): used when this call names no cache
-        if cache is None and standing is not None:
-            cache = standing[0]
-            cache_threshold = standing[1] if cache_threshold is None else cache_threshold
-        sampling = self.family.sampling.for_mode(mode).filled(
-            first_frame_steps=first_frame_steps, video_steps=video_steps, guidance_scale=guidance_scale,
-            video_guidance_scale=video_guidance_scale, cache=cache, cache_threshold=cache_threshold)
-        cache, cache_threshold = check_cache_options(sampling.cache, sampling.cache_threshold)
-        first_frame_steps = _check_steps(sampling.first_frame_steps, "first_frame_steps", self.scheduler.config.stages)
-        video_steps = _check_steps(sampling.video_steps, "video_steps", self.scheduler.config.stages)
-        guidance_scale, video_guidance_scale = sampling.guidance_scale, sampling.video_guidance_scale
-        _check_guidance(guidance_scale, "guidance_scale")
-        _check_guidance(video_guidance_scale, "video_guidance_scale")
-        tensor_inputs = list(callback_on_step_end_tensor_inputs or ())
-        unknown = [name for name in tensor_inputs if name not in self._callback_tensor_inputs]
-        if unknown:
-            raise ValueError(f"callback_on_step_end_tensor_inputs may name {', '.join(self._callback_tensor_inputs)}; got {unknown}")
-        if duration is not None:
-            num_frames = frames_for_duration(duration, spec.fps, spec.frames_per_latent, new_frames_only=mode == "extend_video")
-        history_frames, new_units = self._plan_units(mode, num_frames, condition_frames)
+                        callback_on_step_end: Optional[Callable] = None, stream_to=None, **options) -> "_Video":
+        """One video with `generator`; uint8 frames unless `decode` is False or they were streamed. `options`: the
+        plan's (`model_core.generation_plan.plan_generation`)."""
+        plan = plan_generation(self, mode, prompt, condition_frames, prompt_embeds, negative_prompt_embeds, **options)
         device = self._execution_device
-
-        scale = self.vae.spatial_scale
-        latent_shape = (1, self._latent_channels, new_units, height // scale, width // scale)
-        history = condition = None
+        condition = history = None
         if condition_frames is not None:  # resized once: encoded as history, and spliced back for extensions
-            condition = to_video_tensor(condition_frames, height, width, device=device)
-            history = self._encode_video(condition[:, :, -history_frames:])
-        total_units = (history.shape[2] if history is not None else 0) + new_units
-        scales = _unit_guidance(guidance_scale, video_guidance_scale, video_guidance_decay, total_units)
-        guided = [guidance_scale > 0 if self.official_defaults else s > 1 for s in scales]
+            condition = to_video_tensor(condition_frames, plan.height, plan.width, device=device)
+            history = self._encode_video(condition[:, :, -plan.history_frames:])
+        total_units = (history.shape[2] if history is not None else 0) + plan.new_units
+        scales = _unit_guidance(plan.guidance_scale, plan.video_guidance_scale, plan.video_guidance_decay, total_units)
+        guided = [plan.guidance_scale > 0 if self.official_defaults else s > 1 for s in scales]
+        text, negative = self._prompt_pair(plan.prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                           any(guided), device)
+        texts = self._unit_texts(plan, text, total_units, device)
+        decode_unit = None if stream_to is None else self._stream_start(plan, stream_to, condition, history)
+        velocity = lambda unit: self._velocity(texts[unit], negative if guided[unit] else None, scales[unit])  # noqa: E731
+        latents, interrupted = self._run_units(plan, velocity, history, generator, device, decode_unit,
+                                               callback_on_step_end, {"prompt_embeds": text,
+                                                                      "negative_prompt_embeds": negative})
+        frames = self.decode_latents(latents) if decode and stream_to is None else None
+        if mode == "extend_video" and frames is not None:
+            frames = np.concatenate([to_frames(condition), frames[plan.history_frames:]])
+        written = int(frames.shape[0]) if frames is not None else decode_unit.frames_written if decode_unit else None
+        settings = self._settings_record(plan, negative_prompt, seed, written, interrupted)
+        if prompt_embeds is not None:
+            settings["prompt_embeds"] = "given"
+        return _Video(frames, latents, interrupted, settings)
+
+    def _prompt_pair(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, guided: bool, device) -> tuple:
+        """(text, negative) embeddings: encoded here, or the given ones (the negative prompt's encoded when guided)."""
         if prompt_embeds is None:
-            text, negative = self.encode_prompt(prompt, negative_prompt, device, any(guided))
-        else:
-            text, negative = prompt_embeds.to(device), negative_prompt_embeds
-            if any(guided):
-                negative = self._negative_embeddings(negative_prompt, device) if negative is None else negative.to(device)
+            return self.encode_prompt(prompt, negative_prompt, device, guided)
+        text, negative = prompt_embeds.to(device), negative_prompt_embeds
+        if guided:
+            negative = self._negative_embeddings(negative_prompt, device) if negative is None else negative.to(device)
+        return text, negative
 
-        texts = [text] * total_units
-        if storyboard is not None:
-            embeddings = [text, *(self.encode_prompt(s.prompt, None, device, False)[0] for s in storyboard.segments[1:])]
-            segment_of_unit = storyboard.unit_segments(spec.fps, spec.frames_per_latent, continues=mode == "extend_video")
-            history_units = total_units - len(segment_of_unit)  # an extension's given clip: not generated, no text
-            texts = [text] * history_units + unit_texts(segment_of_unit, embeddings, storyboard.blend)
+    def _unit_texts(self, plan: GenerationPlan, text, total_units: int, device) -> list:
+        """The text embeddings of each unit: the prompt's, or along a storyboard its segments' (blended at cuts)."""
+        if plan.storyboard is None:
+            return [text] * total_units
+        spec = self.spec
+        embeddings = [text, *(self.encode_prompt(s.prompt, None, device, False)[0] for s in plan.storyboard.segments[1:])]
+        segment_of_unit = plan.storyboard.unit_segments(spec.fps, spec.frames_per_latent,
+                                                        continues=plan.mode == "extend_video")
+        history_units = total_units - len(segment_of_unit)  # an extension's given clip: not generated, no text
+        return [text] * history_units + unit_texts(segment_of_unit, embeddings, plan.storyboard.blend)
 
-        def velocity_for_unit(unit):
-            return self._velocity(texts[unit], negative if guided[unit] else None, scales[unit])
+    def _stream_start(self, plan: GenerationPlan, stream_to, condition, history):
+        """The unit decoder writing to `stream_to`, primed with the given clip (written) or image (its context)."""
+        decode_unit = self._streamed_decoder(stream_to.write)
+        if plan.mode == "extend_video":
+            decode_unit.write(to_frames(condition, truncate=self.official_defaults))
+        if history is not None:  # the causal VAE's context: written for an image, only read for an extension
+            decode_unit(history, keep=plan.mode != "extend_video")
+        return decode_unit
 
-        decode_unit = None
-        if stream_to is not None:
-            decode_unit = self._streamed_decoder(stream_to.write)
-            if mode == "extend_video":
-                decode_unit.write(to_frames(condition, truncate=self.official_defaults))
-            if history is not None:  # the causal VAE's context: written for an image, only read for an extension
-                decode_unit(history, keep=mode != "extend_video")
-
-        enable_step_cache(self.transformer, cache, cache_threshold)
+    def _run_units(self, plan: GenerationPlan, velocity_for_unit, history, generator, device, decode_unit,
+                   callback_on_step_end, embeddings: dict) -> tuple:
+        """(latents, interrupted): the plan's units sampled after `history` (Eq. 17), each step reported to the
+        callback and the progress bar, each finished unit to the streaming decoder."""
+        scale = self.vae.spatial_scale
+        latent_shape = (1, self._latent_channels, plan.new_units, plan.height // scale, plan.width // scale)
+        enable_step_cache(self.transformer, plan.cache, plan.cache_threshold)
         self._progress = None
         finished = list(history.split(1, dim=2)) if history is not None else []
         step_index = 0
-        progress_bar = self.progress_bar(total=_step_count(len(finished), total_units, first_frame_steps, video_steps))
+        total_units = len(finished) + plan.new_units
+        progress_bar = self.progress_bar(total=_step_count(len(finished), total_units, plan.first_frame_steps,
+                                                           plan.video_steps))
 
         def on_step(progress: Progress, t, x):
             nonlocal step_index
             self._progress = progress
             if callback_on_step_end is not None:
-                available = {"latents": x, "prompt_embeds": text, "negative_prompt_embeds": negative,
-                             "unit_latents": x if progress.kind == "unit" else None,
+                available = {"latents": x, **embeddings, "unit_latents": x if progress.kind == "unit" else None,
                              "video_latents": torch.cat([*finished, x], dim=2) if progress.kind == "unit" else None}
-                returned = callback_on_step_end(self, step_index, t, {name: available[name] for name in tensor_inputs})
+                returned = callback_on_step_end(self, step_index, t, {name: available[name] for name in plan.tensor_inputs})
                 x = (returned or {}).get("latents", x)
             if progress.kind == "unit":
                 finished.append(x)
@@ -484,32 +472,30 @@ class PyramidFlowPipeline(PyramidLoraLoaderMixin, DiffusionPipeline):
 
         with progress_bar:
             latents, interrupted = sample_video(
-                velocity_for_unit, self.scheduler, latent_shape, history, first_frame_steps, video_steps,
+                velocity_for_unit, self.scheduler, latent_shape, history, plan.first_frame_steps, plan.video_steps,
                 generator=generator, on_step=on_step, stop=self._stop_requested, device=device,
             )
         if latents is None:  # stopped before the first unit was finished
             latents = torch.zeros(*latent_shape[:2], 0, *latent_shape[3:], device=device)
-        frames = self.decode_latents(latents) if decode and stream_to is None else None
-        if mode == "extend_video" and frames is not None:
-            frames = np.concatenate([to_frames(condition), frames[history_frames:]])
+        return latents, interrupted
+
+    def _settings_record(self, plan: GenerationPlan, negative_prompt, seed, num_frames, interrupted: bool) -> dict:
+        """What an output records to be made again: the plan, the model and how it ran."""
         settings = {
-            **self.settings_base, "mode": mode, "model": getattr(self, "source", None), "family": self.family.name,
-            "variant": self.variant, "prompt": prompt,
+            **self.settings_base, "mode": plan.mode, "model": getattr(self, "source", None), "family": self.family.name,
+            "variant": self.variant, "prompt": plan.prompt,
             "negative_prompt": self._effective_negative_prompt(negative_prompt), "seed": seed,
-            "num_frames": int(frames.shape[0]) if frames is not None else decode_unit.frames_written if decode_unit else None,
-            "height": height, "width": width,
-            "fps": spec.fps, "first_frame_steps": list(first_frame_steps), "video_steps": list(video_steps),
-            "guidance_scale": guidance_scale, "video_guidance_scale": video_guidance_scale,
-            "video_guidance_decay": video_guidance_decay, "cache": cache, "cache_threshold": cache_threshold,
+            "num_frames": num_frames, "height": plan.height, "width": plan.width,
+            "fps": self.spec.fps, "first_frame_steps": list(plan.first_frame_steps), "video_steps": list(plan.video_steps),
+            "guidance_scale": plan.guidance_scale, "video_guidance_scale": plan.video_guidance_scale,
+            "video_guidance_decay": plan.video_guidance_decay, "cache": plan.cache, "cache_threshold": plan.cache_threshold,
             "official_defaults": self.official_defaults,
             "lora": self.lora_settings(), "interrupted": interrupted, "version": __version__,
             "parallel": SINGLE_PROCESS if self.parallel is None else self.parallel.settings(),
         }
-        if prompt_embeds is not None:
-            settings["prompt_embeds"] = "given"
-        if storyboard is not None:
-            settings["storyboard"] = storyboard.to_settings()
-        return _Video(frames, latents, interrupted, settings)
+        if plan.storyboard is not None:
+            settings["storyboard"] = plan.storyboard.to_settings()
+        return settings
 
     @property
     def _latent_channels(self) -> int:
@@ -634,17 +620,6 @@ class PyramidFlowPipeline(PyramidLoraLoaderMixin, DiffusionPipeline):
         return frames if video_latents.shape[2] == 1 else frames[-self.spec.frames_per_latent:]
 
 
-def _storyboard_of(prompt, storyboard) -> Optional[Storyboard]:
-    """The storyboard given as `storyboard=` or as the prompt (a Storyboard or (seconds, prompt) pairs), else None."""
-    if storyboard is not None:
-        if prompt:
-            raise ValueError("give the prompt or a storyboard, not both (a storyboard holds a prompt per segment)")
-        return Storyboard.coerce(storyboard)
-    if isinstance(prompt, (Storyboard, list, tuple)):
-        return Storyboard.coerce(prompt)
-    return None
-
-
 def _prompt_batch(prompt, num_videos_per_prompt, prompt_embeds) -> tuple:
     """(the prompt of each video, whether `prompt` is a list of prompts): a list of strings is a list of prompts (a
     list of (seconds, prompt) pairs stays a storyboard), each repeated `num_videos_per_prompt` times."""
@@ -695,40 +670,6 @@ def _video_output(frames: list, latents, output_type: str):
     if output_type == "pt":  # diffusers' video layout: [B, T, C, H, W] in [0, 1]
         return _batched([torch.from_numpy(video).permute(0, 3, 1, 2).float() / 255 for video in frames], torch.stack)
     return _batched(frames, np.stack)
-
-
-def _check_prompt(prompt, required: bool) -> str:
-    if prompt is None:
-        prompt = ""
-    if not isinstance(prompt, str):
-        raise ValueError(f"the prompt must be a string; got {type(prompt).__name__}")
-    if required and not prompt.strip():
-        raise ValueError("the prompt is empty; describe the video you want")
-    return prompt
-
-
-def _check_embeddings(embeddings, name: str) -> None:
-    if embeddings is not None and not (isinstance(embeddings, PromptEmbeddings) and embeddings.hidden_states.shape[0] == 1):
-        raise ValueError(f"{name} must be the PromptEmbeddings of one prompt, as `encode_prompt` returns them")
-
-
-def _check_size(height, width, multiple: int) -> tuple:
-    for name, value in (("height", height), ("width", width)):
-        if not isinstance(value, (int, np.integer)) or value < multiple or value % multiple:
-            raise ValueError(f"{name} must be a positive multiple of {multiple} pixels (the latent grid); got {value}")
-    return int(height), int(width)
-
-
-def _check_steps(steps, name: str, stages: int) -> tuple:
-    steps = tuple(steps) if isinstance(steps, (list, tuple)) else None
-    if steps is None or len(steps) != stages or not all(isinstance(s, (int, np.integer)) and s > 0 for s in steps):
-        raise ValueError(f"{name} must be {stages} positive integers, one per pyramid stage (e.g. 20,20,20)")
-    return tuple(int(s) for s in steps)
-
-
-def _check_guidance(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a number >= 0 (1 or less turns guidance off); got {value!r}")
 
 
 def _unit_guidance(first: float, video: float, decay: bool, units: int) -> list:

@@ -200,7 +200,8 @@ def _tokenize(tokenizer, prompts: list[str], max_length: int, name: str):
 
 def _load_encoder(folder: Path, model_class, torch_dtype, **kwargs) -> torch.nn.Module:
     with MODEL_BUILD_LOCK:
-        encoder = model_class.from_pretrained(folder, dtype=torch_dtype, use_safetensors=True, **kwargs)
+        encoder = model_class.from_pretrained(folder, dtype=torch_dtype, use_safetensors=True, use_kernels=False,
+                                              **kwargs)  # no hub kernels: nothing is fetched at run time
     check_finite(encoder, folder)
     return encoder.eval().requires_grad_(False)
 

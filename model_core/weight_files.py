@@ -115,6 +115,7 @@ def _transformers_misfit(model_class, folder: Path) -> tuple:
         transformers_logging.disable_progress_bar()
         try:
             model, found = model_class.from_pretrained(folder, device_map="meta", use_safetensors=True,
+                                                       use_kernels=False,  # transformers 5.25 kernelizes by default
                                                        output_loading_info=True, ignore_mismatched_sizes=True)
         except (RuntimeError, OSError) as error:
             raise ValueError(f"the weights in {folder} cannot be read as a {model_class.__name__}: "

@@ -91,17 +91,22 @@ class StudioQueues:
             if self._queues["local"].next_pending() is not None:
                 self.start("local")  # jobs left waiting when the app last stopped
 
-    def queue(self, session: str) -> JobQueue:
+    def queue(self, session: str, keep: bool = False) -> JobQueue:
+        """The session's queue. A hosted session's is kept in memory once it holds a job (or with `keep`): a page
+        that only shows its empty queue every 2 s costs the server nothing to remember."""
         key = "local" if self.session_folder is None else session
         with self._lock:
-            if key not in self._queues:
-                self._queues[key] = JobQueue(self.session_folder(session) / QUEUE_FOLDER / QUEUE_FILE)
-            return self._queues[key]
+            if key in self._queues:
+                return self._queues[key]
+            queue = JobQueue(self.session_folder(session) / QUEUE_FOLDER / QUEUE_FILE)
+            if keep or queue.jobs:
+                self._queues[key] = queue
+            return queue
 
     def add(self, session: str, mode: str, prompt: str, storyboard, upload, options, model,
             address: str = "local") -> QueuedJob:
         """Queue a job made of the studio's controls, and start running the queue if it is idle."""
-        queue, job_id = self.queue(session), new_job_id()
+        queue, job_id = self.queue(session, keep=True), new_job_id()
         if self.admission is not None:
             self.admission.admit(address, self._waiting(), job_id)
         kept = None

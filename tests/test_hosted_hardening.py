@@ -168,10 +168,22 @@ def test_admission_caps_the_server_and_each_address_and_expires_old_jobs():
     admission.check_fresh("h")
 
 
+def drained(output_dir: Path) -> None:
+    """Wait until no queued job under `output_dir` waits or runs (a queue worker still in torch when the test
+    process exits would abort it)."""
+    deadline = time.monotonic() + QUEUE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        states = [job["state"] for path in output_dir.rglob("queue.json") for job in json.loads(path.read_text())["jobs"]]
+        if all(state in ("done", "failed") for state in states):
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"queued jobs still {states} after {QUEUE_TIMEOUT_S} s")
+
+
 def test_twelve_fresh_clients_cannot_queue_beyond_the_cap(tiny_model, tmp_path):
     """Each gradio_client is a new session; from one address they share the address's cap."""
     demo, url = serve_studio(tiny_model, tmp_path / "outputs", hosted=True,
-                             pipelines=slowed_pipelines(tiny_model, 1.0))
+                             pipelines=slowed_pipelines(tiny_model, 0.3))
     try:
         accepted, refusals = 0, set()
         for _ in range(12):
@@ -183,6 +195,7 @@ def test_twelve_fresh_clients_cannot_queue_beyond_the_cap(tiny_model, tmp_path):
                 refusals.add(str(error).splitlines()[0])
         assert accepted <= ADDRESS_QUEUE_CAP + 1, accepted  # the first may already run: it waits no more
         assert refusals and all("jobs" in refusal for refusal in refusals), refusals
+        drained(tmp_path / "outputs")
     finally:
         demo.close()
 
@@ -203,6 +216,7 @@ def test_a_hosted_queue_is_not_reachable_by_its_session_hash(tiny_model, tmp_pat
         stranger = Client(url, verbose=False, download_files=False)
         rows, _ = stranger.predict("a blue cube", num_frames=9, **FAST, api_name="/queue_text_to_video")
         assert [row[3] for row in rows["data"]] == ["a blue cube"]  # only its own job
+        drained(output_dir)
     finally:
         demo.close()
 
@@ -235,3 +249,22 @@ def test_queued_image_to_video_and_extension_complete(tiny_model, tmp_path, host
         assert read_metadata(extended)["mode"] == "extend_video" and len(read_video(extended)[0]) == 17
     finally:
         demo.close()
+
+
+def test_sessions_that_only_look_at_their_queue_are_not_remembered(tiny_model, tmp_path):
+    import threading
+
+    from pyramid_app.jobs import PipelineCache
+    from pyramid_app.output_file import save
+    from pyramid_app.outputs import SessionOutputs
+    from pyramid_app.queue_runner import read_input_file
+    from pyramid_app.studio_queue import StudioQueues
+
+    outputs = SessionOutputs(tmp_path, hosted=True)
+    queues = StudioQueues(tmp_path, PipelineCache(), threading.Lock(), save, read_input_file,
+                          session_folder=outputs.folder)
+    for session in range(200):
+        assert queues.queue(f"visitor-{session}").jobs == []
+    assert queues._queues == {} and not any(tmp_path.iterdir())
+    kept = queues.queue("worker", keep=True)
+    assert queues.queue("worker") is kept

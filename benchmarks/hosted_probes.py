@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pyramid_app.studio_blocks import FILE_INPUTS
+
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "assets" / "models" / "pyramid-flow-shapes"
 ENDPOINTS = ("text_to_video", "image_to_video", "extend_video", "text_to_image")
@@ -357,14 +359,11 @@ def upload_cap_memory(studio: Studio, video: Path) -> dict:
                 peak_rss_after_mib=round(studio.peak_rss_mib(), 1))
 
 
-FILE_COMPONENTS = ("Image", "Video", "File", "UploadButton")
-
-
 def file_inputs(url: str) -> list:
     """(endpoint, parameter) of every file input the running studio's API lists."""
     api = get_json(url + "/gradio_api/info")["named_endpoints"]
     return [(name.lstrip("/"), p["parameter_name"]) for name, endpoint in api.items()
-            for p in endpoint["parameters"] if p.get("component") in FILE_COMPONENTS]
+            for p in endpoint["parameters"] if p.get("component") in FILE_INPUTS]
 
 
 def path_probes(url: str, server_files: list) -> list:

@@ -5,6 +5,7 @@ A client names a file by its path, so the path alone proves nothing: a file is o
 wrote it (its folder is the hash of its bytes, so only someone holding the same bytes can name it) or it is one of
 the calling session's outputs. Every other path gets the same sentence, whether it exists or not.
 """
+import contextlib
 import math
 import threading
 from pathlib import Path
@@ -48,7 +49,10 @@ class DecodeBudget:
         self.free = total
         self._changed = threading.Condition()
 
-    def reserve(self, size: int, what: str) -> "Reservation":
+    @contextlib.contextmanager
+    def reserve(self, size: int, what: str):
+        """Hold `size` bytes of the budget for the block's duration; refused at once beyond the whole budget, and
+        after `wait` seconds when the others hold too much."""
         if size > self.total:
             raise ValueError(f"the {what} would take {size / 2**20:.0f} MiB once decoded at the model's size; "
                              f"at most {self.total / 2**20:.0f} MiB are allowed: send a shorter or smaller one")
@@ -56,23 +60,12 @@ class DecodeBudget:
             if not self._changed.wait_for(lambda: self.free >= size, timeout=self.wait):
                 raise ValueError("the server is decoding other uploads right now; try again in a minute")
             self.free -= size
-        return Reservation(self, size)
-
-    def release(self, size: int) -> None:
-        with self._changed:
-            self.free += size
-            self._changed.notify_all()
-
-
-class Reservation:
-    def __init__(self, budget: DecodeBudget, size: int):
-        self.budget, self.size = budget, size
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.budget.release(self.size)
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.free += size
+                self._changed.notify_all()
 
 
 def image_frames(path, size, budget: DecodeBudget):

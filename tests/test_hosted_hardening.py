@@ -20,7 +20,6 @@ from pyramid_app.studio_queue import ADDRESS_QUEUE_CAP, Admission
 from test_studio import FAST, free_port, slowed_pipelines
 from tiny_checkpoint import build_tiny_checkpoint
 
-FILE_COMPONENTS = ("Image", "Video", "File", "UploadButton")
 QUEUE_TIMEOUT_S = 120
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,13 +56,6 @@ def server_files(tmp_path_factory):
     return [str(folder / "secret.png"), str(folder / "secret.mp4"), str(folder / "pipe"), "/nope/x.png", "/etc/passwd"]
 
 
-def file_inputs(url) -> list:
-    """(endpoint, file parameter) for every file input the running studio's API lists."""
-    api = hosted_probes.get_json(url + "/gradio_api/info")["named_endpoints"]
-    return [(name.lstrip("/"), parameter["parameter_name"]) for name, endpoint in api.items()
-            for parameter in endpoint["parameters"] if parameter.get("component") in FILE_COMPONENTS]
-
-
 def call_with(url, endpoint, values) -> tuple:
     params = {name: default for name, default in hosted_probes.endpoint_parameters(url, endpoint)}
     values = params | {name: value for name, value in values.items() if name in params}
@@ -74,7 +66,7 @@ def test_a_path_without_an_upload_is_refused_on_every_file_input(studio_url, ser
     """Every form of naming a server file (a bare path dict, one with Gradio's meta) on every file input of every
     endpoint gets one and the same sentence, whether the file exists, is readable, is a FIFO or is missing."""
     url, output_dir = studio_url
-    inputs = file_inputs(url)
+    inputs = hosted_probes.file_inputs(url)
     assert {endpoint for endpoint, _ in inputs} >= {"image_to_video", "extend_video", "queue_image_to_video",
                                                    "queue_extend_video"}
     before = sorted(output_dir.rglob("*"))
@@ -268,3 +260,18 @@ def test_sessions_that_only_look_at_their_queue_are_not_remembered(tiny_model, t
     assert queues._queues == {} and not any(tmp_path.iterdir())
     kept = queues.queue("worker", keep=True)
     assert queues.queue("worker") is kept
+
+
+def test_concurrent_decodes_share_one_budget():
+    from pyramid_app.uploads import DecodeBudget
+
+    budget = DecodeBudget(100, wait=0.1)
+    with budget.reserve(70, "clip"):
+        with pytest.raises(ValueError, match="decoding other uploads"):
+            with budget.reserve(40, "clip"):
+                pass
+    with budget.reserve(100, "clip"):  # released again
+        pass
+    with pytest.raises(ValueError, match="at most 0 MiB"):
+        with budget.reserve(101, "clip"):
+            pass

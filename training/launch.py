@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from .config import load_config, set_path
+from .config import check_recipe, load_config, set_path
 
 
 def parse_args(argv=None):
@@ -30,6 +30,7 @@ def main(argv=None) -> int:
             set_path(config, "train.max_steps", args.max_steps)
         if args.output_dir is not None:
             set_path(config, "train.output_dir", args.output_dir)
+        check_recipe(config)
         if config.get("task") == "bundle":
             from .bundle import run_bundle
 

@@ -36,6 +36,7 @@ from .checkpointing import (
     write_sharded_checkpoint,
 )
 from .annotation_index import AnnotationIndex
+from .config import check_recipe
 from .data import AnnotatedDataset
 from .ema import EMA
 from .logs import MetricsCSV, progress_bar
@@ -76,7 +77,7 @@ def trainable(model):
 
 class Trainer:
     def __init__(self, config: dict, output_dir: Path, resume=None, allow_batch_change: bool = False):
-        self.config, self.output_dir = config, Path(output_dir)
+        self.config, self.output_dir = check_recipe(config), Path(output_dir)
         train, optim = config["train"], config["optim"]
         self.accum = train["gradient_accumulation_steps"]
         AcceleratorState._reset_state()  # one bundle run trains phases of different precisions; keeps the process group

@@ -151,7 +151,11 @@ class TrainSection:
     global_batch_size: int
     max_steps: int
     checkpoint_every: int
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = 1  # or, with tokens_per_gpu, derived from the world size (not given then)
+    tokens_per_gpu: Optional[int] = None  # image tokens one micro-batch packs per process (training.packing)
+    pack_samples: bool = True  # a micro-batch's samples run as one packed sequence (False: one forward per sample)
+    fsdp_units: Literal["blocks", "model"] = "blocks"  # FSDP2 per transformer block then the root, or one unit
+    compile_blocks: bool = False  # torch.compile each transformer block
     mixed_precision: Union[Literal["no", "fp16", "bf16"], Literal[False]] = "no"  # YAML reads a bare `no` as false
     ema_decay: Optional[Number] = None
     log_every: int = 1

@@ -191,7 +191,7 @@ class Trainer:
                 totals[stages + stage] += 1
             totals[-4] += float(out["loss"].detach().sum())
             totals[-3] += out["tokens"]
-            totals[-2] += len(out["stage"])
+            totals[-2] += len(out["loss"])  # samples read (a VAE's losses carry no stage)
         totals[-1] = self.skipped
         return totals
 

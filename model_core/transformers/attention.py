@@ -48,6 +48,38 @@ class AttentionLayout:
         return self.plans[key]
 
 
+class PackedLayout:
+    """Several samples packed in one sequence [every sample's text ; every sample's image tokens] (training): each
+    keeps its own layout, and attention never crosses samples (a block-diagonal mask of per-sample blockwise causal
+    masks). A plain class, not a dataclass: FSDP's input casting would copy it (and its plans) at every block."""
+
+    context = None
+
+    def __init__(self, layouts: list, text_length: int, image_counts: list):
+        self.layouts = layouts  # each sample's AttentionLayout (causal groups, key validity, planned calls)
+        num_text = text_length * len(layouts)
+        image_starts = [num_text + sum(image_counts[:i]) for i in range(len(image_counts))]
+        self.text_spans = [(i * text_length, text_length) for i in range(len(layouts))]  # (start, length)
+        self.image_spans = list(zip(image_starts, image_counts))
+        ropes = [layout.rope for layout in layouts]
+        self.rope = None if ropes[0] is None else tuple(  # the samples' RoPE tables in packed order
+            torch.cat([r[k][:text_length] for r in ropes] + [r[k][text_length:] for r in ropes]) for k in range(2))
+
+
+def packed_attention(q, k, v, layout: PackedLayout, backend) -> torch.Tensor:
+    """Attention of packed samples, q, k, v and the result [1, heads, L, D] in packed order: each sample's queries
+    attend to its own keys with its own blockwise causal calls (varlen attention)."""
+    if layout.rope is not None:
+        q, k = apply_rope(q, *layout.rope), apply_rope(k, *layout.rope)
+    style, texts, images = mask_style(backend), [], []
+    for sample, text, image in zip(layout.layouts, layout.text_spans, layout.image_spans):
+        q_i, k_i, v_i = (torch.cat([x.narrow(2, *text), x.narrow(2, *image)], dim=2) for x in (q, k, v))
+        out = run_calls(q_i, k_i, v_i, sample.calls(style, q_i), backend)
+        texts.append(out[:, :, : text[1]])
+        images.append(out[:, :, text[1] :])
+    return torch.cat(texts + images, dim=2)
+
+
 def causal_group_ends(num_text: int, frame_token_counts, causal: bool = True) -> list:
     """Query-group boundaries of the blockwise causal mask (Sec. 3.4): text joins the oldest frame."""
     total = num_text + sum(frame_token_counts)
@@ -134,13 +166,18 @@ class BlockwiseCausalAttnProcessor:
 
     @torch.compiler.disable  # the number of causal groups changes every unit: compiled, it would recompile each time
     def __call__(self, q, k, v, layout: AttentionLayout) -> torch.Tensor:
+        if isinstance(layout, PackedLayout):
+            return merge_heads(packed_attention(q, k, v, layout, self.backend()))
         if layout.context is not None:
             q, k, v = (layout.context.to_heads(x) for x in (q, k, v))
         if layout.rope is not None:
             q, k = apply_rope(q, *layout.rope), apply_rope(k, *layout.rope)
-        backend = getattr(self._attention_backend, "value", self._attention_backend) or active_attention_backend()
+        backend = self.backend()
         out = run_calls(q, k, v, layout.calls(mask_style(backend), q), backend)
         return merge_heads(out if layout.context is None else layout.context.to_sequence(out))
+
+    def backend(self) -> str:
+        return getattr(self._attention_backend, "value", self._attention_backend) or active_attention_backend()
 
 
 class SelfAttention(nn.Module, AttentionModuleMixin):

@@ -1,10 +1,25 @@
 """Building blocks shared by miniFLUX and the SD3 MM-DiT: adaLN modulation, feed-forward, dual-stream block."""
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
 from .attention import AttentionLayout, JointAttention
 
 LAYER_NORM_EPS = 1e-6
+
+
+class TokenConditioning(NamedTuple):
+    """The conditioning of packed samples for one stream: each sample's vector [n, D] and the sample of each token [L]."""
+
+    per_sample: torch.Tensor
+    sample_of_token: torch.Tensor
+
+
+def stream_conditioning(temb, stream: str):
+    """temb for the tokens of `stream` ('text', 'image' or 'joint'): a batch's [B, D] as is, or, for packed samples
+    (a dict of TokenConditioning per stream), that stream's."""
+    return temb[stream] if isinstance(temb, dict) else temb
 
 
 class AdaLayerNorm(nn.Module):
@@ -21,7 +36,9 @@ class AdaLayerNorm(nn.Module):
         self.linear = nn.Linear(dim, num_chunks * dim)
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=LAYER_NORM_EPS)
 
-    def modulation(self, temb: torch.Tensor):
+    def modulation(self, temb):
+        if isinstance(temb, TokenConditioning):  # packed samples: each token takes its sample's modulation
+            return self.linear(self.act(temb.per_sample))[temb.sample_of_token][None].chunk(self.num_chunks, dim=-1)
         return self.linear(self.act(temb))[:, None].chunk(self.num_chunks, dim=-1)
 
     def modulate(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -95,11 +112,12 @@ class DualStreamBlock(nn.Module):
 
     def forward(self, image, text, temb, layout: AttentionLayout):
         """Returns (text, image); text is None after a context-pre-only block."""
-        image_in, *image_mod = self.norm1(image, temb)
+        image_in, *image_mod = self.norm1(image, stream_conditioning(temb, "image"))
+        text_temb = stream_conditioning(temb, "text")
         if self.context_pre_only:
-            image_out, _ = self.attn(image_in, self.norm1_context(text, temb), layout)
+            image_out, _ = self.attn(image_in, self.norm1_context(text, text_temb), layout)
             return None, self.gated_residuals(image, image_out, self.norm2, self.ff, *image_mod)
-        text_in, *text_mod = self.norm1_context(text, temb)
+        text_in, *text_mod = self.norm1_context(text, text_temb)
         image_out, text_out = self.attn(image_in, text_in, layout)
         image = self.gated_residuals(image, image_out, self.norm2, self.ff, *image_mod)
         text = self.gated_residuals(text, text_out, self.norm2_context, self.ff_context, *text_mod)

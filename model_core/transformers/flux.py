@@ -5,7 +5,7 @@ from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (diffusers
 from torch import nn
 
 from .attention import AttentionLayout, SelfAttention
-from .blocks import AdaLayerNorm, AdaLayerNormContinuous, DualStreamBlock
+from .blocks import AdaLayerNorm, AdaLayerNormContinuous, DualStreamBlock, stream_conditioning
 from .embeddings import PATCH, TimestepTextConditioning, patchify, rotary_angles
 from .packing import PyramidTransformer, pyramid_positions
 
@@ -103,5 +103,6 @@ class PyramidFluxTransformer(PyramidTransformer):
             text, image = self.call_block(block, index, len(self.transformer_blocks), image, text, temb, layout)
         stream = torch.cat([text, image], dim=1)
         for index, block in enumerate(self.single_transformer_blocks):
-            stream = self.call_block(block, index, len(self.single_transformer_blocks), stream, temb, layout)
+            stream = self.call_block(block, index, len(self.single_transformer_blocks), stream,
+                                     stream_conditioning(temb, "joint"), layout)
         return stream[:, text.shape[1] :]

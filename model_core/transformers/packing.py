@@ -20,8 +20,9 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .attention import AttentionLayout, causal_group_ends
+from .attention import AttentionLayout, PackedLayout, causal_group_ends
 from .attention_backends import check_attention_backend
+from .blocks import TokenConditioning
 from .embeddings import PATCH, clip_positions, rotation_tables, unpatchify
 
 ROPE_CACHE_SIZE = 8  # shapes of RoPE angles kept: a unit's three stages, with room for guided/unguided text lengths
@@ -236,6 +237,28 @@ class PyramidTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
         tokens = self.proj_out(self.norm_out(image[:, -current.tokens :], temb))
         return unpatchify(tokens, *current)
 
+    def packed_velocities(self, columns, column_grids, layouts, text, temb) -> list:
+        """Velocities of every column's current unit (batch 1 each) from one packed sequence: [all text ; all image
+        tokens] runs through each block once, attention stays within a column (attention.PackedLayout, training)."""
+        if any(clips[0].shape[0] != 1 for clips in columns):
+            raise ValueError("packed=True needs columns of batch 1 (one sample each); pass a batch as columns.")
+        image = torch.cat([self.embed_clips([clip.to(text.dtype) for clip in clips], grids)
+                           for clips, grids in zip(columns, column_grids)], dim=1)
+        image_counts = [sum(grid.tokens for grid in grids) for grids in column_grids]
+        layout = PackedLayout(layouts, text.shape[1], image_counts)
+        samples = torch.arange(len(columns), device=text.device)
+        per_token = {"text": samples.repeat_interleave(text.shape[1]),
+                     "image": samples.repeat_interleave(torch.tensor(image_counts, device=text.device))}
+        per_token["joint"] = torch.cat([per_token["text"], per_token["image"]])
+        conditioning = {stream: TokenConditioning(temb, index) for stream, index in per_token.items()}
+        image = self.run_blocks(image, text.reshape(1, -1, text.shape[-1]), conditioning, layout)
+        currents = [grids[-1] for grids in column_grids]
+        ends = [sum(image_counts[: i + 1]) for i in range(len(image_counts))]
+        current = torch.cat([image[:, end - grid.tokens : end] for end, grid in zip(ends, currents)], dim=1)
+        head = TokenConditioning(temb, samples.repeat_interleave(torch.tensor([g.tokens for g in currents], device=text.device)))
+        tokens = self.proj_out(self.norm_out(current, head)).split([grid.tokens for grid in currents], dim=1)
+        return [unpatchify(t, *grid) for t, grid in zip(tokens, currents)]
+
     def forward(
         self,
         sample,
@@ -244,11 +267,13 @@ class PyramidTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
         pooled_projections: torch.Tensor,
         timestep: torch.Tensor,
         return_dict: bool = True,
+        packed: bool = False,
     ):
         """Predict the flow velocity of the current unit of every column (Eq. 11/17).
 
         sample: columns of latent clips [B, C, T_i, H_i, W_i], oldest history first, current unit last.
         Text/pooled/timestep rows are interleaved sample-major: row = sample * num_columns + column.
+        packed: run columns of batch 1 as one packed sequence (`packed_velocities`; training) instead of one by one.
         """
         columns = as_columns(sample)
         rows = encoder_hidden_states.shape[0]
@@ -261,6 +286,9 @@ class PyramidTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
         column_grids = [[clip_grid(clip) for clip in clips] for clips in columns]
         layouts = self.column_layouts(encoder_attention_mask, column_grids, text.device)
         num_columns = len(columns)
+        if packed:
+            velocities = self.packed_velocities(columns, column_grids, layouts, text, temb)
+            return (velocities,) if not return_dict else Transformer2DModelOutput(sample=velocities)
         velocities = [
             self.column_velocity(
                 [clip.to(dtype) for clip in clips],

@@ -7,11 +7,13 @@ draw comes from a generator derived from (seed, step, slot).
 
 A sharded run (FSDP) writes no full state anywhere: `training_state/sharded/` holds the model, optimizer and EMA
 as torch.distributed.checkpoint files, each rank writing its own shards, beside `state.json`, the lr schedule and
-the recipe (`recipe.json`); `python -m training.export` turns it into the app-facing layout for a release.
+the recipe (`recipe.json`); `python -m training.export` turns it into the app-facing layout for a release, and a
+later stage may start from it directly (`model.pretrained: <run>/checkpoint-N`, see `sharded_start`).
 """
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -80,8 +82,36 @@ def is_sharded_checkpoint(folder: Path) -> bool:
 def load_sharded_state(folder: Path, state: dict) -> dict:
     """Fill `state` (this run's model / optimizer / EMA state dicts, sharded or whole) in place from a sharded
     checkpoint: torch.distributed.checkpoint reshards to this run's layout."""
-    dcp.load(state, checkpoint_id=Path(folder) / STATE_FOLDER / SHARDED_FOLDER)
+    with warnings.catch_warnings():  # one process without a process group reading every rank's shards is meant
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=Path(folder) / STATE_FOLDER / SHARDED_FOLDER)
     return state
+
+
+ARCHITECTURE_KEYS = ("pretrained", "variant", "family", "config", "vae_config")
+
+
+def sharded_start(model: dict) -> tuple:
+    """(the model section to build the model from, the sharded checkpoint to read its weights from or None).
+
+    A sharded checkpoint as `model.pretrained` holds shards, not the app-facing layout: the model is built as the
+    run that wrote it built its own (that recipe's pretrained root, variant, family and config changes, followed
+    back through earlier sharded stages to an app-facing root), then `load_start_weights` reads the shards into it."""
+    folder = Path(str(model["pretrained"]))
+    if not is_sharded_checkpoint(folder):
+        return model, None
+    recipe = folder / STATE_FOLDER / RECIPE_FILE
+    if not recipe.is_file():
+        raise FileNotFoundError(f"{folder} is a sharded checkpoint without {STATE_FOLDER}/{RECIPE_FILE}; export it with "
+                                "python -m training.export and start from the export")
+    earlier, _ = sharded_start(json.loads(recipe.read_text())["model"])
+    return model | {key: earlier.get(key) for key in ARCHITECTURE_KEYS}, folder
+
+
+def load_start_weights(model, folder: Path) -> None:
+    """The model weights of a sharded checkpoint into `model` (whole tensors, before it is sharded for this run)."""
+    state = load_sharded_state(folder, {"model": model.state_dict()})
+    model.load_state_dict(state["model"], strict=True)
 
 
 def _publish(final: Path, keep: int) -> Path:

@@ -28,10 +28,12 @@ from torch.distributed.checkpoint.state_dict import (
 from .checkpointing import (
     is_sharded_checkpoint,
     load_sharded_state,
+    load_start_weights,
     load_training_state,
     read_state,
     resume_path,
     save_training_state,
+    sharded_start,
     write_checkpoint,
     write_sharded_checkpoint,
 )
@@ -102,7 +104,12 @@ class Trainer:
             raise ValueError(f"{self.resume_from} was trained with global batch {batch}, the recipe now asks for "
                              f"{self.global_batch}; set train.global_batch_size={batch} or pass --allow-batch-change")
         annotations = AnnotationIndex(config["data"]["annotations"])
+        model_section, start = sharded_start(config["model"])
+        self.config = config = config | {"model": model_section}  # what a sharded checkpoint's recipe.json keeps
         self.task = build_task(config, annotations, self.accelerator.device)
+        if start is not None and self.resume_from is None:
+            logger.info("starting from the shards of %s (built as its run built the model)", start)
+            load_start_weights(self.task.model, start)
         if self.resume_from is not None and not is_sharded_checkpoint(self.resume_from):
             self.task.load(self.resume_from)  # a sharded checkpoint's weights are read with the rest, in `restore`
         model = self.task.model

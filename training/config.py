@@ -151,7 +151,7 @@ class TrainSection:
     global_batch_size: int
     max_steps: int
     checkpoint_every: int
-    gradient_accumulation_steps: int = 1  # or, with tokens_per_gpu, derived from the world size (not given then)
+    gradient_accumulation_steps: Optional[int] = 1  # with tokens_per_gpu: null or left out, derived from the world size
     tokens_per_gpu: Optional[int] = None  # image tokens one micro-batch packs per process (training.packing)
     pack_samples: bool = True  # a micro-batch's samples run as one packed sequence (False: one forward per sample)
     fsdp_units: Literal["blocks", "model"] = "blocks"  # FSDP2 per transformer block then the root, or one unit

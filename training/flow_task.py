@@ -25,6 +25,7 @@ class FlowTask:
     def __init__(self, config: dict, annotations: list, device):
         self.model_config, self.objective = config["model"], config["objective"]
         self.seed = config["train"]["seed"]
+        self.packed = config["train"].get("pack_samples", True)  # a micro-batch runs as one packed sequence
         self.base = base_checkpoint(self.model_config)
         self.model = build_transformer(self.model_config, self.base, self.seed)
         self.scheduler = PyramidFlowScheduler(stages=self.objective["stages"])
@@ -84,6 +85,7 @@ class FlowTask:
             pooled_projections=torch.cat([t.pooled for t in texts]),
             timestep=torch.tensor([c.timestep for c in columns], device=self.device),
             return_dict=False,
+            packed=self.packed,
         )[0]
         losses = torch.stack([F.mse_loss(v.float(), c.target) for v, c in zip(velocities, columns)])
         return {"loss": losses, "stage": [c.stage for c in columns], "tokens": sum(c.tokens for c in columns)}

@@ -42,8 +42,8 @@ from .config import check_recipe
 from .data import AnnotatedDataset
 from .ema import EMA
 from .logs import MetricsCSV, progress_bar
-from .packing import BatchPlanner, RankBatches
-from .parallel import check_launch, is_sharded, shard_model, wants_own_fsdp
+from .packing import BatchPlanner, RankBatches, micro_batching
+from .parallel import check_launch, compile_blocks, is_sharded, shard_model, wants_own_fsdp
 
 logger = logging.getLogger(__name__)
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -81,7 +81,10 @@ class Trainer:
     def __init__(self, config: dict, output_dir: Path, resume=None, allow_batch_change: bool = False):
         self.config, self.output_dir = check_recipe(config), Path(output_dir)
         train, optim = config["train"], config["optim"]
-        self.accum = train["gradient_accumulation_steps"]
+        if train.get("tokens_per_gpu") and train.get("gradient_accumulation_steps") is not None:
+            raise ValueError("the recipe gives both train.tokens_per_gpu and train.gradient_accumulation_steps; set one "
+                             "(with tokens_per_gpu the accumulation is derived from the number of processes)")
+        self.accum = 1 if train.get("tokens_per_gpu") else train.get("gradient_accumulation_steps") or 1  # derived below
         AcceleratorState._reset_state()  # one bundle run trains phases of different precisions; keeps the process group
         self.resume_from = resume_path(self.output_dir, resume)
         resumed = read_state(self.resume_from) if self.resume_from else {"step": 0}
@@ -112,10 +115,16 @@ class Trainer:
             load_start_weights(self.task.model, start)
         if self.resume_from is not None and not is_sharded_checkpoint(self.resume_from):
             self.task.load(self.resume_from)  # a sharded checkpoint's weights are read with the rest, in `restore`
+        planner = BatchPlanner(annotations, config["data"], config["objective"], train["seed"], self.global_batch,
+                               self.world * self.accum, self.task.frames_per_latent)
+        if train.get("tokens_per_gpu"):
+            self.derive_accumulation(planner, train["tokens_per_gpu"])
         model = self.task.model
         own_fsdp = wants_own_fsdp(self.accelerator)
-        if own_fsdp:  # CPU processes: FSDP2 by hand (training.parallel); accelerate would make it DDP
-            shard_model(model.to(self.accelerator.device))
+        if train.get("compile_blocks"):
+            compile_blocks(model)
+        if own_fsdp:  # FSDP2 by hand (training.parallel); on CPUs accelerate would make it DDP
+            shard_model(model.to(self.accelerator.device), **self.sharding(train))
         self.autocast = self.accelerator.autocast if own_fsdp else contextlib.nullcontext
         optimizer = torch.optim.AdamW([p for _, p in trainable(model)], lr=optim["lr"], betas=tuple(optim["betas"]),
                                       eps=optim["eps"], weight_decay=optim["weight_decay"])
@@ -129,14 +138,26 @@ class Trainer:
         self.step, self.skipped = 0, 0
         if self.resume_from is not None:
             self.restore(load_training_state(self.resume_from))
-        planner = BatchPlanner(annotations, config["data"], config["objective"], train["seed"], self.global_batch,
-                               self.world * self.accum, self.task.frames_per_latent)
         dataset = AnnotatedDataset(annotations, config["data"]["buckets"], config["data"]["fps"], self.task.frames_per_latent,
                                    getattr(self.task, "use_latents", False), getattr(self.task, "use_text_features", False))
         self.batches = torch.utils.data.DataLoader(
             dataset, batch_sampler=RankBatches(planner, self.rank, self.world, self.step, self.max_steps),
             num_workers=config["data"].get("num_workers", 0), collate_fn=list,
         )
+
+    def derive_accumulation(self, planner: BatchPlanner, tokens_per_gpu: int) -> None:
+        """Accumulation steps from the world size and the per-process token budget (training.packing.micro_batching)."""
+        batching = micro_batching(self.global_batch, self.world, tokens_per_gpu, planner.mean_sample_tokens(self.max_steps))
+        self.accum = self.accelerator.gradient_accumulation_steps = batching.accumulation
+        planner.split_into(self.world * self.accum)
+        if self.accelerator.is_main_process:
+            logger.info("micro-batches: %s", batching.describe(self.world, self.global_batch))
+
+    def sharding(self, train: dict) -> dict:
+        """shard_model's options: per-block units only where every rank runs each block once per micro-step (packed
+        samples); bf16 parameters with float32 gradient reduction under bf16 mixed precision."""
+        per_block = train.get("fsdp_units", "blocks") == "blocks" and getattr(self.task, "packed", False)
+        return dict(per_block=per_block, param_dtype=torch.bfloat16 if train.get("mixed_precision") == "bf16" else None)
 
     @property
     def unwrapped(self):

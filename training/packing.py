@@ -7,6 +7,8 @@ bins of similar token counts (length-balanced packing, Patch n' Pack; Sec. 3.4).
 of ranks therefore changes who computes a sample, never what is computed.
 """
 import heapq
+import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -75,14 +77,42 @@ def balanced_bins(costs: list, num_bins: int) -> list:
     return [sorted(b) for b in bins]
 
 
+@dataclass(frozen=True)
+class MicroBatching:
+    """How one process covers its share of the global batch: `accumulation` micro-batches of about `samples`
+    samples and `tokens` image tokens each, every one forwarded and backpropagated before the next."""
+
+    accumulation: int
+    samples: float
+    tokens: float
+
+    def describe(self, world: int, global_batch: int) -> str:
+        return (f"global batch {global_batch} on {world} process(es): {self.accumulation} accumulation step(s) of "
+                f"~{self.samples:.1f} samples (~{self.tokens:.0f} image tokens) per process")
+
+
+def micro_batching(global_batch: int, world: int, tokens_per_gpu: int, sample_tokens: float) -> MicroBatching:
+    """Accumulation from the world size and the per-process token budget: the fewest micro-steps whose micro-batches
+    hold at most `tokens_per_gpu` image tokens on average (samples of `sample_tokens` each), and at least one sample."""
+    if global_batch < world:
+        raise ValueError(f"global batch {global_batch} is smaller than the {world} processes; give each one a sample")
+    accumulation = max(1, min(math.ceil(global_batch * sample_tokens / (world * tokens_per_gpu)), global_batch // world))
+    samples = global_batch / (world * accumulation)
+    return MicroBatching(accumulation, samples, samples * sample_tokens)
+
+
+def phase_starts(schedule: list, max_steps: int) -> list:
+    """The first step of every clip-length phase that a run of `max_steps` reaches."""
+    return [0, *(p["until_step"] for p in schedule[:-1] if p.get("until_step") is not None and p["until_step"] < max_steps)]
+
+
 class BatchPlanner:
     """The requests of every step's global batch and their split into balanced bins."""
 
     def __init__(self, annotations: list, data: dict, objective: dict, seed: int, global_batch: int, num_bins: int,
                  frames_per_latent: int):
-        if global_batch < num_bins:
-            raise ValueError(f"global batch {global_batch} is smaller than processes x accumulation steps ({num_bins})")
-        self.annotations, self.seed, self.global_batch, self.num_bins = annotations, seed, global_batch, num_bins
+        self.annotations, self.seed, self.global_batch = annotations, seed, global_batch
+        self.split_into(num_bins)
         self.data, self.objective, self.frames_per_latent = data, objective, frames_per_latent
         if not len(annotations):
             raise ValueError("the recipe's annotation files list no samples")
@@ -95,6 +125,18 @@ class BatchPlanner:
             self.streams = [(ShuffledStream(images, seed, 1), num_images), (ShuffledStream(videos, seed, 2), global_batch - num_images)]
         if len(videos) and not data.get("clip_schedule"):
             raise ValueError("the annotations include videos but data.clip_schedule is empty; give clip lengths in seconds")
+
+    def split_into(self, num_bins: int) -> None:
+        """Cut every global batch into `num_bins` bins (processes x accumulation steps)."""
+        if self.global_batch < num_bins:
+            raise ValueError(f"global batch {self.global_batch} is smaller than processes x accumulation steps ({num_bins})")
+        self.num_bins = num_bins
+
+    def mean_sample_tokens(self, max_steps: int) -> float:
+        """Image tokens per sample averaged over a global batch: at the first step of each clip phase the run reaches,
+        the largest (the budget must hold the longest clips)."""
+        steps = phase_starts(self.data.get("clip_schedule") or [{}], max_steps)
+        return max(float(np.mean([self.cost(r) for r in self.requests(step)])) for step in steps)
 
     def choices(self, step: int, slot: int):
         o = self.objective

@@ -1,17 +1,19 @@
-"""FSDP2 where accelerate does not apply it, and launches that would silently run fewer processes than asked.
+"""FSDP2 applied by the trainer, and launches that would silently run fewer processes than asked.
 
-accelerate 1.15 turns `ACCELERATE_USE_FSDP` into FSDP only on accelerator devices: CPU processes (gloo) become
-plain DDP. There the trainer shards the model itself with torch's `fully_shard` (FSDP2) as one unit: the
-pyramid transformers run their blocks once per packed column, and the number of columns differs between ranks
-(bins are balanced by tokens, not by count), so per-block units would all-gather a different number of times on
-each rank and deadlock; the whole model is gathered once per forward instead (weights, gradients and optimizer
-state stay sharded between steps). `accelerate launch --cpu` starts a
-single process whatever `--num_processes` says (it needs mpirun for more); that is refused with the command that
-works instead.
+The trainer shards the model itself with torch's `fully_shard` (FSDP2) whenever FSDP is asked for and several
+processes run, on CPUs (gloo, where accelerate 1.15 would fall back to DDP) and accelerators alike (accelerate then
+finds the model already sharded and leaves it as it is). With packed samples every rank runs each transformer block
+exactly once per micro-step, so each block is its own unit (then the root): one block's weights are gathered at a
+time, the next block's all-gather is prefetched during this one's compute, and gradients are reduce-scattered per
+block in backward. Without packing the blocks run once per column, and columns differ in number between ranks, so
+per-block units would all-gather a different number of times on each rank and deadlock: the whole model is then one
+unit. Under bf16 the parameters are gathered in bf16 and gradients are reduced in float32 (an explicit
+`MixedPrecisionPolicy`). `accelerate launch --cpu` starts a single process whatever `--num_processes` says (it needs
+mpirun for more); that is refused with the command that works instead.
 """
 import os
 
-from accelerate.utils import DistributedType
+import torch
 
 
 def flag(name: str) -> bool:
@@ -36,17 +38,42 @@ def check_launch(accelerator) -> None:
 
 
 def wants_own_fsdp(accelerator) -> bool:
-    """FSDP was asked for, several processes run, and accelerate did not apply it (CPU processes)."""
-    return flag("ACCELERATE_USE_FSDP") and accelerator.num_processes > 1 and \
-        accelerator.distributed_type != DistributedType.FSDP
+    """FSDP was asked for (accelerate's FSDP config or ACCELERATE_USE_FSDP) and several processes run."""
+    return flag("ACCELERATE_USE_FSDP") and accelerator.num_processes > 1
 
 
-def shard_model(model):
-    """FSDP2 in place, the whole model one unit; returns the model."""
+def transformer_blocks(model) -> list:
+    """The repeated blocks of a pyramid transformer, in the order they run."""
+    return [*getattr(model, "transformer_blocks", ()), *getattr(model, "single_transformer_blocks", ())]
+
+
+def mixed_precision(param_dtype):
+    """Parameters gathered (and computed) in `param_dtype` (None: as stored), gradients reduced in float32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+
+
+def shard_model(model, per_block: bool = False, param_dtype=None):
+    """FSDP2 in place, each transformer block one unit then the root (`per_block`), or the whole model one unit;
+    blocks prefetch the next block's weights in forward and the previous one's in backward. Returns the model."""
     from torch.distributed.fsdp import fully_shard
 
-    fully_shard(model)
+    policy = mixed_precision(param_dtype)
+    blocks = transformer_blocks(model) if per_block else []
+    for block in blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    for block, following in zip(blocks, blocks[1:]):
+        block.set_modules_to_forward_prefetch([following])
+        following.set_modules_to_backward_prefetch([block])
     return model
+
+
+def compile_blocks(model) -> None:
+    """torch.compile each transformer block in place (dynamic shapes: packed lengths change every step)."""
+    for block in transformer_blocks(model):
+        block.compile(dynamic=True)
 
 
 def is_sharded(model) -> bool:

@@ -11,9 +11,12 @@ unit. Under bf16 the parameters are gathered in bf16 and gradients are reduced i
 `MixedPrecisionPolicy`). `accelerate launch --cpu` starts a single process whatever `--num_processes` says (it needs
 mpirun for more); that is refused with the command that works instead.
 """
+import logging
 import os
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def flag(name: str) -> bool:
@@ -67,6 +70,8 @@ def shard_model(model, per_block: bool = False, param_dtype=None):
     for block, following in zip(blocks, blocks[1:]):
         block.set_modules_to_forward_prefetch([following])
         following.set_modules_to_backward_prefetch([block])
+    logger.info("FSDP2: %d block units and the root, parameters in %s, gradients reduced in float32", len(blocks),
+                param_dtype or "their stored dtype")
     return model
 
 

@@ -10,6 +10,7 @@ Each call runs on the backend the attention modules carry (`transformer.set_atte
 native as torch's SDPA on [B, heads, L, D], the others through diffusers' attention dispatch
 (see attention_backends.py).
 """
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -36,7 +37,7 @@ class AttentionLayout:
 
     group_ends: list  # exclusive end (in the packed sequence) of each query group
     key_valid: torch.Tensor  # [B, L] bool: valid text and all image tokens
-    rope: tuple = None  # (cos, sin) rotation tables [L, head_dim] (embeddings.rotation_tables) or None
+    rope: tuple = None  # (complex rotation table [L, head_dim / 2],) (embeddings.rotation_tables) or None
     context: object = None  # a model_core.parallel.UlyssesContext when ranks share the sequence
     plans: dict = field(default_factory=dict)  # attention_plan.plan_key -> the layers' kernel calls, planned once
 
@@ -63,7 +64,7 @@ class PackedLayout:
         self.image_spans = list(zip(image_starts, image_counts))
         ropes = [layout.rope for layout in layouts]
         self.rope = None if ropes[0] is None else tuple(  # the samples' RoPE tables in packed order
-            torch.cat([r[k][:text_length] for r in ropes] + [r[k][text_length:] for r in ropes]) for k in range(2))
+            torch.cat([r[k][:text_length] for r in ropes] + [r[k][text_length:] for r in ropes]) for k in range(len(ropes[0])))
 
 
 def packed_attention(q, k, v, layout: PackedLayout, backend) -> torch.Tensor:
@@ -131,7 +132,8 @@ def dense_block_causal_mask(frame_ids: torch.Tensor, valid: torch.Tensor) -> tor
 
 
 class RMSNorm(nn.Module):
-    """RMS normalisation over the last dim with a learned scale, computed in float32."""
+    """RMS normalisation over the last dim with a learned scale, computed in float32 (torch's rms_norm: one fused
+    kernel on CUDA, the same arithmetic as x * rsqrt(mean(x²) + eps) * weight)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -139,9 +141,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * self.weight.float()).to(x.dtype)
+        return nn.functional.rms_norm(x, x.shape[-1:], self.weight, self.eps).to(x.dtype)
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -181,9 +181,14 @@ class BlockwiseCausalAttnProcessor:
 
 
 class SelfAttention(nn.Module, AttentionModuleMixin):
-    """q/k/v projections with per-head RMS qk-norm over one stream (the single-stream block's attention)."""
+    """q/k/v projections with per-head RMS qk-norm over one stream (the single-stream block's attention).
 
-    _supports_qkv_fusion = False
+    The official layout has separate to_q/to_k/to_v; `fuse_projections` makes them one to_qkv GEMM (diffusers'
+    name) while state_dict() still gives, and load_state_dict() still takes, the official keys.
+    """
+
+    _supports_qkv_fusion = True
+    fusable = {"to_qkv": ("to_q", "to_k", "to_v")}  # fused projection -> the official ones, in q, k, v order
 
     def __init__(self, dim: int, heads: int, qk_eps: float):
         super().__init__()
@@ -194,14 +199,110 @@ class SelfAttention(nn.Module, AttentionModuleMixin):
         self.to_q = nn.Linear(dim, dim)
         self.to_k = nn.Linear(dim, dim)
         self.to_v = nn.Linear(dim, dim)
+        self.register_state_dict_post_hook(official_keys)
+        self.register_load_state_dict_pre_hook(fused_keys)
+
+    def qkv_heads(self, x: torch.Tensor, fused: str) -> tuple:
+        """q, k, v heads [B, heads, L, D] of x: one GEMM when `fused` is, else one per official projection."""
+        if fused in self._modules:
+            return self._modules[fused](x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+        return tuple(split_heads(self._modules[name](x), self.heads) for name in self.fusable[fused])
 
     def project(self, x: torch.Tensor):
         """Normalised q, k and v heads [B, heads, L, D] of the image-side projections."""
-        q, k, v = (split_heads(proj(x), self.heads) for proj in (self.to_q, self.to_k, self.to_v))
+        q, k, v = self.qkv_heads(x, "to_qkv")
         return self.norm_q(q), self.norm_k(k), v
 
     def forward(self, x: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
         return self.processor(*self.project(x), layout)
+
+    @torch.no_grad()
+    def fuse_projections(self):
+        """Concatenate each group of official projections into its fused one (`fusable`); a group with a layer that
+        is not a plain nn.Linear with plain weights (a LoRA, a quantised or hooked layer) stays as it is."""
+        for fused, names in self.fusable.items():
+            layers = [self._modules.get(name) for name in names]
+            if not all(map(plain_linear, layers)):
+                continue
+            self._official_order = self._official_order or list(self.state_dict(keep_vars=True))
+            joined = nn.Linear(layers[0].in_features, sum(layer.out_features for layer in layers),
+                               device=layers[0].weight.device, dtype=layers[0].weight.dtype)
+            joined.weight.copy_(torch.cat([layer.weight for layer in layers]))
+            joined.bias.copy_(torch.cat([layer.bias for layer in layers]))
+            joined.requires_grad_(layers[0].weight.requires_grad)
+            for name in names:
+                delattr(self, name)
+            self.add_module(fused, joined)
+        self.fused_projections = any(fused in self._modules for fused in self.fusable)
+
+    @torch.no_grad()
+    def unfuse_projections(self):
+        """Back to the official projections (what peft's LoRA targets, to_q/to_k/to_v/add_*_proj, need)."""
+        for fused, names in self.fusable.items():
+            joined = self._modules.get(fused)
+            if joined is None:
+                continue
+            size = joined.out_features // len(names)
+            for name, weight, bias in zip(names, joined.weight.split(size), joined.bias.split(size)):
+                layer = nn.Linear(joined.in_features, size, device=weight.device, dtype=weight.dtype)
+                layer.weight.copy_(weight)
+                layer.bias.copy_(bias)
+                self.add_module(name, layer.requires_grad_(joined.weight.requires_grad))
+            delattr(self, fused)
+        self._modules = OrderedDict(sorted(self._modules.items(), key=lambda item: self.official_position(item[0])))
+        self.fused_projections = False
+
+    def official_position(self, child: str) -> int:
+        """Where the official layout registers `child`: the index of its first state-dict key."""
+        keys = self._official_order or []
+        return next((index for index, key in enumerate(keys) if key.startswith(child + ".")), len(keys))
+
+    _official_order = None  # the official state-dict keys (local names, in order), recorded when first fused
+
+
+def plain_linear(layer) -> bool:
+    """An nn.Linear (not a subclass) with a bias and plain tensors for weights and no hooks of its own."""
+    return (type(layer) is nn.Linear and layer.bias is not None and not layer._forward_hooks
+            and not layer._forward_pre_hooks and not hasattr(layer, "_hf_hook") and not hasattr(layer, "_diffusers_hook")
+            and all(type(p.detach()) is torch.Tensor for p in (layer.weight, layer.bias)))
+
+
+def official_keys(module: SelfAttention, state_dict, prefix: str, local_metadata) -> None:
+    """state_dict() of a fused attention in the official layout: each fused tensor split (copied, so that files
+    hold no shared storage) into its official projections' keys, every key of the module in the official order."""
+    fused = [name for name in module.fusable if name in module._modules]
+    if not fused:
+        return
+    local = {key[len(prefix):]: state_dict.pop(key) for key in [key for key in state_dict if key.startswith(prefix)]}
+    for name in fused:
+        parts = module.fusable[name]
+        for kind in ("weight", "bias"):
+            joined = local.pop(f"{name}.{kind}")
+            for part, piece in zip(parts, joined.split(joined.shape[0] // len(parts))):
+                local[f"{part}.{kind}"] = piece.clone()
+    order = {key: index for index, key in enumerate(module._official_order)}
+    for key in sorted(local, key=lambda key: order.get(key, len(order))):
+        state_dict[prefix + key] = local[key]
+
+
+def fused_keys(module: SelfAttention, state_dict, prefix: str, *_) -> None:
+    """load_state_dict() of the official layout into a fused attention: each group of official tensors
+    concatenated under its fused projection's key."""
+    for name, parts in module.fusable.items():
+        if name not in module._modules:
+            continue
+        for kind in ("weight", "bias"):
+            keys = [f"{prefix}{part}.{kind}" for part in parts]
+            if all(key in state_dict for key in keys):
+                state_dict[f"{prefix}{name}.{kind}"] = torch.cat([state_dict.pop(key) for key in keys])
+
+
+def fuse_qkv_projections(model: nn.Module, fuse: bool = True) -> nn.Module:
+    """Fuse (or, with fuse=False, unfuse) the q/k/v projections of every attention of `model` (see SelfAttention)."""
+    for module in model.modules():
+        if isinstance(module, SelfAttention):
+            module.fuse_projections() if fuse else module.unfuse_projections()
+    return model
 
 
 class JointAttention(SelfAttention):
@@ -210,6 +311,8 @@ class JointAttention(SelfAttention):
     The two official variants name the text qk-norms differently (`text_norm_name`: 'added' for
     miniFLUX, 'add' for the MMDiT) and register them before or after the output projections.
     """
+
+    fusable = {**SelfAttention.fusable, "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj")}
 
     def __init__(self, dim, heads, qk_eps, text_norm_name, text_norms_last, context_pre_only=False):
         super().__init__(dim, heads, qk_eps)
@@ -230,7 +333,7 @@ class JointAttention(SelfAttention):
 
     def project_text(self, x: torch.Tensor):
         """Normalised q, k and v heads of the text-side projections."""
-        q, k, v = (split_heads(proj(x), self.heads) for proj in (self.add_q_proj, self.add_k_proj, self.add_v_proj))
+        q, k, v = self.qkv_heads(x, "to_added_qkv")
         norm_q, norm_k = (getattr(self, name) for name in self.text_norm_names)
         return norm_q(q), norm_k(k), v
 

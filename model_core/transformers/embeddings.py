@@ -57,18 +57,17 @@ def rotary_angles(positions: torch.Tensor, axes_dims, theta: float = 10000.0):
     return torch.cos(angles), torch.sin(angles)
 
 
-def rotation_tables(cos: torch.Tensor, sin: torch.Tensor):
-    """The rotary angles' cos/sin [L, D/2] as per-channel tables [L, D] for `apply_rope`: cos repeated for both
-    channels of a pair, sin negated for the first."""
-    return cos.repeat_interleave(2, dim=-1), torch.stack([-sin, sin], dim=-1).flatten(-2)
+def rotation_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple:
+    """The rotary angles' cos/sin [L, D/2] as what `apply_rope` takes after x: one complex table [L, D/2] of
+    cos + i·sin, made once per shape (packing.PyramidTransformer.shared_rope)."""
+    return (torch.complex(cos, sin),)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs (2i, 2i+1) of x [B, heads, L, D] by their angles, given as `rotation_tables`
-    [L, D]: (x_2i cos - x_2i+1 sin, x_2i sin + x_2i+1 cos) = x * cos + (pairs swapped) * signed sin, in float32."""
-    x32 = x.float()
-    swapped = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-    return (x32 * cos + swapped * sin).to(x.dtype)
+def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs (2i, 2i+1) of x [B, heads, L, D] by their angles, given as the complex
+    `rotation_tables` [L, D/2]: each pair as one complex number times cos + i·sin (one multiply), in float32."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
 
 
 def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ import warnings
 import torch
 
 from .step_cache import CACHE_MODES
+from .transformers.attention import fuse_qkv_projections
 from .transformers.attention_backends import DEFAULT_ATTENTION_BACKEND, check_attention_backend, usable_attention_backends
 
 CPU_COMPILERS = ("cc", "gcc", "clang")
@@ -39,6 +40,14 @@ def compile_blocks(transformer, backend: str = "inductor") -> None:
     transformer.compile_repeated_blocks(dynamic=True, backend=backend)
 
 
+def fuse_projections(transformer) -> None:
+    """One q/k/v GEMM per attention stream (transformers.attention.fuse_qkv_projections; the saved layout stays the
+    official one), unless offload or layerwise-casting hooks manage the transformer's layers: they keep the layers
+    they were set up with. LoRA, quantised and hooked layers stay unfused (see SelfAttention.fuse_projections)."""
+    if not any(hasattr(module, "_diffusers_hook") or hasattr(module, "_hf_hook") for module in transformer.modules()):
+        fuse_qkv_projections(transformer)
+
+
 def check_speed_options(device, dtype, attention_backend, compile) -> str:
     """The canonical backend name; a ValueError when the backend or compiling cannot work on `device`."""
     backend = check_attention_backend(attention_backend, device, dtype)
@@ -51,8 +60,9 @@ def check_speed_options(device, dtype, attention_backend, compile) -> str:
 
 
 def apply_speed_options(transformer, device, dtype, attention_backend=DEFAULT_ATTENTION_BACKEND, compile=False) -> dict:
-    """Set the attention backend and compile the blocks; returns the settings to record."""
+    """Fuse the q/k/v projections, set the attention backend and compile the blocks; returns the settings to record."""
     backend = check_speed_options(device, dtype, attention_backend, compile)
+    fuse_projections(transformer)
     if backend != DEFAULT_ATTENTION_BACKEND:
         transformer.set_attention_backend(backend)
     if backend == "flex" and not compile:

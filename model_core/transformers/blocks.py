@@ -10,10 +10,12 @@ LAYER_NORM_EPS = 1e-6
 
 
 class TokenConditioning(NamedTuple):
-    """The conditioning of packed samples for one stream: each sample's vector [n, D] and the sample of each token [L]."""
+    """The conditioning of packed samples for one stream: each sample's vector [n, D] and which sample each token
+    belongs to, one-hot [L, n] (a matrix product spreads the modulation deterministically; an index's backward
+    accumulates in a varying order on the CPU)."""
 
     per_sample: torch.Tensor
-    sample_of_token: torch.Tensor
+    membership: torch.Tensor
 
 
 def stream_conditioning(temb, stream: str):
@@ -38,7 +40,8 @@ class AdaLayerNorm(nn.Module):
 
     def modulation(self, temb):
         if isinstance(temb, TokenConditioning):  # packed samples: each token takes its sample's modulation
-            return self.linear(self.act(temb.per_sample))[temb.sample_of_token][None].chunk(self.num_chunks, dim=-1)
+            modulation = self.linear(self.act(temb.per_sample))
+            return (temb.membership.to(modulation.dtype) @ modulation)[None].chunk(self.num_chunks, dim=-1)
         return self.linear(self.act(temb))[:, None].chunk(self.num_chunks, dim=-1)
 
     def modulate(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..step_cache import apply_step_cache, diffusers_cache_options, remove_step_cache
 from .attention import AttentionLayout, PackedLayout, causal_group_ends
 from .attention_backends import check_attention_backend
 from .blocks import TokenConditioning
@@ -84,6 +85,12 @@ def pyramid_positions(grids, interpolate: bool) -> torch.Tensor:
     return torch.cat(positions)
 
 
+def membership(counts: list, device) -> torch.Tensor:
+    """One-hot [sum(counts), n]: the sample of each token of a stream whose samples hold `counts` tokens in turn."""
+    samples = torch.arange(len(counts), device=device)
+    return torch.nn.functional.one_hot(samples.repeat_interleave(torch.tensor(counts, device=device)), len(counts))
+
+
 class PyramidTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
     """Shared forward of the pyramid flow transformers: velocity of the current unit of each column.
 
@@ -101,8 +108,7 @@ class PyramidTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
     """
 
     _supports_gradient_checkpointing = True
-    context_parallel = None  # a model_core.parallel.UlyssesContext: this rank keeps a slice of the sequence
-    parallel_ranks = None  # the model_core.parallel.Parallelism this transformer runs under
+    context_parallel = None  # set by model_core.parallel.apply_parallel: this rank keeps a slice of the sequence
     _skip_layerwise_casting_patterns = ["pos_embed", "norm"]
 
     def check_columns(self, columns, rows: int):
@@ -157,19 +163,15 @@ class PyramidTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
         """diffusers' `enable_cache` on the pyramid step caches (model_core.step_cache): FirstBlockCacheConfig,
         TaylorSeerCacheConfig or MagCacheConfig(calibrate=True) become the `cache` the pipeline uses when a call
         names none; other configs are refused with a ValueError."""
-        from ..step_cache import diffusers_cache_options, enable_step_cache
-
         if self._cache_config is not None:
             raise ValueError(f"a step cache ({type(self._cache_config).__name__}) is already enabled; "
                              "call disable_cache() first.")
-        enable_step_cache(self, *diffusers_cache_options(config))
+        apply_step_cache(self, *diffusers_cache_options(config))
         self._cache_config = config
 
     def disable_cache(self) -> None:
         """Remove the step cache that `enable_cache` set."""
-        from ..step_cache import disable_step_cache
-
-        disable_step_cache(self)
+        remove_step_cache(self)
         self._cache_config = None
 
     def call_block(self, block, index: int, num_blocks: int, *args):
@@ -246,16 +248,15 @@ class PyramidTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
                            for clips, grids in zip(columns, column_grids)], dim=1)
         image_counts = [sum(grid.tokens for grid in grids) for grids in column_grids]
         layout = PackedLayout(layouts, text.shape[1], image_counts)
-        samples = torch.arange(len(columns), device=text.device)
-        per_token = {"text": samples.repeat_interleave(text.shape[1]),
-                     "image": samples.repeat_interleave(torch.tensor(image_counts, device=text.device))}
+        per_token = {"text": membership([text.shape[1]] * len(columns), text.device),
+                     "image": membership(image_counts, text.device)}
         per_token["joint"] = torch.cat([per_token["text"], per_token["image"]])
-        conditioning = {stream: TokenConditioning(temb, index) for stream, index in per_token.items()}
+        conditioning = {stream: TokenConditioning(temb, one_hot) for stream, one_hot in per_token.items()}
         image = self.run_blocks(image, text.reshape(1, -1, text.shape[-1]), conditioning, layout)
         currents = [grids[-1] for grids in column_grids]
         ends = [sum(image_counts[: i + 1]) for i in range(len(image_counts))]
         current = torch.cat([image[:, end - grid.tokens : end] for end, grid in zip(ends, currents)], dim=1)
-        head = TokenConditioning(temb, samples.repeat_interleave(torch.tensor([g.tokens for g in currents], device=text.device)))
+        head = TokenConditioning(temb, membership([grid.tokens for grid in currents], text.device))
         tokens = self.proj_out(self.norm_out(current, head)).split([grid.tokens for grid in currents], dim=1)
         return [unpatchify(t, *grid) for t, grid in zip(tokens, currents)]
 

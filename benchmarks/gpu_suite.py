@@ -133,11 +133,11 @@ def apply_row_options(row: Row, transformer, vae, device: torch.device, compile_
         name, threshold = row.cache
         if importlib.util.find_spec("model_core.step_cache") is None:
             raise Unavailable("cache: not available in this build")
-        from model_core.step_cache import CACHE_MODES, enable_step_cache
+        from model_core.step_cache import CACHE_MODES, apply_step_cache
 
         if name not in CACHE_MODES:
             raise Unavailable(f"cache={name}: not available in this build (it has {', '.join(CACHE_MODES)})")
-        enable_step_cache(transformer, name, threshold)
+        apply_step_cache(transformer, name, threshold)
         settings["cache"], settings["cache_threshold"] = name, threshold
     if row.fp8:
         if device.type != "cuda":

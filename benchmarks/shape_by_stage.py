@@ -18,6 +18,7 @@ from collections import Counter
 import torch
 
 from model_core.media import to_video_tensor
+from model_core.generation_runner import unit_velocity
 from model_core.pipeline import PyramidFlowPipeline
 from model_core.sampling import sample_unit
 from training.atomic import write_text
@@ -31,7 +32,7 @@ STEPS_PER_STAGE = 10
 def guided_velocity(pipe, prompt: str, guidance: float):
     text = pipe.prompt_encoder.encode(prompt)
     negative = pipe.prompt_encoder.encode_negative(None, 1) if guidance > 1 else None
-    return pipe._velocity(text, negative, guidance)
+    return unit_velocity(pipe, text, negative, guidance)
 
 
 def first_frame_from(pipe, velocity, x1: torch.Tensor, stage: int, seed: int):
@@ -51,7 +52,7 @@ def measure(pipe, pairs, guidance: float) -> dict:
     for prompt, seed in pairs:
         color, shape, direction = parse_prompt(prompt)
         frame = to_video_tensor(torch.from_numpy(render_clip(prompt, seed)[:1]), FRAME_SIZE, FRAME_SIZE)
-        x1 = pipe._encode_video(frame)
+        x1 = pipe.encode_video(frame)
         readings = {"round trip": read_frame(pipe.decode_latents(x1)[0])}
         velocity, seed = guided_velocity(pipe, prompt, guidance), seed % 2**63
         for stage in range(stages):

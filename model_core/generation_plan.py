@@ -2,16 +2,19 @@
 pyramid stage, guidance, step cache and the callback's tensors — from the call's arguments, the transformer's standing
 cache (diffusers' `enable_cache`) and the checkpoint's sampling defaults. The pipeline's runner reads only the plan.
 """
-import math
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
-from .step_cache import check_cache_options, standing_cache
+from .option_names import check_cache_options, check_guidance
+from .step_cache import standing_cache
 from .storyboard import Storyboard
-from .temporal import frames_for_duration
+from .temporal import frames_for_duration, latent_frames
 from .text import PromptEmbeddings
+
+
+OUTPUT_TYPES = ("np", "pil", "pt", "latent")
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,17 @@ class GenerationPlan:
     tensor_inputs: tuple  # what `callback_on_step_end` is handed
     history_frames: int  # pixel frames of the given image or clip encoded as history (0 without one)
     new_units: int  # latent units to generate
+
+    def settings(self) -> dict:
+        """The plan's part of an output's settings record (what Reuse reads back)."""
+        settings = {"prompt": self.prompt, "height": self.height, "width": self.width,
+                    "first_frame_steps": list(self.first_frame_steps), "video_steps": list(self.video_steps),
+                    "guidance_scale": self.guidance_scale, "video_guidance_scale": self.video_guidance_scale,
+                    "video_guidance_decay": self.video_guidance_decay, "cache": self.cache,
+                    "cache_threshold": self.cache_threshold}
+        if self.storyboard is not None:
+            settings["storyboard"] = self.storyboard.to_settings()
+        return settings
 
 
 def plan_generation(pipe, mode, prompt, condition_frames, prompt_embeds=None, negative_prompt_embeds=None, *,
@@ -57,7 +71,7 @@ def plan_generation(pipe, mode, prompt, condition_frames, prompt_embeds=None, ne
     check_embeddings(prompt_embeds, "prompt_embeds")
     check_embeddings(negative_prompt_embeds, "negative_prompt_embeds")
     height, width = check_size(spec.height if height is None else height, spec.width if width is None else width,
-                               pipe._size_multiple)
+                               pipe.size_multiple)
     standing = standing_cache(pipe.transformer)  # transformer.enable_cache(...): used when this call names no cache
     if cache is None and standing is not None:
         cache = standing[0]
@@ -76,7 +90,7 @@ def plan_generation(pipe, mode, prompt, condition_frames, prompt_embeds=None, ne
         raise ValueError(f"callback_on_step_end_tensor_inputs may name {', '.join(pipe._callback_tensor_inputs)}; got {unknown}")
     if duration is not None:
         num_frames = frames_for_duration(duration, spec.fps, spec.frames_per_latent, new_frames_only=mode == "extend_video")
-    history_frames, new_units = pipe._plan_units(mode, num_frames, condition_frames)
+    history_frames, new_units = plan_units(pipe, mode, num_frames, condition_frames)
     return GenerationPlan(mode, prompt, storyboard, height, width, first_frame_steps, video_steps,
                           sampling.guidance_scale, sampling.video_guidance_scale, video_guidance_decay, cache,
                           cache_threshold, tensor_inputs, history_frames, new_units)
@@ -122,6 +136,77 @@ def check_steps(steps, name: str, stages: int) -> tuple:
     return tuple(int(s) for s in steps)
 
 
-def check_guidance(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a number >= 0 (1 or less turns guidance off); got {value!r}")
+def plan_units(pipe, mode, num_frames, condition_frames) -> tuple:
+    """(conditioning pixel frames used, new latent units), validated against the checkpoint."""
+    spec, longest_units = pipe.spec, pipe.longest_units
+    n = spec.frames_per_latent
+    if mode == "extend_video":
+        if num_frames is None or num_frames <= 0 or num_frames % n:
+            raise ValueError(f"num_frames counts the new frames of an extension and must be a positive multiple of {n}; got {num_frames}")
+        new_units = num_frames // n
+        if new_units >= longest_units:
+            longest = spec.frames(longest_units)
+            raise ValueError(f"this model makes at most {longest} frames in all; ask for at most {longest - 1} new frames")
+        room = max(1, spec.max_latent_frames - new_units)  # the given clip's units kept within the trained window
+        return min(spec.frames(latent_frames(len(condition_frames), n)), spec.frames(room)), new_units
+    if num_frames is None:
+        num_frames = 1 if mode == "text_to_image" else spec.max_frames
+    longest = spec.frames(longest_units)
+    if not isinstance(num_frames, (int, np.integer)) or num_frames < 1 or (num_frames - 1) % n or num_frames > longest:
+        allowed = ", ".join(str(spec.frames(k)) for k in range(1, min(longest_units, 4) + 1))
+        allowed += f", ..., {longest}" if longest_units > 4 else ""
+        raise ValueError(f"num_frames must be 1 + {n}k and at most {longest} for this model ({allowed}; "
+                         f"{longest / spec.fps:.0f} s at {spec.fps} fps); got {num_frames}")
+    units = latent_frames(num_frames, n)
+    if mode == "image_to_video":
+        if units < 2:
+            raise ValueError(f"image_to_video needs at least {spec.frames(2)} frames (the image plus one unit of motion)")
+        return 1, units - 1
+    return 0, units
+
+
+def prompt_batch(prompt, num_videos_per_prompt, prompt_embeds) -> tuple:
+    """(the prompt of each video, whether `prompt` is a list of prompts): a list of strings is a list of prompts (a
+    list of (seconds, prompt) pairs stays a storyboard), each repeated `num_videos_per_prompt` times."""
+    if isinstance(num_videos_per_prompt, bool) or not isinstance(num_videos_per_prompt, (int, np.integer)) \
+            or num_videos_per_prompt < 1:
+        raise ValueError(f"num_videos_per_prompt must be a whole number of at least 1; got {num_videos_per_prompt!r}")
+    listed = isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(isinstance(each, str) for each in prompt)
+    if listed and prompt_embeds is not None:
+        raise ValueError("prompt_embeds hold the embeddings of one prompt; give a list of prompts or prompt_embeds, not both")
+    prompts = list(prompt) if listed else [prompt]
+    return [each for each in prompts for _ in range(int(num_videos_per_prompt))], listed
+
+
+def inference_steps(num_inference_steps, options: dict, stages: int) -> dict:
+    """first_frame_steps and video_steps from diffusers' `num_inference_steps`: N steps in every stage of every unit."""
+    if num_inference_steps is None:
+        return {}
+    if options.get("first_frame_steps") is not None or options.get("video_steps") is not None:
+        raise ValueError("give num_inference_steps or first_frame_steps / video_steps, not both")
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)) \
+            or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be a whole number of at least 1 (the steps of every pyramid stage); "
+                         f"got {num_inference_steps!r}")
+    steps = (int(num_inference_steps),) * stages
+    return {"first_frame_steps": steps, "video_steps": steps}
+
+
+def check_output(output_type: str, stream_to, videos: int) -> None:
+    """`output_type` is one of OUTPUT_TYPES; streaming writes one video's uint8 frames."""
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}; got {output_type!r}")
+    if stream_to is not None and (output_type != "np" or videos > 1):
+        raise ValueError("stream_to writes the uint8 frames of one video as units finish; leave output_type at "
+                         "'np' and make one video")
+
+
+def step_count(first_unit: int, total_units: int, first_frame_steps, video_steps) -> int:
+    """Transformer steps of units first_unit..total_units - 1: unit 0 takes first_frame_steps, later ones video_steps."""
+    return sum(sum(first_frame_steps if unit == 0 else video_steps) for unit in range(first_unit, total_units))
+
+
+def unit_guidance(first: float, video: float, decay: bool, units: int) -> list:
+    """Guidance per unit: `first` for the first frame, `video` after it, optionally decaying linearly to 1."""
+    later = np.linspace(video, min(video, 1.0), max(units - 1, 1)) if decay else [video] * max(units - 1, 1)
+    return [first, *[float(g) for g in later]]

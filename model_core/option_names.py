@@ -20,14 +20,28 @@ def canonical_cache_name(name):
     return name.strip().lower().replace("_", "-") if isinstance(name, str) else name
 
 
-def check_cache_options(cache, threshold) -> tuple:
-    """(canonical mode, threshold) validated; a ValueError names what is allowed."""
+def check_cache_options(cache, threshold, most_threshold: float = math.inf) -> tuple:
+    """(canonical mode, threshold) validated; a ValueError names what is allowed. `most_threshold`: an app's cap."""
     cache = canonical_cache_name(cache)
     if cache not in CACHE_MODES:
         raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}; got {cache!r}.")
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < math.inf:
         raise ValueError(f"cache_threshold must be a finite number >= 0 (0 never skips a step); got {threshold!r}.")
-    return cache, float(threshold)
+    return cache, capped(float(threshold), "cache_threshold", most_threshold)
+
+
+def check_guidance(value, name: str, most: float = math.inf) -> float:
+    """A guidance scale (`guidance_scale`, `video_guidance_scale`): a finite number >= 0; `most`: an app's cap."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a number >= 0 (1 or less turns guidance off); got {value!r}")
+    return capped(float(value), name, most)
+
+
+def capped(value: float, name: str, most: float) -> float:
+    """`value` within an app's cap on an option the model itself takes larger (the studio's and CLI's ranges)."""
+    if value > most:
+        raise ValueError(f"{name} must be a number from 0 to {most:g}; got {value:g}")
+    return value
 
 
 def canonical_backend_name(name) -> str:

@@ -29,7 +29,6 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from .step_cache import step_cache_state
 from .transformers.attention import AttentionLayout
 
 MESH_DIMS = ("guidance", "context")
@@ -161,17 +160,21 @@ class Parallelism:
     def settings(self) -> dict:
         return {"world_size": self.world_size, "guidance": self.config.guidance, "context": self.config.context}
 
-    def agree(self, value):
-        """Rank 0's `value` on every rank (a seed, a Stop request): every rank then takes the same path."""
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
     def all_agree(self, flag: bool) -> bool:
         """True when `flag` is true on every rank (e.g. the step cache skips the trunk only if all ranks would)."""
         vote = torch.tensor([int(flag)], device=self.mesh.device_type)
         dist.all_reduce(vote, op=dist.ReduceOp.MIN)
         return bool(vote.item())
+
+    def sequence_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """Per batch row mean of this rank's image tokens x [B, L, D] over the whole image sequence: under context
+        parallel the valid tokens' sums of every rank are added up, so each rank gets the figure of one process."""
+        if self.context is None:
+            return x.mean(tuple(range(1, x.ndim)))
+        context = self.context
+        valid = min(max(context.image_tokens - context.rank * context.image_slice, 0), x.shape[1])  # padding excluded
+        total = funcol.all_reduce(x[:, :valid].sum(tuple(range(1, x.ndim))), "sum", context.mesh)
+        return funcol.wait_tensor(total) / (context.image_tokens * x[0, 0].numel())
 
     def guidance_branch(self, batch: torch.Tensor) -> torch.Tensor:
         """This rank's half of a [unconditional ; conditional] batch."""
@@ -185,8 +188,19 @@ class Parallelism:
 SINGLE_PROCESS = {"world_size": 1, "guidance": 1, "context": 1}
 
 
-def enable_parallelism(transformer, parallel="auto", device=None) -> Parallelism:
-    """Split `transformer`'s forward over the ranks of the initialised process group; returns the engine."""
+def agree(value):
+    """Rank 0's `value` on every rank (a seed, a Stop request), or `value` itself in one process: the one place ranks
+    agree on a host value, so every rank then takes the same path."""
+    if not dist.is_available() or not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def apply_parallel(transformer, parallel="auto", device=None) -> Parallelism:
+    """Split `transformer`'s forward over the ranks of the initialised process group; returns the engine. Undone by
+    `remove_parallel`. The step cache takes the engine where it is applied (`apply_step_cache(..., ranks=)`)."""
     engine = Parallelism(parallel, torch.device(device) if device is not None else transformer.device)
     heads = transformer.config.num_attention_heads
     if heads % engine.config.context:
@@ -195,8 +209,9 @@ def enable_parallelism(transformer, parallel="auto", device=None) -> Parallelism
             f"use a context size that divides {heads}"
         )
     transformer.context_parallel = engine.context
-    transformer.parallel_ranks = engine
-    state = step_cache_state(transformer)
-    if state is not None:
-        state.ranks = engine
     return engine
+
+
+def remove_parallel(transformer) -> None:
+    """The transformer computes the whole sequence in this process again."""
+    transformer.context_parallel = None

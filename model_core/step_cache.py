@@ -38,7 +38,6 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 from .checkpoints import SamplingDefaults
 from .option_names import CACHE_MODES, canonical_cache_name, check_cache_options
-from .transformers.blocks import DualStreamBlock
 
 DEFAULT_CACHE_THRESHOLD = SamplingDefaults.cache_threshold
 MAG_MAX_SKIPS = 2  # MagCache's K: consecutive steps skipped at most
@@ -66,15 +65,14 @@ def diffusers_cache_options(config) -> tuple:
                      "FirstBlockCacheConfig, TaylorSeerCacheConfig or MagCacheConfig(calibrate=True).")
 
 
-def relative_change(residual: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+def row_mean(x: torch.Tensor) -> torch.Tensor:
+    """Per batch row: the mean over every other dimension (the gate's statistic in one process)."""
+    return x.mean(tuple(range(1, x.ndim)))
+
+
+def relative_change(residual: torch.Tensor, previous: torch.Tensor, mean=row_mean) -> torch.Tensor:
     """Per batch row: mean |residual - previous| / mean |previous|."""
-    dims = tuple(range(1, residual.ndim))
-    return (residual - previous).abs().mean(dims) / previous.abs().mean(dims)
-
-
-def magnitude(residual: torch.Tensor) -> torch.Tensor:
-    """Per batch row: mean |residual|."""
-    return residual.abs().mean(tuple(range(1, residual.ndim)))
+    return mean((residual - previous).abs()) / mean(previous.abs())
 
 
 @dataclass
@@ -83,7 +81,7 @@ class StepCacheState:
 
     threshold: float
     mode: str = "first-block"
-    ranks: object = None  # a model_core.parallel.Parallelism: the trunk is skipped on every rank or on none
+    ranks: object = None  # a model_core.parallel.Parallelism: statistics of the whole sequence, one decision on all ranks
     head_residual: Optional[torch.Tensor] = None  # first block's image residual at the last computed step
     head_output: Optional[torch.Tensor] = None  # image tokens the trunk's residual is added to (see the hooks)
     trunk_residuals: list = field(default_factory=list)  # (step, final image tokens - head_output), last computed
@@ -94,6 +92,7 @@ class StepCacheState:
     accumulated: tuple = NOTHING_SKIPPED  # mag: (ratio product, error, skips in a row) since the last computed step
     computed_steps: int = 0
     skipped_steps: int = 0
+    decisions: list = field(default_factory=list)  # skip (True) or compute, step by step over the generation
 
     def reset(self):
         self.head_residual = self.head_output = None
@@ -105,12 +104,18 @@ class StepCacheState:
         self.skip = self.ranks.all_agree(skip) if self.ranks is not None else skip
         self.computed_steps += not self.skip
         self.skipped_steps += self.skip
+        self.decisions.append(self.skip)
         return self.skip
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        """Per batch row mean of image tokens x [B, L, D]: of the whole sequence also when ranks share it (context
+        parallel), so every rank gates on the statistic one process would compute."""
+        return row_mean(x) if self.ranks is None else self.ranks.sequence_mean(x)
 
     def record_trunk_residual(self, residual: torch.Tensor):
         last = self.trunk_residuals[-1] if self.trunk_residuals else None
         if self.mode == "mag" and last is not None and last[0] == self.step - 1:
-            self.magnitude_ratios[self.timesteps] = magnitude(residual) / magnitude(last[1])
+            self.magnitude_ratios[self.timesteps] = self.mean(residual.abs()) / self.mean(last[1].abs())
         kept = self.trunk_residuals[-1:] if self.mode == "taylorseer" else []  # TaylorSeer differences the last two
         self.trunk_residuals = [*kept, (self.step, residual)]
 
@@ -133,17 +138,17 @@ class StepCacheState:
         return (product, error, in_a_row + 1) if bool((error < self.threshold).all()) else None
 
 
-def passed_through(module, args):
+def passed_through(dual: bool, args):
     """A block's output when it is skipped: (text, image) for a dual-stream block, else the stream itself."""
-    return (args[1], args[0]) if isinstance(module, DualStreamBlock) else args[0]
+    return (args[1], args[0]) if dual else args[0]
 
 
 class StateHook(ModelHook):
-    """A hook that shares the transformer's StepCacheState."""
+    """A hook that shares the transformer's StepCacheState; `dual`: its block is a dual-stream (image, text) block."""
 
-    def __init__(self, state: StepCacheState):
+    def __init__(self, state: StepCacheState, dual: bool = False):
         super().__init__()
-        self.state = state
+        self.state, self.dual = state, dual
 
 
 class FirstBlockHook(StateHook):
@@ -154,7 +159,7 @@ class FirstBlockHook(StateHook):
         state, residual = self.state, output - image
         state.step += 1
         comparable = state.head_residual is not None and state.head_residual.shape == residual.shape
-        if not state.decide(comparable and bool((relative_change(residual, state.head_residual) < state.threshold).all())):
+        if not state.decide(comparable and bool((relative_change(residual, state.head_residual, state.mean) < state.threshold).all())):
             state.head_residual = residual
         state.head_output = output
         return text, output
@@ -169,7 +174,7 @@ class MagnitudeHeadHook(StateHook):
         accumulated = state.magnitude_allows_skip()
         state.accumulated = accumulated if state.decide(accumulated is not None) else NOTHING_SKIPPED
         state.head_output = image
-        return passed_through(module, (image, *args)) if state.skip else self.fn_ref.original_forward(image, *args, **kwargs)
+        return passed_through(self.dual, (image, *args)) if state.skip else self.fn_ref.original_forward(image, *args, **kwargs)
 
 
 class TimestepHook(StateHook):
@@ -185,15 +190,14 @@ class RemainingBlockHook(StateHook):
     """On every later block: passes its input through while the trunk is skipped. The last block
     records the trunk's image residual on computed steps and adds it back on skipped ones."""
 
-    def __init__(self, state: StepCacheState, is_last: bool):
-        super().__init__(state)
+    def __init__(self, state: StepCacheState, dual: bool, is_last: bool):
+        super().__init__(state, dual)
         self.is_last = is_last
 
     def new_forward(self, module, *args, **kwargs):
-        state = self.state
-        dual = isinstance(module, DualStreamBlock)
+        state, dual = self.state, self.dual
         if state.skip:
-            output = passed_through(module, args)
+            output = passed_through(dual, args)
             return self.with_image(output, dual, self.image(output, dual) + state.trunk_residual()) if self.is_last else output
         output = self.fn_ref.original_forward(*args, **kwargs)
         if self.is_last:
@@ -210,40 +214,47 @@ class RemainingBlockHook(StateHook):
 
 
 def trunk_blocks(transformer) -> list:
-    """The transformer's blocks in the order they run (miniFLUX: dual- then single-stream)."""
-    return [*transformer.transformer_blocks, *getattr(transformer, "single_transformer_blocks", [])]
+    """(block, dual-stream) pairs in the order the blocks run (miniFLUX: dual- then single-stream)."""
+    return [(block, True) for block in transformer.transformer_blocks] + [
+        (block, False) for block in getattr(transformer, "single_transformer_blocks", [])]
 
 
-def enable_step_cache(transformer, cache: str = "none", threshold: float = DEFAULT_CACHE_THRESHOLD) -> None:
-    """Install (or, for `cache="none"`, remove) the step cache on the transformer's blocks."""
+def apply_step_cache(transformer, cache: str = "none", threshold: float = DEFAULT_CACHE_THRESHOLD, ranks=None) -> None:
+    """Install (or, for `cache="none"`, remove) the step cache on the transformer's blocks: diffusers hooks sharing
+    one StepCacheState, and nothing else on the model. `ranks`: the model_core.parallel.Parallelism the transformer
+    runs under, if any (the gate then reads the whole sequence and all ranks skip together)."""
     cache, threshold = check_cache_options(cache, threshold)
-    disable_step_cache(transformer)
+    remove_step_cache(transformer)
     blocks = trunk_blocks(transformer)
     if cache == "none" or len(blocks) < 2:
         return
-    state = StepCacheState(threshold, cache, ranks=getattr(transformer, "parallel_ranks", None))
-    head = MagnitudeHeadHook(state) if cache == "mag" else FirstBlockHook(state)
-    HookRegistry.check_if_exists_or_initialize(blocks[0]).register_hook(head, _HEAD_HOOK)
-    for index, block in enumerate(blocks[1:], start=2):
-        hook = RemainingBlockHook(state, is_last=index == len(blocks))
+    state = StepCacheState(threshold, cache, ranks=ranks)
+    (first, first_dual), *rest = blocks
+    head = MagnitudeHeadHook(state, first_dual) if cache == "mag" else FirstBlockHook(state, first_dual)
+    HookRegistry.check_if_exists_or_initialize(first).register_hook(head, _HEAD_HOOK)
+    for index, (block, dual) in enumerate(rest, start=2):
+        hook = RemainingBlockHook(state, dual, is_last=index == len(blocks))
         HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, _BLOCK_HOOK)
     if cache == "mag":
         HookRegistry.check_if_exists_or_initialize(transformer).register_hook(TimestepHook(state), _TIMESTEP_HOOK)
-    transformer._step_cache_state = state
 
 
-def disable_step_cache(transformer) -> None:
-    for module, names in [(block, (_HEAD_HOOK, _BLOCK_HOOK)) for block in trunk_blocks(transformer)] + [
+def remove_step_cache(transformer) -> None:
+    """Remove every hook `apply_step_cache` installed."""
+    for module, names in [(block, (_HEAD_HOOK, _BLOCK_HOOK)) for block, _ in trunk_blocks(transformer)] + [
             (transformer, (_TIMESTEP_HOOK,))]:
         registry = getattr(module, "_diffusers_hook", None)
         if registry is not None:
             for name in names:
                 registry.remove_hook(name, recurse=False)
-    transformer._step_cache_state = None
 
 
 def step_cache_state(transformer) -> Optional[StepCacheState]:
-    return getattr(transformer, "_step_cache_state", None)
+    """The state the installed step cache's hooks share, read from the first block's hook; None without one."""
+    blocks = trunk_blocks(transformer)
+    registry = getattr(blocks[0][0], "_diffusers_hook", None) if blocks else None
+    hook = registry.get_hook(_HEAD_HOOK) if registry is not None else None
+    return None if hook is None else hook.state
 
 
 def standing_cache(transformer) -> Optional[tuple]:

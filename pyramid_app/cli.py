@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from model_core.option_names import canonical_backend_name, canonical_cache_name
@@ -181,7 +181,7 @@ def plan(args) -> Request:
     limits.prompt(args.negative_prompt, "the negative prompt")
     for name in ("guidance_scale", "video_guidance_scale"):
         if getattr(args, name) is not None:
-            limits.number(getattr(args, name), name, *limits.GUIDANCE_RANGE)
+            limits.guidance(getattr(args, name), name)
     most_steps = limits.STEPS_RANGE[1]
     options = GenerationOptions(
         negative_prompt=args.negative_prompt,
@@ -490,8 +490,7 @@ def run(request: Request, quiet: bool = False) -> int:
             pipe.enable_parallelism(request.parallel)
         inputs = () if request.condition is None else (request.condition,)
         for job in request.jobs:
-            seeded = request.options.seeded()
-            seeded = replace(seeded, seed=ranks.agree(seeded.seed))  # the same noise on every rank
+            seeded = request.options.seeded()  # under torchrun the pipeline takes rank 0's seed on every rank
             report(f"{job.out.name}: {request.mode.replace('_', ' ')}, seed {seeded.seed}")
             with _stop_on_ctrl_c() as stop, OutputFile(job.out, pipe.spec.fps, keep=ranks.is_main()) as output:
                 result = getattr(pipe, request.mode)(*inputs, job.prompt, **seeded.to_pipeline_kwargs(request.mode),

@@ -452,13 +452,11 @@ def lora_weight(weight) -> float:
 
 NUMBER_CHECKS = {  # number control -> the check the endpoints apply to it (a ValueError with the API's sentence)
     "seed": limits.seed,
-    **{name: functools.partial(limits.number, name=name, low=limits.GUIDANCE_RANGE[0], high=limits.GUIDANCE_RANGE[1])
-       for name in GUIDANCE_NAMES},
+    **{name: functools.partial(limits.guidance, name=name) for name in GUIDANCE_NAMES},
     **{gallery.step_control(name, stage): functools.partial(limits.whole, name=f"{name} (stage {stage + 1})",
                                                             low=limits.STEPS_RANGE[0], high=limits.STEPS_RANGE[1])
        for name in STEP_NAMES for stage in range(STAGE_COUNT)},
-    IMAGE_GUIDANCE: functools.partial(limits.number, name="video_guidance_scale", low=limits.GUIDANCE_RANGE[0],
-                                      high=limits.GUIDANCE_RANGE[1]),
+    IMAGE_GUIDANCE: functools.partial(limits.guidance, name="video_guidance_scale"),
     "cache_threshold": lambda value: limits.cache_controls({"cache_threshold": value})["cache_threshold"],
     "lora_weight": lora_weight,
 }

@@ -6,7 +6,7 @@ setting, says what was wrong and what is allowed. The caps are stated in the UI 
 import math
 from pathlib import Path
 
-from model_core.option_names import CACHE_MODES, DEFAULT_ATTENTION_BACKEND
+from model_core.option_names import CACHE_MODES, DEFAULT_ATTENTION_BACKEND, check_cache_options, check_guidance
 
 from .settings import ATTENTION_BACKENDS, DTYPES, OFFLOAD_MODES, QUANTIZE_MODES, SEED_LIMIT
 
@@ -96,9 +96,25 @@ def speed_controls(controls: dict) -> dict:
 
 
 def cache_controls(controls: dict) -> dict:
-    """cache and cache_threshold, checked."""
-    return {"cache": choice(controls.get("cache", CACHE_MODES[0]), CACHE_MODES, "cache"),
-            "cache_threshold": number(controls.get("cache_threshold", 0.0), "cache_threshold", *CACHE_THRESHOLD_RANGE)}
+    """cache and cache_threshold, checked by the model's own check, within the app's threshold cap."""
+    cache, threshold = check_cache_options(choice(controls.get("cache", CACHE_MODES[0]), CACHE_MODES, "cache"),
+                                           numeric(controls.get("cache_threshold", 0.0)), CACHE_THRESHOLD_RANGE[1])
+    return {"cache": cache, "cache_threshold": threshold}
+
+
+def guidance(value, name: str) -> float:
+    """A guidance scale, checked by the model's own check, within the app's cap (GUIDANCE_RANGE)."""
+    return check_guidance(numeric(value), name, GUIDANCE_RANGE[1])
+
+
+def numeric(value):
+    """A numeric string as a slider or a command line may send it, as a float; anything else as it came."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def frame_count(value, low: int, high: int, step: int, what: str = "num_frames") -> int:

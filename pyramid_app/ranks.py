@@ -44,15 +44,6 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def agree(value):
-    """Rank 0's `value` on every rank (e.g. a random seed), or `value` itself in one process."""
-    if not dist.is_initialized():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def parse_layout(text: str):
     """'auto' or 'GxC' (guidance x context ranks, e.g. 2x2) -> what `PyramidFlowPipeline.enable_parallelism` takes."""
     if text == "auto":

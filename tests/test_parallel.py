@@ -35,9 +35,27 @@ def _transformer_inputs(transformer):
     )
 
 
+GATE_STEPS = (0.0, 1e-4, 2e-4, 0.3, 0.3001, 1.0)  # input perturbations: small changes skip, large ones compute
+
+
+def _cache_decisions(transformer, inputs, ranks) -> list:
+    """The first-block cache's skip decisions over forwards of ever more perturbed inputs (`ranks`: the parallel
+    engine, or None in one process)."""
+    from model_core.step_cache import apply_step_cache, remove_step_cache, step_cache_state
+
+    apply_step_cache(transformer, "first-block", threshold=0.01, ranks=ranks)
+    generator = torch.Generator().manual_seed(2)
+    noise = [torch.randn(clip.shape, generator=generator) for clip in inputs["sample"]]
+    for eps in GATE_STEPS:
+        transformer(**{**inputs, "sample": [clip + eps * n for clip, n in zip(inputs["sample"], noise)]})
+    decisions = list(step_cache_state(transformer).decisions)
+    remove_step_cache(transformer)
+    return decisions
+
+
 def _context_parallel_forward(rank, roots, out):
-    from model_core.parallel import enable_parallelism
-    from model_core.step_cache import enable_step_cache, step_cache_state
+    from model_core.parallel import apply_parallel
+    from model_core.step_cache import apply_step_cache, step_cache_state
 
     results = {}
     for family, root in roots.items():
@@ -45,16 +63,19 @@ def _context_parallel_forward(rank, roots, out):
         inputs = _transformer_inputs(transformer)
         with torch.no_grad():
             single = transformer(**inputs)[0][0]
-            engine = enable_parallelism(transformer, {"guidance": 1, "context": 2})
+            one_process = _cache_decisions(transformer, inputs, None)
+            engine = apply_parallel(transformer, {"guidance": 1, "context": 2})
             parallel = transformer(**inputs)[0][0]
+            two_ranks = _cache_decisions(transformer, inputs, engine)
         assert engine.settings() == {"world_size": 2, "guidance": 1, "context": 2}
         assert (engine.context.text_slice, engine.context.image_slice) == (4, 11)  # 7 -> 8 and 21 -> 22 tokens
         assert (engine.all_agree(True), engine.all_agree(rank == 0), engine.all_agree(False)) == (True, False, False)
-        enable_step_cache(transformer, "first-block", threshold=0.0)  # the step cache skips on all ranks or none
+        apply_step_cache(transformer, "first-block", threshold=0.0, ranks=engine)  # skips on all ranks or none
         assert step_cache_state(transformer).ranks is engine
         with torch.no_grad():
             cached = transformer(**inputs)[0][0]
-        results[family] = {"single": single, "parallel": parallel, "cached": cached}
+        results[family] = {"single": single, "parallel": parallel, "cached": cached,
+                           "decisions": torch.tensor([one_process, two_ranks])}
     if rank == 0:
         torch.save(results, out)
 
@@ -68,6 +89,8 @@ def test_context_parallel_forward_equals_one_process(tmp_path):
         assert result["single"].abs().max() > 0.1, family
         assert (result["parallel"] - result["single"]).abs().max() <= 1e-5, family
         assert (result["cached"] - result["single"]).abs().max() <= 1e-5, family
+        one_process, two_ranks = result["decisions"].tolist()  # the gate reads the whole sequence on every rank
+        assert one_process == two_ranks and set(one_process) == {True, False}, (family, one_process, two_ranks)
 
 
 @pytest.mark.parametrize("parallel, world_size, expected", [

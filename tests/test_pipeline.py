@@ -62,7 +62,7 @@ def test_image_to_video_starts_from_the_image(pipe, image):
     assert out.frames[0].shape == (9, 64, 64, 3)
     from model_core.media import as_frames, to_video_tensor
 
-    expected = pipe.decode_latents(pipe._encode_video(to_video_tensor(as_frames(image, "image"), 64, 64)))
+    expected = pipe.decode_latents(pipe.encode_video(to_video_tensor(as_frames(image, "image"), 64, 64)))
     assert np.array_equal(out.frames[0][0], expected[0])
     assert out.latents.shape[2] == 2
 

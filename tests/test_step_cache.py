@@ -7,7 +7,7 @@ from model_core.step_cache import (
     MAG_MAX_SKIPS,
     StepCacheState,
     check_cache_options,
-    enable_step_cache,
+    apply_step_cache,
     relative_change,
     reset_step_cache,
     step_cache_state,
@@ -30,7 +30,7 @@ def steps(model, timesteps=(900.0, 880.0, 860.0)):
 def test_threshold_zero_equals_uncached_exactly(kind, mode):
     model = tiny_model(kind)
     uncached = steps(model)
-    enable_step_cache(model, mode, 0.0)
+    apply_step_cache(model, mode, 0.0)
     cached = steps(model)
     for a, b in zip(cached, uncached):
         assert torch.equal(a, b)
@@ -43,7 +43,7 @@ def test_a_skipped_step_reuses_the_trunk_residual(kind):
     clips, inputs = pyramid_column(), text_inputs(model, 2)
     with torch.no_grad():
         full = velocity(model, clips, inputs)
-        enable_step_cache(model, "first-block", ALWAYS_SKIP)
+        apply_step_cache(model, "first-block", ALWAYS_SKIP)
         first = velocity(model, clips, inputs)
         again = velocity(model, clips, inputs)  # identical inputs: the cached trunk residual is exact
     state = step_cache_state(model)
@@ -65,7 +65,7 @@ def test_taylorseer_forecasts_a_skipped_step_closer_than_reuse(kind):
         truth = velocity(model, path[-1], inputs)
         errors = {}
         for mode in MODES:
-            enable_step_cache(model, mode, 0.0)
+            apply_step_cache(model, mode, 0.0)
             for index, column in enumerate(path):
                 step_cache_state(model).threshold = ALWAYS_SKIP if index == 2 else 0.0
                 got = velocity(model, column, inputs)
@@ -83,7 +83,7 @@ def test_reset_forgets_the_previous_stage(mode):
     other = [clip + 0.5 for clip in clips]
     with torch.no_grad():
         expected = velocity(model, other, inputs)
-        enable_step_cache(model, mode, ALWAYS_SKIP)
+        apply_step_cache(model, mode, ALWAYS_SKIP)
         velocity(model, clips, inputs)
         leaked = velocity(model, other, inputs)
         reset_step_cache(model)
@@ -104,7 +104,7 @@ def test_guidance_rows_are_decided_apart(mode):
     moved[-1][1] += 0.3  # the conditional row's current unit changes, the unconditional one does not
     with torch.no_grad():
         expected = velocity(model, moved, inputs)
-        enable_step_cache(model, mode, 0.0)
+        apply_step_cache(model, mode, 0.0)
         state = step_cache_state(model)
         velocity(model, clips, inputs)
         before = state.head_residual
@@ -125,7 +125,7 @@ def test_mag_calibrates_on_the_first_unit_and_skips_later_units_with_the_same_sc
     model = tiny_model(kind)
     schedule = (900.0, 880.0, 860.0, 840.0, 820.0)
     uncached = steps(model, schedule)
-    enable_step_cache(model, "mag", ALWAYS_SKIP)
+    apply_step_cache(model, "mag", ALWAYS_SKIP)
     state = step_cache_state(model)
     first_unit = steps(model, schedule)  # nothing calibrated yet: every step runs, each consecutive pair is measured
     assert (state.computed_steps, state.skipped_steps) == (5, 0) and len(state.magnitude_ratios) == 4
@@ -167,7 +167,7 @@ def test_relative_change_is_per_row():
 def test_bad_cache_options_are_refused():
     model = tiny_model("mmdit")
     with pytest.raises(ValueError, match="cache must be one of none, first-block, taylorseer, mag"):
-        enable_step_cache(model, "tea", 0.1)
+        apply_step_cache(model, "tea", 0.1)
     with pytest.raises(ValueError, match="cache_threshold must be a finite number >= 0"):
-        enable_step_cache(model, "first-block", -1)
+        apply_step_cache(model, "first-block", -1)
     assert check_cache_options("First_Block", 0.2) == ("first-block", 0.2)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from model_core import PyramidFlowPipeline
+from model_core import PyramidFlowPipeline, generation_runner
 from model_core.media_files import read_metadata, write_video
 from model_core.storyboard import Storyboard
 from pyramid_app import gallery
@@ -41,13 +41,13 @@ class FrameList:
 
 def texts_per_unit(pipe, monkeypatch) -> list:
     """The prompt states each unit is generated with, in order (the pipeline asks for one velocity per unit)."""
-    seen, velocity = [], pipe._velocity
+    seen, velocity = [], generation_runner.unit_velocity
 
-    def recording(text, negative, scale):
+    def recording(pipe, text, negative, scale):
         seen.append(text.hidden_states.clone())
-        return velocity(text, negative, scale)
+        return velocity(pipe, text, negative, scale)
 
-    monkeypatch.setattr(pipe, "_velocity", recording)
+    monkeypatch.setattr(generation_runner, "unit_velocity", recording)
     return seen
 
 

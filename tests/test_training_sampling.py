@@ -61,7 +61,7 @@ def test_index_reads_lines_by_offset_and_is_cached_beside_the_file(tmp_path):
     assert [index.rows("video")[k] for k in range(len(index.rows("video")))] == [0, 2, 4]  # with the malformed line
     assert index[4].kind == "video"  # "image": inside an escaped string is not a key
     folder = index_folder(path)
-    assert {p.name for p in folder.iterdir()} == {"lines.npy", "images.npy", "videos.npy", "source.json"}
+    assert {p.name for p in folder.iterdir()} == {"lines.npy", "images.npy", "videos.npy", "meta.npy", "source.json"}
     assert isinstance(AnnotationIndex(path).indexes[0]["lines"], np.memmap)  # read back, not rebuilt
     copy = pickle.loads(pickle.dumps(index))  # what a DataLoader worker gets
     assert copy[1] == index[1]
@@ -95,8 +95,8 @@ def test_two_processes_building_one_index_at_once_both_succeed(tmp_path, monkeyp
     index = AnnotationIndex(path)
     assert len(index) == 51 and index[50].kind == "image" and index[7].text == "7"
     assert "cannot cache" not in caplog.text  # this process's build was not broken into the in-memory fallback
-    assert sorted(p.name for p in index_folder(path).iterdir()) == ["images.npy", "lines.npy", "source.json",
-                                                                   "videos.npy"]  # no staging file left behind
+    assert sorted(p.name for p in index_folder(path).iterdir()) == ["images.npy", "lines.npy", "meta.npy",
+                                                                   "source.json", "videos.npy"]  # no staging file left behind
 
 
 def test_several_files_chain_and_the_last_line_needs_no_newline(tmp_path):

@@ -9,6 +9,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from model_core.media import to_video_tensor
 from model_core.temporal import latent_frames, pixel_frames
@@ -20,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 LATENT_KEY = "latent"  # raw VAE posterior mean [C, T, h, w], not normalised
 TEXT_KEYS = ("hidden_states", "attention_mask", "pooled")
+PADDED_LENGTH_KEY = "padded_length"  # T5 states are stored up to their last valid token (`stored_text_features`)
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class Annotation:
     height: Optional[int] = None
     width: Optional[int] = None
     clip_start: Optional[float] = None  # where an extracted clip starts in its video (see extract_latents)
+    frames: Optional[int] = None  # pixel frames of an extracted clip (see extract_latents)
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,7 @@ def parse_annotation(record: dict, base: Path) -> Annotation:
 
     return Annotation(kind=kind, path=resolve(kind), text=str(record.get("text", "")), latent=resolve("latent"),
                       text_fea=resolve("text_fea"), height=record.get("height"), width=record.get("width"),
-                      clip_start=record.get("clip_start"))
+                      clip_start=record.get("clip_start"), frames=record.get("frames"))
 
 
 def check_buckets(buckets, multiple: int, why: str) -> None:
@@ -135,10 +138,22 @@ def resampled_indices(num_source: int, source_fps: float, target_fps: float, num
     return [min(num_source - 1, round(first + step * j)) for j in range(num_frames)]
 
 
+def stored_text_features(embeddings: PromptEmbeddings, dtype=torch.bfloat16) -> dict:
+    """The tensors one caption's features are stored as: the T5 states and their mask trimmed after the last valid
+    token (what lies past it is padding no token attends to), floats in `dtype`, and the padded length to restore."""
+    trimmed = embeddings.without_padding_columns()
+    tensors = (trimmed.hidden_states, trimmed.attention_mask, trimmed.pooled)
+    stored = {key: (t.to(dtype) if t.is_floating_point() else t).cpu().contiguous() for key, t in zip(TEXT_KEYS, tensors)}
+    return stored | {PADDED_LENGTH_KEY: torch.tensor(embeddings.attention_mask.shape[1])}
+
+
 def load_text_features(reference) -> PromptEmbeddings:
-    """Text features from a .safetensors file or an Arrow shard row (`<shard>.arrow#<row>`)."""
+    """Text features from a .safetensors file or an Arrow shard row (`<shard>.arrow#<row>`): float32, padded back
+    to the encoder's length with masked zeros (features stored before trimming load as they were)."""
     tensors = load_tensors(reference)
-    return PromptEmbeddings(*(tensors[key] for key in TEXT_KEYS))
+    hidden_states, mask, pooled = (tensors[key] for key in TEXT_KEYS)
+    padding = int(tensors.get(PADDED_LENGTH_KEY, mask.shape[1])) - mask.shape[1]
+    return PromptEmbeddings(F.pad(hidden_states.float(), (0, 0, 0, padding)), F.pad(mask, (0, padding)), pooled.float())
 
 
 class AnnotatedDataset(torch.utils.data.Dataset):
@@ -188,5 +203,5 @@ class AnnotatedDataset(torch.utils.data.Dataset):
 def annotation_record(entry: Annotation) -> dict:
     """The jsonl record of an annotation, with absolute paths."""
     record = {entry.kind: entry.path, "text": entry.text, "latent": entry.latent, "text_fea": entry.text_fea,
-              "height": entry.height, "width": entry.width, "clip_start": entry.clip_start}
+              "height": entry.height, "width": entry.width, "clip_start": entry.clip_start, "frames": entry.frames}
     return {k: v for k, v in record.items() if v is not None}

@@ -1,7 +1,8 @@
 """`[accelerate launch] python -m training.extract_latents --model ROOT --annotations IN.jsonl --output-dir D
 [--seconds S] [--clips-per-video K] [--shard-size N]`: encode every video/image with the checkpoint's VAE
-(posterior mean, not normalised) into Arrow shards `D/shards/latents-<s>.arrow` (see training.shards) plus
-`D/annotations.jsonl` with a `latent` reference and the clip's `clip_start` per line.
+(posterior mean, not normalised, stored in bfloat16 unless --store-dtype float32) into Arrow shards
+`D/shards/latents-<s>.arrow` (see training.shards) plus `D/annotations.jsonl` with a `latent` reference, the
+clip's `clip_start` and its pixel `frames` per line.
 
 Each video gives K clips of up to S seconds (S <= 10, stage 3's longest), each from its own random start drawn
 from (seed, line, clip) and recorded as `clip_start` (a fraction of the room the video leaves). Several
@@ -41,6 +42,8 @@ def parse_args(argv=None):
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     parser.add_argument("--buckets", default="384x640,640x384,512x512", help="HxW pixel buckets, comma separated")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--store-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="dtype the latents are stored in (the loader reads them as float32)")
     parser.add_argument("--device", default=None, help="torch device (default: this process's accelerator, else cpu)")
     return parser.parse_args(argv)
 
@@ -66,7 +69,8 @@ def extract(args) -> tuple:
     device = torch.device(args.device) if args.device else process_state().device
     base = base_checkpoint({"pretrained": args.model})
     vae = build_vae({"frozen_dtype": args.dtype}, base).to(device)
-    entries = AnnotationIndex(args.annotations)
+    with process_state().local_main_process_first():  # one process per node builds the annotation index
+        entries = AnnotationIndex(args.annotations)
     dataset = AnnotatedDataset(entries, parse_buckets(args.buckets), args.fps, vae.temporal_scale, use_latents=False,
                                use_text_features=False)
     num_frames = frames_for_duration(args.seconds, args.fps, vae.temporal_scale)
@@ -82,8 +86,9 @@ def extract(args) -> tuple:
         entry = entries[line]
         if clip and entry.kind == "image":  # an image has one clip
             return None
-        latent = vae.encode(sample.pixels.to(device, vae.dtype)).latent_dist.mean[0].float().cpu()
-        record = annotation_record(replace(entry, clip_start=start if entry.kind == "video" else None))
+        latent = vae.encode(sample.pixels.to(device, vae.dtype)).latent_dist.mean[0].to(getattr(torch, args.store_dtype)).cpu()
+        record = annotation_record(replace(entry, clip_start=start if entry.kind == "video" else None,
+                                           frames=sample.pixels.shape[2]))
         return record, {LATENT_KEY: latent}
 
     return extract_in_shards(len(entries) * clips, args.shard_size, Path(args.output_dir) / "shards", "latents",

@@ -106,7 +106,8 @@ class Trainer:
         if batch != self.global_batch and not allow_batch_change:
             raise ValueError(f"{self.resume_from} was trained with global batch {batch}, the recipe now asks for "
                              f"{self.global_batch}; set train.global_batch_size={batch} or pass --allow-batch-change")
-        annotations = AnnotationIndex(config["data"]["annotations"])
+        with self.accelerator.local_main_process_first():  # one process per node builds the index, the others read it
+            annotations = AnnotationIndex(config["data"]["annotations"])
         model_section, start = sharded_start(config["model"])
         self.config = config = config | {"model": model_section}  # what a sharded checkpoint's recipe.json keeps
         self.task = build_task(config, annotations, self.accelerator.device)

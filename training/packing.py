@@ -15,7 +15,8 @@ import torch
 
 from model_core.temporal import frames_for_duration, latent_frames
 
-from .data import SampleRequest, nearest_bucket
+from .annotation_index import entry_meta
+from .data import SampleRequest
 from .objective import draw_choices, sample_generator, sample_tokens
 from .permutation import Permutation
 
@@ -45,9 +46,16 @@ class ShuffledStream:
         while count:
             epoch, offset = divmod(start, len(self.rows))
             n = min(count, len(self.rows) - offset)
-            out += [int(self.rows[int(i)]) for i in self.permutation(epoch)(np.arange(offset, offset + n))]
+            out += pick(self.rows, self.permutation(epoch)(np.arange(offset, offset + n)))
             start, count = start + n, count - n
         return out
+
+
+def pick(rows, positions: np.ndarray) -> list:
+    """rows[p] for each position, at once where `rows` can (an index's KindRows, an array)."""
+    if hasattr(rows, "take"):
+        return [int(r) for r in rows.take(positions)]
+    return [int(rows[int(p)]) for p in positions]
 
 
 def rows_of_kind(annotations, kind: str):
@@ -143,39 +151,75 @@ class BatchPlanner:
         return draw_choices(sample_generator(self.seed, step, slot), o.get("stages", 1), o.get("history_noise_max", 0.0),
                             o.get("text_dropout", 0.0))
 
-    def entry(self, index: int):
-        """The annotation, or None for a malformed line (its sample is skipped and counted when loaded)."""
-        try:
-            return self.annotations[index]
-        except ValueError:
-            return None
+    def entries(self, step: int) -> list:
+        """The annotation rows of the global batch of `step`, slot by slot."""
+        return [e for stream, count in self.streams if count for e in stream.take(step * count, count)]
+
+    def frames(self, step: int, fraction: float, meta) -> int:
+        """Pixel frames of a sample (index meta row: image flag, height, width, frames) at a duration fraction."""
+        if meta[0] == 1:
+            return 1
+        seconds = clip_seconds(self.data["clip_schedule"], step, fraction)
+        return frames_for_duration(seconds, self.data["fps"], self.frames_per_latent)
+
+    def request(self, step: int, slot: int, entry: int, meta, choices) -> SampleRequest:
+        return SampleRequest(entry, step, slot, self.frames(step, choices.duration_fraction, meta), choices.clip_start)
 
     def requests(self, step: int) -> list:
-        entries = [e for stream, count in self.streams if count for e in stream.take(step * count, count)]
-        requests = []
-        for slot, entry in enumerate(entries):
-            choices = self.choices(step, slot)
-            frames = 1
-            annotation = self.entry(entry)
-            if annotation is not None and annotation.kind == "video":
-                seconds = clip_seconds(self.data["clip_schedule"], step, choices.duration_fraction)
-                frames = frames_for_duration(seconds, self.data["fps"], self.frames_per_latent)
-            requests.append(SampleRequest(entry, step, slot, frames, choices.clip_start))
-        return requests
+        entries = self.entries(step)
+        meta = entry_meta(self.annotations, entries)
+        return [self.request(step, slot, entry, meta[slot], self.choices(step, slot)) for slot, entry in enumerate(entries)]
+
+    def latent_frames(self, num_frames: int, meta) -> int:
+        """Latent frames a sample yields: those asked for, fewer when its extracted clip is shorter."""
+        return latent_frames(num_frames if meta[3] < 1 else min(num_frames, int(meta[3])), self.frames_per_latent)
 
     def cost(self, request: SampleRequest) -> int:
-        entry = self.entry(request.entry)
-        buckets = self.data["buckets"]
-        known = entry is not None and entry.height and entry.width
-        height, width = nearest_bucket(entry.height, entry.width, buckets) if known else buckets[0]
-        num_latent = latent_frames(request.num_frames, self.frames_per_latent)
-        return sample_tokens(height // VAE_SCALE, width // VAE_SCALE, num_latent, self.choices(request.step, request.slot),
-                             self.objective.get("stages", 1))
+        """Image tokens of the request's column."""
+        meta = entry_meta(self.annotations, [request.entry])
+        return self.tokens(bucket_sides(meta, self.data["buckets"])[0], request.num_frames, meta[0],
+                           self.choices(request.step, request.slot))
+
+    def tokens(self, side, num_frames: int, meta, choices) -> int:
+        """Image tokens of a column: its sample's bucket side, pixel frames, index meta row and choices."""
+        return sample_tokens(int(side[0]) // VAE_SCALE, int(side[1]) // VAE_SCALE, self.latent_frames(num_frames, meta),
+                             choices, self.objective.get("stages", 1))
+
+    def expected_costs(self, step: int, meta: np.ndarray, sides: np.ndarray) -> list:
+        """Full-resolution latent tokens of each sample's clip at the middle of its length range: what a sample costs
+        before its random choices are drawn."""
+        video_frames = self.frames(step, 0.5, (0,))
+        return [int(h // VAE_SCALE * (w // VAE_SCALE) * self.latent_frames(1 if m[0] == 1 else video_frames, m))
+                for (h, w), m in zip(sides, meta)]
+
+    def rank_bins(self, step: int, rank: int, world: int) -> list:
+        """This rank's num_bins / world bins of `step` (its micro-steps in order), planned from its own samples:
+        the global batch is split over the ranks by expected cost (index meta only: no line read, no random draw),
+        then only this rank's samples draw their choices and are split into its micro-steps by their tokens."""
+        entries = self.entries(step)
+        meta = entry_meta(self.annotations, entries)
+        sides = bucket_sides(meta, self.data["buckets"])
+        mine = balanced_bins(self.expected_costs(step, meta, sides), world)[rank]
+        requests, costs = [], []
+        for slot in mine:
+            choices = self.choices(step, slot)
+            requests.append(self.request(step, slot, entries[slot], meta[slot], choices))
+            costs.append(self.tokens(sides[slot], requests[-1].num_frames, meta[slot], choices))
+        return [[requests[i] for i in b] for b in balanced_bins(costs, self.num_bins // world)]
 
     def bins(self, step: int) -> list:
-        """num_bins lists of requests; bin b runs on rank b % world in micro-step b // world."""
-        requests = self.requests(step)
-        return [[requests[i] for i in b] for b in balanced_bins([self.cost(r) for r in requests], self.num_bins)]
+        """The num_bins bins of `step` as one process plans them."""
+        return self.rank_bins(step, 0, 1)
+
+
+def bucket_sides(meta: np.ndarray, buckets) -> np.ndarray:
+    """int64 [k, 2]: each sample's (height, width) bucket, the nearest in aspect ratio (log scale) to its own size,
+    the first bucket where the size is unknown (`nearest_bucket` for many samples at once)."""
+    buckets = np.asarray(buckets, np.int64)
+    known = (meta[:, 1] > 0) & (meta[:, 2] > 0)
+    ratios = np.log(np.where(known, meta[:, 1], 1) / np.where(known, meta[:, 2], 1))
+    nearest = np.abs(ratios[:, None] - np.log(buckets[:, 0] / buckets[:, 1])[None]).argmin(axis=1)
+    return buckets[np.where(known, nearest, 0)]
 
 
 class RankBatches(torch.utils.data.Sampler):
@@ -187,7 +231,7 @@ class RankBatches(torch.utils.data.Sampler):
 
     def __iter__(self):
         for step in range(self.start_step, self.max_steps):
-            yield from self.planner.bins(step)[self.rank :: self.world]
+            yield from self.planner.rank_bins(step, self.rank, self.world)
 
     def __len__(self):
         return (self.max_steps - self.start_step) * (self.planner.num_bins // self.world)

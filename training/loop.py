@@ -7,6 +7,7 @@ so after accelerate's averaging the gradient is the mean over the whole global b
 samples are spread over ranks and micro-steps.
 """
 import contextlib
+import shutil
 import logging
 import math
 import time
@@ -38,10 +39,11 @@ from .checkpointing import (
     write_sharded_checkpoint,
 )
 from .annotation_index import AnnotationIndex
+from .atomic import fresh_staging
 from .config import check_recipe
 from .data import AnnotatedDataset
 from .ema import EMA
-from .logs import MetricsCSV, progress_bar
+from .logs import Utilisation, peak_memory_gib, progress_bar, trackers
 from .packing import BatchPlanner, RankBatches, micro_batching
 from .parallel import check_launch, compile_blocks, is_sharded, shard_model, wants_own_fsdp
 
@@ -89,12 +91,11 @@ class Trainer:
         self.resume_from = resume_path(self.output_dir, resume)
         resumed = read_state(self.resume_from) if self.resume_from else {"step": 0}
         resumed_step = resumed["step"]
-        self.metrics = MetricsCSV(self.output_dir, resumed_step)
+        log_with, tracker_options = trackers(train.get("report_to"), self.output_dir, resumed_step)
         self.accelerator = Accelerator(mixed_precision=train.get("mixed_precision") or "no",  # YAML reads `no` as false
-                                       gradient_accumulation_steps=self.accum, log_with=["tensorboard", self.metrics],
+                                       gradient_accumulation_steps=self.accum, log_with=log_with,
                                        project_config=ProjectConfiguration(self.output_dir, self.output_dir))
-        # TensorBoard events past the resumed step (written before an interruption) are dropped, as in metrics.csv
-        self.accelerator.init_trackers("logs", init_kwargs={"tensorboard": {"purge_step": resumed_step + 1 if resumed_step else None}})
+        self.accelerator.init_trackers("logs", init_kwargs=tracker_options)
         check_launch(self.accelerator)
         if self.accelerator.gradient_accumulation_steps != self.accum:  # e.g. ACCELERATE_GRADIENT_ACCUMULATION_STEPS
             raise ValueError(f"accelerate was set to {self.accelerator.gradient_accumulation_steps} gradient accumulation "
@@ -121,6 +122,8 @@ class Trainer:
         if train.get("tokens_per_gpu"):
             self.derive_accumulation(planner, train["tokens_per_gpu"])
         model = self.task.model
+        self.utilisation = Utilisation(sum(p.numel() for p in model.parameters()), self.accelerator.device, self.world) \
+            if config.get("task", "flow") != "vae" else None  # 6 N D is a transformer's count, not a conv VAE's
         own_fsdp = wants_own_fsdp(self.accelerator)
         if train.get("compile_blocks"):
             compile_blocks(model)
@@ -249,11 +252,13 @@ class Trainer:
             totals = self.accelerator.reduce(totals.to(self.accelerator.device), "sum").cpu()
             scalars = self.scalars(totals, stages, lr, grad_norm, time.perf_counter() - started)
             progress.update(1)
-            progress.set_postfix(loss=f"{scalars['loss']:.4f}", tokens_per_s=f"{scalars['tokens_per_s']:.0f}")
+            progress.set_postfix(loss=f"{scalars['loss']:.4f}", tokens_per_s=f"{scalars['tokens_per_s']:.0f}",
+                                 **({"mfu": f"{scalars['mfu']:.1%}"} if "mfu" in scalars else {}))
             if self.step % train.get("log_every", 1) == 0 or self.step == self.max_steps:
                 self.accelerator.log(scalars, step=self.step)
             if self.step % train["checkpoint_every"] == 0 or self.step == self.max_steps:
                 self.save_checkpoint(int(totals[-1]))
+            self.validate()
         progress.close()
         self.accelerator.end_training()
 
@@ -265,7 +270,10 @@ class Trainer:
         for stage in range(stages):
             count = float(totals[stages + stage])
             scalars[f"loss_stage{stage}"] = float(totals[stage]) / count if count else math.nan
-        return scalars
+        memory = torch.tensor([peak_memory_gib(self.accelerator.device)], device=self.accelerator.device)
+        scalars["peak_memory_gib"] = float(self.accelerator.gather(memory).max())  # the fullest process's
+        mfu = self.utilisation(float(totals[-3]), elapsed) if self.utilisation else None
+        return scalars | ({"mfu": mfu} if mfu is not None else {})
 
     def save_checkpoint(self, skipped_all_ranks: int) -> None:
         state = {"step": self.step, "skipped_samples": skipped_all_ranks,
@@ -285,15 +293,28 @@ class Trainer:
                 self.task.save(folder, model_state, ema_state)
                 save_training_state(folder, optimizer_state, self.lr_scheduler.state_dict(), ema_state, state)
 
-            folder = write_checkpoint(self.output_dir, self.step, write_files, self.config["train"].get("keep_checkpoints", 0))
-            self.validate(folder)
+            write_checkpoint(self.output_dir, self.step, write_files, self.config["train"].get("keep_checkpoints", 0))
         self.accelerator.wait_for_everyone()
 
-    def validate(self, folder: Path) -> None:
+    def validate(self) -> None:
+        """Every `validation.every_steps` steps, render the validation prompts from the EMA weights (the trained
+        ones without EMA or with `validation.use_ema: false`) into samples/step-N/: every rank takes part in
+        gathering the weights (FSDP shards included), the main process writes them to a scratch checkpoint folder
+        and renders from it with the app's pipeline."""
         validation = self.config.get("validation") or {}
         every = validation.get("every_steps")
-        if every and self.step % every == 0 and hasattr(self.task, "render_validation"):
-            self.task.render_validation(folder, validation, self.output_dir / "samples" / f"step-{self.step}")
+        if not every or self.step % every or not hasattr(self.task, "render_validation"):
+            return
+        weights = get_model_state_dict(self.model, options=FULL_STATE)
+        if self.ema is not None and validation.get("use_ema", True):
+            weights = weights | self.ema.state_dict()
+        if self.accelerator.is_main_process:
+            out = self.output_dir / "samples" / f"step-{self.step}"
+            scratch = fresh_staging(out / "weights")
+            self.task.save(scratch, weights, None)
+            self.task.render_validation(scratch, validation, out)
+            shutil.rmtree(scratch)
+        self.accelerator.wait_for_everyone()
 
 
 def train(config: dict, output_dir, resume=None, allow_batch_change: bool = False) -> None:

@@ -57,7 +57,8 @@ class StepCounter(TorchDispatchMode):
     calls) and every host sync (see the module docstring) is listed in `counted.syncs` as (kind, op name).
 
     torch's flex_attention compiles itself, which dynamo refuses under a dispatch mode like this one: it is
-    counted as one op (one kernel, as compiled) and runs with the mode set aside."""
+    counted as one op (one kernel, as compiled) and runs with the mode set aside. torch's rms_norm is one op on CUDA
+    (aten::_fused_rms_norm) but decomposes into 6-7 on the CPU (no CPU kernel): it is counted as one op too."""
 
     def __init__(self):
         super().__init__()
@@ -93,7 +94,9 @@ class StepCounter(TorchDispatchMode):
     def __enter__(self):
         from torch.nn.attention import flex_attention
 
-        for owner, name, wrap in ((torch.Tensor, "tolist", self._tolist), (flex_attention, "flex_attention", self._opaque)):
+        patches = ((torch.Tensor, "tolist", self._tolist), (flex_attention, "flex_attention", self._opaque),
+                   (torch.nn.functional, "rms_norm", self._opaque))
+        for owner, name, wrap in patches:
             original = getattr(owner, name)
             self._patched.append((owner, name, original))
             setattr(owner, name, wrap(original))

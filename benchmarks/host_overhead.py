@@ -43,7 +43,18 @@ def reduced_width_transformer(tiny: bool = False):
     from benchmarks.random_models import TINY_TRANSFORMER, build_transformer, model_configs
 
     config = {**model_configs(tiny=False)[0], **(TINY_TRANSFORMER if tiny else REDUCED_WIDTH)}
-    return build_transformer(config, "cpu", torch.float32), config
+    return as_pipelines_load_it(build_transformer(config, "cpu", torch.float32)), config
+
+
+def as_pipelines_load_it(transformer):
+    """The transformer with the q/k/v projections fused, as pipelines load it (model_core.speed.fuse_projections),
+    where the checkout measured has them (earlier releases do not)."""
+    try:
+        from model_core.speed import fuse_projections
+    except ImportError:
+        return transformer
+    fuse_projections(transformer)
+    return transformer
 
 
 def guided_velocity_of(transformer, config):

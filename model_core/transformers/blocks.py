@@ -83,9 +83,10 @@ class FeedForward(nn.Module):
         self.net = nn.ModuleList([TanhGELUProjection(dim, mult * dim), nn.Dropout(0.0), nn.Linear(mult * dim, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.flatten(0, -2)  # one view for both GEMMs (each Linear on [B, L, D] views its input and output)
         for layer in self.net:
-            x = layer(x)
-        return x
+            tokens = layer(tokens)
+        return tokens.unflatten(0, x.shape[:-1])
 
 
 class DualStreamBlock(nn.Module):

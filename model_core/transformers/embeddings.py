@@ -70,6 +70,11 @@ def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
 
 
+def apply_rope_pair(q: torch.Tensor, k: torch.Tensor, rotation: torch.Tensor) -> tuple:
+    """`apply_rope` of queries and keys of one shape in one multiply (stacked, then viewed apart)."""
+    return apply_rope(torch.stack([q, k]), rotation).unbind(0)
+
+
 def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
     """[sin | cos] features of 1-D positions with frequencies 10000^(-2i/dim)."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from model_core import PyramidFlowPipeline
-from pyramid_app.settings import BUNDLED_MODEL
+from pyramid_app.options.settings import BUNDLED_MODEL
 
 PROMPT = "a red square moving right"
 

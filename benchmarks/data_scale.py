@@ -28,7 +28,7 @@ CLIPS = 8
 
 def features(work: Path) -> tuple:
     """(annotations with latent + text features of a few world clips, empty-prompt features), made once."""
-    from pyramid_app.settings import BUNDLED_MODEL
+    from pyramid_app.options.settings import BUNDLED_MODEL
     from training import extract_latents, extract_text_features
     from training.shapes_world import write_world
 
@@ -62,7 +62,7 @@ def write_lines(source: Path, target: Path, count: int) -> Path:
 def child(annotations: str, empty: str, steps: int, output: str) -> dict:
     """One training run in this process; returns its figures."""
     started, started_cpu = time.perf_counter(), time.process_time()
-    from pyramid_app.settings import BUNDLED_MODEL
+    from pyramid_app.options.settings import BUNDLED_MODEL
     from training.config import load_config
     from training.loop import Trainer
     from training.packing import BatchPlanner

@@ -15,7 +15,7 @@ import torch
 
 from benchmarks.timing import timed_side_by_side
 from benchmarks.vae_train_step import world_samples
-from pyramid_app.settings import BUNDLED_MODEL
+from pyramid_app.options.settings import BUNDLED_MODEL
 from training.config import load_config
 from training.flow_task import FlowTask
 from training.models import build_vae

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pyramid_app.studio_blocks import FILE_INPUTS
+from pyramid_app.studio.blocks import FILE_INPUTS
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "assets" / "models" / "pyramid-flow-shapes"

@@ -9,7 +9,6 @@ sides' latents have the same shape and the same bytes (sha256); the report lists
 difference where they differ.
 """
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from model_core import PyramidFlowPipeline
-from pyramid_app.settings import BUNDLED_MODEL
+from pyramid_app.options.settings import BUNDLED_MODEL
 
 LAYOUTS = ({"guidance": 2, "context": 1}, {"guidance": 1, "context": 2})
 SETTINGS = dict(prompt="a red square moving right", num_frames=9, seed=0, output_type="latent")

@@ -29,7 +29,7 @@ BUDGET_SECONDS = 15.0
 
 def default_model(workdir: Path) -> str:
     sys.path.insert(0, str(ROOT))
-    from pyramid_app.settings import BUNDLED_MODEL
+    from pyramid_app.options.settings import BUNDLED_MODEL
 
     if BUNDLED_MODEL.is_dir():
         return str(BUNDLED_MODEL)

@@ -13,7 +13,7 @@ import numpy as np
 from benchmarks.timing import median_seconds
 from model_core.pipeline import PyramidFlowPipeline
 from model_core.vae import causal_conv
-from pyramid_app.settings import BUNDLED_MODEL
+from pyramid_app.options.settings import BUNDLED_MODEL
 
 
 def main(argv=None) -> int:

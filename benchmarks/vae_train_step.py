@@ -13,7 +13,7 @@ import torch
 
 from benchmarks.timing import timed_side_by_side
 from model_core.media import to_video_tensor
-from pyramid_app.settings import BUNDLED_MODEL
+from pyramid_app.options.settings import BUNDLED_MODEL
 from training.config import load_config
 from training.shapes_world import FRAME_SIZE, PROMPTS, render_clip
 from training.vae_objective import VAETask

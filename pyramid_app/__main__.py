@@ -1,4 +1,4 @@
 """`python -m pyramid_app ...` runs the command line."""
-from pyramid_app.cli import main
+from .cli import main
 
 raise SystemExit(main())

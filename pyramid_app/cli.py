@@ -23,7 +23,8 @@ from pathlib import Path
 
 from model_core.option_names import canonical_backend_name, canonical_cache_name
 
-from .settings import (
+from .options.errors import USER_ERRORS
+from .options.settings import (
     ATTENTION_BACKENDS,
     CACHE_MODES,
     DEVICES,
@@ -40,7 +41,6 @@ from .settings import (
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-USER_ERRORS = (ValueError, FileNotFoundError, ConnectionError)
 OUTPUT_SUFFIXES = (".mp4", ".png")
 TEXT_MODES = ("text_to_video", "text_to_image")  # the modes where the prompt is the only input
 OUT_OF_MEMORY_HINT = ("out of memory; try --offload model or --offload sequential, --quantize int8 or nf4, "
@@ -171,7 +171,8 @@ def _speed_options(generate) -> None:
 def plan(args) -> Request:
     """Check the command line and read the inputs; everything short of loading the model. The missing output
     folders that may be made are made last, once everything else has passed."""
-    from . import limits, ranks
+    from .options import limits
+    from .jobs import ranks
 
     if args.image and args.extend:
         raise UsageError("use either --image or --extend, not both")
@@ -218,7 +219,7 @@ def _check_against_model(args, mode: str, jobs) -> None:
     it lacks) is checked as it loads."""
     from model_core.temporal import frames_for_duration
 
-    from . import catalog, limits
+    from .options import catalog, limits
 
     named = args.model or catalog.BUNDLED
     if not (named == catalog.BUNDLED or named in catalog.HUB_MODELS or Path(named).expanduser().is_dir()):
@@ -253,7 +254,7 @@ def _read_condition(args):
         return None
     from model_core.media_files import probe_image, probe_video, read_image, read_video
 
-    from . import limits
+    from .options import limits
 
     if args.image:
         path = _input_file(args.image, "--image", "image file")
@@ -274,7 +275,7 @@ def _mode(args) -> str:
 
 
 def _jobs(args, mode: str) -> tuple:
-    from . import limits
+    from .options import limits
 
     if sum(given is not None for given in (args.prompt, args.prompts_file, args.storyboard)) > 1:
         raise UsageError("use one of --prompt, --prompts-file and --storyboard")
@@ -312,7 +313,7 @@ def _read_storyboard(args, mode: str):
 
 
 def _read_prompts(path: Path) -> list:
-    from . import limits
+    from .options import limits
 
     lines = _read_text(path, "--prompts-file", "prompts file").splitlines()
     prompts = [limits.prompt(line, f"the prompt on line {number} of {path}").strip()
@@ -416,8 +417,8 @@ def load_pipeline(model: ModelOptions):
 
 def save_queue(request: Request, path: Path) -> int:
     """Append the request's jobs to a queue file (created if missing) for `run-queue`; no model loads."""
-    from .job_queue import JobQueue
-    from .queue_runner import queued_jobs_from_request
+    from .jobs.queue import JobQueue
+    from .jobs.runner import queued_jobs_from_request
 
     queue = JobQueue(path)
     for job in queued_jobs_from_request(request, path.parent):
@@ -429,9 +430,9 @@ def save_queue(request: Request, path: Path) -> int:
 def run_queue(path: Path, quiet: bool = False) -> int:
     """Run a saved queue's pending jobs in order, each model loaded once per run of jobs that share it;
     every job's state is saved as it changes, so a crashed run resumes where it stopped."""
-    from .job_queue import JobQueue, run_jobs
-    from .output_file import save, sweep_leftovers
-    from .queue_runner import Stopped, generate_job, job_output, model_options, seeded_job
+    from .jobs.queue import JobQueue, run_jobs
+    from .jobs.output_file import save, sweep_leftovers
+    from .jobs.runner import Stopped, generate_job, job_output, model_options, seeded_job
 
     _input_file(path, "QUEUE_FILE", "queue file")
     report = (lambda message: None) if quiet else _stderr_line
@@ -473,8 +474,8 @@ def run(request: Request, quiet: bool = False) -> int:
     Under torchrun every rank computes each job and rank 0 alone reports and writes."""
     from model_core.memory import resolve_device
 
-    from . import ranks
-    from .output_file import OutputFile, sweep_leftovers
+    from .jobs import ranks
+    from .jobs.output_file import OutputFile, sweep_leftovers
 
     several = ranks.start(resolve_device(None if request.model.device == "auto" else request.model.device))
     try:
@@ -606,7 +607,7 @@ def main(argv=None) -> int:
 
 
 def _command(args) -> int:
-    from . import ranks
+    from .jobs import ranks
 
     if ranks.launched_with_several_ranks() and (args.command == "run-queue" or args.save_queue is not None):
         raise UsageError("queues run in one process (every rank would write the queue file); "
@@ -635,7 +636,7 @@ def _is_out_of_memory(error: RuntimeError) -> bool:
 
 def _error_line(message: str, every_rank_sees_it: bool = False) -> None:
     """Rank 0 prints every error; another rank prints, naming itself, only what may have happened to it alone."""
-    from . import ranks
+    from .jobs import ranks
 
     if ranks.is_main():
         _stderr_line(f"error: {message}")

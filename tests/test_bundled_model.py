@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from model_core.media_files import read_video
-from pyramid_app import settings
+from pyramid_app.options import settings
 from training.shapes_detector import read_clip
 from training.shapes_world import parse_prompt
 

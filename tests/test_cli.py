@@ -16,7 +16,8 @@ from PIL import Image
 from model_core import speed
 from model_core.media_files import read_image, read_metadata, read_video, write_video
 from model_core.transformers.attention_backends import installed_attention_backends
-from pyramid_app import cli, settings
+from pyramid_app import cli
+from pyramid_app.options import settings
 from tiny_checkpoint import build_tiny_checkpoint
 
 FAST = ["--first-frame-steps", "1,1,1", "--video-steps", "1,1,1", "--guidance", 1, "--video-guidance", 1, "--quiet"]
@@ -70,7 +71,7 @@ def load_counter(monkeypatch):
 @pytest.fixture
 def generated(monkeypatch):
     """The frames of every video the CLI writes, as streamed into the file before encoding, in order."""
-    from pyramid_app.output_file import OutputFile
+    from pyramid_app.jobs.output_file import OutputFile
 
     outputs = []
     write = OutputFile.write

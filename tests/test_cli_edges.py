@@ -15,7 +15,7 @@ from PIL import Image
 from model_core import memory, option_names
 from model_core.media_files import VideoWriter
 from model_core.transformers.attention_backends import MASK_STYLES
-from pyramid_app.settings import BUNDLED_MODEL
+from pyramid_app.options.settings import BUNDLED_MODEL
 from test_cli import run_module
 
 ROOT = BUNDLED_MODEL.parents[2]
@@ -180,7 +180,7 @@ def test_partial_files_of_a_killed_run_are_removed_at_the_next_start(hollow_mode
 
 
 def test_the_studio_removes_partial_files_when_it_starts(tmp_path):
-    from pyramid_app import serve
+    from pyramid_app.studio import serve
 
     class Demo:
         def queue(self, **options):

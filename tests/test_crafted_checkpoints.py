@@ -36,7 +36,7 @@ from model_core.weight_files import check_finite
 from model_core.text import load_prompt_encoder
 from training.tiny_text import write_tiny_text_stack
 from model_core.vae import CausalVideoVAE
-from pyramid_app import settings
+from pyramid_app.options import settings
 
 TRANSFORMER = "diffusion_transformer_64p"  # the bundled model's only variant
 CLI_TIMEOUT_S = 120  # generous: on two busy shared cores a refusal takes 6-12 s, nearly all of it Python's start-up

@@ -7,15 +7,17 @@ import sys
 import numpy as np
 
 from model_core.media_files import read_metadata, read_video, sidecar_path
-from pyramid_app import cli, settings
+from pyramid_app import cli
+from pyramid_app.options import settings
 
 ROOT = settings.BUNDLED_MODEL.parents[2]
 FEW_STEPS = ("--first-frame-steps", "2,2,2", "--video-steps", "2,2,2")
 PROCESS_TIMEOUT_S = 300
 STUDIO_CALL = """
 import asyncio, sys
-from pyramid_app import catalog, gallery
-from pyramid_app.endpoints import Endpoints
+from pyramid_app.options import catalog
+from pyramid_app.studio import gallery
+from pyramid_app.studio.endpoints import Endpoints
 
 controls = dict(model=catalog.BUNDLED, variant="auto", dtype="float32", offload="none", quantize="none",
                 vae_tiling=False, negative_prompt="", seed="11", guidance_scale=4, video_guidance_scale=4,

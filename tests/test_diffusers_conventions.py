@@ -93,8 +93,8 @@ def test_progress_bar_counts_every_step_and_can_be_disabled(pipe, checkpoint):
 
 def test_the_cli_and_studio_pipelines_print_no_bar_of_their_own(checkpoint, capsys):
     from pyramid_app.cli import load_pipeline
-    from pyramid_app.jobs import PipelineCache
-    from pyramid_app.settings import ModelOptions
+    from pyramid_app.studio.sessions import PipelineCache
+    from pyramid_app.options.settings import ModelOptions
 
     model = ModelOptions(model=str(checkpoint))
     for pipe in (load_pipeline(model), PipelineCache().get(model)):  # they report progress from their step callbacks

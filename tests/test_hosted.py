@@ -11,8 +11,8 @@ import pytest
 from gradio_client import Client, handle_file
 
 from benchmarks import hosted_probes
-from pyramid_app import serve, studio
-from pyramid_app.catalog import ModelMenu
+from pyramid_app.studio import serve, layout as studio
+from pyramid_app.options.catalog import ModelMenu
 from test_studio import FAST, free_port, local_path, slowed_pipelines
 from tiny_checkpoint import build_tiny_checkpoint
 
@@ -183,7 +183,7 @@ def test_the_app_keeps_its_own_gradio_cache(monkeypatch, tmp_path):
 
 
 def test_old_hosted_outputs_are_swept(tmp_path):
-    from pyramid_app.outputs import SessionOutputs
+    from pyramid_app.studio.outputs import SessionOutputs
 
     outputs = SessionOutputs(tmp_path, hosted=True, max_age=60)
     old, new = outputs.folder("a") / "old.mp4", outputs.folder("b") / "new.mp4"
@@ -206,8 +206,8 @@ def _peak_rss_mib() -> float:
 def test_zerogpu_time_grows_with_frames_and_steps():
     from types import SimpleNamespace
 
-    from pyramid_app.jobs import GPU_MAX_SECONDS, GPU_MIN_SECONDS, Job, gpu_seconds
-    from pyramid_app.settings import GenerationOptions
+    from pyramid_app.studio.sessions import GPU_MAX_SECONDS, GPU_MIN_SECONDS, Job, gpu_seconds
+    from pyramid_app.options.settings import GenerationOptions
 
     spec = SimpleNamespace(max_frames=241, frames_per_latent=8)
     pipe = SimpleNamespace(spec=spec, family=SimpleNamespace(sampling=SimpleNamespace(first_frame_steps=(20, 20, 20),

@@ -15,8 +15,8 @@ from gradio_client import Client, handle_file
 
 from benchmarks import hosted_probes
 from model_core.media_files import read_metadata, read_video, write_image, write_video
-from pyramid_app import serve, studio
-from pyramid_app.studio_queue import ADDRESS_QUEUE_CAP, Admission
+from pyramid_app.studio import serve, layout as studio
+from pyramid_app.studio.queue_panel import ADDRESS_QUEUE_CAP, Admission
 from test_studio import FAST, free_port, slowed_pipelines
 from tiny_checkpoint import build_tiny_checkpoint
 
@@ -96,7 +96,7 @@ MEMORY_CHILD = """
 import json, resource, sys
 from pathlib import Path
 from model_core.checkpoints import VariantSpec
-from pyramid_app.uploads import HOSTED_DECODE_BYTES, DecodeBudget, decoded_upload
+from pyramid_app.studio.uploads import HOSTED_DECODE_BYTES, DecodeBudget, decoded_upload
 mode, path, height, width = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 spec = VariantSpec(height=height, width=width, max_latent_frames=31)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -246,11 +246,11 @@ def test_queued_image_to_video_and_extension_complete(tiny_model, tmp_path, host
 def test_sessions_that_only_look_at_their_queue_are_not_remembered(tiny_model, tmp_path):
     import threading
 
-    from pyramid_app.jobs import PipelineCache
-    from pyramid_app.output_file import save
-    from pyramid_app.outputs import SessionOutputs
-    from pyramid_app.queue_runner import read_input_file
-    from pyramid_app.studio_queue import StudioQueues
+    from pyramid_app.studio.sessions import PipelineCache
+    from pyramid_app.jobs.output_file import save
+    from pyramid_app.studio.outputs import SessionOutputs
+    from pyramid_app.jobs.runner import read_input_file
+    from pyramid_app.studio.queue_panel import StudioQueues
 
     outputs = SessionOutputs(tmp_path, hosted=True)
     queues = StudioQueues(tmp_path, PipelineCache(), threading.Lock(), save, read_input_file,
@@ -263,7 +263,7 @@ def test_sessions_that_only_look_at_their_queue_are_not_remembered(tiny_model, t
 
 
 def test_concurrent_decodes_share_one_budget():
-    from pyramid_app.uploads import DecodeBudget
+    from pyramid_app.studio.uploads import DecodeBudget
 
     budget = DecodeBudget(100, wait=0.1)
     with budget.reserve(70, "clip"):

@@ -53,7 +53,7 @@ def test_pip_install_gives_working_commands(tmp_path):
     without_studio = run([python, "-c", "import importlib.util, model_core; model_core.PyramidFlowPipeline; "
                                         "print(importlib.util.find_spec('gradio'))"], work, env)
     assert without_studio == "None\n"  # the library imports, and no dependency of it installed gradio
-    where = json.loads(run([python, "-c", "import json, pyramid_app.settings as s, training.config as c; "
+    where = json.loads(run([python, "-c", "import json, pyramid_app.options.settings as s, training.config as c; "
                                           "print(json.dumps([str(s.BUNDLED_MODEL), str(c.CONFIG_DIR)]))"], work, env))
     assert all(Path(path).is_relative_to(home) and Path(path).is_dir() for path in where), where
     run([python, "-c", "from training.config import load_config; load_config('training/configs/tiny_shapes.yaml')"],

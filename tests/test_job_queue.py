@@ -5,7 +5,7 @@ import pytest
 
 from model_core.media_files import read_metadata, read_video
 from pyramid_app import cli
-from pyramid_app.job_queue import JobQueue, QueuedJob, read_queue, run_jobs
+from pyramid_app.jobs.queue import JobQueue, QueuedJob, read_queue, run_jobs
 from tiny_checkpoint import build_tiny_checkpoint
 
 FAST = ["--first-frame-steps", "1,1,1", "--video-steps", "1,1,1", "--guidance", 1, "--video-guidance", 1, "--quiet"]
@@ -159,7 +159,7 @@ def test_a_full_disk_fails_the_job_and_the_queue_goes_on_in_memory(tmp_path, mon
     be written; the states it reports stay right."""
     import errno
 
-    from pyramid_app import job_queue
+    from pyramid_app.jobs import queue as job_queue
 
     queue = JobQueue(tmp_path / "queue.json")
     queue.add(job("a"))

@@ -237,7 +237,7 @@ def test_cli_applies_repeated_loras_and_records_them(tmp_path):
 
 
 def test_lora_option_is_checked_before_loading(tmp_path):
-    from pyramid_app.settings import ModelOptions, parse_lora
+    from pyramid_app.options.settings import ModelOptions, parse_lora
 
     assert parse_lora(f"{tmp_path}:0.5") == (str(tmp_path), 0.5)
     assert parse_lora(str(tmp_path)) == (str(tmp_path), 1.0)
@@ -249,10 +249,10 @@ def test_lora_option_is_checked_before_loading(tmp_path):
 
 
 def test_studio_offers_only_the_lora_folder_and_switches_without_reloading(tmp_path):
-    from pyramid_app import gallery, studio
-    from pyramid_app.endpoints import Endpoints
-    from pyramid_app.jobs import PipelineCache
-    from pyramid_app.settings import ModelOptions
+    from pyramid_app.studio import gallery, layout as studio
+    from pyramid_app.studio.endpoints import Endpoints
+    from pyramid_app.studio.sessions import PipelineCache
+    from pyramid_app.options.settings import ModelOptions
 
     checkpoint = build_tiny_checkpoint(tmp_path / "checkpoint", "miniflux")
     cache = PipelineCache()

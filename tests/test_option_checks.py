@@ -8,8 +8,9 @@ import pytest
 
 from model_core import option_names
 from model_core.pipeline import PyramidFlowPipeline
-from pyramid_app import cli, gallery
-from pyramid_app.endpoints import Endpoints
+from pyramid_app import cli
+from pyramid_app.studio import gallery
+from pyramid_app.studio.endpoints import Endpoints
 from tiny_checkpoint import build_tiny_checkpoint
 
 CASES = [  # (library keyword, CLI flag, value, the sentence, the function raising it)

@@ -11,7 +11,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from pyramid_app import serve
+from pyramid_app.studio import serve
 from training.config import CONFIG_DIR, load_config, recipe_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,17 +75,17 @@ def test_gradio_is_the_studio_extra_and_all_takes_every_extra():
 def test_library_and_command_line_import_without_gradio():
     imported = run_python("import sys; sys.modules['gradio'] = None\n"
                           "import model_core; model_core.PyramidFlowPipeline; model_core.CausalVideoVAE\n"
-                          "import pyramid_app.cli, pyramid_app.output_file, training.loop\n"
+                          "import pyramid_app.cli, pyramid_app.jobs.output_file, training.loop\n"
                           "print(sorted(name for name in sys.modules if name.startswith('gradio')))")
     assert imported.returncode == 0, imported.stderr[-2000:]
     assert imported.stdout == "['gradio']\n"  # only the blocked entry: nothing tried to import it
 
 
 def test_the_studio_command_without_gradio_says_which_extra_to_install():
-    from pyramid_app.serve import NO_GRADIO
+    from pyramid_app.studio.serve import NO_GRADIO
 
     served = run_python("import sys; sys.modules['gradio'] = None\n"
-                        "from pyramid_app import serve\n"
+                        "from pyramid_app.studio import serve\n"
                         "sys.exit(serve.main(['--no-browser']))")
     assert served.returncode == 2 and served.stderr.strip() == NO_GRADIO
 
@@ -109,7 +109,7 @@ def test_media_files_write_and_sweep_where_there_is_no_fcntl(tmp_path):
         "import sys; sys.modules['fcntl'] = None\n"
         "from pathlib import Path\n"
         "import numpy as np\n"
-        "import pyramid_app.cli, pyramid_app.serve\n"
+        "import pyramid_app.cli, pyramid_app.studio.serve\n"
         "from model_core import file_lock\n"
         "from model_core.media_files import read_image, write_image\n"
         "assert file_lock.fcntl is None\n"

@@ -197,9 +197,9 @@ def test_a_failing_rank_ends_every_rank_with_its_error(tmp_path):
 
 
 def _studio_ranks(rank, root, out):
-    from pyramid_app.jobs import PipelineCache
-    from pyramid_app.settings import ModelOptions
-    from pyramid_app.studio_ranks import MirroredPipelineCache, RankChannel, follow
+    from pyramid_app.studio.sessions import PipelineCache
+    from pyramid_app.options.settings import ModelOptions
+    from pyramid_app.studio.every_rank import MirroredPipelineCache, RankChannel, follow
 
     channel = RankChannel()
     layout = {"guidance": 2, "context": 1}

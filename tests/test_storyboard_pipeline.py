@@ -7,8 +7,8 @@ import torch
 from model_core import PyramidFlowPipeline, generation_runner
 from model_core.media_files import read_metadata, write_video
 from model_core.storyboard import Storyboard
-from pyramid_app import gallery
-from pyramid_app.settings import BUNDLED_MODEL
+from pyramid_app.studio import gallery
+from pyramid_app.options.settings import BUNDLED_MODEL
 from tiny_checkpoint import build_tiny_checkpoint
 
 FAST = dict(first_frame_steps=(1, 1, 1), video_steps=(1, 1, 1))
@@ -162,7 +162,7 @@ def test_cli_storyboard_file_makes_the_summed_length_and_records_it(tmp_path, ca
     queue_file = tmp_path / "queue.json"
     assert cli.main(["generate", "--storyboard", str(tmp_path / "story.txt"), "--out", str(out), "--save-queue",
                      str(queue_file), *fast]) == 0
-    from pyramid_app.job_queue import read_queue
+    from pyramid_app.jobs.queue import read_queue
 
     assert read_queue(queue_file)[0][0].storyboard == settings["storyboard"]
     (tmp_path / "bad.txt").write_text("1 | fine\nsoon | later\n")

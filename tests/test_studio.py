@@ -20,9 +20,10 @@ from PIL import Image
 
 from model_core.checkpoints import SETTINGS_FILE
 from model_core.media_files import read_metadata, read_video, write_video
-from pyramid_app import catalog, gallery, serve, studio
-from pyramid_app.jobs import PipelineCache
-from pyramid_app.settings import ModelOptions, memory_choices
+from pyramid_app.options import catalog
+from pyramid_app.studio import gallery, serve, layout as studio
+from pyramid_app.studio.sessions import PipelineCache
+from pyramid_app.options.settings import ModelOptions, memory_choices
 from tiny_checkpoint import build_tiny_checkpoint
 
 FAST = dict(guidance_scale=1, video_guidance_scale=1, first_frame_steps_stage_1=1, first_frame_steps_stage_2=1,
@@ -215,7 +216,7 @@ def test_an_error_replaces_ready_in_the_status_line(client):
 @pytest.mark.parametrize("control, value", [("first_frame_steps_stage_1", -5), ("video_steps_stage_3", 51),
                                             ("guidance_scale", 20), ("cache_threshold", 2), ("seed", "2" * 20)])
 def test_the_ui_notes_refuse_a_number_with_the_apis_sentence(client, control, value):
-    from pyramid_app.endpoints import NUMBER_CHECKS, refusal
+    from pyramid_app.studio.endpoints import NUMBER_CHECKS, refusal
 
     with pytest.raises(AppError) as error:
         client.predict("x", **{**FAST, control: value}, api_name="/text_to_video")
@@ -240,7 +241,7 @@ def test_the_length_note_says_what_the_api_would_and_follows_the_storyboard(tiny
 
 def test_no_control_clamps_a_typed_number(tiny_model, tmp_path):
     """Gradio's sliders snap a typed value into their range when the field loses focus; the studio has none."""
-    from pyramid_app.endpoints import NUMBER_CHECKS
+    from pyramid_app.studio.endpoints import NUMBER_CHECKS
 
     demo = studio.build_studio(default_model=str(tiny_model), output_dir=tmp_path / "outputs")
     assert not [block for block in demo.blocks.values() if isinstance(block, gradio.Slider)]
@@ -250,7 +251,7 @@ def test_no_control_clamps_a_typed_number(tiny_model, tmp_path):
 
 
 def test_bundled_prompt_words_are_the_shapes_worlds():
-    from pyramid_app import bundled_prompts
+    from pyramid_app.studio import bundled_prompts
     from training import shapes_world
 
     assert (bundled_prompts.COLOURS, bundled_prompts.SHAPES, bundled_prompts.DIRECTIONS) == (
@@ -315,7 +316,7 @@ def test_settings_without_a_mode_are_refused(tmp_path):
 
 
 def test_generating_with_the_missing_bundled_model_says_what_to_pick(monkeypatch, tmp_path):
-    from pyramid_app.endpoints import Endpoints
+    from pyramid_app.studio.endpoints import Endpoints
 
     monkeypatch.setattr(catalog, "BUNDLED_MODEL", tmp_path / "missing")
     updates = []
@@ -363,7 +364,7 @@ def test_image_to_video_starts_at_the_models_image_guidance(tmp_path):
 def test_progress_updates_are_spaced_out(tiny_model, tmp_path):
     """Every step event reaching the browser costs it a render on the cores the model uses: the handler
     passes at most one per PROGRESS_INTERVAL on (the first step's always)."""
-    from pyramid_app.endpoints import PROGRESS_INTERVAL, Endpoints
+    from pyramid_app.studio.endpoints import PROGRESS_INTERVAL, Endpoints
 
     controls = dict(model=str(tiny_model), variant="auto", dtype="float32", offload="none", quantize="none",
                     vae_tiling=False, negative_prompt="", seed="3", guidance_scale=1, video_guidance_scale=1,

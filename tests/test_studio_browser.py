@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from model_core.media_files import read_video
-from pyramid_app.settings import BUNDLED_MODEL
+from pyramid_app.options.settings import BUNDLED_MODEL
 from test_studio import launch_studio, slowed_pipelines
 from training.shapes_detector import read_clip
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from gradio_client import Client
 
-from pyramid_app.job_queue import JobQueue, QueuedJob, read_queue
+from pyramid_app.jobs.queue import JobQueue, QueuedJob, read_queue
 from model_core.media_files import read_metadata
 from test_studio import FAST, launch_studio, local_path
 from tiny_checkpoint import build_tiny_checkpoint
@@ -75,7 +75,7 @@ def test_a_bad_queued_request_is_refused_with_a_sentence(tiny_model, tmp_path):
 
 
 def test_the_segment_table_makes_a_storyboard_and_reuse_fills_it(tiny_model, tmp_path):
-    from pyramid_app import gallery
+    from pyramid_app.studio import gallery
 
     demo, url = launch_studio(tiny_model, tmp_path / "outputs")
     try:
@@ -96,8 +96,8 @@ def test_the_segment_table_makes_a_storyboard_and_reuse_fills_it(tiny_model, tmp
 def test_a_storyboard_runs_past_the_slider_to_the_long_video_length_except_when_hosted():
     from model_core.checkpoints import VariantSpec
     from model_core.storyboard import Storyboard
-    from pyramid_app.catalog import length_limits
-    from pyramid_app.endpoints import _generation_options
+    from pyramid_app.options.catalog import length_limits
+    from pyramid_app.studio.endpoints import _generation_options
 
     spec = VariantSpec(height=64, width=64, max_latent_frames=3, fps=8)  # the bundled model: the slider stops at 17
     controls = {**FAST, "negative_prompt": "", "seed": "3"}
@@ -117,11 +117,11 @@ def test_hosted_queues_are_the_sessions_own_and_end_with_the_server(tiny_model, 
     stranger left waiting are not run by the next server (its key names other folders)."""
     import threading
 
-    from pyramid_app.jobs import PipelineCache
-    from pyramid_app.output_file import save
-    from pyramid_app.outputs import SessionOutputs
-    from pyramid_app.queue_runner import read_input_file
-    from pyramid_app.studio_queue import StudioQueues
+    from pyramid_app.studio.sessions import PipelineCache
+    from pyramid_app.jobs.output_file import save
+    from pyramid_app.studio.outputs import SessionOutputs
+    from pyramid_app.jobs.runner import read_input_file
+    from pyramid_app.studio.queue_panel import StudioQueues
 
     def studio_queues():
         outputs = SessionOutputs(tmp_path, hosted=True)
@@ -147,7 +147,7 @@ def test_finished_queued_jobs_join_the_gallery_and_the_export_file_is_ready(tiny
     session's gallery, once), the panel title counting the jobs, and a current export file for a one-click download."""
     import gradio as gr
 
-    from pyramid_app.endpoints import Endpoints
+    from pyramid_app.studio.endpoints import Endpoints
 
     endpoints = Endpoints(tiny_model, tmp_path / "outputs")
     controls = dict(model=str(tiny_model), variant="auto", dtype="float32", offload="none", quantize="none",
@@ -168,7 +168,7 @@ def test_finished_queued_jobs_join_the_gallery_and_the_export_file_is_ready(tiny
 
 
 def test_the_queue_panel_title_counts_the_jobs(tmp_path):
-    from pyramid_app.studio_queue import queue_badge
+    from pyramid_app.studio.queue_panel import queue_badge
 
     queue = JobQueue(tmp_path / "queue.json")
     assert queue_badge(queue) == "Queue"

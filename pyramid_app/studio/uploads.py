@@ -12,7 +12,7 @@ from pathlib import Path
 
 from model_core.media_files import cover_size, probe_image, probe_video, read_image, read_video
 
-from . import limits
+from ..options import limits
 
 NOT_RECEIVED = ("the {what} must be a file uploaded to this studio (the upload box, or gradio_client's "
                 "handle_file) or one of this session's outputs")

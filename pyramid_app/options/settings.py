@@ -24,7 +24,7 @@ BUNDLED_NAME = Path("models") / "pyramid-flow-shapes"
 
 def bundled_model_dir() -> Path:
     """The bundled model: the checkout's assets/ folder, else the installed `pyramid_flow_assets` package data."""
-    checkout = Path(__file__).resolve().parents[1] / "assets" / BUNDLED_NAME
+    checkout = Path(__file__).resolve().parents[2] / "assets" / BUNDLED_NAME
     if checkout.is_dir() or importlib.util.find_spec("pyramid_flow_assets") is None:
         return checkout
     return Path(str(resources.files("pyramid_flow_assets") / BUNDLED_NAME))

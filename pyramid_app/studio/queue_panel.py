@@ -16,11 +16,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
 
-from .job_queue import QUEUE_FILE, JobQueue, QueuedJob, new_job_id, run_jobs
+from ..jobs.queue import QUEUE_FILE, JobQueue, QueuedJob, new_job_id, run_jobs
 from .replies import without_paths
-from .jobs import Job, StopFlag, run_on_device
-from .queue_runner import job_prompt, model_options, saved_result, seeded_job
-from .settings import GenerationOptions
+from .sessions import Job, StopFlag, run_on_device
+from ..jobs.runner import job_prompt, model_options, saved_result, seeded_job
+from ..options.settings import GenerationOptions
 
 INPUTS_FOLDER = "queue-inputs"
 QUEUE_FOLDER = "queue"  # in a hosted session's output folder

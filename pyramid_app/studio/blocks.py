@@ -7,7 +7,7 @@ pydantic's report over many lines; here each becomes the sentence the handlers u
 import gradio as gr
 import pydantic
 
-from .limits import shown
+from ..options.limits import shown
 from .replies import sentence
 from .uploads import NOT_RECEIVED
 

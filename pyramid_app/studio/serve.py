@@ -10,8 +10,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import ranks
-from .output_file import sweep_leftovers
+from ..jobs import ranks
+from ..jobs.output_file import sweep_leftovers
 
 DEFAULT_PORT = 7860
 MAX_UPLOAD = {False: "500mb", True: "50mb"}  # local, hosted
@@ -73,7 +73,7 @@ def launch(demo, flags: argparse.Namespace, block: bool = True):
     Every error reaches the client as its message (`show_error`): the handlers raise only sentences."""
     flags.output_dir.mkdir(parents=True, exist_ok=True)
     sweep_leftovers([flags.output_dir, *filter(Path.is_dir, flags.output_dir.iterdir())])  # a killed run's partials
-    from .studio import CSS, THEME  # the studio (gradio) is the [studio] extra: loaded once one is served
+    from .layout import CSS, THEME  # the studio (gradio) is the [studio] extra: loaded once one is served
 
     demo.queue(default_concurrency_limit=1)
     return demo.launch(server_name=flags.host, server_port=flags.port, share=flags.share,
@@ -89,11 +89,11 @@ def main(argv=None) -> int:
     if importlib.util.find_spec("gradio") is None:
         print(NO_GRADIO, file=sys.stderr)
         return 2
-    from .studio import build_studio  # the studio (gradio) is the [studio] extra: loaded once one is served
+    from .layout import build_studio  # the studio (gradio) is the [studio] extra: loaded once one is served
 
     use_own_cache()
     if ranks.launched_with_several_ranks():  # torchrun: rank 0 serves, every rank computes
-        from .studio_ranks import serve_on_every_rank
+        from .every_rank import serve_on_every_rank
 
         serve_on_every_rank(flags, build_studio, launch)
     else:

@@ -10,8 +10,8 @@ from typing import Callable
 from model_core.media_files import read_image, read_video
 from model_core.storyboard import Storyboard
 
-from .job_queue import JobQueue, QueuedJob
-from .settings import GenerationOptions, ModelOptions
+from .queue import JobQueue, QueuedJob
+from ..options.settings import GenerationOptions, ModelOptions
 
 
 class Stopped(Exception):

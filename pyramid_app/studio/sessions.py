@@ -27,8 +27,8 @@ import torch
 from model_core.sampling import Progress
 from model_core.storyboard import Storyboard
 
-from .cli import USER_ERRORS
-from .settings import GenerationOptions, ModelOptions, model_name, model_source
+from ..options.errors import USER_ERRORS
+from ..options.settings import GenerationOptions, ModelOptions, model_name, model_source
 
 # ZeroGPU's time budget per request (see `gpu_seconds`): a budget, not a measured speed.
 GPU_BASE_SECONDS, GPU_SECONDS_PER_STEP, GPU_MIN_SECONDS, GPU_MAX_SECONDS = 20, 0.5, 60, 300

@@ -1,8 +1,8 @@
 """This session's outputs, newest first, and the control values to reuse from any output's embedded settings."""
 from model_core.media_files import read_metadata
 
-from .catalog import choice_for
-from .settings import STAGE_COUNT
+from ..options.catalog import choice_for
+from ..options.settings import STAGE_COUNT
 
 MODE_LABELS = {
     "text_to_video": "Text → Video",

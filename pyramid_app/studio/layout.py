@@ -1,6 +1,6 @@
 """The studio layout: four generation tabs, shared model/sampling/memory panels, the result and the session gallery.
 
-`build_studio()` returns the Blocks; `pyramid_app.serve` launches it. The generation handlers live in
+`build_studio()` returns the Blocks; `pyramid_app.studio.serve` launches it. The generation handlers live in
 `endpoints`, the model menu in `catalog`, the session outputs in `gallery`.
 """
 import functools
@@ -16,14 +16,15 @@ from model_core.memory import resolve_device
 from model_core.speed import speed_choices
 from model_core.step_cache import CACHE_MODES
 
-from . import bundled_prompts, gallery, limits
-from .catalog import ModelMenu, length_limits
+from . import bundled_prompts, gallery
+from ..options import limits
+from ..options.catalog import ModelMenu, length_limits
 from .endpoints import (IMAGE_GUIDANCE, LORA_WEIGHT_MAX, NUMBER_CHECKS, Endpoints, checked_frames, output_thumbnails,
                         refusal, storyboard_frames, storyboard_of)
 from .outputs import OUTPUT_MAX_AGE, SWEEP_INTERVAL
 from .replies import reply
-from .studio_blocks import StudioBlocks
-from .settings import (
+from .blocks import StudioBlocks
+from ..options.settings import (
     ATTENTION_BACKENDS,
     BUNDLED_MODEL,
     DTYPES,
@@ -35,7 +36,7 @@ from .settings import (
     memory_choices,
 )
 from .uploads import HOSTED_DECODE_BYTES
-from .studio_queue import ADDRESS_QUEUE_CAP, QUEUE_HEADERS, QUEUED_JOB_MAX_AGE, SUBMISSIONS_PER_MINUTE
+from .queue_panel import ADDRESS_QUEUE_CAP, QUEUE_HEADERS, QUEUED_JOB_MAX_AGE, SUBMISSIONS_PER_MINUTE
 
 GENERATION_QUEUE = "generation"  # one concurrency group: one generation at a time on this device
 PLACEHOLDER_SPEC = VARIANTS["384p"]  # length limits until a model with known limits is picked

@@ -15,9 +15,9 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-from . import ranks
-from .cli import USER_ERRORS
-from .jobs import PipelineCache
+from ..jobs import ranks
+from ..options.errors import USER_ERRORS
+from .sessions import PipelineCache
 
 CONTROL_TIMEOUT = timedelta(days=365)
 MODES = ("text_to_video", "image_to_video", "extend_video", "text_to_image")

@@ -27,18 +27,19 @@ from model_core.lora import find_loras
 from model_core.media_files import read_image, read_video
 from model_core.sampling import Progress
 
-from . import gallery, limits
-from .catalog import BUNDLED, MISSING_BUNDLED, ModelMenu, is_local, length_limits
-from .cli import USER_ERRORS
-from .jobs import Job, PipelineCache, StopSwitches, UnitPreview, progress_text, run_job
-from .output_file import save
+from . import gallery
+from ..options import limits
+from ..options.catalog import BUNDLED, MISSING_BUNDLED, ModelMenu, is_local, length_limits
+from ..options.errors import USER_ERRORS
+from .sessions import Job, PipelineCache, StopSwitches, UnitPreview, progress_text, run_job
+from ..jobs.output_file import save
 from .replies import reply
 from .outputs import SessionOutputs
 from model_core.storyboard import Storyboard
 
-from .settings import STAGE_COUNT, GenerationOptions, ModelOptions
-from .studio_blocks import FILE_INPUTS
-from .studio_queue import INPUTS_FOLDER, QUEUE_EXPORT, Admission, StudioQueues, job_id_at, queue_badge, queue_rows
+from ..options.settings import STAGE_COUNT, GenerationOptions, ModelOptions
+from .blocks import FILE_INPUTS
+from .queue_panel import INPUTS_FOLDER, QUEUE_EXPORT, Admission, StudioQueues, job_id_at, queue_badge, queue_rows
 from .uploads import HOSTED_DECODE_BYTES, LOCAL_DECODE_BYTES, DecodeBudget, ReceivedFiles, decoded_upload, header_check
 
 THUMBNAIL_SIDE = 160

@@ -10,7 +10,7 @@ import warnings
 import torch
 
 from .step_cache import CACHE_MODES
-from .transformers.attention import fuse_qkv_projections
+from .transformers.attention import BlockwiseCausalAttnProcessor, fuse_qkv_projections
 from .transformers.attention_backends import DEFAULT_ATTENTION_BACKEND, check_attention_backend, usable_attention_backends
 
 CPU_COMPILERS = ("cc", "gcc", "clang")
@@ -36,8 +36,12 @@ def compile_available(device) -> bool:
 
 def compile_blocks(transformer, backend: str = "inductor") -> None:
     """torch.compile each repeated block with dynamic shapes, so the three pyramid stages and the growing history
-    reuse the same graphs instead of recompiling every unit (the causal-group loop stays eager, see attention.py)."""
+    reuse the same graphs instead of recompiling every unit (the causal-group loop stays eager, see attention.py),
+    and the flex backend's attention calls (attention_backends.compiled_flex_attention)."""
     transformer.compile_repeated_blocks(dynamic=True, backend=backend)
+    for module in transformer.modules():
+        if isinstance(getattr(module, "processor", None), BlockwiseCausalAttnProcessor):
+            module.processor.compiled = True
 
 
 def fuse_projections(transformer) -> None:

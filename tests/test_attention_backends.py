@@ -5,11 +5,14 @@ import torch
 from diffusers.models import attention_dispatch
 from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
+from torch.nn.attention.flex_attention import BlockMask
+
+from model_core.speed import compile_available, compile_blocks
+from model_core.transformers import attention, attention_backends
 from model_core.transformers.attention import blockwise_causal_attention, causal_group_ends
 from model_core.transformers.attention_backends import (
     HEADS_FIRST,
     attend,
-    attend_heads_first,
     check_attention_backend,
     key_mask,
     installed_attention_backends,
@@ -70,15 +73,18 @@ def test_transformer_with_each_cpu_backend_equals_native(kind, backend):
 
 
 def counting(monkeypatch, name):
-    """Replace backend `name`'s kernel by a counting wrapper (native: the SDPA call attention.py makes on
-    [B, heads, L, D]; the others: the dispatch's kernel); returns the call list."""
+    """Replace backend `name`'s kernel by a counting wrapper (native and flex: the call attention.py makes on
+    [B, heads, L, D], told apart by their masks; the others: the dispatch's kernel); returns the call list."""
     calls = []
     if name in HEADS_FIRST:
-        def counted_heads_first(q, k, v, mask):
-            calls.append(q.shape)
-            return attend_heads_first(q, k, v, mask)
+        kernel = attention.attend_heads_first  # counted already when the other heads-first backend is
 
-        monkeypatch.setattr("model_core.transformers.attention.attend_heads_first", counted_heads_first)
+        def counted_heads_first(q, k, v, mask, compiled=False):
+            if isinstance(mask, BlockMask) == (name == "flex"):
+                calls.append(q.shape)
+            return kernel(q, k, v, mask, compiled)
+
+        monkeypatch.setattr(attention, "attend_heads_first", counted_heads_first)
         return calls
     key = AttentionBackendName(name)
     kernel = _AttentionBackendRegistry._backends[key]
@@ -148,3 +154,26 @@ def test_unavailable_backend_is_refused_with_the_usable_ones(monkeypatch):
         check_attention_backend("flash-varlen", "cpu", torch.bfloat16)
     assert check_attention_backend("flash-varlen") == "flash_varlen"
     assert check_attention_backend("Native", "cpu", torch.float32) == "native"
+
+
+@pytest.mark.slow  # inductor compiles flex attention on the CPU: 35 s on 2 busy cores
+@pytest.mark.skipif("flex" not in CPU_BACKENDS or not compile_available("cpu"), reason="no flex or no C compiler here")
+def test_a_compiled_model_runs_flex_compiled(monkeypatch):
+    """compile=True compiles the flex calls too (the processor stays eager; each layer's one call under the plan's
+    BlockMask goes through torch.compile(flex_attention)), and they compute what native computes."""
+    model = tiny_model("flux")
+    clips, inputs = pyramid_column(), text_inputs(model, 2)
+    compiled_calls, kernel = [], attention_backends.compiled_flex_attention()
+
+    def counted(*args, **kwargs):
+        compiled_calls.append(args[0].shape)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(attention_backends, "compiled_flex_attention", lambda: counted)
+    with torch.no_grad():
+        native = velocity(model, clips, inputs)
+        model.set_attention_backend("flex")
+        compile_blocks(model, backend="eager")  # the blocks traced only; the flex calls compiled by inductor
+        flex = velocity(model, clips, inputs)
+    assert len(compiled_calls) == 2  # one per attention layer
+    torch.testing.assert_close(flex, native, atol=1e-5, rtol=0)

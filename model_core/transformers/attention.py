@@ -102,12 +102,13 @@ def blockwise_causal_attention(q, k, v, group_ends, key_valid, backend=DEFAULT_A
     return run_calls(q, k, v, plan_calls(group_ends, key_valid, mask_style(backend), q), backend)
 
 
-def run_calls(q, k, v, calls: list, backend=DEFAULT_ATTENTION_BACKEND) -> torch.Tensor:
-    """The attention of a planned layer (attention_plan.py); q, k, v and the result are [B, heads, L, D]."""
+def run_calls(q, k, v, calls: list, backend=DEFAULT_ATTENTION_BACKEND, compiled: bool = False) -> torch.Tensor:
+    """The attention of a planned layer (attention_plan.py); q, k, v and the result are [B, heads, L, D]. `compiled`:
+    flex runs its compiled kernels (attention_backends.attend_heads_first)."""
     heads_first = backend in HEADS_FIRST
     if not heads_first:
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # the dispatch's [B, L, heads, D]
-    kernel = attend_heads_first if heads_first else partial(attend, backend=backend)
+    kernel = partial(attend_heads_first, compiled=compiled) if heads_first else partial(attend, backend=backend)
     tokens = 2 if heads_first else 1
     outputs = [kernel(span(q, tokens, call.start, call.end), span(k, tokens, 0, call.end), span(v, tokens, 0, call.end),
                       call.mask) for call in calls]
@@ -159,10 +160,13 @@ class BlockwiseCausalAttnProcessor:
     active backend, native unless inside its `attention_backend(...)` context), so
     `ModelMixin.set_attention_backend` / `reset_attention_backend` and that context reach it.
     Under context parallel the ranks first swap sequence for heads (Ulysses) and swap back after.
+    `compiled` (set by model_core.speed.compile_blocks) runs the flex backend's compiled kernels: the processor
+    itself stays eager, but each layer's one flex call under the plan's BlockMask is compiled.
     """
 
     def __init__(self):
         self._attention_backend = None
+        self.compiled = False
 
     @torch.compiler.disable  # the number of causal groups changes every unit: compiled, it would recompile each time
     def __call__(self, q, k, v, layout: AttentionLayout) -> torch.Tensor:
@@ -173,7 +177,7 @@ class BlockwiseCausalAttnProcessor:
         if layout.rope is not None:
             q, k = apply_rope_pair(q, k, *layout.rope)
         backend = self.backend()
-        out = run_calls(q, k, v, layout.calls(mask_style(backend), q), backend)
+        out = run_calls(q, k, v, layout.calls(mask_style(backend), q), backend, self.compiled)
         return merge_heads(out if layout.context is None else layout.context.to_sequence(out))
 
     def backend(self) -> str:

@@ -11,13 +11,17 @@ must be ignored. How that key-padding is honoured depends on the kernel:
 - `flash` and `sage` take no mask at all, so each row attends to its valid keys only, one call
   per batch row when the rows' text lengths differ.
 
-Every style computes the same attention; only rounding differs between kernels. `native` calls torch's SDPA
-directly on the layers' [B, heads, L, D] (what diffusers' native backend does after transposing them); the
-others go through diffusers' dispatch.
+Every style computes the same attention; only rounding differs between kernels. `native` and `flex` run directly on
+the layers' [B, heads, L, D] (what diffusers' native and flex backends do after transposing them): torch's SDPA, and
+torch's flex_attention, compiled when the model is (`compile=True`; uncompiled, torch runs flex as a reference that
+holds every score at once). The others go through diffusers' dispatch.
 """
+from functools import cache
+
 import torch
 from diffusers.models import attention_dispatch
 from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, dispatch_attention_fn
+from torch.nn.attention import flex_attention
 
 from ..option_names import DEFAULT_ATTENTION_BACKEND, canonical_backend_name
 
@@ -29,7 +33,7 @@ MASK_STYLES = {  # each of option_names.ATTENTION_BACKENDS -> how the key-paddin
     "flash_varlen": "prefix",
     "sage_varlen": "prefix",
 }
-HEADS_FIRST = {"native"}  # run on [B, heads, L, D] as the attention layers hold it (attend_heads_first)
+HEADS_FIRST = {"native", "flex"}  # run on [B, heads, L, D] as the attention layers hold it (attend_heads_first)
 CUDA_ONLY = {"flash", "flash_varlen", "sage", "sage_varlen"}
 HALF_PRECISION_ONLY = {"flash", "flash_varlen", "sage", "sage_varlen"}
 
@@ -126,8 +130,19 @@ def attend(q, k, v, mask, backend: str = DEFAULT_ATTENTION_BACKEND, style: str =
     return torch.cat(rows)
 
 
-def attend_heads_first(q, k, v, mask) -> torch.Tensor:
-    """`native` attention of queries q [B, heads, Lq, D] to keys/values [B, heads, Lk, D] under an additive mask
-    [B, 1, Lq or 1, Lk]: torch's SDPA as diffusers' native backend calls it, without the transposes to and from
-    the dispatch's [B, L, heads, D] around the call."""
+def attend_heads_first(q, k, v, mask, compiled: bool = False) -> torch.Tensor:
+    """`native` or `flex` attention of queries q [B, heads, Lq, D] to keys/values [B, heads, Lk, D], without the
+    transposes to and from the dispatch's [B, L, heads, D] around the call: torch's SDPA under an additive mask
+    [B, 1, Lq or 1, Lk] (as diffusers' native backend calls it), or flex attention under a BlockMask, its compiled
+    kernels when `compiled` (`compiled_flex_attention`)."""
+    if isinstance(mask, flex_attention.BlockMask):
+        kernel = compiled_flex_attention() if compiled else flex_attention.flex_attention
+        return kernel(q, k, v, block_mask=mask)
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@cache
+def compiled_flex_attention():
+    """torch's flex_attention compiled once per process: fused kernels that skip a BlockMask's empty blocks (each new
+    shape compiles once; sizes then stay dynamic)."""
+    return torch.compile(flex_attention.flex_attention)

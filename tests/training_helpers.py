@@ -57,6 +57,7 @@ def tiny_overrides(checkpoint: Path, annotations: Path, output: Path, global_bat
         "model.frozen_dtype=float32", f"data.annotations=[{annotations}]", f"data.empty_text_fea={empty_text_fea or 'null'}",
         "data.fps=8", "data.buckets=[[64, 64]]", "data.clip_schedule=[{seconds: 2}]", "data.num_workers=0",
         f"train.global_batch_size={global_batch}", f"train.gradient_accumulation_steps={accumulation}",
+        "train.tokens_per_gpu=null",  # the accumulation given here, not derived from a published token budget
         "train.mixed_precision=no", f"train.output_dir={output}", "train.checkpoint_every=2", "train.log_every=1",
         "validation.every_steps=null",
     ]

@@ -19,6 +19,21 @@ from .weights import load_lora_weights, load_weights, save_lora_weights, save_we
 EMA_SUFFIX = "_ema"
 
 
+def velocity_losses(model, columns, texts, packed: bool) -> torch.Tensor:
+    """Per-column MSE of the predicted velocity of the current unit (Eq. 11); the columns run as one packed sequence
+    (`packed`) or one by one."""
+    velocities = model(
+        sample=[c.clips for c in columns],
+        encoder_hidden_states=torch.cat([t.hidden_states for t in texts]),
+        encoder_attention_mask=torch.cat([t.attention_mask for t in texts]),
+        pooled_projections=torch.cat([t.pooled for t in texts]),
+        timestep=torch.tensor([c.timestep for c in columns], device=texts[0].hidden_states.device),
+        return_dict=False,
+        packed=packed,
+    )[0]
+    return torch.stack([F.mse_loss(v.float(), c.target) for v, c in zip(velocities, columns)])
+
+
 class FlowTask:
     """Trains the transformer the app loads on the objective of `training.objective`."""
 
@@ -78,16 +93,7 @@ class FlowTask:
     def losses(self, model, samples: list, step: int) -> dict:
         """Per-sample MSE on the current unit (Eq. 11), with each sample's stage and token count."""
         columns, texts = zip(*(self.column(sample, step) for sample in samples))
-        velocities = model(
-            sample=[c.clips for c in columns],
-            encoder_hidden_states=torch.cat([t.hidden_states for t in texts]),
-            encoder_attention_mask=torch.cat([t.attention_mask for t in texts]),
-            pooled_projections=torch.cat([t.pooled for t in texts]),
-            timestep=torch.tensor([c.timestep for c in columns], device=self.device),
-            return_dict=False,
-            packed=self.packed,
-        )[0]
-        losses = torch.stack([F.mse_loss(v.float(), c.target) for v, c in zip(velocities, columns)])
+        losses = velocity_losses(model, columns, texts, self.packed)
         return {"loss": losses, "stage": [c.stage for c in columns], "tokens": sum(c.tokens for c in columns)}
 
     # --- checkpoint files ----------------------------------------------------------------------

@@ -1,17 +1,25 @@
-"""`python -m training.convert_sd3 --from SD3_FOLDER --vae ROOT --out OUT [--variant 384p]`: SD3-Medium's MM-DiT
-(a diffusers folder with `transformer/`, as `stabilityai/stable-diffusion-3-medium-diffusers` is laid out) as the
-pyramid MMDiT of an official-layout checkpoint, where stage 1 of the paper starts (Sec. 4.1).
+"""`python -m training.convert_sd3 --from SD3_FOLDER --vae ROOT --out OUT [--variant 384p] [--qk-norm unit|identity]`:
+SD3-Medium's MM-DiT (a diffusers folder with `transformer/`, as `stabilityai/stable-diffusion-3-medium-diffusers`
+is laid out) as the pyramid MMDiT of an official-layout checkpoint, where stage 1 of the paper starts (Sec. 4.1).
 
 Every transformer weight is mapped (diffusers names the text stream's q/k norms `norm_added_q/k`, the official
 layout `norm_add_q/k`) and none may be left over. SD3-Medium has no q/k norms (`qk_norm: null`) where the pyramid
-MMDiT always has RMS norms: those weights start at 1 and are listed as new. What the pyramid MMDiT adds has no
-weights: temporal RoPE over the frames and the causal mask between them. The text encoders and tokenizers are
-copied from the SD3 folder as the paper reuses them; SD3's VAE is an image VAE, so the causal video VAE (and
+MMDiT always has per-head RMS norms of q and k; those norms are new, and the tool says so and how they start:
+
+- `--qk-norm unit` (default, the pyramid MMDiT as published): weights 1, eps 1e-5. Every q and k head is scaled to
+  unit RMS, so the converted model no longer computes SD3-Medium's function (relative output change 0.51 on a tiny
+  SD3 with weight std 0.3: benchmarks/RESULTS.md); stage 1 then learns the norms from there.
+- `--qk-norm identity`: eps 1e8 and weights 1e4 (`qk_norm_eps` in the config), so each norm multiplies its head
+  by (1 + mean(q²) / 1e8)^(-1/2), 1 to within ~1e-6 at the scales SD3's q and k have: the converted model starts
+  from SD3-Medium's function (change 7e-7 on the same tiny SD3), and q/k stay effectively unnormalised in training,
+  as SD3-Medium was trained.
+
+What the pyramid MMDiT adds has no weights: temporal RoPE over the frames and the causal mask between them. The
+text encoders and tokenizers are copied from the SD3 folder as the paper reuses them; SD3's VAE is an image VAE, so the causal video VAE (and
 latent statistics) come from `--vae`, a checkpoint root with `causal_video_vae/` (the published sd3 model's,
 or one trained with vae.yaml)."""
 import argparse
 import json
-import logging
 import shutil
 import sys
 from pathlib import Path
@@ -25,8 +33,10 @@ from .atomic import fresh_staging, publish
 from .tool import run_tool
 from .weights import save_weights
 
-logger = logging.getLogger(__name__)
 TEXT_FOLDERS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
+QK_NORMS = ("norm_q", "norm_k", "norm_add_q", "norm_add_k")
+IDENTITY_EPS = 1e8  # >> mean(q²) of any head, yet sqrt(eps) = 1e4 is a weight float16 holds
+QK_INITS = {"unit": (1e-5, 1.0), "identity": (IDENTITY_EPS, IDENTITY_EPS**0.5)}  # (eps, weight) of the new norms
 RENAMED = {".attn.norm_added_q.": ".attn.norm_add_q.", ".attn.norm_added_k.": ".attn.norm_add_k."}
 SHARED_CONFIG = ("sample_size", "patch_size", "in_channels", "num_layers", "attention_head_dim", "num_attention_heads",
                  "caption_projection_dim", "pooled_projection_dim", "pos_embed_max_size", "joint_attention_dim")
@@ -38,6 +48,9 @@ def parse_args(argv=None):
     parser.add_argument("--vae", required=True, help="checkpoint root whose causal_video_vae/ the model will use")
     parser.add_argument("--out", required=True, help="official-layout folder to write")
     parser.add_argument("--variant", default="384p", help="the diffusion_transformer_<variant> folder name")
+    parser.add_argument("--qk-norm", default="unit", choices=sorted(QK_INITS),
+                        help="how the q/k RMS norms SD3-Medium lacks start: unit (the published pyramid MMDiT; outputs "
+                             "change) or identity (outputs stay SD3's)")
     return parser.parse_args(argv)
 
 
@@ -57,7 +70,7 @@ def read_transformer(folder: Path) -> tuple:
     return json.loads(config_path.read_text()), state
 
 
-def pyramid_config(sd3: dict) -> dict:
+def pyramid_config(sd3: dict, qk_norm: str = "unit") -> dict:
     """The pyramid MMDiT config of an SD3 transformer config; refuses what has no counterpart."""
     if sd3.get("dual_attention_layers"):
         raise ValueError("this SD3 transformer has dual-attention layers (SD3.5); only SD3-Medium's MM-DiT maps onto "
@@ -67,7 +80,8 @@ def pyramid_config(sd3: dict) -> dict:
                          "velocity of the latent's own channels")
     if sd3.get("qk_norm") not in (None, "rms_norm"):
         raise ValueError(f"qk_norm={sd3['qk_norm']!r}: only none or rms_norm map onto the pyramid MMDiT's RMS norms")
-    return {key: sd3[key] for key in SHARED_CONFIG if key in sd3}
+    config = {key: sd3[key] for key in SHARED_CONFIG if key in sd3}
+    return config | ({"qk_norm_eps": QK_INITS[qk_norm][0]} if sd3.get("qk_norm") is None else {})
 
 
 def mapped_state(sd3_state: dict, model) -> tuple:
@@ -101,11 +115,12 @@ def convert(args) -> str:
                                 "video VAE the model will train on")
     sd3_config, sd3_state = read_transformer(source / "transformer")
     with torch.device("meta"):
-        model = PyramidMMDiT.from_config(pyramid_config(sd3_config))
+        model = PyramidMMDiT.from_config(pyramid_config(sd3_config, args.qk_norm))
     model = model.to_empty(device="cpu")
-    for name, module in model.named_modules():  # the q/k RMS norms SD3-Medium lacks start as the identity scale
-        if name.endswith(("norm_q", "norm_k", "norm_add_q", "norm_add_k")) and getattr(module, "weight", None) is not None:
-            torch.nn.init.ones_(module.weight)
+    weight = QK_INITS[args.qk_norm][1]
+    for name, module in model.named_modules():  # what the new q/k norms start as (only those SD3 lacks are kept)
+        if name.endswith(QK_NORMS) and getattr(module, "weight", None) is not None:
+            torch.nn.init.constant_(module.weight, weight)
     state, new = mapped_state(sd3_state, model)
     staging = fresh_staging(out)
     save_weights(staging / transformer_folder(args.variant), model, state)
@@ -116,9 +131,18 @@ def convert(args) -> str:
     if (vae_root / SETTINGS_FILE).is_file():
         shutil.copy2(vae_root / SETTINGS_FILE, staging / SETTINGS_FILE)
     publish(out)
-    if new:
-        logger.info("new weights (SD3 has no q/k norms), set to 1: %d, e.g. %s", len(new), new[:2])
-    return f"wrote {out} ({len(state) - len(new)} SD3 weights mapped, {len(new)} new q/k norm weights at 1)"
+    return f"wrote {out} ({len(state) - len(new)} SD3 weights mapped{new_norms(new, args.qk_norm)})"
+
+
+def new_norms(new: list, qk_norm: str) -> str:
+    """What the summary says of the q/k norms the pyramid MMDiT has and the SD3 transformer lacked."""
+    if not new:
+        return ""
+    if qk_norm == "unit":
+        return (f"; {len(new)} new q/k norm weights at 1: SD3-Medium has no q/k norms, so the converted model's "
+                "outputs differ from SD3's; --qk-norm identity keeps them")
+    return (f"; {len(new)} new q/k norm weights at {QK_INITS[qk_norm][1]:g} with eps {QK_INITS[qk_norm][0]:g}: "
+            "near-identity norms, the converted model computes SD3's function")
 
 
 def main(argv=None) -> int:

@@ -83,6 +83,7 @@ class PyramidMMDiT(PyramidTransformer):
         add_temp_pos_embed: bool = True,
         interp_condition_pos: bool = True,
         gradient_checkpointing_ratio: float = 0.6,
+        qk_norm_eps: float = QK_NORM_EPS,  # a converted SD3-Medium may hold near-identity norms (training.convert_sd3)
     ):
         super().__init__()
         dim = num_attention_heads * attention_head_dim
@@ -92,7 +93,7 @@ class PyramidMMDiT(PyramidTransformer):
         self.context_embedder = nn.Linear(joint_attention_dim, caption_projection_dim)
         self.transformer_blocks = nn.ModuleList(
             DualStreamBlock(
-                dim, num_attention_heads, QK_NORM_EPS, "add", text_norms_last=False,
+                dim, num_attention_heads, qk_norm_eps, "add", text_norms_last=False,
                 context_pre_only=index == num_layers - 1,  # the last block only conditions the image
             )
             for index in range(num_layers)

@@ -1,6 +1,7 @@
 """Training on 10 M annotation lines costs what it costs on 1,000: start-up, per-step sampling and memory.
 
     python -m benchmarks.data_scale [--entries 10000000] [--steps 12] [--work outputs/data_scale] [--data-only]
+    python -m benchmarks.data_scale --caption-bytes
 
 The bundled model's flow recipe (`tiny_shapes_flow.yaml`, global batch 8, one process, precomputed features)
 runs on two jsonl files whose lines point at the same few real latent and text-feature files (eight world clips
@@ -11,6 +12,11 @@ seconds per step spent choosing the batch (`BatchPlanner.bins`) and the process'
 as wall seconds and as this process's CPU seconds: on a shared, busy machine the CPU seconds are the fairer
 comparison. `--data-only` runs the data path alone (index, batch planning, loading the batch's latents and text
 features) without the model: what differs between the two sets, without the training step's compute noise.
+
+`--caption-bytes` reports the stored bytes of one caption's text features before (float32, T5 states padded to the
+encoder's length) and after (`training.data.stored_text_features`: bfloat16, trimmed after the last valid token),
+measured on the bundled model's prompts, and the same for the published miniFLUX's sizes (T5-XXL 4096 x 128, CLIP
+pooled 768) at those prompts' T5 token counts.
 """
 import argparse
 import json
@@ -123,6 +129,36 @@ def data_child(annotations: str, steps: int) -> dict:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+PUBLISHED_T5 = (128, 4096)  # the published miniFLUX's T5 states per caption
+PUBLISHED_POOLED = 768
+
+
+def caption_bytes() -> dict:
+    """Bytes per caption before and after, on the bundled model (measured) and at the published sizes."""
+    import torch
+
+    from model_core.text import load_prompt_encoder
+    from pyramid_app.options.settings import BUNDLED_MODEL
+    from training.data import stored_text_features
+    from training.shapes_world import PROMPTS
+
+    encoder = load_prompt_encoder(BUNDLED_MODEL, device=torch.device("cpu"))
+    size = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)  # noqa: E731
+    before, after, tokens = [], [], []
+    for prompt in PROMPTS:
+        embeddings = encoder.encode(prompt, device=torch.device("cpu"))
+        before.append(size((embeddings.hidden_states.float(), embeddings.attention_mask, embeddings.pooled.float())))
+        after.append(size(stored_text_features(embeddings).values()))
+        tokens.append(int(embeddings.attention_mask.sum()))
+    length, width = PUBLISHED_T5
+    published_before = length * width * 4 + length * 8 + PUBLISHED_POOLED * 4
+    published_after = [n * width * 2 + n * 8 + PUBLISHED_POOLED * 2 + 8 for n in tokens]
+    return {"prompts": len(PROMPTS), "mean_t5_tokens": statistics.mean(tokens),
+            "bundled_bytes_before": statistics.mean(before), "bundled_bytes_after": statistics.mean(after),
+            "published_bytes_before": published_before, "published_bytes_after": statistics.mean(published_after),
+            "published_bytes_after_at_77_tokens": 77 * width * 2 + 77 * 8 + PUBLISHED_POOLED * 2 + 8}
+
+
 def run_child(annotations: Path, empty: Path, steps: int, output: Path, data_only: bool) -> dict:
     command = [sys.executable, "-m", "benchmarks.data_scale", "--data-child" if data_only else "--child",
                str(annotations), str(empty), str(steps), str(output)]
@@ -136,12 +172,17 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default="outputs/data_scale")
     parser.add_argument("--data-only", action="store_true",
                         help="time the data path alone (index, batch planning, sample loading), without the model")
+    parser.add_argument("--caption-bytes", action="store_true",
+                        help="bytes per caption of the stored text features before and after bf16 + trimming")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--data-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         annotations, empty, steps, output = args.child
         print(json.dumps(child(annotations, empty, int(steps), output)))
+        return 0
+    if args.caption_bytes:
+        print(json.dumps(caption_bytes()))
         return 0
     if args.data_child:
         print(json.dumps(data_child(args.data_child[0], int(args.data_child[2]))))

@@ -6,6 +6,7 @@ choices come from its (seed, step, slot) generator, and the batch is cut into wo
 bins of similar token counts (length-balanced packing, Patch n' Pack; Sec. 3.4). Changing the number
 of ranks therefore changes who computes a sample, never what is computed.
 """
+import functools
 import heapq
 import math
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from model_core.temporal import frames_for_duration, latent_frames
 
 from .annotation_index import entry_meta
 from .data import SampleRequest
-from .objective import draw_choices, sample_generator, sample_tokens
+from .objective import SampleChoices, draw_choices, sample_generator, sample_tokens, unit_index
 from .permutation import Permutation
 
 VAE_SCALE = 8
@@ -182,8 +183,9 @@ class BatchPlanner:
 
     def tokens(self, side, num_frames: int, meta, choices) -> int:
         """Image tokens of a column: its sample's bucket side, pixel frames, index meta row and choices."""
-        return sample_tokens(int(side[0]) // VAE_SCALE, int(side[1]) // VAE_SCALE, self.latent_frames(num_frames, meta),
-                             choices, self.objective.get("stages", 1))
+        num_latent = self.latent_frames(num_frames, meta)
+        return column_tokens(int(side[0]) // VAE_SCALE, int(side[1]) // VAE_SCALE, num_latent, choices.stage,
+                             unit_index(choices, num_latent), self.objective.get("stages", 1))
 
     def expected_costs(self, step: int, meta: np.ndarray, sides: np.ndarray) -> list:
         """Full-resolution latent tokens of each sample's clip at the middle of its length range: what a sample costs
@@ -198,7 +200,8 @@ class BatchPlanner:
         then only this rank's samples draw their choices and are split into its micro-steps by their tokens."""
         entries = self.entries(step)
         meta = entry_meta(self.annotations, entries)
-        sides = bucket_sides(meta, self.data["buckets"])
+        sides = bucket_sides(meta, self.data["buckets"]).tolist()
+        meta = meta.tolist()  # Python ints: per-sample arithmetic on numpy scalars costs more than the planning
         mine = balanced_bins(self.expected_costs(step, meta, sides), world)[rank]
         requests, costs = [], []
         for slot in mine:
@@ -210,6 +213,13 @@ class BatchPlanner:
     def bins(self, step: int) -> list:
         """The num_bins bins of `step` as one process plans them."""
         return self.rank_bins(step, 0, 1)
+
+
+@functools.lru_cache(maxsize=4096)
+def column_tokens(latent_height: int, latent_width: int, num_latent: int, stage: int, unit: int, stages: int) -> int:
+    """`sample_tokens` of a column, which depends on its size, frames, stage and unit alone (so it is remembered)."""
+    choices = SampleChoices(stage, (unit + 0.5) / num_latent, 0.0, 0.0, False, 0.0, 0.0)  # unit_index gives `unit`
+    return sample_tokens(latent_height, latent_width, num_latent, choices, stages)
 
 
 def bucket_sides(meta: np.ndarray, buckets) -> np.ndarray:

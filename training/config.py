@@ -307,7 +307,8 @@ def check_section(values, schema, prefix: str) -> None:
         check_value(value, type_hints(schema)[key], prefix + key)
     missing = [name for name, f in fields.items() if name not in values and is_required(f)]
     if missing:
-        raise ValueError(f"the recipe lacks {prefix}{missing[0]}; give it a value ({describe(type_hints(schema)[missing[0]])})")
+        needed = describe(type_hints(schema)[missing[0]])
+        raise ValueError(f"the recipe lacks {prefix}{missing[0]}; give it a value ({needed})")
 
 
 def is_required(spec) -> bool:
@@ -350,7 +351,10 @@ def matches(value, hint, key: str) -> bool:
     if origin is Literal:
         return any(value is a or (type(value) is type(a) and value == a) for a in args)
     if origin is list:
-        return isinstance(value, list) and all(check_value(v, args[0], f"{key}[{i}]") is None for i, v in enumerate(value))
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                check_value(item, args[0], f"{key}[{i}]")
+        return isinstance(value, list)
     if hint is dict:
         return isinstance(value, dict)
     if hint is float:

@@ -15,9 +15,9 @@ MMDiT always has per-head RMS norms of q and k; those norms are new, and the too
   as SD3-Medium was trained.
 
 What the pyramid MMDiT adds has no weights: temporal RoPE over the frames and the causal mask between them. The
-text encoders and tokenizers are copied from the SD3 folder as the paper reuses them; SD3's VAE is an image VAE, so the causal video VAE (and
-latent statistics) come from `--vae`, a checkpoint root with `causal_video_vae/` (the published sd3 model's,
-or one trained with vae.yaml)."""
+text encoders and tokenizers are copied from the SD3 folder as the paper reuses them; SD3's VAE is an image VAE,
+so the causal video VAE (and latent statistics) come from `--vae`, a checkpoint root with `causal_video_vae/` (the
+published sd3 model's, or one trained with vae.yaml)."""
 import argparse
 import json
 import shutil

@@ -39,6 +39,7 @@ def test_packed_losses_and_gradients_equal_one_forward_per_sample(family, tmp_pa
     unpacked, grads = losses_and_gradients(trainer, samples, packed=False)
     frames = {sample.request.num_frames for sample in samples}
     assert len(samples) == 6 and 1 in frames and len(frames) > 1  # images and clips
+    assert not trainer.task.text_of(samples[0], drop=False).attention_mask.bool().all()  # padding, left out when packed
     assert len(set(packed["stage"])) > 1 and packed["stage"] == unpacked["stage"]  # columns of different lengths
     torch.testing.assert_close(packed["loss"], unpacked["loss"], rtol=0, atol=1e-5)
     assert packed["loss"].min() > 0.01  # real losses, not zeros

@@ -56,15 +56,23 @@ class PackedLayout:
 
     context = None
 
-    def __init__(self, layouts: list, text_length: int, image_counts: list):
+    def __init__(self, layouts: list, text_counts: list, image_counts: list):
         self.layouts = layouts  # each sample's AttentionLayout (causal groups, key validity, planned calls)
-        num_text = text_length * len(layouts)
-        image_starts = [num_text + sum(image_counts[:i]) for i in range(len(image_counts))]
-        self.text_spans = [(i * text_length, text_length) for i in range(len(layouts))]  # (start, length)
-        self.image_spans = list(zip(image_starts, image_counts))
+        self.text_spans = list(zip(running_starts(text_counts), text_counts))  # (start, length) of each sample's text
+        self.image_spans = list(zip(running_starts(image_counts, sum(text_counts)), image_counts))
         ropes = [layout.rope for layout in layouts]
         self.rope = None if ropes[0] is None else tuple(  # the samples' RoPE tables in packed order
-            torch.cat([r[k][:text_length] for r in ropes] + [r[k][text_length:] for r in ropes]) for k in range(len(ropes[0])))
+            torch.cat([r[k][:t] for r, t in zip(ropes, text_counts)] + [r[k][t:] for r, t in zip(ropes, text_counts)])
+            for k in range(len(ropes[0])))
+
+
+def running_starts(counts: list, offset: int = 0) -> list:
+    """Where each of consecutive runs of `counts` items starts, the first at `offset`."""
+    starts = []
+    for count in counts:
+        starts.append(offset)
+        offset += count
+    return starts
 
 
 def packed_attention(q, k, v, layout: PackedLayout, backend) -> torch.Tensor:
@@ -345,7 +353,6 @@ class JointAttention(SelfAttention):
         """Returns (image output, text output); the text output is None for a context-pre-only block."""
         heads = [torch.cat(pair, dim=2) for pair in zip(self.project_text(text), self.project(image))]
         out = self.processor(*heads, layout)
-        # copied out contiguous: a Linear on a strided slice of a batch runs as expand + bmm (8 ops instead of 1 + 4)
-        text_out, image_out = out[:, : text.shape[1]], out[:, text.shape[1] :].contiguous()
+        text_out, image_out = out[:, : text.shape[1]], out[:, text.shape[1] :]
         image_out = self.to_out[1](self.to_out[0](image_out))
-        return image_out, None if self.to_add_out is None else self.to_add_out(text_out.contiguous())
+        return image_out, None if self.to_add_out is None else self.to_add_out(text_out)

@@ -239,20 +239,23 @@ class PyramidTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
         tokens = self.proj_out(self.norm_out(image[:, -current.tokens :], temb))
         return unpatchify(tokens, *current)
 
-    def packed_velocities(self, columns, column_grids, layouts, text, temb) -> list:
-        """Velocities of every column's current unit (batch 1 each) from one packed sequence: [all text ; all image
-        tokens] runs through each block once, attention stays within a column (attention.PackedLayout, training)."""
+    def packed_velocities(self, columns, column_grids, text_valid, text, temb) -> list:
+        """Velocities of every column's current unit (batch 1 each) from one packed sequence: [every column's valid
+        text ; every column's image tokens] runs through each block once, attention stays within a column and padded
+        text is left out (varlen attention: attention.PackedLayout; training)."""
         if any(clips[0].shape[0] != 1 for clips in columns):
             raise ValueError("packed=True needs columns of batch 1 (one sample each); pass a batch as columns.")
         image = torch.cat([self.embed_clips([clip.to(text.dtype) for clip in clips], grids)
                            for clips, grids in zip(columns, column_grids)], dim=1)
+        text_counts = text_valid.sum(1).tolist()
         image_counts = [sum(grid.tokens for grid in grids) for grids in column_grids]
-        layout = PackedLayout(layouts, text.shape[1], image_counts)
-        per_token = {"text": membership([text.shape[1]] * len(columns), text.device),
-                     "image": membership(image_counts, text.device)}
+        layouts = [self.attention_layout(text_valid.new_ones(1, count), grids)
+                   for count, grids in zip(text_counts, column_grids)]
+        layout = PackedLayout(layouts, text_counts, image_counts)
+        per_token = {"text": membership(text_counts, text.device), "image": membership(image_counts, text.device)}
         per_token["joint"] = torch.cat([per_token["text"], per_token["image"]])
         conditioning = {stream: TokenConditioning(temb, one_hot) for stream, one_hot in per_token.items()}
-        image = self.run_blocks(image, text.reshape(1, -1, text.shape[-1]), conditioning, layout)
+        image = self.run_blocks(image, text[text_valid][None], conditioning, layout)
         currents = [grids[-1] for grids in column_grids]
         ends = [sum(image_counts[: i + 1]) for i in range(len(image_counts))]
         current = torch.cat([image[:, end - grid.tokens : end] for end, grid in zip(ends, currents)], dim=1)
@@ -285,11 +288,12 @@ class PyramidTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
         temb = self.time_text_embed(timestep, pooled_projections.to(dtype)).to(dtype)
         text = self.context_embedder(encoder_hidden_states.to(dtype))
         column_grids = [[clip_grid(clip) for clip in clips] for clips in columns]
+        if packed:
+            text_valid = self.text_validity(encoder_attention_mask.to(text.device))
+            velocities = self.packed_velocities(columns, column_grids, text_valid, text, temb)
+            return (velocities,) if not return_dict else Transformer2DModelOutput(sample=velocities)
         layouts = self.column_layouts(encoder_attention_mask, column_grids, text.device)
         num_columns = len(columns)
-        if packed:
-            velocities = self.packed_velocities(columns, column_grids, layouts, text, temb)
-            return (velocities,) if not return_dict else Transformer2DModelOutput(sample=velocities)
         velocities = [
             self.column_velocity(
                 [clip.to(dtype) for clip in clips],

@@ -3,8 +3,7 @@
 Query group g (text + the oldest frame, then one frame each) may see keys [0, group_ends[g]). One
 call per group needs no mask beyond the text padding, but a late unit has one group per history
 frame (up to 31), and on a GPU each call's fixed host cost (slicing, dispatch, launch) outweighs the
-small groups' arithmetic: the published 384p model spent ~170 ms per guided step this way at 5 % of
-the H200's matmul rate. So consecutive groups are merged into one call whose [B, 1, Lq, Lk] mask
+small groups' arithmetic (the H200 figures: benchmarks/RESULTS.md, "Attention calls per step"). So consecutive groups are merged into one call whose [B, 1, Lq, Lk] mask
 keeps the causality inside it, where the masked-out work costs less than the calls saved.
 
 The split minimises  sum over calls of (Lq x Lk + call overhead)  by dynamic programming over the
@@ -25,11 +24,11 @@ import torch
 
 from .attention_backends import additive, key_mask
 
-# Multiply-adds one extra attention call is worth on an accelerator, whose kernels the host queues: a call's ~60
-# dispatched ops at the ~6 us per op the H200 baseline spent (27 k ops in its 170 ms guided step) is ~0.4 ms, at
-# ~1e14 attention multiply-adds per second.
+# Multiply-adds one extra attention call is worth on an accelerator, whose kernels the host queues: a call's
+# dispatched ops at the per-op host cost of the H200 baseline (benchmarks/RESULTS.md, "Attention calls per step"),
+# at ~1e14 attention multiply-adds per second.
 ACCELERATOR_CALL_OVERHEAD_MACS = 4e10
-# Device types that differ. The CPU: 0, one call per group, because merging saved no time on the 2-core CPU
+# Device types that differ. The CPU: 0, one call per group, because merging saved no time on the CPU
 # (benchmarks/attention_calls.py) and the per-group calls give today's outputs bit for bit there.
 CALL_OVERHEAD_MACS = {"cpu": 0.0}
 MERGED_MASK_ELEMENTS = 2**25  # B x Lq x Lk of a merged call's mask (64 MiB as bfloat16)

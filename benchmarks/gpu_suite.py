@@ -38,6 +38,7 @@ from benchmarks.random_models import (  # noqa: E402
     Clip, TimeBudgetReached, build_transformer, build_vae, model_configs, random_prompt, synchronize, text_to_video,
 )
 from model_core.memory import apply_fp8  # noqa: E402
+from model_core.speed import compile_blocks, fuse_projections  # noqa: E402
 
 GIB = 2**30
 SIZES = {"384p": (384, 640), "768p": (768, 1280)}
@@ -144,7 +145,7 @@ def apply_row_options(row: Row, transformer, vae, device: torch.device, compile_
             raise Unavailable("quantize=fp8 is timed on a CUDA GPU only")
         settings["fp8"] = apply_fp8(transformer, transformer.dtype, device, row.offload)
     if row.compile:
-        transformer.compile_repeated_blocks(dynamic=True, backend=compile_backend)
+        compile_blocks(transformer, compile_backend)  # the blocks, and flex attention's calls
         settings["compile"] = f"repeated blocks, dynamic shapes, {compile_backend}"
     if row.offload != "none":
         if device.type != "cuda":
@@ -244,6 +245,7 @@ class Suite:
         transformer, vae, planned = None, None, dict(attention_plan.CALL_OVERHEAD_MACS)
         try:
             transformer = build_transformer(self.transformer_config, self.device, self.dtype)
+            fuse_projections(transformer)  # q/k/v fused, as pipelines load it
             vae = build_vae(self.vae_config, self.device, self.dtype)
             settings = apply_row_options(row, transformer, vae, self.device, "eager" if self.smoke else "inductor")
             clip = self.clip(row.size)

@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 from benchmarks.counters import StepCounter
+from model_core.speed import fuse_projections
 from model_core.transformers.attention import fuse_qkv_projections
 
 from test_lora import PipelineLike, base_weights, run, tiny_transformer, trained_adapter
@@ -92,3 +93,15 @@ def test_a_lora_loads_on_a_fused_model_and_unloading_fuses_again(tmp_path):
     holder.unload_lora_weights()
     assert projection_layers(model) == {"to_qkv", "to_added_qkv"}
     assert torch.equal(run(model, clips, text), base)
+
+
+def test_pipelines_fuse_unless_hooks_manage_the_layers():
+    """speed.fuse_projections (what apply_speed_options runs): a plain transformer is fused; one whose layers
+    layerwise casting (quantize=fp8) or offloading hooks manage keeps the layers those hooks were set up with."""
+    plain = tiny_transformer()
+    fuse_projections(plain)
+    assert projection_layers(plain) == {"to_qkv", "to_added_qkv"}
+    hooked = tiny_transformer()
+    hooked.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    fuse_projections(hooked)
+    assert projection_layers(hooked) == set(PROJECTIONS)

@@ -36,6 +36,14 @@ class GenerationPlan:
     tensor_inputs: tuple  # what `callback_on_step_end` is handed
     history_frames: int  # pixel frames of the given image or clip encoded as history (0 without one)
     new_units: int  # latent units to generate
+    unit_guidance: tuple  # the guidance scale of every unit, the given image's or clip's included
+    unit_guided: tuple  # whether each unit runs classifier-free guidance (two branches)
+    seed: Optional[int]  # what the output records (None when the caller's generators were given)
+    output_type: str
+
+    @property
+    def history_units(self) -> int:
+        return len(self.unit_guidance) - self.new_units
 
     def settings(self) -> dict:
         """The plan's part of an output's settings record (what Reuse reads back)."""
@@ -43,13 +51,14 @@ class GenerationPlan:
                     "first_frame_steps": list(self.first_frame_steps), "video_steps": list(self.video_steps),
                     "guidance_scale": self.guidance_scale, "video_guidance_scale": self.video_guidance_scale,
                     "video_guidance_decay": self.video_guidance_decay, "cache": self.cache,
-                    "cache_threshold": self.cache_threshold}
+                    "cache_threshold": self.cache_threshold, "seed": self.seed}
         if self.storyboard is not None:
             settings["storyboard"] = self.storyboard.to_settings()
         return settings
 
 
 def plan_generation(pipe, mode, prompt, condition_frames, prompt_embeds=None, negative_prompt_embeds=None, *,
+                    seed=None, output_type="np",
                     num_frames=None, duration=None, height=None, width=None, first_frame_steps=None, video_steps=None,
                     guidance_scale=None, video_guidance_scale=None, video_guidance_decay=False, cache=None,
                     cache_threshold=None, callback_on_step_end_tensor_inputs=("latents",),
@@ -91,9 +100,14 @@ def plan_generation(pipe, mode, prompt, condition_frames, prompt_embeds=None, ne
     if duration is not None:
         num_frames = frames_for_duration(duration, spec.fps, spec.frames_per_latent, new_frames_only=mode == "extend_video")
     history_frames, new_units = plan_units(pipe, mode, num_frames, condition_frames)
+    history_units = latent_frames(history_frames, spec.frames_per_latent) if history_frames else 0
+    scales = unit_guidance(sampling.guidance_scale, sampling.video_guidance_scale, video_guidance_decay,
+                           history_units + new_units)
+    guided = tuple(sampling.guidance_scale > 0 if pipe.official_defaults else scale > 1 for scale in scales)
     return GenerationPlan(mode, prompt, storyboard, height, width, first_frame_steps, video_steps,
                           sampling.guidance_scale, sampling.video_guidance_scale, video_guidance_decay, cache,
-                          cache_threshold, tensor_inputs, history_frames, new_units)
+                          cache_threshold, tensor_inputs, history_frames, new_units, tuple(scales), guided, seed,
+                          output_type)
 
 
 def storyboard_of(prompt, storyboard) -> Optional[Storyboard]:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .generation_plan import GenerationPlan, step_count, unit_guidance
+from .generation_plan import GenerationPlan, step_count
 from .media import to_frames, to_video_tensor
 from .parallel import SINGLE_PROCESS
 from .sampling import Progress, sample_video
@@ -29,30 +29,28 @@ class GeneratedVideo(NamedTuple):
     settings: dict
 
 
-def run_plan(pipe, plan: GenerationPlan, condition_frames, *, generator, seed, decode: bool, negative_prompt=None,
+def run_plan(pipe, plan: GenerationPlan, condition_frames, *, generator, negative_prompt=None,
              prompt_embeds: Optional[PromptEmbeddings] = None, negative_prompt_embeds: Optional[PromptEmbeddings] = None,
              callback_on_step_end: Optional[Callable] = None, stream_to=None) -> GeneratedVideo:
-    """One video of `plan` with `generator`; uint8 frames unless `decode` is False or they were streamed."""
+    """One video of `plan` with `generator`; uint8 frames unless the plan asks for latents or they were streamed."""
     device = pipe._execution_device
     condition = history = None
     if condition_frames is not None:  # resized once: encoded as history, and spliced back for extensions
         condition = to_video_tensor(condition_frames, plan.height, plan.width, device=device)
         history = pipe.encode_video(condition[:, :, -plan.history_frames:])
-    total_units = (history.shape[2] if history is not None else 0) + plan.new_units
-    scales = unit_guidance(plan.guidance_scale, plan.video_guidance_scale, plan.video_guidance_decay, total_units)
-    guided = [plan.guidance_scale > 0 if pipe.official_defaults else s > 1 for s in scales]
+    scales, guided = plan.unit_guidance, plan.unit_guided
     text, negative = prompt_pair(pipe, plan.prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, any(guided),
                                  device)
-    texts = texts_of_units(pipe, plan, text, total_units, device)
+    texts = texts_of_units(pipe, plan, text, len(scales), device)
     decode_unit = None if stream_to is None else stream_start(pipe, plan, stream_to, condition, history)
     velocity = lambda unit: unit_velocity(pipe, texts[unit], negative if guided[unit] else None, scales[unit])  # noqa: E731
     latents, interrupted = run_units(pipe, plan, velocity, history, generator, device, decode_unit, callback_on_step_end,
                                      {"prompt_embeds": text, "negative_prompt_embeds": negative})
-    frames = pipe.decode_latents(latents) if decode and stream_to is None else None
+    frames = pipe.decode_latents(latents) if plan.output_type != "latent" and stream_to is None else None
     if plan.mode == "extend_video" and frames is not None:
         frames = np.concatenate([to_frames(condition), frames[plan.history_frames:]])
     written = int(frames.shape[0]) if frames is not None else decode_unit.frames_written if decode_unit else None
-    settings = settings_record(pipe, plan, negative_prompt, seed, written, interrupted)
+    settings = settings_record(pipe, plan, negative_prompt, written, interrupted)
     if prompt_embeds is not None:
         settings["prompt_embeds"] = "given"
     return GeneratedVideo(frames, latents, interrupted, settings)
@@ -184,12 +182,12 @@ def run_units(pipe, plan: GenerationPlan, velocity_for_unit, history, generator,
     return latents, interrupted
 
 
-def settings_record(pipe, plan: GenerationPlan, negative_prompt, seed, num_frames, interrupted: bool) -> dict:
+def settings_record(pipe, plan: GenerationPlan, negative_prompt, num_frames, interrupted: bool) -> dict:
     """What an output records to be made again: the plan serialised, the model and how it ran."""
     return {
         **pipe.settings_base, "mode": plan.mode, "model": getattr(pipe, "source", None), "family": pipe.family.name,
         "variant": pipe.variant, **plan.settings(), "negative_prompt": pipe.effective_negative_prompt(negative_prompt),
-        "seed": seed, "num_frames": num_frames, "fps": pipe.spec.fps, "official_defaults": pipe.official_defaults,
+        "num_frames": num_frames, "fps": pipe.spec.fps, "official_defaults": pipe.official_defaults,
         "lora": pipe.lora_settings(), "interrupted": interrupted, "version": __version__,
         "parallel": SINGLE_PROCESS if pipe.parallel is None else pipe.parallel.settings(),
     }

@@ -199,9 +199,8 @@ class PyramidFlowPipeline(PyramidLoraLoaderMixin, PipelineLoading, DiffusionPipe
             if videos and self.stop_requested():
                 break
             plan = plan_generation(self, mode, video_prompt, condition_frames, run_options["prompt_embeds"],
-                                   run_options["negative_prompt_embeds"], **options)
-            videos.append(run_plan(self, plan, condition_frames, generator=video_generator, seed=seed,
-                                   decode=output_type != "latent", **run_options))
+                                   run_options["negative_prompt_embeds"], seed=seed, output_type=output_type, **options)
+            videos.append(run_plan(self, plan, condition_frames, generator=video_generator, **run_options))
         return self._output(videos, len(prompts), prompt if listed else None, num_videos_per_prompt, output_type,
                             return_dict)
 

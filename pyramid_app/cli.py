@@ -23,6 +23,7 @@ from pathlib import Path
 
 from model_core.option_names import canonical_backend_name, canonical_cache_name
 
+from .options import limits
 from .options.errors import USER_ERRORS
 from .options.settings import (
     ATTENTION_BACKENDS,
@@ -171,7 +172,6 @@ def _speed_options(generate) -> None:
 def plan(args) -> Request:
     """Check the command line and read the inputs; everything short of loading the model. The missing output
     folders that may be made are made last, once everything else has passed."""
-    from .options import limits
     from .jobs import ranks
 
     if args.image and args.extend:
@@ -219,7 +219,7 @@ def _check_against_model(args, mode: str, jobs) -> None:
     it lacks) is checked as it loads."""
     from model_core.temporal import frames_for_duration
 
-    from .options import catalog, limits
+    from .options import catalog
 
     named = args.model or catalog.BUNDLED
     if not (named == catalog.BUNDLED or named in catalog.HUB_MODELS or Path(named).expanduser().is_dir()):
@@ -254,7 +254,6 @@ def _read_condition(args):
         return None
     from model_core.media_files import probe_image, probe_video, read_image, read_video
 
-    from .options import limits
 
     if args.image:
         path = _input_file(args.image, "--image", "image file")
@@ -275,7 +274,6 @@ def _mode(args) -> str:
 
 
 def _jobs(args, mode: str) -> tuple:
-    from .options import limits
 
     if sum(given is not None for given in (args.prompt, args.prompts_file, args.storyboard)) > 1:
         raise UsageError("use one of --prompt, --prompts-file and --storyboard")
@@ -313,7 +311,6 @@ def _read_storyboard(args, mode: str):
 
 
 def _read_prompts(path: Path) -> list:
-    from .options import limits
 
     lines = _read_text(path, "--prompts-file", "prompts file").splitlines()
     prompts = [limits.prompt(line, f"the prompt on line {number} of {path}").strip()

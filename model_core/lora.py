@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .loading import HUB_ID
-from .transformers.attention import fuse_qkv_projections
+from .transformers.attention import unfuse_for_lora
 from .weight_files import MODEL_BUILD_LOCK
 
 PEFT_CONFIG = "adapter_config.json"
@@ -151,7 +151,7 @@ def load_lora_adapter(transformer, source, adapter_name: str = None) -> str:
     if name in getattr(transformer, "peft_config", {}):
         raise ValueError(f"a LoRA named {name!r} is already loaded; pass another adapter_name")
     weights, config = read_lora(source, device=next(transformer.parameters()).device)
-    unfuse_for_lora(transformer)
+    unfuse_for_lora(transformer)  # before the flags are read: the split layers are the ones peft wraps
     # peft freezes the base weights; restore their flags, since CPU kernels differ with them (unload == base exactly)
     base_flags = [(parameter, parameter.requires_grad) for parameter in transformer.parameters()]
     with MODEL_BUILD_LOCK:  # its new layers must not be built while another thread's load patches torch
@@ -169,20 +169,6 @@ def load_lora_adapter(transformer, source, adapter_name: str = None) -> str:
         module.lora_B[name].to(transformer.dtype)
     transformer.eval()
     return name
-
-
-def unfuse_for_lora(transformer) -> None:
-    """LoRAs target the official projections (to_q, to_k, to_v, add_*_proj): a transformer whose q/k/v projections
-    were fused (transformers.attention.fuse_qkv_projections) gets them back, and `refuse_after_lora` fuses again."""
-    if any(getattr(module, "fused_projections", False) for module in transformer.modules()):
-        transformer._fused_before_lora = True
-        fuse_qkv_projections(transformer, fuse=False)
-
-
-def refuse_after_lora(transformer) -> None:
-    """Undo `unfuse_for_lora` once no LoRA is left on the transformer."""
-    if transformer.__dict__.pop("_fused_before_lora", False):
-        fuse_qkv_projections(transformer)
 
 
 def find_loras(folder) -> dict:
@@ -277,7 +263,6 @@ class PyramidLoraLoaderMixin:
             self.transformer.unfuse_lora()
         if self._loras():
             self.transformer.unload_lora()
-        refuse_after_lora(self.transformer)
         self._lora_weights, self._active_loras, self._lora_sources = {}, {}, {}
 
     def save_lora_weights(self, save_directory, adapter_name: str = None, weight_name: str = DIFFUSERS_WEIGHTS) -> Path:

@@ -21,7 +21,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..step_cache import apply_step_cache, diffusers_cache_options, remove_step_cache
-from .attention import AttentionLayout, PackedLayout, causal_group_ends
+from .attention import AttentionLayout, PackedLayout, causal_group_ends, refuse_after_lora, unfuse_for_lora
 from .attention_backends import check_attention_backend
 from .blocks import TokenConditioning
 from .embeddings import PATCH, clip_positions, rotation_tables, unpatchify
@@ -158,6 +158,20 @@ class PyramidTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
         """Back to no backend of its own: diffusers' active one (native outside its `attention_backend(...)`)."""
         with backend_of_this_model_only():
             super().reset_attention_backend()
+
+    def load_lora_adapter(self, *args, **kwargs):
+        """diffusers' LoRA loading; q/k/v projections fused for speed are split back first (LoRAs target the official
+        to_q/to_k/to_v/add_*_proj) and fused again by `unload_lora` (attention.unfuse_for_lora)."""
+        unfuse_for_lora(self)
+        return super().load_lora_adapter(*args, **kwargs)
+
+    def add_adapter(self, adapter_config, adapter_name: str = "default") -> None:
+        unfuse_for_lora(self)
+        super().add_adapter(adapter_config, adapter_name)
+
+    def unload_lora(self) -> None:
+        super().unload_lora()
+        refuse_after_lora(self)
 
     def enable_cache(self, config) -> None:
         """diffusers' `enable_cache` on the pyramid step caches (model_core.step_cache): FirstBlockCacheConfig,

@@ -40,13 +40,15 @@ def schedule(text: str) -> tuple:
     return steps
 
 
-def settings_to_compare(schedules, cache: str) -> list:
-    """(model, call options) per setting; the first is the teacher at its defaults, the reference of every ratio."""
+def settings_to_compare(schedules, cache: str, defaults: dict) -> list:
+    """(model, call options) per setting; the first is the teacher at its defaults, the reference of every ratio.
+    `defaults` maps each model to its (first_frame_steps, video_steps): a schedule equal to them is not run twice."""
     settings = [("teacher", {}), ("student", {})]
     if cache != "none":
         settings.append(("student", {"cache": cache}))
     for steps in schedules:
-        settings += [(model, {"first_frame_steps": steps, "video_steps": steps}) for model in ("teacher", "student")]
+        settings += [(model, {"first_frame_steps": steps, "video_steps": steps}) for model in ("teacher", "student")
+                     if defaults[model] != (steps, steps)]
     return settings
 
 
@@ -79,7 +81,9 @@ def run_setting(pipe, prompt: str, seed: int, options: dict) -> dict:
 
 def compare(pipes: dict, pairs, schedules=(), cache: str = "none") -> dict:
     """Every setting on every pair, interleaved per pair so each time ratio is taken minutes apart at most."""
-    settings = settings_to_compare(schedules, cache)
+    defaults = {model: (pipe.family.sampling.first_frame_steps, pipe.family.sampling.video_steps)
+                for model, pipe in pipes.items()}
+    settings = settings_to_compare(schedules, cache, defaults)
     clips = [[] for _ in settings]
     hits = [np.zeros(3) for _ in settings]
     for prompt, seed in pairs:
@@ -143,6 +147,8 @@ def main(argv=None):
     schedules = [schedule(text) for text in args.schedules.split(",") if text]
     pipes = {"teacher": PyramidFlowPipeline.from_pretrained(args.teacher),
              "student": PyramidFlowPipeline.from_pretrained(args.student)}
+    for pipe in pipes.values():
+        pipe.set_progress_bar_config(disable=True)
     figures = {"teacher": args.teacher, "student": args.student,
                **compare(pipes, world_pairs(0, HELDOUT_STREAM, args.count), schedules, args.cache)}
     print(table(figures))

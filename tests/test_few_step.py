@@ -25,26 +25,27 @@ def folders(tmp_path_factory):
     teacher = with_sampling(build_tiny_checkpoint(root / "teacher", seed=0), first_frame_steps=[3, 2, 2],
                             video_steps=[2, 2, 2], guidance_scale=4.0, video_guidance_scale=3.0)
     student = with_sampling(build_tiny_checkpoint(root / "student", seed=1), first_frame_steps=[1, 1, 1],
-                            video_steps=[2, 1, 1], guidance_scale=1.0, video_guidance_scale=1.0, cache_threshold=0.3)
+                            video_steps=[1, 1, 1], guidance_scale=1.0, video_guidance_scale=1.0, cache_threshold=0.3)
     return teacher, student
 
 
 def test_passes_count_guided_rows_and_each_setting_runs_its_schedule(folders):
     pipes = {name: PyramidFlowPipeline.from_pretrained(folder) for name, folder in zip(("teacher", "student"), folders)}
-    figures = compare(pipes, world_pairs(0, HELDOUT_STREAM, 1), [(1, 1, 1)], cache="first-block")
+    figures = compare(pipes, world_pairs(0, HELDOUT_STREAM, 1), [(1, 1, 1), (2, 2, 2)], cache="first-block")
     rows = figures["rows"]
     assert [(r["model"], r["cache"]) for r in rows] == [("teacher", "none"), ("student", "none"), ("student", "first-block"),
-                                                         ("teacher", "none"), ("student", "none")]
-    teacher, student, cached, teacher_111, student_111 = rows
+                                                         ("teacher", "none"), ("teacher", "none"), ("student", "none")]
+    teacher, student, cached, teacher_111, teacher_222, student_222 = rows
     assert teacher["passes_per_clip"] == 2 * (7 + 2 * 6)  # guided: first frame 3-2-2, two later units 2-2-2
     assert (teacher["guidance_scale"], teacher["video_guidance_scale"]) == (4.0, 3.0)
-    assert student["passes_per_clip"] == 3 + 2 * 4  # unguided: first frame 1-1-1, later units 2-1-1
-    assert (student["first_frame_steps"], student["video_steps"]) == ([1, 1, 1], [2, 1, 1])
+    assert student["passes_per_clip"] == 3 * UNITS  # unguided 1-1-1: its 1-1-1 row is not run twice
+    assert (student["first_frame_steps"], student["video_steps"]) == ([1, 1, 1], [1, 1, 1])
     assert cached["passes_per_clip"] == student["passes_per_clip"]  # a skipped trunk is still a (cheaper) pass
-    assert teacher_111["passes_per_clip"] == 2 * 3 * UNITS and student_111["passes_per_clip"] == 3 * UNITS
+    assert (teacher_111["passes_per_clip"], teacher_222["passes_per_clip"]) == (2 * 3 * UNITS, 2 * 6 * UNITS)
+    assert student_222["passes_per_clip"] == 6 * UNITS and student_222["guidance_scale"] == 1.0
     assert teacher["speedup_vs_teacher"] == 1.0
     assert all(0.0 <= r[name] <= 1.0 for r in rows for name in ("color_accuracy", "shape_accuracy", "direction_accuracy"))
-    assert figures["goals"]["passes_ratio"]["value"] == pytest.approx(11 / 38)
+    assert figures["goals"]["passes_ratio"]["value"] == pytest.approx(9 / 38)
     assert figures["goals"]["passes_ratio"]["met"] is False
 
 
@@ -66,7 +67,10 @@ def test_settings_and_schedules():
     assert schedule("2-2-2") == (2, 2, 2)
     with pytest.raises(Exception, match="positive steps per stage"):
         schedule("2-0-2")
-    assert settings_to_compare([], "none") == [("teacher", {}), ("student", {})]
+    defaults = {"teacher": ((10, 10, 10), (10, 10, 10)), "student": ((2, 2, 2), (2, 2, 2))}
+    assert settings_to_compare([], "none", defaults) == [("teacher", {}), ("student", {})]
+    two = {"first_frame_steps": (2, 2, 2), "video_steps": (2, 2, 2)}
+    assert settings_to_compare([(2, 2, 2)], "none", defaults) == [("teacher", {}), ("student", {}), ("teacher", two)]
 
 
 def test_command_line_writes_the_table_and_json(folders, tmp_path, capsys):
@@ -74,5 +78,5 @@ def test_command_line_writes_the_table_and_json(folders, tmp_path, capsys):
     main(["--teacher", str(folders[0]), "--student", str(folders[1]), "--count", "1", "--schedules", "",
           "--cache", "none", "--json", str(out)])
     figures = json.loads(out.read_text())
-    assert [r["passes_per_clip"] for r in figures["rows"]] == [38, 11]
-    assert "| student | 1-1-1 / 2-1-1 | 1 / 1 | none | 11 |" in capsys.readouterr().out
+    assert [r["passes_per_clip"] for r in figures["rows"]] == [38, 9]
+    assert "| student | 1-1-1 / 1-1-1 | 1 / 1 | none | 9 |" in capsys.readouterr().out

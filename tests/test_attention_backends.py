@@ -177,3 +177,27 @@ def test_a_compiled_model_runs_flex_compiled(monkeypatch):
         flex = velocity(model, clips, inputs)
     assert len(compiled_calls) == 2  # one per attention layer
     torch.testing.assert_close(flex, native, atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif("flex" not in CPU_BACKENDS, reason="flex attention is not available in this torch")
+def test_flex_block_mask_is_made_once_per_layout(monkeypatch):
+    """The flex BlockMask is part of the plan kept for a (unit, stage): steps with the same text mask and shapes reuse
+    it, every layer included; new shapes make one more."""
+    from torch.nn.attention import flex_attention
+
+    made, create = [], flex_attention.create_block_mask
+
+    def counted(*args, **kwargs):
+        made.append(1)
+        return create(*args, **kwargs)
+
+    monkeypatch.setattr(flex_attention, "create_block_mask", counted)
+    model = tiny_model("flux")
+    model.set_attention_backend("flex")
+    inputs = text_inputs(model, 2)
+    with torch.no_grad():
+        for timestep in (900.0, 500.0, 100.0):  # three steps of one stage
+            velocity(model, pyramid_column(), {**inputs, "timestep": torch.full((2,), timestep)})
+        assert len(made) == 1
+        velocity(model, pyramid_column(height=8, width=16), inputs)
+    assert len(made) == 2

@@ -117,3 +117,19 @@ def test_two_gloo_processes_match_one_process(world, tmp_path):
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
     one, two = load_file(tmp_path / "one" / "checkpoint-2" / WEIGHTS), load_file(tmp_path / "two" / "checkpoint-2" / WEIGHTS)
     assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)
+
+
+def test_bundle_out_copies_the_last_checkpoint_as_a_bf16_model_folder(world, tmp_path):
+    distill(world, tmp_path / "run", 1)
+    out = tmp_path / "turbo"
+    distill(world, tmp_path / "run", 1, f"bundle.out={out}", "bundle.model_card=training/configs/distill_tiny.yaml")
+    checkpoint = tmp_path / "run" / "checkpoint-1"
+    assert not (out / "training_state").exists() and (checkpoint / "training_state").is_dir()  # not retrained
+    assert (out / "README.md").read_text() == Path(RECIPE).read_text()
+    stored, trained = load_file(out / WEIGHTS), load_file(checkpoint / WEIGHTS)
+    assert {t.dtype for t in stored.values()} == {torch.bfloat16}
+    assert all(torch.equal(stored[k], trained[k].to(torch.bfloat16)) for k in trained)
+    sampling = resolve_checkpoint(out).family.sampling
+    assert (sampling.first_frame_steps, sampling.video_steps, sampling.guidance_scale) == ((2, 2, 2), (2, 2, 2), 1.0)
+    bundled, full = (latents(PyramidFlowPipeline.from_pretrained(root), 1000) for root in (out, checkpoint))
+    assert 0 < (bundled - full).abs().max() < 0.05 * full.abs().max()

@@ -117,6 +117,11 @@ def assemble(base: Path, flow_checkpoint: Path, vae_checkpoint: Path, variant: s
     shutil.copy2(model_card, staging / MODEL_CARD)
     if sampling:
         update_settings(staging, {"sampling": sampling})
+    return move_into_place(staging, out)
+
+
+def move_into_place(staging: Path, out: Path) -> Path:
+    """Rename the finished `staging` folder to `out`, replacing what was there only once the new one is in place."""
     old = out.with_name(out.name + ".old")
     if out.exists():
         out.rename(old)

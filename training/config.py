@@ -211,6 +211,14 @@ class VAERecipe:
 
 
 @dataclass
+class DistillBundle:
+    out: Optional[str] = None  # set: the last checkpoint (trained first if missing) is copied here as a model folder
+    use_ema: bool = True
+    model_card: Optional[str] = None
+    weights_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # the transformer's stored weights
+
+
+@dataclass
 class DistillRecipe:
     model: ModelSection
     distill: DistillSection
@@ -219,6 +227,7 @@ class DistillRecipe:
     optim: OptimSection
     train: TrainSection
     validation: Optional[ValidationSection] = None
+    bundle: Optional[DistillBundle] = None
     task: Literal["distill"] = "distill"
 
 

@@ -1,7 +1,8 @@
 """`python -m training.launch --config RECIPE [--max-steps N] [--output-dir D] [--resume auto|PATH] [key=value ...]`
 (also under `accelerate launch -m training.launch ...` for many processes; overrides may come before or after
 the options). A `task: bundle` recipe (tiny_shapes.yaml) runs its phases in one process, always resumes where it
-stopped, and writes its model to `<output dir>/model` unless `bundle.out=` says where."""
+stopped, and writes its model to `<output dir>/model` unless `bundle.out=` says where. A `task: distill` recipe given
+`bundle.out=` copies its last checkpoint (trained first when missing) there as a model folder."""
 import argparse
 import logging
 import sys
@@ -35,6 +36,10 @@ def main(argv=None) -> int:
             from .bundle import run_bundle
 
             run_bundle(config)
+        elif (config.get("bundle") or {}).get("out"):  # a distilled student, copied out as a model folder
+            from .distill_task import bundle_student
+
+            bundle_student(config)
         else:
             from .loop import train
 

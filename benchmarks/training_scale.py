@@ -1,6 +1,6 @@
 """Training at scale on the CPU (issue 36): packed vs one-by-one micro-batches, per-block vs one-unit FSDP2.
 
-    python -m benchmarks.training_scale --json OUT [--rounds 4] [--plan-entries 10000000]
+    python -m benchmarks.training_scale --json OUT [--rounds 4]
 
 Every run is a pair of gloo processes (one thread each) with FSDP2 (`training.parallel.shard_model`), the published
 MMDiT's depth (24 blocks) at a reduced width, random weights, and one global batch: clips and images whose columns
@@ -18,8 +18,8 @@ column (`training.flow_task.velocity_losses`), forward and backward with activat
 - Memory, at width 512 and 4 images: each rank's peak RSS over 2 AdamW steps (its state held; process start and
   model build included), per-block units vs one unit -> `per_block_rss_ratio`.
 - `loss_max_abs_difference`: the largest difference between the losses of modes that see the same weights.
-- `plan_cpu_s_per_step`: `benchmarks.plan_cost.measure_plan_cost`, the planning CPU seconds per step of one rank of
-  2 at a 1536 global batch over a 10 M-line annotation file (the file and its index are built once, then reused).
+- `plan_cpu_s_per_step`: `benchmarks.plan_cost.plan_cpu_s_per_step`, the planning CPU seconds per step of one rank
+  of 2 at a 1536 global batch over a 10 M-line annotation file (the file and its index are built once, then reused).
 """
 import argparse
 import json
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from benchmarks.plan_cost import measure_plan_cost
+from benchmarks.plan_cost import plan_cpu_s_per_step
 from benchmarks.random_models import build_random, published_config
 from model_core.scheduler import PyramidFlowScheduler
 from model_core.text import PromptEmbeddings
@@ -145,8 +145,6 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.training_scale", description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, required=True, help="where to write the figures")
     parser.add_argument("--rounds", type=int, default=4, help="rounds of the speed runs (the first is a warm-up)")
-    parser.add_argument("--plan-entries", type=int, default=10_000_000, help="annotation lines for the planning cost")
-    parser.add_argument("--plan-work", default="outputs/plan_cost", help="where the planning benchmark keeps its file")
     args = parser.parse_args(argv)
     rows = {}
     with tempfile.TemporaryDirectory() as folder:
@@ -167,10 +165,10 @@ def main(argv=None) -> int:
         "loss_max_abs_difference": max(largest_difference(rows, ["column_by_column", "packed", "packed_per_block"]),
                                        largest_difference(rows, ["column_by_column_full_text", "packed_full_text"]),
                                        largest_difference(rows, ["memory_one_unit", "memory_per_block"])),
-        "plan_cpu_s_per_step": measure_plan_cost(args.plan_entries, global_batch=1536, world=2, work=args.plan_work),
+        "plan_cpu_s_per_step": plan_cpu_s_per_step(world=2),
         "rows": rows,
         "setup": {"processes": 2, "blocks": 24, "widths": WIDTHS, "batches": BATCHES, "text_tokens": TEXT_TOKENS,
-                  "plan": {"entries": args.plan_entries, "global_batch": 1536, "world": 2}},
+                  "plan": {"entries": 10_000_000, "global_batch": 1536, "world": 2}},
     }
     write_text(args.json, json.dumps(figures, indent=2))
     print(json.dumps({k: v for k, v in figures.items() if k not in ("rows", "setup")}, indent=2))

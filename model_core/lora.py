@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .loading import HUB_ID
-from .transformers.attention import unfuse_for_lora
+from .transformers.fusion import unfuse_for_lora
 from .weight_files import MODEL_BUILD_LOCK
 
 PEFT_CONFIG = "adapter_config.json"

@@ -10,7 +10,8 @@ import warnings
 import torch
 
 from .step_cache import CACHE_MODES
-from .transformers.attention import BlockwiseCausalAttnProcessor, fuse_qkv_projections
+from .transformers.attention import BlockwiseCausalAttnProcessor
+from .transformers.fusion import fuse_projections as fuse_layers
 from .transformers.attention_backends import DEFAULT_ATTENTION_BACKEND, check_attention_backend, usable_attention_backends
 
 CPU_COMPILERS = ("cc", "gcc", "clang")
@@ -45,11 +46,11 @@ def compile_blocks(transformer, backend: str = "inductor") -> None:
 
 
 def fuse_projections(transformer) -> None:
-    """One q/k/v GEMM per attention stream (transformers.attention.fuse_qkv_projections; the saved layout stays the
-    official one), unless offload or layerwise-casting hooks manage the transformer's layers: they keep the layers
-    they were set up with. LoRA, quantised and hooked layers stay unfused (see SelfAttention.fuse_projections)."""
+    """One q/k/v GEMM per attention stream and one GEMM for every adaLN modulation (transformers.fusion; the saved
+    layout stays the official one), unless offload or layerwise-casting hooks manage the transformer's layers: they
+    keep the layers they were set up with. LoRA, quantised and hooked layers stay unfused."""
     if not any(hasattr(module, "_diffusers_hook") or hasattr(module, "_hf_hook") for module in transformer.modules()):
-        fuse_qkv_projections(transformer)
+        fuse_layers(transformer)
 
 
 def check_speed_options(device, dtype, attention_backend, compile) -> str:
@@ -64,7 +65,7 @@ def check_speed_options(device, dtype, attention_backend, compile) -> str:
 
 
 def apply_speed_options(transformer, device, dtype, attention_backend=DEFAULT_ATTENTION_BACKEND, compile=False) -> dict:
-    """Fuse the q/k/v projections, set the attention backend and compile the blocks; returns the settings to record."""
+    """Fuse the q/k/v projections and adaLN modulations, set the attention backend and compile the blocks; returns the settings to record."""
     backend = check_speed_options(device, dtype, attention_backend, compile)
     fuse_projections(transformer)
     if backend != DEFAULT_ATTENTION_BACKEND:

@@ -317,20 +317,6 @@ def fuse_qkv_projections(model: nn.Module, fuse: bool = True) -> nn.Module:
     return model
 
 
-def unfuse_for_lora(model: nn.Module) -> None:
-    """LoRAs target the official projections (to_q, to_k, to_v, add_*_proj): a model whose q/k/v projections are
-    fused gets them back (and remembers it, for `refuse_after_lora`)."""
-    if any(getattr(module, "fused_projections", False) for module in model.modules()):
-        model._fused_before_lora = True
-        fuse_qkv_projections(model, fuse=False)
-
-
-def refuse_after_lora(model: nn.Module) -> None:
-    """Undo `unfuse_for_lora` once the model's LoRAs are unloaded."""
-    if model.__dict__.pop("_fused_before_lora", False):
-        fuse_qkv_projections(model)
-
-
 class JointAttention(SelfAttention):
     """MM-DiT joint attention: separate text/image projections, one attention over [text ; image].
 

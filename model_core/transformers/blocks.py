@@ -1,6 +1,4 @@
-"""Building blocks shared by miniFLUX and the SD3 MM-DiT: adaLN modulation, feed-forward, dual-stream block."""
-from typing import NamedTuple
-
+"""Building blocks shared by miniFLUX and the SD3 MM-DiT: adaLN, feed-forward, dual-stream block."""
 import torch
 from torch import nn
 
@@ -9,27 +7,17 @@ from .attention import AttentionLayout, JointAttention
 LAYER_NORM_EPS = 1e-6
 
 
-class TokenConditioning(NamedTuple):
-    """The conditioning of packed samples for one stream: each sample's vector [n, D] and which sample each token
-    belongs to, one-hot [L, n] (a matrix product spreads the modulation deterministically; an index's backward
-    accumulates in a varying order on the CPU)."""
-
-    per_sample: torch.Tensor
-    membership: torch.Tensor
-
-
-def stream_conditioning(temb, stream: str):
-    """temb for the tokens of `stream` ('text', 'image' or 'joint'): a batch's [B, D] as is, or, for packed samples
-    (a dict of TokenConditioning per stream), that stream's."""
-    return temb[stream] if isinstance(temb, dict) else temb
-
-
 class AdaLayerNorm(nn.Module):
     """Affine-free LayerNorm whose modulation comes from the conditioning vector (DiT adaLN).
 
-    `linear` maps SiLU(temb) to `num_chunks` vectors; `forward` returns them in the official
-    chunk order, e.g. (shift, scale, gate, shift_mlp, scale_mlp, gate_mlp) for six chunks.
+    `linear` maps SiLU(temb) to `num_chunks` vectors in the official chunk order, e.g. (shift, scale, gate,
+    shift_mlp, scale_mlp, gate_mlp) for six chunks. The model computes every layer's vectors at once
+    (modulation.py: one SiLU, and one GEMM once fused) and hands each layer its own, the scales (`SCALES`) as
+    factors 1 + scale; `forward` takes them.
     """
+
+    SCALES = (1, 4)  # which chunks are scales
+    fused_rows = None  # (the model's fused modulation Linear, first row, end row) once fused (modulation.py)
 
     def __init__(self, dim: int, num_chunks: int):
         super().__init__()
@@ -37,31 +25,41 @@ class AdaLayerNorm(nn.Module):
         self.act = nn.SiLU()
         self.linear = nn.Linear(dim, num_chunks * dim)
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=LAYER_NORM_EPS)
+        self.register_state_dict_post_hook(official_modulation_keys)
 
-    def modulation(self, temb):
-        if isinstance(temb, TokenConditioning):  # packed samples: each token takes its sample's modulation
-            modulation = self.linear(self.act(temb.per_sample))
-            return (temb.membership.to(modulation.dtype) @ modulation)[None].chunk(self.num_chunks, dim=-1)
-        return self.linear(self.act(temb))[:, None].chunk(self.num_chunks, dim=-1)
+    def chunks(self, pairs: list) -> tuple:
+        """This layer's vectors from (chunk, 1 + chunk) pairs: the factor for a scale, the chunk itself otherwise."""
+        return tuple(pair[index in self.SCALES] for index, pair in enumerate(pairs))
 
-    def modulate(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return self.norm(x) * (1 + scale) + shift
+    def modulate(self, x: torch.Tensor, shift: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        return self.norm(x) * factor + shift
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor):
+    def forward(self, x: torch.Tensor, modulation: tuple):
         """Returns (modulated x, gate, *rest of the chunks after shift, scale, gate)."""
-        shift, scale, *rest = self.modulation(temb)
-        return (self.modulate(x, shift, scale), *rest)
+        shift, factor, *rest = modulation
+        return (self.modulate(x, shift, factor), *rest)
+
+
+def official_modulation_keys(norm: AdaLayerNorm, state_dict, prefix: str, local_metadata) -> None:
+    """state_dict() of an adaLN whose linear is fused into the model's one modulation GEMM: its official
+    `linear.weight` / `linear.bias`, copied out of the fused rows (files hold no shared storage)."""
+    if norm.fused_rows is not None:
+        fused, start, end = norm.fused_rows
+        for kind in ("weight", "bias"):
+            state_dict[f"{prefix}linear.{kind}"] = getattr(fused, kind).detach()[start:end].clone()
 
 
 class AdaLayerNormContinuous(AdaLayerNorm):
     """Final/context-only adaLN with two chunks in (scale, shift) order and no gate."""
 
+    SCALES = (0,)
+
     def __init__(self, dim: int):
         super().__init__(dim, num_chunks=2)
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.modulation(temb)
-        return self.modulate(x, shift, scale)
+    def forward(self, x: torch.Tensor, modulation: tuple) -> torch.Tensor:
+        factor, shift = modulation
+        return self.modulate(x, shift, factor)
 
 
 class TanhGELUProjection(nn.Module):
@@ -109,19 +107,19 @@ class DualStreamBlock(nn.Module):
             self.ff_context = FeedForward(dim)
 
     @staticmethod
-    def gated_residuals(x, attn_out, norm, ff, gate, shift_mlp, scale_mlp, gate_mlp):
-        """x + gate·attn, then + gate_mlp·FF(modulated norm)."""
+    def gated_residuals(x, attn_out, norm, ff, gate, shift_mlp, factor_mlp, gate_mlp):
+        """x + gate·attn, then + gate_mlp·FF(modulated norm); factor_mlp = 1 + scale_mlp."""
         x = x + gate * attn_out
-        return x + gate_mlp * ff(norm(x) * (1 + scale_mlp) + shift_mlp)
+        return x + gate_mlp * ff(norm(x) * factor_mlp + shift_mlp)
 
-    def forward(self, image, text, temb, layout: AttentionLayout):
-        """Returns (text, image); text is None after a context-pre-only block."""
-        image_in, *image_mod = self.norm1(image, stream_conditioning(temb, "image"))
-        text_temb = stream_conditioning(temb, "text")
+    def forward(self, image, text, modulation: dict, layout: AttentionLayout):
+        """Returns (text, image); text is None after a context-pre-only block. modulation: each adaLN's vectors by
+        name (modulation.block_modulations)."""
+        image_in, *image_mod = self.norm1(image, modulation["norm1"])
         if self.context_pre_only:
-            image_out, _ = self.attn(image_in, self.norm1_context(text, text_temb), layout)
+            image_out, _ = self.attn(image_in, self.norm1_context(text, modulation["norm1_context"]), layout)
             return None, self.gated_residuals(image, image_out, self.norm2, self.ff, *image_mod)
-        text_in, *text_mod = self.norm1_context(text, text_temb)
+        text_in, *text_mod = self.norm1_context(text, modulation["norm1_context"])
         image_out, text_out = self.attn(image_in, text_in, layout)
         image = self.gated_residuals(image, image_out, self.norm2, self.ff, *image_mod)
         text = self.gated_residuals(text, text_out, self.norm2_context, self.ff_context, *text_mod)

@@ -5,7 +5,7 @@ from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (diffusers
 from torch import nn
 
 from .attention import AttentionLayout, SelfAttention
-from .blocks import AdaLayerNorm, AdaLayerNormContinuous, DualStreamBlock, stream_conditioning
+from .blocks import AdaLayerNorm, AdaLayerNormContinuous, DualStreamBlock
 from .embeddings import PATCH, TimestepTextConditioning, patchify, rotary_angles
 from .packing import PyramidTransformer, pyramid_positions
 
@@ -23,8 +23,8 @@ class SingleStreamBlock(nn.Module):
         self.proj_out = nn.Linear(dim + mlp_ratio * dim, dim)
         self.attn = SelfAttention(dim, heads, QK_NORM_EPS)
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
-        h, gate = self.norm(x, temb)
+    def forward(self, x: torch.Tensor, modulation: dict, layout: AttentionLayout) -> torch.Tensor:
+        h, gate = self.norm(x, modulation["norm"])
         mlp = nn.functional.gelu(self.proj_mlp(h), approximate="tanh")
         return x + gate * self.proj_out(torch.cat([self.attn(h, layout), mlp], dim=-1))
 
@@ -98,11 +98,12 @@ class PyramidFluxTransformer(PyramidTransformer):
         positions = self.position_ids(num_text, grids)
         return rotary_angles(positions, self.config.axes_dims_rope, ROPE_THETA)
 
-    def run_blocks(self, image, text, temb, layout) -> torch.Tensor:
+    def run_blocks(self, image, text, modulations, layout) -> torch.Tensor:
+        dual = len(self.transformer_blocks)
         for index, block in enumerate(self.transformer_blocks):
-            text, image = self.call_block(block, index, len(self.transformer_blocks), image, text, temb, layout)
+            text, image = self.call_block(block, index, dual, image, text, modulations[index], layout)
         stream = torch.cat([text, image], dim=1)
         for index, block in enumerate(self.single_transformer_blocks):
             stream = self.call_block(block, index, len(self.single_transformer_blocks), stream,
-                                     stream_conditioning(temb, "joint"), layout)
+                                     modulations[dual + index], layout)
         return stream[:, text.shape[1] :]

@@ -149,7 +149,8 @@ class PyramidMMDiT(PyramidTransformer):
         positions = self.position_ids(num_text, grids)
         return rotary_angles(positions, [self.config.attention_head_dim], ROPE_THETA)
 
-    def run_blocks(self, image, text, temb, layout) -> torch.Tensor:
+    def run_blocks(self, image, text, modulations, layout) -> torch.Tensor:
         for index, block in enumerate(self.transformer_blocks):
-            text, image = self.call_block(block, index, len(self.transformer_blocks), image, text, temb, layout)
+            text, image = self.call_block(block, index, len(self.transformer_blocks), image, text, modulations[index],
+                                          layout)
         return image

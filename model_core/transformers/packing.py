@@ -21,10 +21,11 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..step_cache import apply_step_cache, diffusers_cache_options, remove_step_cache
-from .attention import AttentionLayout, PackedLayout, causal_group_ends, refuse_after_lora, unfuse_for_lora
+from .attention import AttentionLayout, PackedLayout, causal_group_ends
 from .attention_backends import check_attention_backend
-from .blocks import TokenConditioning
 from .embeddings import PATCH, clip_positions, rotation_tables, unpatchify
+from .fusion import refuse_after_lora, unfuse_for_lora
+from .modulation import block_modulations, fused_modulation_keys, without_fused_keys
 
 ROPE_CACHE_SIZE = 8  # shapes of RoPE angles kept: a unit's three stages, with room for guided/unguided text lengths
 
@@ -97,8 +98,9 @@ class PyramidTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
     A subclass defines `latent_channels`, `embed_clips(clips, grids)` (image tokens [B, L_img, D]),
     `position_ids(num_text, grids)` (ids [L, n_axes] of [text ; image], frame id first),
     `rope_angles(num_text, grids)` ((cos, sin) for [text ; image] or None) and
-    `run_blocks(image, text, temb, layout)` (the trunk, returning the final image tokens), plus the
-    modules `time_text_embed`, `context_embedder`, `norm_out` and `proj_out`.
+    `run_blocks(image, text, modulations, layout)` (the trunk, given each block's adaLN vectors in the order the
+    blocks run (modulation.block_modulations), returning the final image tokens), plus the modules
+    `time_text_embed`, `context_embedder`, `norm_out` and `proj_out`.
 
     `use_flash_attn` is kept for config compatibility only: attention always keeps the blockwise
     causal mask (the official flash path drops it). `use_temporal_causal=False` lets every token
@@ -110,6 +112,11 @@ class PyramidTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
     _supports_gradient_checkpointing = True
     context_parallel = None  # set by model_core.parallel.apply_parallel: this rank keeps a slice of the sequence
     _skip_layerwise_casting_patterns = ["pos_embed", "norm"]
+
+    def __init__(self):
+        super().__init__()
+        self.register_state_dict_post_hook(without_fused_keys)  # the official layout when the adaLN GEMMs are fused
+        self.register_load_state_dict_pre_hook(fused_modulation_keys)
 
     def check_columns(self, columns, rows: int):
         """Every clip is a [B, C, T, H, W] latent of one batch size B, and the text has B x columns rows."""
@@ -246,11 +253,12 @@ class PyramidTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
         context = self.context_parallel
         if context is not None:
             text, image, layout = context.shard(text, image, layout)
-        image = self.run_blocks(image, text, temb, layout)
+        *modulations, head = block_modulations(self, temb)
+        image = self.run_blocks(image, text, modulations, layout)
         if context is not None:
             image = context.gather(image)
         current = grids[-1]
-        tokens = self.proj_out(self.norm_out(image[:, -current.tokens :], temb))
+        tokens = self.proj_out(self.norm_out(image[:, -current.tokens :], head["norm_out"]))
         return unpatchify(tokens, *current)
 
     def packed_velocities(self, columns, column_grids, text_valid, text, temb) -> list:
@@ -266,15 +274,15 @@ class PyramidTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
         layouts = [self.attention_layout(text_valid.new_ones(1, count), grids)
                    for count, grids in zip(text_counts, column_grids)]
         layout = PackedLayout(layouts, text_counts, image_counts)
-        per_token = {"text": membership(text_counts, text.device), "image": membership(image_counts, text.device)}
-        per_token["joint"] = torch.cat([per_token["text"], per_token["image"]])
-        conditioning = {stream: TokenConditioning(temb, one_hot) for stream, one_hot in per_token.items()}
-        image = self.run_blocks(image, text[text_valid][None], conditioning, layout)
         currents = [grids[-1] for grids in column_grids]
+        text_tokens, image_tokens = membership(text_counts, text.device), membership(image_counts, text.device)
+        spread = {"norm1": image_tokens, "norm1_context": text_tokens, "norm": torch.cat([text_tokens, image_tokens]),
+                  "norm_out": membership([grid.tokens for grid in currents], text.device)}  # adaLN name -> its tokens
+        *modulations, head = block_modulations(self, temb, spread)
+        image = self.run_blocks(image, text[text_valid][None], modulations, layout)
         ends = [sum(image_counts[: i + 1]) for i in range(len(image_counts))]
         current = torch.cat([image[:, end - grid.tokens : end] for end, grid in zip(ends, currents)], dim=1)
-        head = TokenConditioning(temb, membership([grid.tokens for grid in currents], text.device))
-        tokens = self.proj_out(self.norm_out(current, head)).split([grid.tokens for grid in currents], dim=1)
+        tokens = self.proj_out(self.norm_out(current, head["norm_out"])).split([grid.tokens for grid in currents], dim=1)
         return [unpatchify(t, *grid) for t, grid in zip(tokens, currents)]
 
     def forward(

@@ -1,0 +1,118 @@
+"""Every adaLN modulation of a transformer at once (issue 32): one SiLU of the conditioning and, fused, one GEMM.
+
+Each adaLN layer (blocks.AdaLayerNorm) maps SiLU(temb) to its shift / scale / gate vectors, and all of them read
+the same temb: `block_modulations` computes the SiLU once and hands every layer its vectors, and `fuse_modulations`
+concatenates the layers' linear weights into one GEMM (the model's `adaln_modulation`, in the order of
+`adaln_layers`). The saved layout stays the official one: state_dict() gives each layer's `linear.weight` /
+`linear.bias` where the official model has them (blocks.official_modulation_keys), load_state_dict() takes them, and
+unfusing restores the layers' own linears.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import plain_linear
+from .blocks import AdaLayerNorm
+
+FUSED = "adaln_modulation"
+
+
+def modulated_modules(model) -> list:
+    """The modules whose adaLN layers are children: the trunk's blocks in the order they run, then the model."""
+    return [*model.transformer_blocks, *getattr(model, "single_transformer_blocks", ()), model]
+
+
+def adaln_layers(module) -> list:
+    """(name, layer) of a module's adaLN children."""
+    return [(name, child) for name, child in module.named_children() if isinstance(child, AdaLayerNorm)]
+
+
+def modulation_rows(model, temb: torch.Tensor, spread) -> list:
+    """Every layer's vectors [rows, 1 or L, k·D] concatenated or one tensor per layer: one GEMM when fused."""
+    act = F.silu(temb)
+    fused = model._modules.get(FUSED)
+    layers = [(name, layer) for module in modulated_modules(model) for name, layer in adaln_layers(module)]
+    if spread is None and fused is not None:
+        return [fused(act)[:, None]]
+    if fused is not None:
+        per_layer = fused(act).split([layer.num_chunks * act.shape[-1] for _, layer in layers], dim=-1)
+    else:
+        per_layer = [layer.linear(act) for _, layer in layers]
+    if spread is None:
+        return [vectors[:, None] for vectors in per_layer]
+    return [(spread[name].to(vectors.dtype) @ vectors)[None] for (name, _), vectors in zip(layers, per_layer)]
+
+
+def block_modulations(model, temb: torch.Tensor, spread: dict = None) -> list:
+    """Each modulated module's {adaLN name: its vectors} (`modulated_modules` order: the trunk's blocks, then the
+    model's own), from one SiLU of temb [rows, D]: vectors [rows, 1, D], scales as factors 1 + scale.
+
+    spread (packed samples, training): temb holds each sample's row, and `spread[name]` the one-hot [L, samples]
+    of the tokens an adaLN `name` modulates; each token takes its sample's vectors [1, L, D] (a matrix product:
+    an index's backward accumulates in a varying order on the CPU)."""
+    dim = temb.shape[-1]
+    pairs = iter([pair for rows in modulation_rows(model, temb, spread)
+                  for pair in zip(rows.split(dim, dim=-1), (rows + 1).split(dim, dim=-1))])
+    return [{name: layer.chunks([next(pairs) for _ in range(layer.num_chunks)]) for name, layer in adaln_layers(module)}
+            for module in modulated_modules(model)]
+
+
+def qualified_layers(model) -> list:
+    """(name in the model, layer) of every adaLN layer in the fused order."""
+    names = {module: name for name, module in model.named_modules()}
+    return [(names[layer], layer) for module in modulated_modules(model) for _, layer in adaln_layers(module)]
+
+
+@torch.no_grad()
+def fuse_modulations(model, fuse: bool = True) -> None:
+    """Make every adaLN layer's linear part of one modulation GEMM (or, with fuse=False, give them back); nothing
+    when a layer is not a plain nn.Linear with plain weights (a LoRA, a quantised or hooked layer)."""
+    layers = [layer for _, layer in qualified_layers(model)]
+    fused = model._modules.get(FUSED)
+    if not fuse and fused is not None:
+        unfuse(layers, fused)
+        delattr(model, FUSED)
+    linears = [layer._modules.get("linear") for layer in layers]
+    if fuse and fused is None and layers and all(map(plain_linear, linears)):
+        joined = nn.Linear(linears[0].in_features, sum(linear.out_features for linear in linears),
+                           device=linears[0].weight.device, dtype=linears[0].weight.dtype)
+        joined.weight.copy_(torch.cat([linear.weight for linear in linears]))
+        joined.bias.copy_(torch.cat([linear.bias for linear in linears]))
+        joined.requires_grad_(linears[0].weight.requires_grad)
+        start = 0
+        for layer, linear in zip(layers, linears):
+            del layer.linear
+            layer.fused_rows = (joined, start, start + linear.out_features)
+            start += linear.out_features
+        model.add_module(FUSED, joined)
+
+
+def unfuse(layers: list, fused: nn.Linear) -> None:
+    for layer in layers:
+        _, start, end = layer.fused_rows
+        linear = nn.Linear(fused.in_features, end - start, device=fused.weight.device, dtype=fused.weight.dtype)
+        linear.weight.copy_(fused.weight[start:end])
+        linear.bias.copy_(fused.bias[start:end])
+        children = dict(layer._modules)
+        layer._modules.clear()
+        for name, child in [("act", children.pop("act")), ("linear", linear), *children.items()]:  # official order
+            layer.add_module(name, child.requires_grad_(fused.weight.requires_grad))
+        del layer.fused_rows
+
+
+def without_fused_keys(model, state_dict, prefix: str, local_metadata) -> None:
+    """state_dict() of a fused model: the adaLN layers gave their official keys; the fused GEMM's are left out."""
+    for kind in ("weight", "bias"):
+        state_dict.pop(f"{prefix}{FUSED}.{kind}", None)
+
+
+def fused_modulation_keys(model, state_dict, prefix: str, *_) -> None:
+    """load_state_dict() of the official layout into a fused model: the adaLN layers' linear tensors concatenated
+    under the fused GEMM's key."""
+    if FUSED not in model._modules:
+        return
+    names = [name for name, _ in qualified_layers(model)]
+    for kind in ("weight", "bias"):
+        keys = [f"{prefix}{name}.linear.{kind}" for name in names]
+        if all(key in state_dict for key in keys):
+            state_dict[f"{prefix}{FUSED}.{kind}"] = torch.cat([state_dict.pop(key) for key in keys])

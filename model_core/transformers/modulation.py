@@ -27,34 +27,58 @@ def adaln_layers(module) -> list:
     return [(name, child) for name, child in module.named_children() if isinstance(child, AdaLayerNorm)]
 
 
-def modulation_rows(model, temb: torch.Tensor, spread) -> list:
-    """Every layer's vectors [rows, 1 or L, k·D] concatenated or one tensor per layer: one GEMM when fused."""
-    act = F.silu(temb)
-    fused = model._modules.get(FUSED)
-    layers = [(name, layer) for module in modulated_modules(model) for name, layer in adaln_layers(module)]
-    if spread is None and fused is not None:
-        return [fused(act)[:, None]]
-    if fused is not None:
-        per_layer = fused(act).split([layer.num_chunks * act.shape[-1] for _, layer in layers], dim=-1)
-    else:
-        per_layer = [layer.linear(act) for _, layer in layers]
+def fused_rows(model, act: torch.Tensor, fused: nn.Linear, spread) -> list:
+    """Every layer's vectors from the one modulation GEMM: [rows, 1, all layers' k·D] unpacked, else one per layer."""
     if spread is None:
-        return [vectors[:, None] for vectors in per_layer]
-    return [(spread[name].to(vectors.dtype) @ vectors)[None] for (name, _), vectors in zip(layers, per_layer)]
+        return [fused(act)[:, None]]
+    layers = [(name, layer) for module in modulated_modules(model) for name, layer in adaln_layers(module)]
+    per_layer = fused(act).split([layer.num_chunks * act.shape[-1] for _, layer in layers], dim=-1)
+    return [spread_rows(vectors, spread[name]) for (name, _), vectors in zip(layers, per_layer)]
+
+
+def spread_rows(vectors: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
+    """Each token's sample vectors [1, L, k·D] from the samples' [samples, k·D] (a one-hot matrix product: an index's
+    backward accumulates in a varying order on the CPU)."""
+    return (spread.to(vectors.dtype) @ vectors)[None]
+
+
+def as_chunks(rows: torch.Tensor, layers: list, dim: int) -> list:
+    """The layers' chunk tuples from their vectors side by side in `rows` [.., sum of k·D], scales as 1 + scale."""
+    pairs = iter(zip(rows.split(dim, dim=-1), (rows + 1).split(dim, dim=-1)))
+    return [layer.chunks([next(pairs) for _ in range(layer.num_chunks)]) for layer in layers]
+
+
+class OwnModulations:
+    """One module's adaLN vectors by name, computed from the module's own linears when the module reads them, inside
+    its forward (unfused models: per-block FSDP gathers a block's weights only there). Not a Mapping, so hooks that
+    move a forward's arguments between devices (group offloading) pass it on as it is instead of rebuilding it."""
+
+    def __init__(self, module, act: torch.Tensor, spread: dict = None):
+        self.layers, self.act, self.spread = dict(adaln_layers(module)), act, spread
+
+    def __getitem__(self, name: str):
+        layer = self.layers[name]
+        vectors = layer.linear(self.act)
+        rows = vectors[:, None] if self.spread is None else spread_rows(vectors, self.spread[name])
+        return as_chunks(rows, [layer], self.act.shape[-1])[0]
 
 
 def block_modulations(model, temb: torch.Tensor, spread: dict = None) -> list:
     """Each modulated module's {adaLN name: its vectors} (`modulated_modules` order: the trunk's blocks, then the
-    model's own), from one SiLU of temb [rows, D]: vectors [rows, 1, D], scales as factors 1 + scale.
+    model's own), from one SiLU of temb [rows, D]: vectors [rows, 1, D], scales as factors 1 + scale. Fused, one GEMM
+    makes them all here; unfused, each module computes its own as it runs (`OwnModulations`).
 
     spread (packed samples, training): temb holds each sample's row, and `spread[name]` the one-hot [L, samples]
-    of the tokens an adaLN `name` modulates; each token takes its sample's vectors [1, L, D] (a matrix product:
-    an index's backward accumulates in a varying order on the CPU)."""
-    dim = temb.shape[-1]
-    pairs = iter([pair for rows in modulation_rows(model, temb, spread)
-                  for pair in zip(rows.split(dim, dim=-1), (rows + 1).split(dim, dim=-1))])
-    return [{name: layer.chunks([next(pairs) for _ in range(layer.num_chunks)]) for name, layer in adaln_layers(module)}
-            for module in modulated_modules(model)]
+    of the tokens an adaLN `name` modulates; each token takes its sample's vectors [1, L, D]."""
+    act = F.silu(temb)
+    fused = model._modules.get(FUSED)
+    if fused is None:
+        return [OwnModulations(module, act, spread) for module in modulated_modules(model)]
+    layers = [layer for module in modulated_modules(model) for _, layer in adaln_layers(module)]
+    chunks = iter([chunk for rows, layer_group in zip(fused_rows(model, act, fused, spread),
+                                                      [layers] if spread is None else [[layer] for layer in layers])
+                   for chunk in as_chunks(rows, layer_group, act.shape[-1])])
+    return [{name: next(chunks) for name, _ in adaln_layers(module)} for module in modulated_modules(model)]
 
 
 def qualified_layers(model) -> list:

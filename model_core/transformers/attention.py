@@ -168,16 +168,23 @@ class BlockwiseCausalAttnProcessor:
     active backend, native unless inside its `attention_backend(...)` context), so
     `ModelMixin.set_attention_backend` / `reset_attention_backend` and that context reach it.
     Under context parallel the ranks first swap sequence for heads (Ulysses) and swap back after.
-    `compiled` (set by model_core.speed.compile_blocks) runs the flex backend's compiled kernels: the processor
-    itself stays eager, but each layer's one flex call under the plan's BlockMask is compiled.
+    `compiled` (set by model_core.speed.compile_blocks, which compiles the blocks one by one) keeps the processor
+    eager (its kernel calls change with the causal groups every unit: compiled with each block, they would
+    recompile each time) and runs the flex backend's compiled kernels; otherwise a compiled forward traces it.
     """
 
     def __init__(self):
         self._attention_backend = None
         self.compiled = False
 
-    @torch.compiler.disable  # the number of causal groups changes every unit: compiled, it would recompile each time
     def __call__(self, q, k, v, layout: AttentionLayout) -> torch.Tensor:
+        return (self.attend_eagerly if self.compiled else self.attend)(q, k, v, layout)
+
+    @torch.compiler.disable
+    def attend_eagerly(self, q, k, v, layout: AttentionLayout) -> torch.Tensor:
+        return self.attend(q, k, v, layout)
+
+    def attend(self, q, k, v, layout: AttentionLayout) -> torch.Tensor:
         if isinstance(layout, PackedLayout):
             return merge_heads(packed_attention(q, k, v, layout, self.backend()))
         if layout.context is not None:
@@ -216,8 +223,9 @@ class SelfAttention(nn.Module, AttentionModuleMixin):
 
     def qkv_heads(self, x: torch.Tensor, fused: str) -> tuple:
         """q, k, v heads [B, heads, L, D] of x: one GEMM when `fused` is, else one per official projection."""
-        if fused in self._modules:
-            return self._modules[fused](x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+        if fused in self._modules:  # the GEMM on token rows, viewed as heads at once: one view in, one out
+            qkv = self._modules[fused](x.flatten(0, -2)).view(*x.shape[:-1], 3, self.heads, -1)
+            return qkv.permute(2, 0, 3, 1, 4).unbind(0)
         return tuple(split_heads(self._modules[name](x), self.heads) for name in self.fusable[fused])
 
     def project(self, x: torch.Tensor):
@@ -353,6 +361,6 @@ class JointAttention(SelfAttention):
         """Returns (image output, text output); the text output is None for a context-pre-only block."""
         heads = [torch.cat(pair, dim=2) for pair in zip(self.project_text(text), self.project(image))]
         out = self.processor(*heads, layout)
-        text_out, image_out = out[:, : text.shape[1]], out[:, text.shape[1] :]
+        text_out, image_out = out.split([text.shape[1], out.shape[1] - text.shape[1]], dim=1)
         image_out = self.to_out[1](self.to_out[0](image_out))
         return image_out, None if self.to_add_out is None else self.to_add_out(text_out)

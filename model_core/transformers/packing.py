@@ -216,36 +216,45 @@ class PyramidTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
     def shared_rope(self, num_text: int, grids, device):
         """RoPE angles depend on the shapes only: computed once per (text length, clip grids, device), so every
         step of a stage reuses them (the last ROPE_CACHE_SIZE shapes are kept)."""
+        if torch.compiler.is_compiling():  # made in the graph (see column_layouts)
+            return self.rope_tables(num_text, grids, device)
         cache = self.__dict__.setdefault("_rope_cache", OrderedDict())
         key = (num_text, tuple(grids), str(device))
         if key not in cache:
-            rope = self.rope_angles(num_text, grids)
-            cache[key] = None if rope is None else tuple(table.to(device) for table in rotation_tables(*rope))
+            cache[key] = self.rope_tables(num_text, grids, device)
             if len(cache) > ROPE_CACHE_SIZE:
                 cache.popitem(last=False)
         return cache[key]
 
+    def rope_tables(self, num_text: int, grids, device):
+        rope = self.rope_angles(num_text, grids)
+        return None if rope is None else tuple(table.to(device) for table in rotation_tables(*rope))
+
     def text_validity(self, encoder_attention_mask: torch.Tensor) -> torch.Tensor:
         return encoder_attention_mask.bool()
 
-    @torch.compiler.disable  # host-side bookkeeping: traced, its cache would guard (and recompile) on every change
     def column_layouts(self, encoder_attention_mask: torch.Tensor, column_grids: list, device) -> list:
         """The attention layout of each column, made once for the steps of a (unit, stage): kept while the same
         text mask tensor comes back unchanged with the same clip shapes (and dropped with that tensor), so the
         kernel calls planned from it and their masks are made on the stage's first step only, and later steps
-        make no mask and read nothing back from the device."""
+        make no mask and read nothing back from the device. Compiled, the layouts are made in the graph (a
+        host-side cache would break it and guard on every change)."""
+        if torch.compiler.is_compiling():
+            return self.make_layouts(encoder_attention_mask, column_grids, device)
         cache = self.__dict__.setdefault("_layout_cache", WeakIdKeyDictionary())
         version = None if encoder_attention_mask.is_inference() else encoder_attention_mask._version
         key = (version, tuple(tuple(grids) for grids in column_grids), str(device))
         cached = cache.get(encoder_attention_mask)
         if cached is None or cached[0] != key:
-            text_valid = self.text_validity(encoder_attention_mask.to(device))
-            num_columns = len(column_grids)
-            cached = key, [self.attention_layout(text_valid[index::num_columns], grids)
-                           for index, grids in enumerate(column_grids)]
+            cached = key, self.make_layouts(encoder_attention_mask, column_grids, device)
             cache.clear()  # one text mask's layouts at a time
             cache[encoder_attention_mask] = cached
         return cached[1]
+
+    def make_layouts(self, encoder_attention_mask: torch.Tensor, column_grids: list, device) -> list:
+        text_valid = self.text_validity(encoder_attention_mask.to(device))
+        num_columns = len(column_grids)
+        return [self.attention_layout(text_valid[index::num_columns], grids) for index, grids in enumerate(column_grids)]
 
     def column_velocity(self, clips, grids, layout, text, temb) -> torch.Tensor:
         """Velocity [B, C, T, H, W] of the current unit (the last clip) of one column."""

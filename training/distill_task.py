@@ -33,8 +33,10 @@ from .objective import Column, column_tokens, corrupted_history, stage_endpoints
 
 
 def nested_intervals(teacher_steps: int, student_steps: int) -> list:
-    """[(first, last)) teacher step indices inside each student step: both grids are linspace(1, 1/n, steps)
-    then 0, so the student's last step (to 0) is the teacher's last and the others split its rest evenly."""
+    """[(first, last)) teacher step indices inside each student step: both grids are the pipeline's stage grid,
+    linspace(1, ~0.001, steps) then 0, so the student's last step (to 0) is the teacher's last and the others split
+    its rest evenly. That last step changes next to nothing: n student steps make n - 1 real ones (2 steps sample
+    like 1; benchmarks/RESULTS.md, issue 33)."""
     if student_steps < 1 or teacher_steps < student_steps or (teacher_steps - 1) % max(student_steps - 1, 1):
         raise ValueError(f"teacher steps ({teacher_steps}) - 1 must be a multiple of student steps ({student_steps}) "
                          "- 1, with at least as many teacher steps: e.g. 9 or 10 teacher steps for 2 student steps")

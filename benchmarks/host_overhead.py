@@ -47,8 +47,8 @@ def reduced_width_transformer(tiny: bool = False):
 
 
 def as_pipelines_load_it(transformer):
-    """The transformer with the q/k/v projections fused, as pipelines load it (model_core.speed.fuse_projections),
-    where the checkout measured has them (earlier releases do not)."""
+    """The transformer with the q/k/v projections (and, since dfa7e74, the adaLN modulations) fused, as pipelines
+    load it (model_core.speed.fuse_projections), where the checkout measured has them (earlier releases do not)."""
     try:
         from model_core.speed import fuse_projections
     except ImportError:

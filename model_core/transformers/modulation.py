@@ -2,8 +2,8 @@
 
 Each adaLN layer (blocks.AdaLayerNorm) maps SiLU(temb) to its shift / scale / gate vectors, and all of them read
 the same temb: `block_modulations` computes the SiLU once and hands every layer its vectors, and `fuse_modulations`
-concatenates the layers' linear weights into one GEMM (the model's `adaln_modulation`, in the order of
-`adaln_layers`). The saved layout stays the official one: state_dict() gives each layer's `linear.weight` /
+concatenates the layers' linear weights into one GEMM (the model's `adaln_modulation`, in `qualified_layers`
+order). The saved layout stays the official one: state_dict() gives each layer's `linear.weight` /
 `linear.bias` where the official model has them (blocks.official_modulation_keys), load_state_dict() takes them, and
 unfusing restores the layers' own linears.
 """
@@ -112,6 +112,7 @@ def fuse_modulations(model, fuse: bool = True) -> None:
 
 
 def unfuse(layers: list, fused: nn.Linear) -> None:
+    """Each adaLN layer gets its own linear back from its rows of `fused`, where the official layout has it."""
     for layer in layers:
         _, start, end = layer.fused_rows
         linear = nn.Linear(fused.in_features, end - start, device=fused.weight.device, dtype=fused.weight.dtype)

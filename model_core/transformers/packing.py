@@ -254,7 +254,8 @@ class PyramidTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
     def make_layouts(self, encoder_attention_mask: torch.Tensor, column_grids: list, device) -> list:
         text_valid = self.text_validity(encoder_attention_mask.to(device))
         num_columns = len(column_grids)
-        return [self.attention_layout(text_valid[index::num_columns], grids) for index, grids in enumerate(column_grids)]
+        return [self.attention_layout(text_valid[index::num_columns], grids)
+                for index, grids in enumerate(column_grids)]
 
     def column_velocity(self, clips, grids, layout, text, temb) -> torch.Tensor:
         """Velocity [B, C, T, H, W] of the current unit (the last clip) of one column."""
@@ -291,7 +292,8 @@ class PyramidTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
         image = self.run_blocks(image, text[text_valid][None], modulations, layout)
         ends = [sum(image_counts[: i + 1]) for i in range(len(image_counts))]
         current = torch.cat([image[:, end - grid.tokens : end] for end, grid in zip(ends, currents)], dim=1)
-        tokens = self.proj_out(self.norm_out(current, head["norm_out"])).split([grid.tokens for grid in currents], dim=1)
+        tokens = self.proj_out(self.norm_out(current, head["norm_out"]))
+        tokens = tokens.split([grid.tokens for grid in currents], dim=1)
         return [unpatchify(t, *grid) for t, grid in zip(tokens, currents)]
 
     def forward(

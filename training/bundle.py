@@ -19,11 +19,14 @@ import logging
 import shutil
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file, save_file
+
 from model_core.checkpoints import SETTINGS_FILE, VAE_FOLDER, transformer_folder
 from model_core.loading import resolve_checkpoint
 
 from .atomic import write_text
-from .checkpointing import checkpoint_path
+from .checkpointing import STATE_FOLDER, checkpoint_path
 from .config import load_config, recipe_path
 from .flow_task import EMA_SUFFIX
 from .initial_checkpoint import write_initial_checkpoint
@@ -170,3 +173,27 @@ def run_bundle(config: dict) -> Path:
                    Path(bundle.get("out") or work / "model"), bundle.get("sampling"))
     logger.info("bundled model written to %s", out)
     return out
+
+
+def bundle_student(config: dict) -> Path:
+    """The recipe's last checkpoint (trained first when missing) as a model folder at `bundle.out`: no training state,
+    the EMA weights as the transformer when `bundle.use_ema` and the run kept them, its floating-point weights stored
+    in `bundle.weights_dtype`, and `bundle.model_card` as README.md."""
+    bundle = config["bundle"]
+    final = run_training(config)
+    variant = resolve_checkpoint(final).variant
+    out = Path(bundle["out"])
+    staging = out.with_name(out.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    ema = transformer_folder(variant + EMA_SUFFIX)
+    shutil.copytree(final, staging, ignore=shutil.ignore_patterns(STATE_FOLDER, ema))
+    if bundle.get("use_ema", True) and (final / ema).is_dir():
+        shutil.rmtree(staging / transformer_folder(variant))
+        shutil.copytree(final / ema, staging / transformer_folder(variant))
+    dtype = getattr(torch, bundle.get("weights_dtype") or "bfloat16")
+    for weights in (staging / transformer_folder(variant)).glob("*.safetensors"):
+        tensors = load_file(weights)
+        save_file({name: t.to(dtype) if t.is_floating_point() else t for name, t in tensors.items()}, weights)
+    if bundle.get("model_card"):
+        shutil.copy2(recipe_path(bundle["model_card"]), staging / MODEL_CARD)
+    return move_into_place(staging, out)

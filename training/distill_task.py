@@ -13,21 +13,14 @@ trains on a CPU; PyramidalWan (Korzhenkov et al., arXiv 2601.04792) distils a py
 DMD or adversarial losses, the next step for quality beyond this regression.
 """
 import json
-import shutil
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from model_core.checkpoints import SETTINGS_FILE, transformer_folder
-from model_core.loading import resolve_checkpoint
+from model_core.checkpoints import SETTINGS_FILE
 from model_core.pyramid import interpolate_on_path
 
 from .atomic import write_text
-from .bundle import MODEL_CARD, move_into_place, run_training
-from .checkpointing import STATE_FOLDER
-from .config import recipe_path
-from .flow_task import EMA_SUFFIX, FlowTask
+from .flow_task import FlowTask
 from .models import build_transformer
 from .objective import Column, column_tokens, corrupted_history, stage_endpoints, unit_index
 
@@ -119,27 +112,3 @@ class DistillTask(FlowTask):
         if "image_to_video_guidance_scale" in sampling:
             sampling["image_to_video_guidance_scale"] = 1.0
         write_text(path, json.dumps(settings | {"sampling": sampling}, indent=2))
-
-
-def bundle_student(config: dict) -> Path:
-    """The recipe's last checkpoint (trained first when missing) as a model folder at `bundle.out`: no training state,
-    the EMA weights as the transformer when `bundle.use_ema` and the run kept them, its floating-point weights stored
-    in `bundle.weights_dtype`, and `bundle.model_card` as README.md."""
-    bundle = config["bundle"]
-    final = run_training(config)
-    variant = resolve_checkpoint(final).variant
-    out = Path(bundle["out"])
-    staging = out.with_name(out.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    ema = transformer_folder(variant + EMA_SUFFIX)
-    shutil.copytree(final, staging, ignore=shutil.ignore_patterns(STATE_FOLDER, ema))
-    if bundle.get("use_ema", True) and (final / ema).is_dir():
-        shutil.rmtree(staging / transformer_folder(variant))
-        shutil.copytree(final / ema, staging / transformer_folder(variant))
-    dtype = getattr(torch, bundle.get("weights_dtype") or "bfloat16")
-    for weights in (staging / transformer_folder(variant)).glob("*.safetensors"):
-        tensors = load_file(weights)
-        save_file({name: t.to(dtype) if t.is_floating_point() else t for name, t in tensors.items()}, weights)
-    if bundle.get("model_card"):
-        shutil.copy2(recipe_path(bundle["model_card"]), staging / MODEL_CARD)
-    return move_into_place(staging, out)

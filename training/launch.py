@@ -37,7 +37,7 @@ def main(argv=None) -> int:
 
             run_bundle(config)
         elif (config.get("bundle") or {}).get("out"):  # a distilled student, copied out as a model folder
-            from .distill_task import bundle_student
+            from .bundle import bundle_student
 
             bundle_student(config)
         else:

@@ -11,13 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.training_helpers import precompute_features, tiny_overrides, tiny_world
+from tests.training_helpers import FLOW_RECIPE as RECIPE
+from tests.training_helpers import ROOT, WEIGHTS, launch_on_two_processes, precompute_features, tiny_overrides, tiny_world
 from training.config import CONFIG_DIR
 from training.launch import main
 
-ROOT = Path(__file__).resolve().parents[1]
-RECIPE = str(CONFIG_DIR / "tiny_shapes_flow.yaml")
-WEIGHTS = Path("diffusion_transformer_384p") / "diffusion_pytorch_model.safetensors"
 
 
 @pytest.fixture(scope="module")
@@ -173,12 +171,7 @@ def test_unreadable_samples_are_left_out_of_the_gradient_not_counted_as_zero(wor
 def torchrun(world, output, steps, *extra, fsdp=True):
     checkpoint, _, features, empty = world
     overrides = tiny_overrides(checkpoint, features, output, 4, 1, empty_text_fea=empty)
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "ACCELERATE_USE_FSDP": str(fsdp).lower(), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-               "-m", "training.launch", "--config", RECIPE, "--max-steps", str(steps), *overrides, *extra]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch_on_two_processes(["--config", RECIPE, "--max-steps", steps, *overrides, *extra], fsdp=fsdp)
 
 
 def test_fsdp2_on_two_gloo_processes_writes_sharded_checkpoints_that_resume_and_export(world, tmp_path):

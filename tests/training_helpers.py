@@ -1,12 +1,20 @@
 """Tiny synthetic training worlds for the training tests: a tiny official-layout checkpoint, short mp4
 clips and PNG images of moving squares, and recipe overrides that make every recipe run on a CPU."""
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from tests.tiny_checkpoint import build_tiny_checkpoint
+from training.config import CONFIG_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+FLOW_RECIPE = str(CONFIG_DIR / "tiny_shapes_flow.yaml")
+WEIGHTS = Path("diffusion_transformer_384p") / "diffusion_pytorch_model.safetensors"  # a checkpoint's transformer
 
 COLOURS = [(230, 40, 40), (40, 200, 60), (50, 80, 230), (240, 220, 30)]
 CAPTIONS = ["a red square moving right", "a green square", "a blue square moving down", "a yellow square"]
@@ -72,3 +80,15 @@ def precompute_features(checkpoint: Path, annotations: Path, out: Path) -> tuple
     assert extract_text_features.main(["--model", str(checkpoint), "--annotations",
                                        str(out / "latents" / "annotations.jsonl"), "--output-dir", str(out / "text")]) == 0
     return out / "text" / "annotations.jsonl", out / "text" / extract_text_features.EMPTY_TEXT_FILE
+
+
+def launch_on_two_processes(arguments: list, fsdp: bool = True) -> subprocess.CompletedProcess:
+    """`python -m training.launch ARGUMENTS` under torchrun on 2 gloo CPU processes (FSDP2 when `fsdp`), one thread
+    each; the test fails with the end of stderr unless it exits 0."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "ACCELERATE_USE_FSDP": str(fsdp).lower(), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+               "-m", "training.launch", *map(str, arguments)]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result

@@ -188,25 +188,26 @@ class DistillSection:
     video_guidance_scale: Number = 1.0
 
 
-@dataclass
-class FlowRecipe:
+@dataclass(kw_only=True)
+class TrainingRecipe:
+    """What every training task's recipe holds; each task adds its objective (and its own sections)."""
+
     model: ModelSection
-    objective: FlowObjective
     data: DataSection
     optim: OptimSection
     train: TrainSection
     validation: Optional[ValidationSection] = None
+
+
+@dataclass(kw_only=True)
+class FlowRecipe(TrainingRecipe):
+    objective: FlowObjective
     task: Literal["flow"] = "flow"
 
 
-@dataclass
-class VAERecipe:
-    model: ModelSection
+@dataclass(kw_only=True)
+class VAERecipe(TrainingRecipe):
     objective: VAEObjective
-    data: DataSection
-    optim: OptimSection
-    train: TrainSection
-    validation: Optional[ValidationSection] = None
     task: Literal["vae"] = "vae"
 
 
@@ -218,15 +219,10 @@ class DistillBundle:
     weights_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # the transformer's stored weights
 
 
-@dataclass
-class DistillRecipe:
-    model: ModelSection
+@dataclass(kw_only=True)
+class DistillRecipe(TrainingRecipe):
     distill: DistillSection
     objective: FlowObjective
-    data: DataSection
-    optim: OptimSection
-    train: TrainSection
-    validation: Optional[ValidationSection] = None
     bundle: Optional[DistillBundle] = None
     task: Literal["distill"] = "distill"
 

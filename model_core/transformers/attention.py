@@ -224,8 +224,7 @@ class SelfAttention(nn.Module, AttentionModuleMixin):
     def qkv_heads(self, x: torch.Tensor, fused: str) -> tuple:
         """q, k, v heads [B, heads, L, D] of x: one GEMM when `fused` is, else one per official projection."""
         if fused in self._modules:  # the GEMM on token rows, viewed as heads at once: one view in, one out
-            qkv = self._modules[fused](x.flatten(0, -2)).view(*x.shape[:-1], 3, self.heads, -1)
-            return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            return qkv_rows_as_heads(self._modules[fused](x.flatten(0, -2)), x.shape, self.heads)
         return tuple(split_heads(self._modules[name](x), self.heads) for name in self.fusable[fused])
 
     def project(self, x: torch.Tensor):
@@ -280,11 +279,30 @@ class SelfAttention(nn.Module, AttentionModuleMixin):
     _official_order = None  # the official state-dict keys (local names, in order), recorded when first fused
 
 
+def qkv_rows_as_heads(rows: torch.Tensor, shape, heads: int) -> tuple:
+    """q, k, v heads [B, heads, L, D] of the [q ; k ; v] projections of tokens `shape` [B, L, ·] held as rows
+    [B·L, 3·heads·D]."""
+    return rows.view(*shape[:-1], 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def strided_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """layer(x) of x [B, L, ·] that is a slice of a longer sequence (not contiguous), as torch's linear computes it
+    there (a batched GEMM, then the bias) without the views and expands around it (4 ops instead of 8); through the
+    layer when it is not a plain nn.Linear or torch's linear would take another path (contiguous rows, a weight
+    that records gradients, autocast)."""
+    if (x.is_contiguous() or x.dim() != 3 or not plain_linear(layer) or torch.is_autocast_enabled(x.device.type)
+            or (torch.is_grad_enabled() and layer.weight.requires_grad)):
+        return layer(x)
+    weight = layer.weight.t()
+    return torch.bmm(x, weight.expand(x.shape[0], *weight.shape)) + layer.bias
+
+
 def plain_linear(layer) -> bool:
-    """An nn.Linear (not a subclass) with a bias and plain tensors for weights and no hooks of its own."""
+    """An nn.Linear (not a subclass) with a bias and plain tensors for weights (no tensor subclass: checked without
+    dispatching an op, as it is on every call of `strided_linear`) and no hooks of its own."""
     return (type(layer) is nn.Linear and layer.bias is not None and not layer._forward_hooks
             and not layer._forward_pre_hooks and not hasattr(layer, "_hf_hook") and not hasattr(layer, "_diffusers_hook")
-            and all(type(p.detach()) is torch.Tensor for p in (layer.weight, layer.bias)))
+            and all(type(p) in (nn.Parameter, torch.Tensor) for p in (layer.weight, layer.bias)))
 
 
 def official_keys(module: SelfAttention, state_dict, prefix: str, local_metadata) -> None:
@@ -362,5 +380,5 @@ class JointAttention(SelfAttention):
         heads = [torch.cat(pair, dim=2) for pair in zip(self.project_text(text), self.project(image))]
         out = self.processor(*heads, layout)
         text_out, image_out = out.split([text.shape[1], out.shape[1] - text.shape[1]], dim=1)
-        image_out = self.to_out[1](self.to_out[0](image_out))
-        return image_out, None if self.to_add_out is None else self.to_add_out(text_out)
+        image_out = self.to_out[1](strided_linear(self.to_out[0], image_out))
+        return image_out, None if self.to_add_out is None else strided_linear(self.to_add_out, text_out)

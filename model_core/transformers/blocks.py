@@ -7,6 +7,16 @@ from .attention import AttentionLayout, JointAttention
 LAYER_NORM_EPS = 1e-6
 
 
+def joined_linear(layers: list) -> nn.Linear:
+    """One nn.Linear computing `layers` (nn.Linears of one input) side by side: their rows concatenated in order."""
+    joined = nn.Linear(layers[0].in_features, sum(layer.out_features for layer in layers),
+                       device=layers[0].weight.device, dtype=layers[0].weight.dtype)
+    with torch.no_grad():
+        joined.weight.copy_(torch.cat([layer.weight for layer in layers]))
+        joined.bias.copy_(torch.cat([layer.bias for layer in layers]))
+    return joined.requires_grad_(layers[0].weight.requires_grad)
+
+
 class AdaLayerNorm(nn.Module):
     """Affine-free LayerNorm whose modulation comes from the conditioning vector (DiT adaLN).
 

@@ -1,11 +1,13 @@
 """miniFLUX pyramid transformer: dual-stream then single-stream blocks with 3-axis (t, h, w) RoPE."""
+from collections import OrderedDict
+
 import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (diffusers' pipeline loader finds the base class here)
 from torch import nn
 
-from .attention import AttentionLayout, SelfAttention
-from .blocks import AdaLayerNorm, AdaLayerNormContinuous, DualStreamBlock
+from .attention import AttentionLayout, SelfAttention, plain_linear, qkv_rows_as_heads
+from .blocks import AdaLayerNorm, AdaLayerNormContinuous, DualStreamBlock, joined_linear
 from .embeddings import PATCH, TimestepTextConditioning, patchify, rotary_angles
 from .packing import PyramidTransformer, pyramid_positions
 
@@ -14,7 +16,12 @@ ROPE_THETA = 10000.0
 
 
 class SingleStreamBlock(nn.Module):
-    """FLUX single-stream block: attention and MLP in parallel over the shared [text ; image] stream."""
+    """FLUX single-stream block: attention and MLP in parallel over the shared [text ; image] stream.
+
+    Fused (`fuse_projections`, as pipelines load it), the attention's q/k/v and the MLP's input projection are one
+    GEMM on the token rows (`to_qkv_mlp`: the rows of QKV_MLP's layers in that order), and the output projection
+    runs on those rows too; state_dict() still gives, and load_state_dict() still takes, the official keys.
+    """
 
     def __init__(self, dim: int, heads: int, mlp_ratio: int = 4):
         super().__init__()
@@ -22,11 +29,85 @@ class SingleStreamBlock(nn.Module):
         self.proj_mlp = nn.Linear(dim, mlp_ratio * dim)
         self.proj_out = nn.Linear(dim + mlp_ratio * dim, dim)
         self.attn = SelfAttention(dim, heads, QK_NORM_EPS)
+        self.register_state_dict_post_hook(official_single_stream_keys)
+        self.register_load_state_dict_pre_hook(fused_single_stream_keys)
 
     def forward(self, x: torch.Tensor, modulation: dict, layout: AttentionLayout) -> torch.Tensor:
         h, gate = self.norm(x, modulation["norm"])
-        mlp = nn.functional.gelu(self.proj_mlp(h), approximate="tanh")
-        return x + gate * self.proj_out(torch.cat([self.attn(h, layout), mlp], dim=-1))
+        attn, mlp = self.attention_and_mlp(h, layout)
+        out = self.proj_out(torch.cat([attn, nn.functional.gelu(mlp, approximate="tanh")], dim=-1))
+        return x + gate * out.view_as(x)
+
+    def attention_and_mlp(self, h: torch.Tensor, layout: AttentionLayout) -> tuple:
+        """The attention's output and the MLP's input projection of h: [B, L, ·] each, or token rows [B·L, ·]."""
+        fused = self._modules.get(FUSED_QKV_MLP)
+        if fused is None:
+            return self.attn(h, layout), self.proj_mlp(h)
+        qkv, mlp = fused(h.flatten(0, 1)).split([3 * h.shape[-1], fused.out_features - 3 * h.shape[-1]], dim=-1)
+        q, k, v = qkv_rows_as_heads(qkv, h.shape, self.attn.heads)
+        return self.attn.processor(self.attn.norm_q(q), self.attn.norm_k(k), v, layout).flatten(0, 1), mlp
+
+    def official_layers(self) -> list:
+        """QKV_MLP's layers (None where one is not there)."""
+        return [self.get_submodule(owner)._modules.get(name) for owner, name in QKV_MLP_PLACES]
+
+    @torch.no_grad()
+    def fuse_projections(self, fuse: bool = True) -> None:
+        """[q ; k ; v ; mlp] as one GEMM (or, with fuse=False, the official layers back); nothing when a layer is
+        not a plain nn.Linear with plain weights (a LoRA, a quantised or hooked layer, q/k/v fused on their own)."""
+        fused = self._modules.get(FUSED_QKV_MLP)
+        if not fuse and fused is not None:
+            self.unfuse(fused)
+        layers = self.official_layers()
+        if fuse and fused is None and all(map(plain_linear, layers)):
+            self._official_order = list(self.state_dict(keep_vars=True))
+            self.fused_sizes = [layer.out_features for layer in layers]
+            for owner, name in QKV_MLP_PLACES:
+                delattr(self.get_submodule(owner), name)
+            self.add_module(FUSED_QKV_MLP, joined_linear(layers))
+        self.fused_projections = FUSED_QKV_MLP in self._modules
+
+    def unfuse(self, fused: nn.Linear) -> None:
+        """Each official layer back from its rows of `fused`, the block's children in the official order."""
+        rows = zip(fused.weight.split(self.fused_sizes), fused.bias.split(self.fused_sizes))
+        for (owner, name), (weight, bias) in zip(QKV_MLP_PLACES, rows):
+            layer = nn.Linear(fused.in_features, weight.shape[0], device=weight.device, dtype=weight.dtype)
+            layer.weight.copy_(weight)
+            layer.bias.copy_(bias)
+            self.get_submodule(owner).add_module(name, layer.requires_grad_(fused.weight.requires_grad))
+        delattr(self, FUSED_QKV_MLP)
+        position = {key.split(".")[0]: index for index, key in reversed(list(enumerate(self._official_order)))}
+        self._modules = OrderedDict(sorted(self._modules.items(), key=lambda item: position[item[0]]))
+
+
+FUSED_QKV_MLP = "to_qkv_mlp"
+QKV_MLP = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")  # the official layers fused, in the fused rows' order
+QKV_MLP_PLACES = [(owner, name) for owner, _, name in (layer.rpartition(".") for layer in QKV_MLP)]  # (parent, name)
+
+
+def official_single_stream_keys(block: SingleStreamBlock, state_dict, prefix: str, local_metadata) -> None:
+    """state_dict() of a fused single-stream block: the fused tensors split (copied: files hold no shared storage)
+    into QKV_MLP's keys, every key of the block in the official order."""
+    if FUSED_QKV_MLP not in block._modules:
+        return
+    local = {key[len(prefix):]: state_dict.pop(key) for key in [key for key in state_dict if key.startswith(prefix)]}
+    for kind in ("weight", "bias"):
+        for name, piece in zip(QKV_MLP, local.pop(f"{FUSED_QKV_MLP}.{kind}").split(block.fused_sizes)):
+            local[f"{name}.{kind}"] = piece.clone()
+    order = {key: index for index, key in enumerate(block._official_order)}
+    for key in sorted(local, key=lambda key: order.get(key, len(order))):
+        state_dict[prefix + key] = local[key]
+
+
+def fused_single_stream_keys(block: SingleStreamBlock, state_dict, prefix: str, *_) -> None:
+    """load_state_dict() of the official layout into a fused single-stream block: QKV_MLP's tensors concatenated
+    under the fused GEMM's key."""
+    if FUSED_QKV_MLP not in block._modules:
+        return
+    for kind in ("weight", "bias"):
+        keys = [f"{prefix}{name}.{kind}" for name in QKV_MLP]
+        if all(key in state_dict for key in keys):
+            state_dict[f"{prefix}{FUSED_QKV_MLP}.{kind}"] = torch.cat([state_dict.pop(key) for key in keys])
 
 
 class PyramidFluxTransformer(PyramidTransformer):

@@ -1,7 +1,8 @@
 """The fused layouts a loaded transformer runs with (issue 32), and taking them apart for LoRA.
 
-Fused: each attention's q/k/v projections (attention.fuse_qkv_projections) and every adaLN layer's modulation
-(modulation.fuse_modulations) are one GEMM each; the saved layout stays the official one either way.
+Fused: each single-stream block's q/k/v and MLP input projections (flux.SingleStreamBlock), each other attention's
+q/k/v projections (attention.fuse_qkv_projections) and every adaLN layer's modulation (modulation.fuse_modulations)
+are one GEMM each; the saved layout stays the official one either way.
 """
 from torch import nn
 
@@ -10,7 +11,10 @@ from .modulation import FUSED, fuse_modulations
 
 
 def fuse_projections(model: nn.Module, fuse: bool = True) -> nn.Module:
-    """Fuse (or, with fuse=False, unfuse) the q/k/v projections and the adaLN modulations of `model`."""
+    """Fuse (or, with fuse=False, unfuse) the projections and the adaLN modulations of `model`: single-stream blocks'
+    [q ; k ; v ; mlp] first (from, or back to, the official layers), then the other attentions' q/k/v."""
+    for block in getattr(model, "single_transformer_blocks", ()):
+        block.fuse_projections(fuse)
     fuse_qkv_projections(model, fuse)
     fuse_modulations(model, fuse)
     return model

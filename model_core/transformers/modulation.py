@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import plain_linear
-from .blocks import AdaLayerNorm
+from .blocks import AdaLayerNorm, joined_linear
 
 FUSED = "adaln_modulation"
 
@@ -98,11 +98,7 @@ def fuse_modulations(model, fuse: bool = True) -> None:
         delattr(model, FUSED)
     linears = [layer._modules.get("linear") for layer in layers]
     if fuse and fused is None and layers and all(map(plain_linear, linears)):
-        joined = nn.Linear(linears[0].in_features, sum(linear.out_features for linear in linears),
-                           device=linears[0].weight.device, dtype=linears[0].weight.dtype)
-        joined.weight.copy_(torch.cat([linear.weight for linear in linears]))
-        joined.bias.copy_(torch.cat([linear.bias for linear in linears]))
-        joined.requires_grad_(linears[0].weight.requires_grad)
+        joined = joined_linear(linears)
         start = 0
         for layer, linear in zip(layers, linears):
             del layer.linear

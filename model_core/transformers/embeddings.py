@@ -4,6 +4,7 @@ Timestep/text conditioning, rotary embeddings, 1-D sincos features, 2x2 patch pa
 position ids of the temporal pyramid (Fig. 3b): history clips at a lower resolution than the
 current unit share the current unit's coordinate frame.
 """
+import functools
 import math
 
 import torch
@@ -15,10 +16,28 @@ TIMESTEP_CHANNELS = 256
 
 def timestep_sinusoid(timestep: torch.Tensor, channels: int = TIMESTEP_CHANNELS) -> torch.Tensor:
     """Sinusoidal timestep features in float32: [cos | sin], frequency_i = 10000^(-i / (channels/2))."""
-    half = channels // 2
-    exponent = -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=timestep.device) / half
-    angles = timestep.float()[:, None] * torch.exp(exponent)[None, :]
+    angles = timestep.float()[:, None] * timestep_frequencies(channels, timestep.device)
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+def timestep_frequencies(channels: int, device: torch.device) -> torch.Tensor:
+    """The frequencies [1, channels/2] of `timestep_sinusoid`, made once per device (every step uses them; in the
+    graph when compiling)."""
+    if torch.compiler.is_compiling():
+        return sinusoid_frequencies(channels, device)
+    return shared_frequencies(channels, device)
+
+
+def sinusoid_frequencies(channels: int, device: torch.device) -> torch.Tensor:
+    half = channels // 2
+    exponent = -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=device) / half
+    return torch.exp(exponent)[None, :]
+
+
+@functools.cache
+def shared_frequencies(channels: int, device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False), torch.no_grad():
+        return sinusoid_frequencies(channels, device)
 
 
 class TwoLayerMLP(nn.Module):

@@ -4,15 +4,15 @@ Counted: every matrix product over tokens (2 FLOPs per multiply-add) and the att
 exactly the query/key pairs the blockwise causal attention computes (Sec. 3.4: query group g sees the keys of
 groups 0..g). Per-sample products (timestep / pooled-text conditioning, adaLN modulation) are included; norms,
 RoPE, activations and softmax are not (they are not matrix products and are far below 1% of the total).
+Text tokens are what the transformer is given, which the caller says: a guided batch keeps the text columns some row
+uses (model_core.text.PromptEmbeddings.without_padding_columns), far fewer than the 128 T5 positions of a prompt.
 """
 from model_core.temporal import history_layout, tokens_per_frame
 
-TEXT_TOKENS = 128  # T5 tokens per prompt in the published miniFLUX models
 
-
-def forward_flops(config: dict, frame_tokens: list, batch: int, text_tokens: int = TEXT_TOKENS) -> int:
-    """FLOPs of one transformer forward over `batch` rows whose image frames have `frame_tokens` tokens each
-    (oldest first, the current unit last)."""
+def forward_flops(config: dict, frame_tokens: list, batch: int, text_tokens: int) -> int:
+    """FLOPs of one transformer forward over `batch` rows of `text_tokens` text tokens whose image frames have
+    `frame_tokens` tokens each (oldest first, the current unit last)."""
     dim = config["num_attention_heads"] * config["attention_head_dim"]
     blocks = config["num_layers"] + config["num_single_layers"]
     image, tokens = sum(frame_tokens), text_tokens + sum(frame_tokens)
@@ -30,8 +30,9 @@ def forward_flops(config: dict, frame_tokens: list, batch: int, text_tokens: int
 
 
 def generation_flops(config: dict, height: int, width: int, num_units: int, first_frame_steps, video_steps,
-                     guided: bool, vae_scale: int = 8, num_stages: int = 3) -> int:
-    """FLOPs of every transformer forward of a text-to-video generation of `num_units` latent frames."""
+                     guided: bool, text_tokens: int, vae_scale: int = 8, num_stages: int = 3) -> int:
+    """FLOPs of every transformer forward of a text-to-video generation of `num_units` latent frames, each forward
+    given `text_tokens` text tokens per row."""
     latent_h, latent_w = height // vae_scale, width // vae_scale
     batch = 2 if guided else 1
     total = 0
@@ -41,5 +42,5 @@ def generation_flops(config: dict, height: int, width: int, num_units: int, firs
             frames = [tokens_per_frame(latent_h, latent_w, clip.level, num_stages)
                       for clip in history_layout(unit, stage, num_stages) for _ in range(clip.length)]
             frames.append(tokens_per_frame(latent_h, latent_w, stage, num_stages))
-            total += steps[stage] * forward_flops(config, frames, batch)
+            total += steps[stage] * forward_flops(config, frames, batch, text_tokens)
     return total

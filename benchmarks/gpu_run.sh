@@ -25,10 +25,10 @@ echo "suite rc=$? at $((SECONDS - started)) s"
 timeout 160 python3 -m benchmarks.official_side_by_side --published --official .official --out "$OUT" \
     --first-frame-steps 10 10 10 --video-steps 5 5 5 > "$OUT/official_side_by_side.log" 2>&1
 echo "side by side rc=$? at $((SECONDS - started)) s"
+python3 -m benchmarks.gpu_suite --out "$OUT" --side-by-side "$OUT/official_side_by_side.json" > /dev/null  # one table
 
 timeout 70 python3 -m pytest -q -o addopts="" -p no:cacheprovider -m gpu -rs tests/test_pipeline.py tests/test_quantization.py \
     > "$OUT/gpu_tests.log" 2>&1
 echo "gpu tests rc=$? at $((SECONDS - started)) s"
 tail -n 3 "$OUT/gpu_tests.log"
-cat "$OUT/gpu_suite.md" 2>/dev/null
-cat "$OUT/official_side_by_side.json" 2>/dev/null
+cat "$OUT/gpu_suite.md" 2>/dev/null  # the suite's rows, then the side by side's

@@ -5,8 +5,13 @@ random prompt embeddings (no text encoder: T5 would only add a constant). Each r
 options, runs an untimed warm-up (two short units, three for `compile` so every history shape is compiled), then
 times one 5-s clip (121 frames = 16 latent units; first frame [20, 20, 20] steps, later units [10, 10, 10];
 guidance 7 / 5, so every forward is a batch of 2). Per row: sampling and decoding seconds, peak GPU memory (torch's
-allocator), and the transformer's achieved TFLOP/s (benchmarks.dit_flops: counted from token counts) against a
-big bfloat16 matmul measured here and the datasheet's dense bf16 figure.
+allocator: the peak allocated and the peak reserved, which is what the device must hold), and the transformer's
+achieved TFLOP/s (benchmarks.dit_flops: counted from token counts, with the text tokens the transformer was given,
+recorded from its inputs) against a big bfloat16 matmul measured here and the datasheet's dense bf16 figure.
+Cache rows record how many of the clip's steps the cache skipped; the weights are random, on which a step cache
+skips next to nothing, so those rows time the cache's hooks ("hook overhead only"), not its speed-up.
+The official code's side by side (benchmarks.official_side_by_side --published) runs after the suite in the same
+GPU run (benchmarks/gpu_run.sh); `--side-by-side FILE` adds its figures to this report and its table.
 
 Rows run most important first, each in a time box (`Row.box_s`: building the models, warm-up, the timed clip and
 its decoding), under one budget (--budget-s, counted from start; 300 s by default, so the suite with its start-up
@@ -18,6 +23,7 @@ not have are refused as "not available in this build". Nothing is estimated.
 
     python -m benchmarks.gpu_suite --out results/       # on a CUDA GPU: at most --budget-s plus start-up
     python -m benchmarks.gpu_suite --smoke --out /tmp/s # the same code path on the CPU with tiny models
+    python -m benchmarks.gpu_suite --out results/ --side-by-side results/official_side_by_side.json
 """
 import argparse
 import gc
@@ -201,6 +207,48 @@ def datasheet_tflops(device: torch.device):
     return next((value for key, value in DATASHEET_BF16_TFLOPS.items() if key in name), None)
 
 
+def peak_vram_gib(device: torch.device) -> dict:
+    """torch's allocator peaks since the last reset: allocated (tensors) and reserved (what the device holds)."""
+    if device.type != "cuda":
+        return {"peak_vram_allocated_gib": None, "peak_vram_reserved_gib": None}
+    return {"peak_vram_allocated_gib": round(torch.cuda.max_memory_allocated(device) / GIB, 2),
+            "peak_vram_reserved_gib": round(torch.cuda.max_memory_reserved(device) / GIB, 2)}
+
+
+def cache_decisions(transformer) -> list:
+    """The step cache's skip (True) / compute decisions so far, one per step; [] without a cache."""
+    if importlib.util.find_spec("model_core.step_cache") is None:
+        return []
+    from model_core.step_cache import step_cache_state
+
+    state = step_cache_state(transformer)
+    return [] if state is None else list(state.decisions)
+
+
+def skipped_share(decisions: list) -> dict:
+    """What a cache row records of the timed clip's decisions."""
+    skipped = sum(decisions)
+    return {"cache_steps": len(decisions), "cache_skipped_steps": skipped,
+            "cache_skip_share": round(skipped / len(decisions), 3) if decisions else None}
+
+
+class TextTokens:
+    """Records the text tokens per row of every forward of `transformer` (what its FLOPs are counted with)."""
+
+    def __init__(self, transformer):
+        self.seen = set()
+        self.hook = transformer.register_forward_pre_hook(self.record, with_kwargs=True)
+
+    def record(self, module, args, kwargs):
+        self.seen.add(kwargs["encoder_hidden_states"].shape[1])
+
+    def count(self) -> int:
+        """The one text length the forwards were given."""
+        if len(self.seen) != 1:
+            raise RuntimeError(f"the forwards were given {sorted(self.seen)} text tokens; expected one length")
+        return next(iter(self.seen))
+
+
 class Suite:
     """Runs rows under one time budget and rewrites the report after each."""
 
@@ -212,7 +260,8 @@ class Suite:
         self.transformer_config, self.vae_config = model_configs(tiny=smoke)
         self.text = random_prompt(self.transformer_config, valid_tokens=24, seed=1, device=self.device)
         self.negative = random_prompt(self.transformer_config, valid_tokens=40, seed=2, device=self.device)
-        self.report = {"device": self._describe_device(), "smoke": smoke, "budget_s": budget_s, "rows": []}
+        self.report = {"device": self._describe_device(), "smoke": smoke, "budget_s": budget_s, "weights": "random",
+                       "rows": []}
 
     def _describe_device(self) -> dict:
         versions = {"torch": torch.__version__}
@@ -255,19 +304,22 @@ class Suite:
             warm_up_s = time.perf_counter() - started
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
+            decided, text_tokens = len(cache_decisions(transformer)), TextTokens(transformer)
             result = text_to_video(transformer, vae, clip, self.text, self.negative, self.device, deadline=deadline)
+            text_tokens.hook.remove()
             flops = generation_flops(self.transformer_config, clip.height, clip.width, clip.num_units,
-                                     clip.first_frame_steps, clip.video_steps, guided=True)
+                                     clip.first_frame_steps, clip.video_steps, guided=True,
+                                     text_tokens=text_tokens.count())
             achieved = flops / result["sampling_s"] / 1e12
             datasheet = self.report["datasheet_bf16_tflops"]
             return {
                 "status": "ok", "settings": settings, "warm_up_s": round(warm_up_s, 2),
                 "sampling_s": round(result["sampling_s"], 2), "decode_s": round(result["decode_s"], 2),
-                "total_s": round(result["sampling_s"] + result["decode_s"], 2),
-                "peak_vram_gib": round(torch.cuda.max_memory_allocated(self.device) / GIB, 2) if self.device.type == "cuda" else None,
-                "dit_tflop": _significant(flops / 1e12), "dit_tflops": _significant(achieved),
-                "of_matmul": round(achieved / self.report["matmul_tflops"], 3),
+                "total_s": round(result["sampling_s"] + result["decode_s"], 2), **peak_vram_gib(self.device),
+                "text_tokens": text_tokens.count(), "dit_tflop": _significant(flops / 1e12),
+                "dit_tflops": _significant(achieved), "of_matmul": round(achieved / self.report["matmul_tflops"], 3),
                 "of_datasheet": round(achieved / datasheet, 3) if datasheet else None,
+                **(skipped_share(cache_decisions(transformer)[decided:]) if row.cache is not None else {}),
                 "finite": bool(torch.isfinite(result["latents"]).all()),
             }
         except Unavailable as reason:
@@ -296,29 +348,75 @@ class Suite:
         self.write()
 
     def write(self):
-        self.out.mkdir(parents=True, exist_ok=True)
-        for name, text in (("gpu_suite.json", json.dumps(self.report, indent=1)), ("gpu_suite.md", markdown(self.report))):
-            temporary = self.out / f".{name}.tmp"
-            temporary.write_text(text)
-            os.replace(temporary, self.out / name)
+        write_report(self.out, self.report)
+
+
+def write_report(out: Path, report: dict):
+    """gpu_suite.json and its markdown table gpu_suite.md in `out`, each written to a temporary name and renamed."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("gpu_suite.json", json.dumps(report, indent=1)), ("gpu_suite.md", markdown(report))):
+        temporary = out / f".{name}.tmp"
+        temporary.write_text(text)
+        os.replace(temporary, out / name)
+
+
+def add_side_by_side(out: Path, side_by_side: Path) -> dict:
+    """The suite's report in `out` with the official side by side's figures (its JSON, or why there are none) added,
+    rewritten with both tables."""
+    report_path = out / "gpu_suite.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else {"rows": [], "note": "the suite wrote no report"}
+    report["official_side_by_side"] = (json.loads(side_by_side.read_text()) if side_by_side.exists() else
+                                       {"status": "not run", "note": f"{side_by_side} was not written"})
+    write_report(out, report)
+    return report
+
+
+def row_note(row: dict, random_weights: bool) -> str:
+    note = ", ".join(f"{k}={v}" for k, v in row["settings"].items()) + ("" if row["finite"] else "; non-finite latents")
+    if "cache_steps" in row:
+        note += f"; skipped {row['cache_skipped_steps']} of {row['cache_steps']} steps"
+        if random_weights:
+            note += "; hook overhead only (random weights)"
+    return note
 
 
 def markdown(report: dict) -> str:
     """The RESULTS.md section of a report."""
-    device = report["device"]
+    device = report.get("device", {"name": "unknown", "versions": {}})
+    random_weights = report.get("weights") == "random"
     lines = [f"Device: {device['name']}; " + ", ".join(f"{k} {v}" for k, v in device["versions"].items()) + ".",
              f"bf16 matmul ceiling measured here: {report.get('matmul_tflops', 0):.0f} TFLOP/s; "
-             f"datasheet dense bf16: {report.get('datasheet_bf16_tflops') or 'unknown'} TFLOP/s.", "",
-             "| size | row | total s | sampling s | decode s | peak VRAM GiB | DiT TFLOP/s | of matmul | note |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"datasheet dense bf16: {report.get('datasheet_bf16_tflops') or 'unknown'} TFLOP/s. "
+             f"Weights: {report.get('weights', 'unknown')}; DiT TFLOP/s counted with the text tokens per row the "
+             "transformer was given (text tok).", "",
+             "| size | row | total s | sampling s | decode s | peak VRAM GiB allocated / reserved | text tok | "
+             "DiT TFLOP/s | of matmul | note |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in report["rows"]:
         if row["status"] == "ok":
-            note = ", ".join(f"{k}={v}" for k, v in row["settings"].items()) + ("" if row["finite"] else "; non-finite latents")
             lines.append(f"| {row['size']} | {row['row']} | {row['total_s']} | {row['sampling_s']} | {row['decode_s']} | "
-                         f"{row['peak_vram_gib']} | {row['dit_tflops']} | {row['of_matmul']} | {note} |")
+                         f"{row['peak_vram_allocated_gib']} / {row['peak_vram_reserved_gib']} | {row['text_tokens']} | "
+                         f"{row['dit_tflops']} | {row['of_matmul']} | {row_note(row, random_weights)} |")
         else:
-            lines.append(f"| {row['size']} | {row['row']} | - | - | - | - | - | - | {row['status']}: {row['note']} |")
+            lines.append(f"| {row['size']} | {row['row']} | - | - | - | - | - | - | - | {row['status']}: {row['note']} |")
+    if "official_side_by_side" in report:
+        lines += ["", *side_by_side_markdown(report["official_side_by_side"])]
     return "\n".join(lines) + "\n"
+
+
+def side_by_side_markdown(result: dict) -> list:
+    """The official side by side's table (benchmarks.official_side_by_side --published, the same GPU run)."""
+    lines = ["Official code side by side in the same run (benchmarks.official_side_by_side --published: sampler and "
+             "decode, the same random weights in the official layout on both sides):", "",
+             "| size | units | steps first frame / video | ours s | official s | ours / official | "
+             "peak GiB ours / official | max latent difference |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    if "ours_s" not in result:
+        return lines + [f"| - | - | - | - | - | - | - | {result.get('status', 'not finished')}: "
+                        f"{result.get('note', 'no timings recorded')} |"]
+    steps = f"{result['first_frame_steps']} / {result['video_steps']}"
+    return lines + [f"| {result['height']}x{result['width']} | {result['units']} | {steps} | {result['ours_s']} | "
+                    f"{result['official_s']} | {result['time_ratio']} | {result['ours_peak_gib']} / "
+                    f"{result['official_peak_gib']} | {result.get('max_latent_difference', 'not reached')} |"]
 
 
 def main(argv=None):
@@ -328,9 +426,13 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the code path")
     parser.add_argument("--budget-s", type=float, help=f"wall-clock budget of the rows from start (default {BUDGET_S:.0f}, "
                                                          f"smoke {SMOKE_BUDGET_S:.0f})")
+    parser.add_argument("--side-by-side", type=Path, metavar="FILE",
+                        help="add official_side_by_side.json's figures to the report in --out (nothing is run)")
     args = parser.parse_args(argv)
     if args.out is None:
         parser.error("--out is required when $OUT is not set")
+    if args.side_by_side is not None:
+        return add_side_by_side(args.out, args.side_by_side)
     if not args.smoke and not torch.cuda.is_available():
         parser.error("the suite times a CUDA GPU; none is visible here (use --smoke to check the code path on the CPU)")
     budget = args.budget_s if args.budget_s is not None else SMOKE_BUDGET_S if args.smoke else BUDGET_S

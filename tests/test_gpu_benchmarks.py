@@ -60,10 +60,13 @@ def test_counted_flops_equal_what_a_guided_forward_multiplies(monkeypatch):
 
 def test_generation_flops_of_the_published_384p_clip():
     config, _ = model_configs(tiny=False)
-    guided = generation_flops(config, 384, 640, 16, (20, 20, 20), (10, 10, 10), guided=True)
-    assert guided == 2 * generation_flops(config, 384, 640, 16, (20, 20, 20), (10, 10, 10), guided=False)
+    clip = (config, 384, 640, 16, (20, 20, 20), (10, 10, 10))
+    guided = generation_flops(*clip, guided=True, text_tokens=40)
+    assert guided == 2 * generation_flops(*clip, guided=False, text_tokens=40)
     # about 2.1 GFLOP per token and forward (24 blocks of 12 D^2 multiply-adds, D = 1,920): a few PFLOP in all
     assert 1e15 < guided < 1e16
+    # 88 text tokens fewer per row: ~2.1 GFLOP per token and forward, 2 rows, 20x3 + 15x10x3 forwards, at least
+    assert guided < generation_flops(*clip, guided=True, text_tokens=128) - 88 * 2.1e9 * 2 * 510
 
 
 @pytest.mark.slow  # every row: over a minute of CPU time (compile traces the blocks for every history shape)
@@ -85,11 +88,58 @@ def test_smoke_run_measures_baselines_and_refuses_what_is_not_here(tmp_path):
 
 
 def test_a_short_smoke_run_measures_and_refuses(tmp_path):
-    suite = _suite(tmp_path, [gpu_suite.Row("baseline", "384p"), gpu_suite.Row("offload=model", "384p", offload="model")])
+    suite = _suite(tmp_path, [gpu_suite.Row("baseline", "384p"), gpu_suite.Row("offload=model", "384p", offload="model"),
+                              gpu_suite.Row("cache", "384p", cache=("first-block", 0.05))])
     suite.run()
-    baseline, offload = json.loads((tmp_path / "gpu_suite.json").read_text())["rows"]
+    baseline, offload, cache = json.loads((tmp_path / "gpu_suite.json").read_text())["rows"]
     assert baseline["status"] == "ok" and baseline["total_s"] >= baseline["sampling_s"] > 0 and baseline["dit_tflops"] > 0
     assert offload["status"] == "unavailable"
+    # FLOPs counted with the text the transformer got: the [negative ; prompt] batch keeps 40 of 128 columns
+    assert baseline["text_tokens"] == 40 == suite.negative.followed_by(suite.text).without_padding_columns().hidden_states.shape[1]
+    clip = suite.clip("384p")
+    flops = generation_flops(suite.transformer_config, clip.height, clip.width, clip.num_units, clip.first_frame_steps,
+                             clip.video_steps, guided=True, text_tokens=40)
+    assert baseline["dit_tflop"] == float(f"{flops / 1e12:.4g}")
+    assert baseline["peak_vram_allocated_gib"] is None and baseline["peak_vram_reserved_gib"] is None  # no GPU
+    assert "cache_steps" not in baseline
+    # the cache row: every step of the timed clip decided (2 units x 3 stages x 1 step), and the skips counted
+    assert cache["cache_steps"] == 6 and 0 <= cache["cache_skipped_steps"] <= 6
+    assert cache["cache_skip_share"] == round(cache["cache_skipped_steps"] / 6, 3)
+    table = (tmp_path / "gpu_suite.md").read_text()
+    assert f"skipped {cache['cache_skipped_steps']} of 6 steps; hook overhead only (random weights) |" in table
+    assert "| 384p | baseline |" in table and "| None / None | 40 |" in table
+
+
+def test_the_table_gives_peak_allocated_and_reserved_memory():
+    row = {"status": "ok", "row": "baseline", "size": "384p", "total_s": 9.0, "sampling_s": 8.0, "decode_s": 1.0,
+           "peak_vram_allocated_gib": 20.5, "peak_vram_reserved_gib": 24.25, "text_tokens": 40, "dit_tflops": 300.0,
+           "of_matmul": 0.4, "settings": {}, "finite": True}
+    report = {"device": {"name": "NVIDIA H100", "versions": {}}, "weights": "random", "rows": [row]}
+    assert "| 384p | baseline | 9.0 | 8.0 | 1.0 | 20.5 / 24.25 | 40 | 300.0 | 0.4 |" in gpu_suite.markdown(report)
+
+
+def test_the_official_side_by_side_joins_the_suite_report_and_table(tmp_path):
+    gpu_suite.write_report(tmp_path, {"device": {"name": "NVIDIA H100", "versions": {}}, "weights": "random",
+                                      "rows": []})
+    missing = gpu_suite.main(["--out", str(tmp_path), "--side-by-side", str(tmp_path / "absent.json")])
+    assert missing["official_side_by_side"]["status"] == "not run"
+    assert "not run: " in (tmp_path / "gpu_suite.md").read_text()
+    side = {"height": 384, "width": 640, "units": 16, "first_frame_steps": [10] * 3, "video_steps": [5] * 3,
+            "ours_s": 30.5, "official_s": 120.0, "time_ratio": 0.254, "ours_peak_gib": 20.0, "official_peak_gib": 30.0,
+            "max_latent_difference": 0.01}
+    (tmp_path / "official_side_by_side.json").write_text(json.dumps(side))
+    report = gpu_suite.main(["--out", str(tmp_path), "--side-by-side", str(tmp_path / "official_side_by_side.json")])
+    assert report["official_side_by_side"] == side
+    assert json.loads((tmp_path / "gpu_suite.json").read_text()) == report
+    table = (tmp_path / "gpu_suite.md").read_text()
+    assert "| 384x640 | 16 | [10, 10, 10] / [5, 5, 5] | 30.5 | 120.0 | 0.254 | 20.0 / 30.0 | 0.01 |" in table
+
+
+def test_the_gpu_run_runs_the_official_side_by_side_after_the_suite_and_joins_their_tables():
+    script = (Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_run.sh").read_text()
+    steps = [script.index(step) for step in ("-m benchmarks.gpu_suite --out", "-m benchmarks.official_side_by_side --published",
+                                             "-m benchmarks.gpu_suite --out \"$OUT\" --side-by-side", 'cat "$OUT/gpu_suite.md"')]
+    assert steps == sorted(steps)
 
 
 def test_the_per_group_row_measures_one_call_per_group_and_restores_the_plan(tmp_path, monkeypatch):

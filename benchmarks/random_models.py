@@ -114,7 +114,7 @@ def guided_velocity(transformer, text: PromptEmbeddings, negative: PromptEmbeddi
 
     shapes = []
 
-    def velocity(clips, t):
+    def velocity(clips, t, valid_frames=None):
         check_deadline(deadline, "during sampling")
         if shapes[-1:] != [clips[-1].shape]:  # a new stage or unit: cached residuals no longer apply
             reset_step_cache(transformer)
@@ -122,7 +122,7 @@ def guided_velocity(transformer, text: PromptEmbeddings, negative: PromptEmbeddi
         clips = [torch.cat([c, c]).to(dtype) for c in clips]
         v = transformer(sample=[clips], encoder_hidden_states=hidden, encoder_attention_mask=mask,
                         pooled_projections=pooled, timestep=t.to(hidden.device, dtype).expand(2),
-                        return_dict=False)[0][0].float()
+                        return_dict=False, **({} if valid_frames is None else {"valid_frames": valid_frames}))[0][0].float()
         unconditional, conditional = v.chunk(2)
         return unconditional + scale * (conditional - unconditional)
 
@@ -136,9 +136,10 @@ def synchronize(device: torch.device):
 
 @torch.no_grad()
 def text_to_video(transformer, vae, clip: Clip, text, negative, device, seed: int = 0, decode: bool = True,
-                  deadline=None) -> dict:
+                  deadline=None, **sampling) -> dict:
     """Sample `clip` (Algorithm 1 per unit, Eq. 17 over units) and decode it to uint8 frames; returns the latents,
-    the frames and the seconds spent in sampling and in decoding (the device synchronised at each boundary)."""
+    the frames and the seconds spent in sampling and in decoding (the device synchronised at each boundary).
+    `sampling`: further options of model_core.sampling.sample_video (e.g. shape_buckets)."""
     device = torch.device(device)
     scheduler = PyramidFlowScheduler()
     generator = torch.Generator().manual_seed(seed)
@@ -148,7 +149,7 @@ def text_to_video(transformer, vae, clip: Clip, text, negative, device, seed: in
     started = time.perf_counter()
     latents, _ = sample_video(lambda unit: guided_velocity(transformer, text, negative, scales[unit], deadline),
                               scheduler, shape, None, clip.first_frame_steps, clip.video_steps,
-                              generator=generator, device=device)
+                              generator=generator, device=device, **sampling)
     synchronize(device)
     sampled = time.perf_counter()
     frames = None

@@ -15,6 +15,7 @@ from .generation_plan import GenerationPlan, step_count
 from .media import to_frames, to_video_tensor
 from .parallel import SINGLE_PROCESS
 from .sampling import Progress, sample_video
+from .speed import uses_shape_buckets
 from .step_cache import apply_step_cache, reset_step_cache
 from .storyboard import unit_texts
 from .text import PromptEmbeddings
@@ -90,7 +91,7 @@ def unit_velocity(pipe, text: PromptEmbeddings, negative: Optional[PromptEmbeddi
                                                                            embeddings.attention_mask, embeddings.pooled)))
     stage_shape = None
 
-    def velocity(clips, t):
+    def velocity(clips, t, valid_frames=None):
         nonlocal stage_shape
         if clips[-1].shape != stage_shape:  # a new unit or pyramid stage: cached residuals no longer apply
             reset_step_cache(pipe.transformer)
@@ -102,7 +103,7 @@ def unit_velocity(pipe, text: PromptEmbeddings, negative: Optional[PromptEmbeddi
         v = pipe.transformer(
             sample=[clips], encoder_hidden_states=embeddings.hidden_states.to(dtype),
             encoder_attention_mask=embeddings.attention_mask, pooled_projections=embeddings.pooled.to(dtype),
-            timestep=t.to(clips[-1].device, timestep_dtype).expand(batch), return_dict=False,
+            timestep=t.to(clips[-1].device, timestep_dtype).expand(batch), return_dict=False, valid_frames=valid_frames,
         )[0][0].float()
         if split:
             v = ranks.gather_guidance(v)
@@ -176,10 +177,18 @@ def run_units(pipe, plan: GenerationPlan, velocity_for_unit, history, generator,
         latents, interrupted = sample_video(
             velocity_for_unit, pipe.scheduler, latent_shape, history, plan.first_frame_steps, plan.video_steps,
             generator=generator, on_step=on_step, stop=pipe.stop_requested, device=device,
+            shape_buckets=shape_buckets(pipe),
         )
     if latents is None:  # stopped before the first unit was finished
         latents = torch.zeros(*latent_shape[:2], 0, *latent_shape[3:], device=device)
     return latents, interrupted
+
+
+def shape_buckets(pipe) -> bool:
+    """Pad the history to shape buckets when the transformer's forward is compiled (speed.uses_shape_buckets), unless
+    ranks share the sequence (context parallel pads it its own way)."""
+    context = pipe.parallel is not None and pipe.parallel.context is not None
+    return uses_shape_buckets(pipe.settings_base.get("compile")) and not context
 
 
 def settings_record(pipe, plan: GenerationPlan, negative_prompt, num_frames, interrupted: bool) -> dict:

@@ -13,6 +13,8 @@ QUANTIZE_CHOICES = ("none", "int8", "nf4", "fp8")
 CACHE_MODES = ("none", "first-block", "taylorseer", "mag")
 ATTENTION_BACKENDS = ("native", "flex", "flash", "sage", "flash_varlen", "sage_varlen")
 DEFAULT_ATTENTION_BACKEND = "native"
+COMPILE_LEVELS = (False, True, "max")  # eager; the whole forward compiled; and CUDA graphs per shape (model_core.speed)
+COMPILE_NAMES = {"off": False, "on": True, "max": "max"}  # how the CLI and the studio name the levels
 
 
 def canonical_cache_name(name):
@@ -42,6 +44,21 @@ def capped(value: float, name: str, most: float) -> float:
     if value > most:
         raise ValueError(f"{name} must be a number from 0 to {most:g}; got {value:g}")
     return value
+
+
+def compile_level(value):
+    """One of COMPILE_LEVELS, from itself or its name (COMPILE_NAMES); a ValueError says what is allowed."""
+    if isinstance(value, str):
+        value = COMPILE_NAMES.get(value.strip().lower(), value)
+    if isinstance(value, bool) or value == "max":
+        return value
+    raise ValueError(f"compile must be off, on or max (False, True or 'max'); got {value!r}.")
+
+
+def compile_name(level) -> str:
+    """The CLI's and studio's name of a compile level (the inverse of `compile_level`)."""
+    level = compile_level(level)
+    return next(name for name, named in COMPILE_NAMES.items() if named == level)
 
 
 def canonical_backend_name(name) -> str:

@@ -10,7 +10,7 @@ import torch
 
 from .pyramid import initial_noise, latent_pyramid, renoise_at_jump
 from .scheduler import PyramidFlowScheduler
-from .temporal import history_clips, history_start
+from .temporal import bucket_length, coarsest_history_frames, history_buckets, history_clips, history_start
 
 
 @dataclass(frozen=True)
@@ -36,13 +36,27 @@ class Progress:
         return min(1.0, (self.unit + done_in_unit) / self.num_units)
 
 
+def padded_history(conditions: list, frames: int, length: int, current: torch.Tensor) -> tuple:
+    """Shape buckets: the history clips with the coarsest one (the first, `frames` frames long) padded with zero
+    frames to `length`, and the velocity's keyword `valid_frames` ([T] bool: its real frames, the other clips' and
+    the current unit's) that keeps the padding out of attention and positions (packing.PaddedColumn)."""
+    first = conditions[0]
+    padding = first.new_zeros(*first.shape[:2], length - frames, *first.shape[3:])
+    total = length + sum(clip.shape[2] for clip in conditions[1:]) + current.shape[2]
+    valid = torch.ones(total, dtype=torch.bool, device=current.device)
+    valid[frames:length] = False
+    return [torch.cat([first, padding], dim=2), *conditions[1:]], {"valid_frames": valid}
+
+
 def sample_unit(velocity: Callable, scheduler: PyramidFlowScheduler, start, history: list, unit: int,
-                steps, generator=None, on_step: Callable = None, first_stage: int = 0, stop: Callable = None):
+                steps, generator=None, on_step: Callable = None, first_stage: int = 0, stop: Callable = None,
+                buckets=None):
     """Algorithm 1: integrate every stage from `first_stage` (whose start point, at that stage's resolution,
     is `start`), upsampling and renoising at each jump (Eq. 15).
 
     `on_step(stage, index, t, x)` sees each step's result and returns the latent to go on from. When `stop()`
-    turns true before the last step, the unit is abandoned and None returned."""
+    turns true before the last step, the unit is abandoned and None returned. `buckets`: per stage, the lengths
+    the coarsest history clip is padded to (temporal.history_buckets; the velocity then takes `valid_frames`)."""
     x = start
     last_stage = scheduler.config.stages - 1
     for stage in range(first_stage, scheduler.config.stages):
@@ -51,9 +65,12 @@ def sample_unit(velocity: Callable, scheduler: PyramidFlowScheduler, start, hist
             x = renoise_at_jump(x, scale, noise_std, generator=generator, correlation=-scheduler.config.gamma)
         scheduler.set_timesteps(steps[stage], stage_index=stage, device=x.device)
         scheduler.set_begin_index(0)  # the steps start at the first timestep: no look-up (a device read) in step()
-        conditions = history_clips(history, unit, stage) if unit else []
+        conditions, padding = history_clips(history, unit, stage) if unit else [], {}
+        frames = coarsest_history_frames(unit, stage, scheduler.config.stages) if unit and buckets else 0
+        if frames:
+            conditions, padding = padded_history(conditions, frames, bucket_length(frames, buckets[stage]), x)
         for index, t in enumerate(scheduler.timesteps):
-            x = scheduler.step(velocity([*conditions, x], t), t, x).prev_sample
+            x = scheduler.step(velocity([*conditions, x], t, **padding), t, x).prev_sample
             if on_step is not None:
                 x = on_step(stage, index, t, x)
             finished = stage == last_stage and index == steps[stage] - 1
@@ -64,10 +81,13 @@ def sample_unit(velocity: Callable, scheduler: PyramidFlowScheduler, start, hist
 
 def sample_video(velocity_for_unit: Callable, scheduler: PyramidFlowScheduler, shape, history=None,
                  first_frame_steps=(20, 20, 20), video_steps=(10, 10, 10), generator=None,
-                 on_step: Callable = None, stop: Callable = None, device=None) -> tuple:
+                 on_step: Callable = None, stop: Callable = None, device=None, shape_buckets: bool = False) -> tuple:
     """Generate latent frames one unit at a time, each conditioned on the clean, temporally
     pyramided history of the ones before it (Eq. 17), at most HISTORY_WINDOW frames back.
 
+    `shape_buckets`: pad the coarsest history clip to a few lengths per stage (temporal.history_buckets), so that
+    a compiled transformer sees a few input shapes per video; outputs equal the unpadded ones up to rounding, at
+    the cost of the padding tokens. The velocities then take `valid_frames` (see `padded_history`).
     `shape` is [B, C, T_new, H, W] at full latent resolution; `history` [B, C, T_h, H, W] or None.
     `on_step(progress, t, x)` runs after every transformer step and returns the latent to go on from; `stop()` is
     checked after each step: the unit under way is dropped, finished ones are kept.
@@ -78,6 +98,7 @@ def sample_video(velocity_for_unit: Callable, scheduler: PyramidFlowScheduler, s
     noise = initial_noise(shape, num_stages, generator=generator, device=device)
     frames = list(history.split(1, dim=2)) if history is not None else []
     first, total = len(frames), len(frames) + new_units
+    buckets = [history_buckets(total, stage) for stage in range(num_stages)] if shape_buckets else None
     for unit in range(first, total):
         steps = tuple(first_frame_steps if unit == 0 else video_steps)
         oldest = history_start(unit)
@@ -89,7 +110,7 @@ def sample_video(velocity_for_unit: Callable, scheduler: PyramidFlowScheduler, s
 
         start = noise[:, :, unit - first : unit - first + 1]
         latent = sample_unit(velocity_for_unit(unit), scheduler, start, pyramid, unit - oldest, steps, generator, report,
-                             stop=stop)
+                             stop=stop, buckets=buckets)
         if latent is None:
             return torch.cat(frames, dim=2) if frames else None, True
         frames.append(latent)

@@ -2,14 +2,21 @@
 
 `attention_backend` and `compile` shape the loaded transformer (given to `from_pretrained`); `cache` and
 `cache_threshold` are per generation (the checkpoint's sampling defaults fill them when not given).
+
+`compile` has three levels: False (eager), True (the whole transformer forward compiled, attention included, one
+graph per input shape) and "max" (the same, with CUDA graphs per shape on a CUDA device: torch.compile's
+"reduce-overhead" mode). Compiled, a generation pads its history to shape buckets (model_core.sampling), so that a
+video has a few input shapes, hence a few compiles, instead of one per unit and stage.
 """
 import logging
 import shutil
 import warnings
 
 import torch
+from torch.utils._pytree import tree_map_only
 
-from .step_cache import CACHE_MODES
+from .option_names import COMPILE_LEVELS, compile_level, compile_name
+from .step_cache import CACHE_MODES, step_cache_state
 from .transformers.attention import BlockwiseCausalAttnProcessor
 from .transformers.fusion import fuse_projections as fuse_layers
 from .transformers.attention_backends import DEFAULT_ATTENTION_BACKEND, check_attention_backend, usable_attention_backends
@@ -20,6 +27,10 @@ FLEX_WITHOUT_COMPILE = (
     "score at once (slower and larger than native); turn compile on with it, or use native."
 )
 TORCH_FLEX_WARNING = r"flex_attention called without torch\.compile"  # torch's own multi-line form of the above
+# Compiled graphs dynamo keeps per code object: a video's shapes (per stage its shape buckets and the unpadded
+# shapes of its first units, guided and unguided) stay well below it, where dynamo's default of 8 would fall back
+# to eager after the first units.
+RECOMPILE_LIMIT = 64
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +56,35 @@ def compile_blocks(transformer, backend: str = "inductor") -> None:
             module.processor.compiled = True
 
 
+def compile_forward(transformer, level=True, backend: str = "inductor") -> None:
+    """torch.compile the whole transformer forward, attention included, with static shapes (one graph per input
+    shape: `uses_shape_buckets` keeps them few); "max" on CUDA also captures each graph as a CUDA graph. In one
+    graph (fullgraph=True) unless a step cache is installed, whose gate reads the device between blocks (a graph
+    break); then, and for "max" too, without CUDA graphs, whose replays would overwrite the residuals it keeps."""
+    eager = transformer.forward
+    whole = torch.compile(eager, fullgraph=True, dynamic=False, backend=backend,
+                          mode="reduce-overhead" if level == "max" else None)
+    with_breaks = torch.compile(eager, dynamic=False, backend=backend)
+    dynamo_config = torch._dynamo.config
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
+
+    def forward(*args, **kwargs):
+        if step_cache_state(transformer) is not None:
+            return with_breaks(*args, **kwargs)
+        if level != "max":
+            return whole(*args, **kwargs)
+        torch.compiler.cudagraph_mark_step_begin()  # each call a new step: the last one's outputs are taken
+        return tree_map_only(torch.Tensor, torch.clone, whole(*args, **kwargs))  # the next replay overwrites them
+
+    transformer.forward = forward
+
+
+def uses_shape_buckets(compile) -> bool:
+    """Whether generations pad their history to shape buckets: when the forward is compiled, where each new input
+    shape costs a compile of the whole forward (and "max" a CUDA graph); eager, the padding tokens would buy nothing."""
+    return compile in (True, "max")
+
+
 def fuse_projections(transformer) -> None:
     """One q/k/v GEMM per attention stream and one GEMM for every adaLN modulation (transformers.fusion; the saved
     layout stays the official one), unless offload or layerwise-casting hooks manage the transformer's layers: they
@@ -53,20 +93,31 @@ def fuse_projections(transformer) -> None:
         fuse_layers(transformer)
 
 
+def check_compile(compile, device):
+    """The compile level (option_names.compile_level); a ValueError saying what is allowed when it cannot work on
+    `device`."""
+    level, kind = compile_level(compile), torch.device(device).type
+    if level == "max" and kind != "cuda":  # ok: a device-type check
+        raise ValueError(f"compile 'max' captures CUDA graphs and needs a CUDA GPU; on this {kind} machine compile "
+                         "can be off or on.")
+    if level and not compile_available(device):
+        need = "Triton" if kind == "cuda" else "a C compiler (cc, gcc or clang)"
+        raise ValueError(f"compile {compile_name(level)!r} needs {need} on this {kind} machine; leave compile off.")
+    return level
+
+
 def check_speed_options(device, dtype, attention_backend, compile) -> str:
     """The canonical backend name; a ValueError when the backend or compiling cannot work on `device`."""
     backend = check_attention_backend(attention_backend, device, dtype)
-    if not isinstance(compile, bool):
-        raise ValueError(f"compile must be True or False; got {compile!r}.")
-    if compile and not compile_available(device):
-        need = "Triton" if torch.device(device).type == "cuda" else "a C compiler (cc, gcc or clang)"
-        raise ValueError(f"compile=True needs {need} on this {torch.device(device).type} machine; leave compile off.")
+    check_compile(compile, device)
     return backend
 
 
 def apply_speed_options(transformer, device, dtype, attention_backend=DEFAULT_ATTENTION_BACKEND, compile=False) -> dict:
-    """Fuse the q/k/v projections and adaLN modulations, set the attention backend and compile the blocks; returns the settings to record."""
+    """Fuse the q/k/v projections and adaLN modulations, set the attention backend and compile the forward at the
+    `compile` level (False, True or "max"); returns the settings to record."""
     backend = check_speed_options(device, dtype, attention_backend, compile)
+    compile = compile_level(compile)
     fuse_projections(transformer)
     if backend != DEFAULT_ATTENTION_BACKEND:
         transformer.set_attention_backend(backend)
@@ -74,7 +125,7 @@ def apply_speed_options(transformer, device, dtype, attention_backend=DEFAULT_AT
         logger.warning(FLEX_WITHOUT_COMPILE)
         warnings.filterwarnings("ignore", message=TORCH_FLEX_WARNING, category=UserWarning)
     if compile:
-        compile_blocks(transformer)
+        compile_forward(transformer, compile)
     return {"attention_backend": backend, "compile": compile}
 
 
@@ -83,5 +134,12 @@ def speed_choices(device, dtype=None) -> dict:
     return {
         "cache": CACHE_MODES,
         "attention_backend": tuple(usable_attention_backends(device, dtype)),
-        "compile": (False, True) if compile_available(device) else (False,),
+        "compile": compile_levels(device),
     }
+
+
+def compile_levels(device) -> tuple:
+    """The compile levels that work on `device`: "max" on CUDA only, nothing but False without a compiler."""
+    if not compile_available(device):
+        return (False,)
+    return COMPILE_LEVELS if torch.device(device).type == "cuda" else (False, True)  # ok: a device-type check

@@ -70,6 +70,12 @@ def row_mean(x: torch.Tensor) -> torch.Tensor:
     return x.mean(tuple(range(1, x.ndim)))
 
 
+def valid_row_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per batch row: the mean over the tokens x [B, L, ...] that `valid` [L] marks (shape buckets' padding left out)."""
+    weights = valid.to(x.dtype).reshape(1, -1, *[1] * (x.ndim - 2))
+    return (x * weights).sum(tuple(range(1, x.ndim))) / (valid.sum() * x[0, 0].numel())
+
+
 def relative_change(residual: torch.Tensor, previous: torch.Tensor, mean=row_mean) -> torch.Tensor:
     """Per batch row: mean |residual - previous| / mean |previous|."""
     return mean((residual - previous).abs()) / mean(previous.abs())
@@ -82,6 +88,7 @@ class StepCacheState:
     threshold: float
     mode: str = "first-block"
     ranks: object = None  # a model_core.parallel.Parallelism: statistics of the whole sequence, one decision on all ranks
+    image_valid: Optional[torch.Tensor] = None  # [L_img] bool of this step's forward (shape buckets' padding: False)
     head_residual: Optional[torch.Tensor] = None  # first block's image residual at the last computed step
     head_output: Optional[torch.Tensor] = None  # image tokens the trunk's residual is added to (see the hooks)
     trunk_residuals: list = field(default_factory=list)  # (step, final image tokens - head_output), last computed
@@ -109,7 +116,10 @@ class StepCacheState:
 
     def mean(self, x: torch.Tensor) -> torch.Tensor:
         """Per batch row mean of image tokens x [B, L, D]: of the whole sequence also when ranks share it (context
-        parallel), so every rank gates on the statistic one process would compute."""
+        parallel), so every rank gates on the statistic one process would compute; of the real tokens only when
+        shape buckets pad the sequence."""
+        if self.image_valid is not None:
+            return valid_row_mean(x, self.image_valid)
         return row_mean(x) if self.ranks is None else self.ranks.sequence_mean(x)
 
     def record_trunk_residual(self, residual: torch.Tensor):
@@ -150,11 +160,16 @@ class StateHook(ModelHook):
         super().__init__()
         self.state, self.dual = state, dual
 
+    def read_image_validity(self, args):
+        """Which image tokens of this forward are real: the block's attention layout, its last argument, says."""
+        self.state.image_valid = getattr(args[-1], "image_valid", None)
+
 
 class FirstBlockHook(StateHook):
     """first-block / taylorseer, on the first block: runs it and decides whether the remaining blocks run."""
 
     def new_forward(self, module, image, *args, **kwargs):
+        self.read_image_validity(args)
         text, output = self.fn_ref.original_forward(image, *args, **kwargs)
         state, residual = self.state, output - image
         state.step += 1
@@ -169,6 +184,7 @@ class MagnitudeHeadHook(StateHook):
     """mag, on the first block: decides before it runs whether the trunk runs; a skipped step passes its input on."""
 
     def new_forward(self, module, image, *args, **kwargs):
+        self.read_image_validity(args)
         state = self.state
         state.step += 1
         accumulated = state.magnitude_allows_skip()

@@ -1,5 +1,6 @@
 """Temporal pyramid (Sec. 3.3): which history frames condition a unit, at which resolution, and
 what it costs in tokens. One latent frame per autoregressive unit, as in the published models."""
+import math
 from dataclasses import dataclass
 
 PATCH_SIZE = 2
@@ -7,6 +8,9 @@ PATCH_SIZE = 2
 # frames). Up to that length the layout is the authors'; past it the oldest frames slide out of the window, so
 # tokens, temporal positions and memory per unit stay flat for videos of any length.
 HISTORY_WINDOW = 30
+# Shape buckets (model_core.sampling): lengths per stage the coarsest history clip is padded to, so that a compiled
+# transformer sees a few input shapes per video instead of one per unit and stage.
+BUCKETS_PER_STAGE = 3
 
 
 def latent_frames(num_frames: int, frames_per_latent: int) -> int:
@@ -54,6 +58,26 @@ def history_layout(unit_index: int, stage: int, num_stages: int = 3) -> list:
         else:
             clips.append(HistoryClip(frame, 1, level))
     return clips
+
+
+def coarsest_history_frames(unit_index: int, stage: int, num_stages: int = 3) -> int:
+    """Frames of the history clip at level 0 (all but the `stage` most recent frames of the window), the only clip
+    whose length grows with the unit; 0 when there is none."""
+    clips = history_layout(unit_index, stage, num_stages)
+    return clips[0].length if clips and clips[0].level == 0 else 0
+
+
+def history_buckets(total_units: int, stage: int, per_stage: int = BUCKETS_PER_STAGE) -> tuple:
+    """The lengths the coarsest history clip is padded to at `stage` in a video of `total_units` units: `per_stage`
+    lengths spread evenly up to the longest such clip of its units (a shorter video needs fewer)."""
+    longest = max(min(total_units - 1, HISTORY_WINDOW) - stage, 0)
+    return tuple(sorted({math.ceil(longest * k / per_stage) for k in range(1, per_stage + 1)} - {0}))
+
+
+def bucket_length(frames: int, buckets) -> int:
+    """The shortest of `buckets` that holds `frames` frames; `frames` itself when none does or when it is 0 (an
+    absent clip is not padded: padding in front of the text's group would change what the text attends to)."""
+    return min((length for length in buckets if length >= frames), default=frames) if frames else 0
 
 
 def history_clips(clean_pyramid: list, unit_index: int, stage: int) -> list:

@@ -166,7 +166,10 @@ def _speed_options(generate) -> None:
     speed.add_argument("--attention-backend", type=canonical_backend_name, choices=ATTENTION_BACKENDS,
                        default="native", help="attention kernel (flash-varlen and flash_varlen are one); flash/sage "
                                               "need their package, a CUDA GPU and float16/bfloat16")
-    speed.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (slow first unit)")
+    speed.add_argument("--compile", nargs="?", const="on", default="off", metavar="LEVEL",
+                       help="torch.compile the whole transformer forward: --compile (or on) compiles it once per input "
+                            "shape, the history padded to a few shapes (slow first units); --compile max also captures "
+                            "CUDA graphs (a CUDA GPU only); off: eager (default)")
 
 
 def plan(args) -> Request:

@@ -162,7 +162,7 @@ def test_flex_backend_equals_native(checkpoint, pipe):
 
 @pytest.mark.parametrize("options, message", [
     (dict(attention_backend="flash"), "attention_backend 'flash' is not available"),
-    (dict(compile="yes"), "compile must be True or False"),
+    (dict(compile="yes"), "compile must be off, on or max"),
 ])
 def test_bad_speed_options_are_explained(checkpoint, options, message):
     with pytest.raises(ValueError, match=message):

@@ -397,7 +397,7 @@ def test_speed_panel_offers_what_works_here_and_records_it(client, tiny_model, t
     settings = read_metadata(local_path(video))
     assert (settings["cache"], settings["cache_threshold"], settings["attention_backend"]) == ("first-block", 0.2, "native")
     reused = gallery.control_values(settings)
-    assert (reused["cache"], reused["cache_threshold"], reused["compile"]) == ("first-block", 0.2, False)
+    assert (reused["cache"], reused["cache_threshold"], reused["compile"]) == ("first-block", 0.2, "off")
     with pytest.raises(AppError, match="[Cc]ache must be one of none, first-block"):
         client.predict("a red ball", cache="tea", **FAST, api_name="/text_to_video")
 

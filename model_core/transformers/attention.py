@@ -39,6 +39,7 @@ class AttentionLayout:
     key_valid: torch.Tensor  # [B, L] bool: valid text and all image tokens
     rope: tuple = None  # (complex rotation table [L, head_dim / 2],) (embeddings.rotation_tables) or None
     context: object = None  # a model_core.parallel.UlyssesContext when ranks share the sequence
+    image_valid: torch.Tensor = None  # [L_img] bool: the real image tokens when shape buckets pad (None: all)
     plans: dict = field(default_factory=dict)  # attention_plan.plan_key -> the layers' kernel calls, planned once
 
     def calls(self, style: str, q: torch.Tensor) -> list:

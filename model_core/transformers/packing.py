@@ -77,19 +77,74 @@ def as_columns(sample) -> list:
     return [list(column) for column in sample]
 
 
+def frame_token_counts(grids) -> list:
+    """Image tokens of each frame of a column's clips, in packed order."""
+    return [grid.tokens_per_frame for grid in grids for _ in range(grid.frames)]
+
+
+class PaddedColumn(list):
+    """The clip grids of one column whose coarsest history clip ends in padding frames (shape buckets, see
+    model_core.sampling): `valid_frames` [T] bool marks the real frames of the column's clips, the current unit's
+    included. Padding frames are no keys of attention, count in no temporal position and in no step-cache statistic."""
+
+    def __init__(self, grids, valid_frames: torch.Tensor):
+        super().__init__(grids)
+        self.valid_frames = valid_frames
+
+    def per_token(self, per_frame: torch.Tensor) -> torch.Tensor:
+        """[L_img]: each frame's value of `per_frame` [T] repeated over its tokens (static sizes: no device read)."""
+        return torch.cat([per_frame[index].expand(count) for index, count in enumerate(frame_token_counts(self))])
+
+    def image_valid(self) -> torch.Tensor:
+        """[L_img] bool: the real image tokens."""
+        return self.per_token(self.valid_frames)
+
+    def padding_before(self) -> torch.Tensor:
+        """[L_img]: padding frames before each token's frame, what its temporal position drops."""
+        padding = (~self.valid_frames).to(torch.float32)
+        return self.per_token(padding.cumsum(0) - padding)
+
+
 def pyramid_positions(grids, interpolate: bool) -> torch.Tensor:
-    """(t, h, w) ids [L_img, 3] of packed clips: frames counted from the oldest, h/w in the current grid (Fig. 3b)."""
+    """(t, h, w) ids [L_img, 3] of packed clips: frames counted from the oldest, h/w in the current grid (Fig. 3b);
+    the padding frames of a PaddedColumn are not counted."""
     current, first_frame, positions = grids[-1], 0, []
     for grid in grids:
         positions.append(clip_positions(grid.frames, grid[1:], current[1:], first_frame, interpolate))
         first_frame += grid.frames
-    return torch.cat(positions)
+    positions = torch.cat(positions)
+    if isinstance(grids, PaddedColumn):
+        shift = grids.padding_before()
+        positions = positions.to(shift.device)
+        positions = torch.cat([positions[:, :1] - shift[:, None], positions[:, 1:]], dim=1)
+    return positions
 
 
 def membership(counts: list, device) -> torch.Tensor:
     """One-hot [sum(counts), n]: the sample of each token of a stream whose samples hold `counts` tokens in turn."""
     samples = torch.arange(len(counts), device=device)
     return torch.nn.functional.one_hot(samples.repeat_interleave(torch.tensor(counts, device=device)), len(counts))
+
+
+def per_column(valid_frames, num_columns: int) -> list:
+    """`valid_frames` as one entry per column (None for each when not given; a lone tensor is one column's)."""
+    if valid_frames is None:
+        return [None] * num_columns
+    entries = [valid_frames] if isinstance(valid_frames, torch.Tensor) else list(valid_frames)
+    if len(entries) != num_columns:
+        raise ValueError(f"valid_frames needs one entry per column ({num_columns}); got {len(entries)}.")
+    return entries
+
+
+def padded_column(grids: list, valid_frames):
+    """The column's grids, as a PaddedColumn when it has `valid_frames` ([T] bool over all its clips' frames)."""
+    if valid_frames is None:
+        return grids
+    frames = sum(grid.frames for grid in grids)
+    if valid_frames.shape != (frames,) or valid_frames.dtype != torch.bool:
+        raise ValueError(f"valid_frames must be a bool tensor of the column's {frames} frames; got "
+                         f"{valid_frames.dtype} {tuple(valid_frames.shape)}.")
+    return PaddedColumn(grids, valid_frames)
 
 
 class PyramidTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
@@ -203,14 +258,18 @@ class PyramidTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
         return block(*args)
 
     def attention_layout(self, text_valid: torch.Tensor, grids) -> AttentionLayout:
-        """Causal groups, key validity and RoPE of one column's packed sequence (Sec. 3.4)."""
-        frame_tokens = [grid.tokens_per_frame for grid in grids for _ in range(grid.frames)]
-        image_valid = text_valid.new_ones(text_valid.shape[0], sum(frame_tokens))
-        num_text = text_valid.shape[1]
+        """Causal groups, key validity and RoPE of one column's packed sequence (Sec. 3.4); a PaddedColumn's padding
+        frames are invalid keys, and its RoPE, which depends on which frames are real, is made for it alone."""
+        frame_tokens = frame_token_counts(grids)
+        num_text, rows = text_valid.shape[1], text_valid.shape[0]
+        padded = isinstance(grids, PaddedColumn)
+        image_valid = grids.image_valid().expand(rows, -1) if padded else text_valid.new_ones(rows, sum(frame_tokens))
         return AttentionLayout(
             group_ends=causal_group_ends(num_text, frame_tokens, self.config.use_temporal_causal),
             key_valid=torch.cat([text_valid, image_valid], dim=1),
-            rope=self.shared_rope(num_text, grids, text_valid.device),
+            rope=self.rope_tables(num_text, grids, text_valid.device) if padded else self.shared_rope(
+                num_text, grids, text_valid.device),
+            image_valid=image_valid[0] if padded else None,
         )
 
     def shared_rope(self, num_text: int, grids, device):
@@ -238,18 +297,20 @@ class PyramidTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
         text mask tensor comes back unchanged with the same clip shapes (and dropped with that tensor), so the
         kernel calls planned from it and their masks are made on the stage's first step only, and later steps
         make no mask and read nothing back from the device. Compiled, the layouts are made in the graph (a
-        host-side cache would break it and guard on every change)."""
+        host-side cache would break it and guard on every change). Padded columns are kept by the identity of their
+        `valid_frames` (the sampler makes one per unit and stage), held by the cache so that it stays unique."""
         if torch.compiler.is_compiling():
             return self.make_layouts(encoder_attention_mask, column_grids, device)
         cache = self.__dict__.setdefault("_layout_cache", WeakIdKeyDictionary())
         version = None if encoder_attention_mask.is_inference() else encoder_attention_mask._version
         key = (version, tuple(tuple(grids) for grids in column_grids), str(device))
+        valid = [getattr(grids, "valid_frames", None) for grids in column_grids]
         cached = cache.get(encoder_attention_mask)
-        if cached is None or cached[0] != key:
-            cached = key, self.make_layouts(encoder_attention_mask, column_grids, device)
+        if cached is None or cached[0] != key or any(a is not b for a, b in zip(cached[1], valid)):
+            cached = key, valid, self.make_layouts(encoder_attention_mask, column_grids, device)
             cache.clear()  # one text mask's layouts at a time
             cache[encoder_attention_mask] = cached
-        return cached[1]
+        return cached[2]
 
     def make_layouts(self, encoder_attention_mask: torch.Tensor, column_grids: list, device) -> list:
         text_valid = self.text_validity(encoder_attention_mask.to(device))
@@ -305,12 +366,15 @@ class PyramidTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
         timestep: torch.Tensor,
         return_dict: bool = True,
         packed: bool = False,
+        valid_frames=None,
     ):
         """Predict the flow velocity of the current unit of every column (Eq. 11/17).
 
         sample: columns of latent clips [B, C, T_i, H_i, W_i], oldest history first, current unit last.
         Text/pooled/timestep rows are interleaved sample-major: row = sample * num_columns + column.
         packed: run columns of batch 1 as one packed sequence (`packed_velocities`; training) instead of one by one.
+        valid_frames: shape buckets' padding (model_core.sampling): a [T] bool tensor per column (or one for a single
+        column; None: all real) marking the real frames of its clips, all frames of all clips in order.
         """
         columns = as_columns(sample)
         rows = encoder_hidden_states.shape[0]
@@ -320,7 +384,12 @@ class PyramidTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
         dtype = self.dtype
         temb = self.time_text_embed(timestep, pooled_projections.to(dtype)).to(dtype)
         text = self.context_embedder(encoder_hidden_states.to(dtype))
-        column_grids = [[clip_grid(clip) for clip in clips] for clips in columns]
+        column_grids = [padded_column([clip_grid(clip) for clip in clips], valid)
+                        for clips, valid in zip(columns, per_column(valid_frames, len(columns)))]
+        if packed and valid_frames is not None:
+            raise ValueError("packed=True takes no valid_frames: packed columns are not padded.")
+        if valid_frames is not None and self.context_parallel is not None:
+            raise ValueError("valid_frames (shape buckets) cannot be combined with context parallel.")
         if packed:
             text_valid = self.text_validity(encoder_attention_mask.to(text.device))
             velocities = self.packed_velocities(columns, column_grids, text_valid, text, temb)

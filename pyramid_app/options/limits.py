@@ -6,7 +6,8 @@ setting, says what was wrong and what is allowed. The caps are stated in the UI 
 import math
 from pathlib import Path
 
-from model_core.option_names import CACHE_MODES, DEFAULT_ATTENTION_BACKEND, check_cache_options, check_guidance
+from model_core.option_names import (CACHE_MODES, DEFAULT_ATTENTION_BACKEND, check_cache_options, check_guidance,
+                                     compile_level)
 
 from .settings import ATTENTION_BACKENDS, DTYPES, OFFLOAD_MODES, QUANTIZE_MODES, SEED_LIMIT
 
@@ -89,10 +90,11 @@ SERVER_SPEED = {"attention_backend": DEFAULT_ATTENTION_BACKEND, "compile": False
 
 
 def speed_controls(controls: dict) -> dict:
-    """attention_backend and compile, checked (whether they run on this device is checked as the model loads)."""
+    """attention_backend and compile (its level, from the studio's names off / on / max too), checked (whether they
+    run on this device is checked as the model loads)."""
     values = SERVER_SPEED | controls
     return {"attention_backend": choice(values["attention_backend"], ATTENTION_BACKENDS, "attention_backend"),
-            "compile": flag(values["compile"], "compile")}
+            "compile": compile_level(values["compile"])}
 
 
 def cache_controls(controls: dict) -> dict:

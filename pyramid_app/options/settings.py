@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 
 from model_core.option_names import (ATTENTION_BACKENDS, CACHE_MODES, DEVICES, DTYPE_NAMES, OFFLOAD_CHOICES,
-                                     QUANTIZE_CHOICES, canonical_backend_name, check_cache_options)
+                                     QUANTIZE_CHOICES, canonical_backend_name, check_cache_options, compile_level)
 
 OFFLOAD_MODES = OFFLOAD_CHOICES
 QUANTIZE_MODES = QUANTIZE_CHOICES
@@ -116,10 +116,11 @@ class ModelOptions:
     vae_tiling: bool = False
     lora: tuple = ()  # (path, weight) pairs, or 'PATH[:WEIGHT]' strings (see `parse_lora`)
     attention_backend: str = "native"
-    compile: bool = False
+    compile: object = False  # False, True or "max" (or their names off / on / max), see model_core.speed
 
     def __post_init__(self):
         object.__setattr__(self, "lora", tuple(parse_lora(spec) for spec in self.lora or ()))
+        object.__setattr__(self, "compile", compile_level(self.compile))
         checked_choice(self.dtype, DTYPES, "dtype")
         checked_choice(self.device, DEVICES, "device")
         checked_choice(self.offload, OFFLOAD_MODES, "offload")

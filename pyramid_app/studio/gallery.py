@@ -1,5 +1,6 @@
 """This session's outputs, newest first, and the control values to reuse from any output's embedded settings."""
 from model_core.media_files import read_metadata
+from model_core.option_names import compile_name
 
 from ..options.catalog import choice_for
 from ..options.settings import STAGE_COUNT
@@ -65,13 +66,21 @@ def control_values(settings: dict) -> dict:
         "vae_tiling": settings.get("vae_tiling"),
         "storyboard": storyboard_rows(settings.get("storyboard")),
         "attention_backend": settings.get("attention_backend"),
-        "compile": settings.get("compile"),
+        "compile": recorded_compile(settings.get("compile")),
         "cache": settings.get("cache"),
         "cache_threshold": settings.get("cache_threshold"),
         **sampling_controls(settings),
         **lora_controls(settings.get("lora")),
     }
     return {name: value for name, value in values.items() if value is not None}
+
+
+def recorded_compile(level):
+    """The Speed panel's name of a recorded compile level; None (the control left as it is) when not one."""
+    try:
+        return compile_name(level)
+    except ValueError:
+        return None
 
 
 def storyboard_rows(storyboard) -> list:

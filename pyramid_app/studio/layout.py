@@ -13,6 +13,7 @@ import torch
 
 from model_core.checkpoints import VARIANTS
 from model_core.memory import resolve_device
+from model_core.option_names import compile_name
 from model_core.speed import speed_choices
 from model_core.step_cache import CACHE_MODES
 
@@ -500,8 +501,11 @@ def _speed_panel(sampling, hosted: bool) -> dict:
                                      label="Attention backend",
                                      info="the server's on a hosted studio" if hosted else _unavailable(
                                          "attention_backend", choices, device))
-        compile = gr.Checkbox(False, label="Compile the transformer blocks (torch.compile; the first run is slower)",
-                              interactive=True in choices["compile"])
+        compile = gr.Radio([compile_name(level) for level in choices["compile"]], value=compile_name(False),
+                           label="Compile", info="torch.compile the whole transformer forward: on compiles it once per "
+                                                 "input shape, the history padded to a few shapes (the first units are "
+                                                 "slower); max also captures CUDA graphs (CUDA GPUs only)" + (
+                                                     "; the server's on a hosted studio" if hosted else ""))
     return {"cache": cache, "cache_threshold": cache_threshold, "attention_backend": attention_backend,
             "compile": compile}
 

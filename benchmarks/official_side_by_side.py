@@ -1,47 +1,49 @@
-"""Our text-to-video against the authors' implementation on the same random weights, prompt embeddings and noise.
+"""Our text-to-video against the authors' implementation on the same random weights, in two modes.
 
-The official code (github jy0205/Pyramid-Flow) is imported from a local checkout (--official, default
-`.official/` at the repository root; never part of the project). Its `PyramidDiTForVideoGeneration.generate`
-runs as published, with only these stand-ins:
-* imports it does not use here are stubbed through sys.modules when missing: tensorboardX (training logs),
-  IPython (a debugger hook), timm (VAE weight initialisers, replaced by our loaded weights, and a hub download
-  helper), torchvision (image transforms and the LPIPS training loss's backbone);
-* `build_pyramid_dit` returns the official transformer we built (no checkpoint folder), the VAE is attached after
-  construction (load_vae=False), and the text encoder is a stand-in returning the fixed random embeddings;
-* its block-noise covariance [[1, -1/3, ...]] is singular and recent torch refuses its Cholesky factor, so the
-  MultivariateNormal it builds gets +1e-6 I on the covariance (the only numerical change).
+--pipeline (the headline): the whole pipeline as users run it, each run in a fresh process. A checkpoint folder in
+the official layout is written once with random weights (reduced widths, see PIPELINE_TRANSFORMER and
+random_models.TINY_VAE; tiny CLIP and T5 encoders with their tokenizers from training.tiny_text); each run is a
+child process (benchmarks.official_pipeline_run) that imports its side, loads the folder, encodes the prompt and
+the default negative prompt, samples and decodes to uint8 frames. Rounds rotate the order (ours, official /
+official, ours / ...), threads are torch's defaults, and each child's wall time, CPU time (user + system) and
+peak resident set (from wait4) are recorded, with the phases the child timed itself. A last child runs both sides
+on the same noise for the distance of the final latents and frames.
 
-Both sides get identical weights (our state-dict keys are the official layout), the same prompt embeddings
-(negative first in the guidance batch, guidance 7 first frame / 5 video) and the same steps. Timing runs
-alternate ours / official, each side drawing noise its own way (the official block noise is its own per-block
+Default (sampler only, the secondary row; --published runs it on CUDA at the published sizes): in one process,
+model_core's pieces (benchmarks.random_models.text_to_video: scheduler, sampler, transformer, VAE decode with
+temporal chunks) against the official `generate(..., output_type="pil")` on identical prompt embeddings. The
+official code is the same import (see benchmarks.official_pipeline_run for its stand-ins), except that
+`build_pyramid_dit` returns the official transformer we built (no checkpoint folder), the VAE is attached after
+construction (load_vae=False), and the text encoder is a stand-in returning the fixed random embeddings. Timing
+runs alternate ours / official, each side drawing noise its own way (the official block noise is its own per-block
 loop over the global RNG). The equality run then feeds both the same noise: the official `prepare_latents`
 returns our full-resolution starting noise and its `sample_block_noise` the block noise our sampler drew (recorded
 by wrapping model_core.pyramid.block_noise), and the final latents are compared.
 
-Ours is model_core's pieces (benchmarks.random_models.text_to_video: scheduler, sampler, transformer, VAE decode
-with temporal chunks); the official is `generate(..., output_type="pil")`, i.e. its decode (tiles of 256 px,
-one latent frame per chunk) and uint8 conversion included.
+Both modes give both sides identical weights (our state-dict keys are the official layout), guidance 7 on the
+first frame and 5 on the video, and the same steps. The official code (github jy0205/Pyramid-Flow) is imported
+from a local checkout (--official, default `.official/` at the repository root; never part of the project).
 
-    python -m benchmarks.official_side_by_side                  # CPU, tiny models, float32 (a few minutes)
+    python -m benchmarks.official_side_by_side --pipeline      # CPU, whole pipeline, 384x640, fresh processes
+    python -m benchmarks.official_side_by_side                  # CPU, sampler only, tiny models, float32
     python -m benchmarks.official_side_by_side --published --out $OUT   # CUDA, published sizes, bfloat16
 """
 import argparse
 import contextlib
 import gc
-import importlib.util
 import json
 import os
 import statistics
+import subprocess
 import sys
 import threading
 import time
-import types
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import model_core.pyramid as pyramid  # noqa: E402
+from benchmarks.official_pipeline_run import import_official, recorded_block_noise, regularised_block_noise  # noqa: E402
 from benchmarks.random_models import (  # noqa: E402
     Clip, build_transformer, build_vae, model_configs, random_prompt, synchronize, text_to_video,
 )
@@ -50,55 +52,6 @@ from model_core.pyramid import standard_normal  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
 NEGATIVE = "negative"
-STUBBED = {
-    "tensorboardX": {"SummaryWriter": object},
-    "IPython": {"embed": lambda *a, **k: None},
-    "timm": {}, "timm.models": {}, "timm.models.hub": {},
-    "timm.models.layers": {"drop_path": lambda x, *a, **k: x, "to_2tuple": lambda x: (x, x),
-                           "trunc_normal_": lambda tensor, *a, **k: tensor},  # initialisers: our weights are loaded
-    "torchvision": {}, "torchvision.transforms": {}, "torchvision.models": {},
-}
-
-
-def import_official(root: Path) -> types.SimpleNamespace:
-    """The official pipeline, transformer and VAE classes, with missing unused imports stubbed."""
-    if not (root / "pyramid_dit").is_dir():
-        raise FileNotFoundError(f"no official checkout at {root} (expected {root}/pyramid_dit); pass --official")
-    missing = {name.split(".")[0] for name in STUBBED if name.split(".")[0] not in sys.modules
-               and importlib.util.find_spec(name.split(".")[0]) is None}
-    for name, attributes in STUBBED.items():
-        if name.split(".")[0] in missing:
-            module = sys.modules.setdefault(name, types.ModuleType(name))
-            module.__dict__.update(attributes)
-            parent, _, child = name.rpartition(".")
-            if parent:
-                setattr(sys.modules[parent], child, module)
-    sys.path.insert(0, str(root))
-    from pyramid_dit import pyramid_dit_for_video_gen_pipeline as pipeline
-    from pyramid_dit.flux_modules import PyramidFluxTransformer
-    from video_vae.modeling_causal_vae import CausalVideoVAE
-
-    return types.SimpleNamespace(pipeline=pipeline, transformer=PyramidFluxTransformer, vae=CausalVideoVAE)
-
-
-class RegularisedMultivariateNormal(torch.distributions.MultivariateNormal):
-    """MultivariateNormal with +1e-6 I on a given covariance (the official block noise's is singular)."""
-
-    def __init__(self, loc, covariance_matrix=None, **kwargs):
-        covariance_matrix = covariance_matrix + 1e-6 * torch.eye(covariance_matrix.shape[-1])
-        super().__init__(loc, covariance_matrix=covariance_matrix, **kwargs)
-
-
-@contextlib.contextmanager
-def regularised_block_noise():
-    original = torch.distributions.multivariate_normal.MultivariateNormal
-    torch.distributions.multivariate_normal.MultivariateNormal = RegularisedMultivariateNormal
-    try:
-        yield
-    finally:
-        torch.distributions.multivariate_normal.MultivariateNormal = original
-
-
 class FixedTextEncoder:
     """Stands in for the official text encoder: the fixed embeddings, negative for the negative prompt."""
 
@@ -191,22 +144,6 @@ def timed(work, device):
     return seconds, memory.peak
 
 
-@contextlib.contextmanager
-def recorded_block_noise(record: list):
-    """Record every block noise model_core's sampler draws, in order."""
-    original = pyramid.block_noise
-
-    def recording(*args, **kwargs):
-        record.append(original(*args, **kwargs))
-        return record[-1]
-
-    pyramid.block_noise = recording
-    try:
-        yield
-    finally:
-        pyramid.block_noise = original
-
-
 def max_latent_difference(ours_model, vae, official_model, clip: Clip, text, negative, device, seed: int) -> float:
     """Largest |difference| of the final normalised latents when both sides start from the same noise."""
     noises = []
@@ -289,32 +226,139 @@ def compare(args, write=lambda result: None) -> dict:
     return result
 
 
-def main(argv=None):
+PIPELINE_TRANSFORMER = dict(num_layers=2, num_single_layers=2, num_attention_heads=2, attention_head_dim=64,
+                            joint_attention_dim=64, pooled_projection_dim=32, axes_dims_rope=[16, 24, 24])  # published heads and RoPE
+PIPELINE_TEXT = dict(t5_dim=64, clip_dim=32)
+PROMPT = "a sailboat gliding across a calm blue lake in summer"
+
+
+def write_pipeline_checkpoint(root: Path, seed: int = 0) -> Path:
+    """A checkpoint folder in the official layout: reduced-width transformer and VAE with random weights, tiny
+    CLIP and T5 encoders with their tokenizers (no pyramid_flow.json: both sides read it as a published 384p one)."""
+    from model_core.checkpoints import VAE_FOLDER, transformer_folder
+    from training.initial_checkpoint import name_as_published
+    from training.tiny_text import write_tiny_text_stack
+
+    write_tiny_text_stack(root, "miniflux", seed=seed, **PIPELINE_TEXT)
+    transformer_config, vae_config = model_configs(tiny=True)
+    transformer_config.update(PIPELINE_TRANSFORMER)
+    for model, folder, class_name in (
+            (build_transformer(transformer_config, "cpu", torch.float32, seed), transformer_folder("384p"), "PyramidFluxTransformer"),
+            (build_vae(vae_config, "cpu", torch.float32, seed + 1), VAE_FOLDER, "CausalVideoVAE")):
+        model.save_pretrained(root / folder)
+        name_as_published(root / folder / "config.json", class_name)
+    return root
+
+
+def fresh_process(side: str, checkpoint: Path, official: Path, settings: dict, report: Path) -> dict:
+    """Run one side in a new Python process: its wall seconds, CPU seconds (user + system) and peak resident set
+    (wait4's rusage of that child alone), with the phases it timed itself."""
+    command = [sys.executable, "-m", "benchmarks.official_pipeline_run", side, str(checkpoint), str(official),
+               json.dumps(settings), str(report)]
+    started = time.perf_counter()
+    child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(child.pid, 0)
+    wall = time.perf_counter() - started
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode:
+        raise RuntimeError(f"the {side} run failed (exit status {child.returncode}); its stderr is above")
+    return {"side": side, "wall_s": round(wall, 3), "cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
+            "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), **json.loads(report.read_text())}
+
+
+def rotated_order(rounds: int) -> list:
+    """ours, official, official, ours, ours, official, ...: each side goes first in every other round."""
+    return [side for r in range(rounds) for side in (("ours", "official") if r % 2 == 0 else ("official", "ours"))]
+
+
+def summarise(runs: list) -> dict:
+    """Per side the median of wall, CPU and peak RSS; ours over official for each."""
+    summary = {}
+    for key in ("wall_s", "cpu_s", "peak_rss_mib", "generate_s"):
+        ours = statistics.median(run[key] for run in runs if run["side"] == "ours")
+        theirs = statistics.median(run[key] for run in runs if run["side"] == "official")
+        summary[key] = {"ours": round(ours, 3), "official": round(theirs, 3), "ratio": round(ours / theirs, 3)}
+    return summary
+
+
+def compare_pipelines(args, write=lambda result: None) -> dict:
+    """Write the checkpoint, measure the same-noise distance, then time each side's fresh processes in rotated
+    rounds; `write` gets the report after every run."""
+    import platform
+    import tempfile
+
+    settings = {"prompt": PROMPT, "height": args.height, "width": args.width, "units": args.units,
+                "first_frame_steps": args.first_frame_steps, "video_steps": args.video_steps,
+                "guidance_scale": 7.0, "video_guidance_scale": 5.0, "seed": 0}
+    result = {"mode": "whole pipeline, fresh process per run", "date": time.strftime("%Y-%m-%d"),
+              "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}", "torch": torch.__version__,
+              "dtype": "float32", "transformer": PIPELINE_TRANSFORMER, "text": PIPELINE_TEXT, "vae": "random_models.TINY_VAE",
+              **{key: value for key, value in settings.items() if key != "seed"}, "rounds": args.repeats,
+              "load_average_start": os.getloadavg()}
+    with tempfile.TemporaryDirectory(prefix="side-by-side-") as work:
+        work = Path(work)
+        checkpoint = write_pipeline_checkpoint(work / "checkpoint")
+        difference = fresh_process("difference", checkpoint, args.official, settings, work / "difference.json")
+        result.update({key: difference[key] for key in ("max_latent_difference", "max_frame_difference")})
+        runs = []
+        for index, side in enumerate(rotated_order(args.repeats)):
+            load = os.getloadavg()[0]
+            runs.append({**fresh_process(side, checkpoint, args.official, settings, work / f"run{index}.json"),
+                         "load_average_before": load})
+            result.update(runs=runs, **summarise(runs) if len(runs) > 1 else {})
+            write(result)
+    result["load_average_end"] = os.getloadavg()
+    write(result)
+    return result
+
+
+MODE_DEFAULTS = {  # height, width, units, first-frame steps, video steps, repeats
+    "pipeline": (384, 640, 4, [4, 4, 4], [2, 2, 2], 2),
+    "published": (384, 640, 16, [20] * 3, [10] * 3, 1),
+    "tiny": (64, 128, 5, [20] * 3, [10] * 3, 3),
+}
+
+
+def parse_arguments(argv=None) -> argparse.Namespace:
+    """The command line with each unset size, step and repeat count filled from its mode's defaults."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--official", type=Path, default=ROOT / ".official", help="checkout of the official code")
-    parser.add_argument("--published", action="store_true", help="published sizes, bfloat16, on CUDA")
-    parser.add_argument("--height", type=int, default=None, help="default: 384 published, 64 tiny")
-    parser.add_argument("--width", type=int, default=None, help="default: 640 published, 128 tiny")
-    parser.add_argument("--units", type=int, default=None, help="latent frames; default 16 (5 s) published, 5 tiny")
-    parser.add_argument("--first-frame-steps", type=int, nargs=3, default=[20, 20, 20])
-    parser.add_argument("--video-steps", type=int, nargs=3, default=[10, 10, 10])
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per side; default 1 published, 3 tiny")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--pipeline", action="store_true", help="the whole pipeline, a fresh process per run (CPU)")
+    mode.add_argument("--published", action="store_true", help="sampler only, published sizes, bfloat16, on CUDA")
+    parser.add_argument("--height", type=int, default=None, help="default: 384 (--pipeline, --published), 64 tiny")
+    parser.add_argument("--width", type=int, default=None, help="default: 640 (--pipeline, --published), 128 tiny")
+    parser.add_argument("--units", type=int, default=None,
+                        help="latent frames; default 4 --pipeline, 16 (5 s) --published, 5 tiny")
+    parser.add_argument("--first-frame-steps", type=int, nargs=3, default=None, help="default 4 4 4 --pipeline, else 20 20 20")
+    parser.add_argument("--video-steps", type=int, nargs=3, default=None, help="default 2 2 2 --pipeline, else 10 10 10")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed runs per side (--pipeline: rounds of one run each); default 2 --pipeline, 1 published, 3 tiny")
     parser.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
     args = parser.parse_args(argv)
     if args.published and not torch.cuda.is_available():
         parser.error("--published runs on a CUDA GPU; none is visible here")
-    defaults = (384, 640, 16, 1) if args.published else (64, 128, 5, 3)
-    for name, value in zip(("height", "width", "units", "repeats"), defaults):
+    args.mode = "pipeline" if args.pipeline else "published" if args.published else "tiny"
+    for name, value in zip(("height", "width", "units", "first_frame_steps", "video_steps", "repeats"), MODE_DEFAULTS[args.mode]):
         if getattr(args, name) is None:
             setattr(args, name, value)
-    def write(result):  # after the timings and again after the difference, so a cut-off run keeps its timings
+    if args.repeats < 1 or args.units < 1:
+        parser.error(f"--repeats and --units must be at least 1; got {args.repeats} and {args.units}")
+    return args
+
+
+def main(argv=None):
+    args = parse_arguments(argv)
+    name = "official_pipeline_side_by_side.json" if args.pipeline else "official_side_by_side.json"
+
+    def write(result):  # after every timing and again at the end, so a cut-off run keeps what it measured
         if args.out is not None:
             args.out.mkdir(parents=True, exist_ok=True)
-            temporary = args.out / ".official_side_by_side.json.tmp"
+            temporary = args.out / f".{name}.tmp"
             temporary.write_text(json.dumps(result, indent=1))
-            os.replace(temporary, args.out / "official_side_by_side.json")
+            os.replace(temporary, args.out / name)
 
-    result = compare(args, write)
+    result = (compare_pipelines if args.pipeline else compare)(args, write)
     print(json.dumps(result, indent=1))
     return result
 

@@ -44,6 +44,7 @@ NORMALIZATION_RANGES = {"first_shift": (-MAX_NORMALIZATION, MAX_NORMALIZATION),
                         "first_scale": (1 / MAX_NORMALIZATION, MAX_NORMALIZATION),
                         "later_shift": (-MAX_NORMALIZATION, MAX_NORMALIZATION),
                         "later_scale": (1 / MAX_NORMALIZATION, MAX_NORMALIZATION)}
+STAGE_GRIDS = ("official", "trailing")  # where a stage's steps fall (model_core.scheduler.PyramidFlowScheduler)
 VARIANT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # part of a folder name: diffusion_transformer_<name>
 
 
@@ -119,6 +120,7 @@ class SamplingDefaults:
     cache: str = "none"  # the step cache (model_core.step_cache): none | first-block | taylorseer | mag
     cache_threshold: float = 0.05  # skip the trunk below this change (model_core.step_cache: per mode)
     image_to_video_guidance_scale: Optional[float] = None  # image_to_video's video guidance; None: video_guidance_scale
+    stage_grid: str = "official"  # where each stage's steps fall (STAGE_GRIDS): the model's, not a call option
 
     def filled(self, **given) -> "SamplingDefaults":
         """The given settings, these defaults where a value is None."""
@@ -134,6 +136,7 @@ class SamplingDefaults:
         """These defaults as the keyword arguments of a pipeline call in `mode`."""
         options = asdict(self.for_mode(mode))
         del options["image_to_video_guidance_scale"]  # folded into video_guidance_scale by for_mode
+        del options["stage_grid"]  # the pipeline's scheduler is built with it as the model loads
         return options
 
 
@@ -218,6 +221,10 @@ def sampling_defaults(settings, path) -> SamplingDefaults:
         if name == "cache":  # the mode's name is checked with the call's other options (model_core.step_cache)
             if not isinstance(value, str):
                 raise ValueError(f"{path}: {field} is {_shown(value)}; allowed: the name of a step cache, like \"none\"")
+            checked[name] = value
+        elif name == "stage_grid":
+            if value not in STAGE_GRIDS:
+                raise ValueError(f"{path}: {field} is {_shown(value)}; allowed: {' or '.join(map(json.dumps, STAGE_GRIDS))}")
             checked[name] = value
         elif name.endswith("_steps"):
             if not isinstance(value, (list, tuple)) or not value:

@@ -83,7 +83,8 @@ class PipelineLoading:
             checkpoint.root, torch_dtype=dtype, t5_quantization_config=t5_quant, device=device if t5_quant else None
         )
         components = {**prompt_encoder.encoders, **{k.replace("text_encoder", "tokenizer"): v for k, v in prompt_encoder.tokenizers.items()}}
-        pipe = cls(vae=vae, transformer=transformer, scheduler=PyramidFlowScheduler(), **components)
+        scheduler = PyramidFlowScheduler(stage_grid=checkpoint.family.sampling.stage_grid)
+        pipe = cls(vae=vae, transformer=transformer, scheduler=scheduler, **components)
         pipe.checkpoint = checkpoint
         pipe.source = str(source)
         pipe.official_defaults = not (checkpoint.root / SETTINGS_FILE).is_file() if official_defaults is None else bool(official_defaults)

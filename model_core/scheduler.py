@@ -8,6 +8,8 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 
+from .checkpoints import STAGE_GRIDS
+
 
 @dataclass(frozen=True)
 class StageWindow:
@@ -46,7 +48,9 @@ class PyramidFlowScheduler(SchedulerMixin, ConfigMixin):
     """Euler scheduler over the K stages of a pyramidal flow.
 
     `set_timesteps(n, stage_index=k)` exposes `.timesteps` on the global [0, 1000] scale (what the
-    transformer receives) and `.sigmas` stage-local (linspace(1, 1/num_train_timesteps, n) then 0).
+    transformer receives) and `.sigmas` stage-local. `stage_grid` places a stage's n steps: "official" as the
+    authors' sampler, linspace(1, 1/num_train_timesteps, n) then 0 (its last step, from 0.001 to 0, changes next to
+    nothing: n steps act as n - 1), or "trailing", n equal steps from 1 to 0 (what few-step models are distilled on).
     """
 
     order = 1
@@ -59,12 +63,15 @@ class PyramidFlowScheduler(SchedulerMixin, ConfigMixin):
         stages: int = 3,
         stage_range: Optional[list] = None,
         gamma: float = 1.0 / 3.0,
+        stage_grid: str = "official",
     ):
         stage_range = list(stage_range) if stage_range is not None else [i / stages for i in range(stages + 1)]
         if len(stage_range) != stages + 1 or stage_range[0] != 0 or stage_range[-1] != 1:
             raise ValueError(f"stage_range must be {stages + 1} increasing values from 0 to 1; got {stage_range}")
         if not 0 < gamma <= 1 / 3:
             raise ValueError(f"gamma (|block-noise correlation|) must lie in (0, 1/3]; got {gamma}")
+        if stage_grid not in STAGE_GRIDS:
+            raise ValueError(f"stage_grid must be one of {', '.join(STAGE_GRIDS)}; got {stage_grid!r}")
         self.register_to_config(stage_range=stage_range)
         self.windows = self._stage_windows(num_train_timesteps, shift, stage_range, gamma)
         self.timesteps = None
@@ -132,15 +139,19 @@ class PyramidFlowScheduler(SchedulerMixin, ConfigMixin):
         return float(grid[n - 1])
 
     def set_timesteps(self, num_inference_steps: int, stage_index: int = 0, device: Union[str, torch.device] = None):
-        """Evenly spaced stage-local sigmas from 1 to 1/num_train_timesteps, and their global timesteps, both on the
-        official grids, so the steps equal the authors' implementation bit for bit."""
+        """The stage-local sigmas of `num_inference_steps` steps on the scheduler's `stage_grid`, and their global
+        timesteps; the official grid equals the authors' implementation bit for bit."""
         if not isinstance(num_inference_steps, (int, np.integer)) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer; got {num_inference_steps!r}")
         self._check_stage(stage_index)
         n = self.config.num_train_timesteps
         window = self.windows[stage_index]
-        timesteps = np.linspace(window.timestep_start, self._last_train_timestep(window), num_inference_steps)
-        local = np.linspace(1.0, np.linspace(1.0, 0.0, n + 1)[n - 1], num_inference_steps)
+        if self.config.stage_grid == "trailing":
+            local = np.linspace(1.0, 0.0, num_inference_steps + 1)[:-1]
+            timesteps = window.timestep(local)
+        else:
+            timesteps = np.linspace(window.timestep_start, self._last_train_timestep(window), num_inference_steps)
+            local = np.linspace(1.0, np.linspace(1.0, 0.0, n + 1)[n - 1], num_inference_steps)
         dtype = torch.float32 if torch.device(device or "cpu").type == "mps" else torch.float64  # MPS has no float64
         sigmas = np.append(local, 0.0).astype(np.float32 if dtype == torch.float32 else np.float64)
         self.timesteps = torch.from_numpy(timesteps).to(device, dtype)

@@ -45,6 +45,13 @@ def test_a_checkpoint_names_its_own_sampling_defaults(tmp_path):
     assert sampling.filled(guidance_scale=9.0, video_steps=None) == SamplingDefaults((20, 20, 20), (4, 5, 6), 9.0, 5.0)
 
 
+def test_a_checkpoint_names_its_stage_grid_which_is_not_a_call_option(tmp_path):
+    sampling = with_overrides(write_settings(tmp_path, sampling={"stage_grid": "trailing"}), FAMILIES["miniflux"]).sampling
+    assert sampling.stage_grid == "trailing" and "stage_grid" not in sampling.call_options("text_to_video")
+    with pytest.raises(ValueError, match='sampling.stage_grid is "even"; allowed: "official" or "trailing"'):
+        with_overrides(write_settings(tmp_path, sampling={"stage_grid": "even"}), FAMILIES["miniflux"])
+
+
 def test_unknown_sampling_settings_are_named(tmp_path):
     root = write_settings(tmp_path, sampling={"guidance": 3})
     with pytest.raises(ValueError, match="unknown sampling setting.*guidance; allowed: first_frame_steps"):

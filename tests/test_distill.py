@@ -14,7 +14,7 @@ from model_core.loading import resolve_checkpoint
 from model_core.pipeline import PyramidFlowPipeline
 from tests.training_helpers import CAPTIONS, precompute_features, tiny_overrides, tiny_world
 from training.config import CONFIG_DIR
-from training.distill_task import nested_intervals
+from training.distill_task import teacher_points
 from training.launch import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,12 +61,12 @@ def distance_to_teacher(teacher, student) -> float:
     return float(torch.stack(distances).mean())
 
 
-def test_nested_intervals_split_the_teacher_grid_under_the_student_steps():
-    assert nested_intervals(10, 2) == [(0, 9), (9, 10)]
-    assert nested_intervals(9, 3) == [(0, 4), (4, 8), (8, 9)]
-    assert nested_intervals(4, 1) == [(0, 4)]
-    with pytest.raises(ValueError, match="multiple of student steps"):
-        nested_intervals(10, 3)
+def test_teacher_points_are_the_teacher_levels_inside_a_student_step_with_its_ends():
+    teacher = [1.0, 0.75, 0.5, 0.25, 0.001, 0.0]
+    assert teacher_points(teacher, 1.0, 0.5) == [1.0, 0.75, 0.5]
+    assert teacher_points(teacher, 0.6, 0.3) == [0.6, 0.5, 0.3]  # a student grid off the teacher's
+    assert teacher_points(teacher, 0.25, 0.0) == [0.25, 0.001, 0.0]
+    assert teacher_points(teacher, 0.7, 0.6) == [0.7, 0.6]  # no teacher level inside: one teacher step
 
 
 @pytest.mark.slow
@@ -95,8 +95,10 @@ def test_student_folder_loads_with_its_few_step_guidance_free_schedule(world, tm
     root = tmp_path / "run" / "checkpoint-1"
     sampling = resolve_checkpoint(root).family.sampling
     assert (sampling.first_frame_steps, sampling.video_steps) == ((2, 2, 2), (2, 2, 2))
-    assert (sampling.guidance_scale, sampling.video_guidance_scale) == (1.0, 1.0)
+    assert (sampling.guidance_scale, sampling.video_guidance_scale, sampling.stage_grid) == (1.0, 1.0, "trailing")
     student = PyramidFlowPipeline.from_pretrained(root)
+    student.scheduler.set_timesteps(2, stage_index=2)
+    assert student.scheduler.sigmas.tolist() == [1.0, 0.5, 0.0]  # two real steps, sampled as distilled
     result = student.text_to_video(CAPTIONS[0], num_frames=9, seed=0, output_type="latent")
     assert (result.settings["first_frame_steps"], result.settings["video_steps"]) == ([2, 2, 2], [2, 2, 2])
     assert (result.settings["guidance_scale"], result.settings["video_guidance_scale"]) == (1.0, 1.0)

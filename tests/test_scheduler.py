@@ -119,3 +119,27 @@ def test_interpolation_is_linear_in_sigma():
     a, b = interpolate_on_path(start, end, 0.7), interpolate_on_path(start, end, 0.2)
     torch.testing.assert_close((a - b) / 0.5, velocity_target(start, end))
     torch.testing.assert_close(interpolate_on_path(start, end, torch.tensor([1.0, 0.0]))[0], start[0])
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 5])
+def test_trailing_grid_takes_equal_steps_down_to_zero(steps):
+    """n trailing steps are n real ones (the official grid's last goes from 0.001 to 0); one step is the same on both."""
+    trailing, official = PyramidFlowScheduler(stage_grid="trailing"), PyramidFlowScheduler()
+    for stage in range(3):
+        trailing.set_timesteps(steps, stage_index=stage)
+        official.set_timesteps(steps, stage_index=stage)
+        assert trailing.sigmas.tolist() == pytest.approx([1 - i / steps for i in range(steps + 1)], abs=1e-12)
+        window = trailing.windows[stage]
+        assert trailing.timesteps.tolist() == pytest.approx([window.timestep(s) for s in trailing.sigmas[:-1].tolist()])
+        assert trailing.timesteps[0] == official.timesteps[0]  # both start at the stage's first timestep
+        if steps == 1:
+            assert torch.equal(trailing.sigmas, official.sigmas)
+        else:
+            assert official.sigmas[-2] == pytest.approx(0.001) and trailing.sigmas[-2] == pytest.approx(1 / steps)
+
+
+def test_trailing_grid_survives_a_config_round_trip_and_unknown_grids_are_refused(tmp_path):
+    PyramidFlowScheduler(stage_grid="trailing").save_config(tmp_path)
+    assert PyramidFlowScheduler.from_pretrained(tmp_path).config.stage_grid == "trailing"
+    with pytest.raises(ValueError, match="stage_grid must be one of official, trailing; got 'leading'"):
+        PyramidFlowScheduler(stage_grid="leading")

@@ -25,6 +25,7 @@ def test_every_shipped_recipe_fits_the_schema(name):
     ("train.mixed_precision=fp32", "train.mixed_precision must be one of 'no', 'fp16', 'bf16'; got 'fp32'"),
     ("train.report_to=[csv, mlflow]", "train.report_to[1] must be one of 'tensorboard', 'wandb', 'csv', 'none'"),
     ("task=train", "task is 'train'; use one of flow, vae, distill, bundle"),
+    ("train.max_steps=[1", "the value of override 'train.max_steps=[1' is not valid YAML at line 1, column 3"),
 ])
 def test_launch_refuses_a_bad_key_with_one_sentence_and_exit_2(override, sentence, capsys):
     assert launch.main(["--config", "training/configs/stage2_video_lowres.yaml", override]) == 2
@@ -44,3 +45,11 @@ def test_the_values_yaml_reads_loosely_are_accepted():
     config = load_config(CONFIG_DIR / "tiny_shapes_flow.yaml", ["train.mixed_precision=no", "optim.lr=1",
                                                                "train.report_to=none"])
     assert check_recipe(config)["train"]["mixed_precision"] is False
+
+
+def test_launch_names_the_line_of_a_malformed_recipe(tmp_path, capsys):
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text("task: distill\nmodel:\n  pretrained: x\n# a comment\nfirst: `task: distill` here\n")
+    assert launch.main(["--config", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert f"{recipe} is not valid YAML at line 5, column 8" in err and "Traceback" not in err

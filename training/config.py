@@ -25,8 +25,15 @@ class RecipeLoader(yaml.SafeLoader):
 RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float", SCIENTIFIC, list("-+0123456789."))
 
 
-def parse_yaml(text: str):
-    return yaml.load(text, Loader=RecipeLoader)
+def parse_yaml(text: str, source: str):
+    """The YAML in `text`; malformed YAML is a ValueError naming `source`, the line and column and the fault."""
+    try:
+        return yaml.load(text, Loader=RecipeLoader)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or "not valid YAML"
+        raise ValueError(f"{source} is not valid YAML{where}: {problem}") from None
 
 
 def recipe_path(path) -> Path:
@@ -44,7 +51,7 @@ def recipe_path(path) -> Path:
 def load_config(path, overrides=()) -> dict:
     """Read a recipe; every override is `dotted.key=value` with the value parsed as YAML."""
     path = recipe_path(path)
-    config = parse_yaml(path.read_text()) or {}
+    config = parse_yaml(path.read_text(), str(path)) or {}
     for key, value in parse_overrides(overrides):
         set_path(config, key, value)
     return config
@@ -57,7 +64,7 @@ def parse_overrides(overrides) -> list:
         key, sep, value = override.partition("=")
         if not sep or not key:
             raise ValueError(f"override {override!r} must look like section.key=value")
-        parsed.append((key, parse_yaml(value)))
+        parsed.append((key, parse_yaml(value, f"the value of override {override!r}")))
     return parsed
 
 
@@ -186,6 +193,7 @@ class DistillSection:
     teacher_video_steps: list[int]
     guidance_scale: Number = 1.0
     video_guidance_scale: Number = 1.0
+    stage_grid: Literal["official", "trailing"] = "official"  # the student's (model_core.scheduler), saved with it
 
 
 @dataclass(kw_only=True)

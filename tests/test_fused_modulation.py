@@ -19,6 +19,9 @@ def adaln_count(model) -> int:
 
 
 def counted_ops(model, clips, inputs):
+    """The velocity and its ops, the text conditioning included: a new prompt tensor every call (the model reuses
+    its text conditioning for the same tensors: transformers.text_conditioning)."""
+    inputs = {**inputs, "encoder_hidden_states": inputs["encoder_hidden_states"].clone()}
     with torch.no_grad(), StepCounter() as counted:
         out = velocity(model, clips, inputs)
     return out, counted.ops

@@ -61,9 +61,13 @@ class TimestepTextConditioning(nn.Module):
         self.timestep_embedder = TwoLayerMLP(TIMESTEP_CHANNELS, dim)
         self.text_embedder = TwoLayerMLP(pooled_projection_dim, dim)
 
-    def forward(self, timestep: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-        features = timestep_sinusoid(timestep).to(pooled.dtype)
-        return self.timestep_embedder(features) + self.text_embedder(pooled)
+    def forward(self, timestep: torch.Tensor, pooled: torch.Tensor = None, pooled_embedding: torch.Tensor = None):
+        """From the pooled text, or from its embedding text_embedder(pooled) when given (the same at every step:
+        text_conditioning.py)."""
+        if pooled_embedding is None:
+            pooled_embedding = self.text_embedder(pooled)
+        features = timestep_sinusoid(timestep).to(pooled_embedding.dtype)
+        return self.timestep_embedder(features) + pooled_embedding
 
 
 def rotary_angles(positions: torch.Tensor, axes_dims, theta: float = 10000.0):

@@ -36,7 +36,7 @@ class SingleStreamBlock(nn.Module):
         h, gate = self.norm(x, modulation["norm"])
         attn, mlp = self.attention_and_mlp(h, layout)
         out = self.proj_out(torch.cat([attn, nn.functional.gelu(mlp, approximate="tanh")], dim=-1))
-        return x + gate * out.view_as(x)
+        return x + gate * (out.view_as(x) if out.dim() < x.dim() else out)  # fused, proj_out ran on token rows
 
     def attention_and_mlp(self, h: torch.Tensor, layout: AttentionLayout) -> tuple:
         """The attention's output and the MLP's input projection of h: [B, L, ·] each, or token rows [B·L, ·]."""

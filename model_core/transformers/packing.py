@@ -26,6 +26,7 @@ from .attention_backends import check_attention_backend
 from .embeddings import PATCH, clip_positions, rotation_tables, unpatchify
 from .fusion import refuse_after_lora, unfuse_for_lora
 from .modulation import block_modulations, fused_modulation_keys, without_fused_keys
+from .text_conditioning import text_conditioning
 
 ROPE_CACHE_SIZE = 8  # shapes of RoPE angles kept: a unit's three stages, with room for guided/unguided text lengths
 
@@ -382,8 +383,8 @@ class PyramidTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
         self.check_columns(columns, rows)
         self.check_text(encoder_hidden_states, encoder_attention_mask, pooled_projections, timestep, rows)
         dtype = self.dtype
-        temb = self.time_text_embed(timestep, pooled_projections.to(dtype)).to(dtype)
-        text = self.context_embedder(encoder_hidden_states.to(dtype))
+        text, pooled = text_conditioning(self, encoder_hidden_states.to(dtype), pooled_projections.to(dtype))
+        temb = self.time_text_embed(timestep, pooled_embedding=pooled).to(dtype)
         column_grids = [padded_column([clip_grid(clip) for clip in clips], valid)
                         for clips, valid in zip(columns, per_column(valid_frames, len(columns)))]
         if packed and valid_frames is not None:

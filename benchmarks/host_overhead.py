@@ -13,10 +13,17 @@ the attention calls a CUDA device plans for the published width (benchmarks.atte
   width). The stage's second step is counted; its first, where what depends on shapes only is made, is given as
   `first_step` (the native backend here; tests/test_host_syncs.py checks every backend the CPU runs);
 - `shapes_per_clip`: distinct transformer inputs (shapes of every clip and of the text) over a whole 16-unit
-  384p clip (steps [1, 1, 1]; a tiny-width model, recorded by a forward pre-hook: the shapes do not depend on it);
+  384p clip (steps [1, 1, 1]; a tiny-width model, recorded by a forward pre-hook: the shapes do not depend on it),
+  the history padded to shape buckets as `compile=True` pads it (model_core.sampling, where the checkout has them);
+  `shapes_per_clip_unpadded` without the buckets;
 - `graph_breaks`: torch._dynamo.explain of the transformer's forward on the counted step's inputs (published depth);
-- `recompiles_per_clip`: frames dynamo compiles after the first forward over the 16-unit clip, the whole forward
-  under torch.compile (backend "eager": tracing only, no code generated), tiny width.
+- `recompiles_per_clip`: graphs dynamo hands its backend after the first forward over the 16-unit clip, the whole
+  forward compiled as `compile=True` compiles it (model_core.speed.compile_forward where the checkout has it, else
+  torch.compile of the forward) with a backend that counts the graphs and runs them eagerly (tracing only, no
+  code generated), tiny width, buckets on (with no graph break, one graph per compile);
+- `bucket_token_overhead`, `bucket_attention_overhead`: what the buckets' padding costs over the published 5-s 384p
+  clip at the published steps ([20, 20, 20] for the first unit, [10, 10, 10] after), in tokens through the
+  transformer (text included) and in query-key pairs of its attention (L² per forward), relative to no padding.
 
 Each checkout runs in its own process with its own model_core (`--baseline DIR`: a `git worktree` of an earlier
 release), this file's measuring code in both.
@@ -35,7 +42,8 @@ LAST_UNIT, STAGE, VIDEO_STEPS = UNITS - 1, 2, 10
 TEXT_TOKENS, NEGATIVE_TOKENS, GUIDANCE = 24, 40, 5.0  # valid tokens of the prompt and the negative prompt
 REDUCED_WIDTH = dict(attention_head_dim=32, num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=32,
                      axes_dims_rope=[8, 12, 12])
-FIGURES = ("ops_per_step", "syncs_per_step", "shapes_per_clip", "graph_breaks", "recompiles_per_clip")
+FIGURES = ("ops_per_step", "syncs_per_step", "shapes_per_clip", "graph_breaks", "recompiles_per_clip",
+           "shapes_per_clip_unpadded", "bucket_token_overhead", "bucket_attention_overhead")
 
 
 def reduced_width_transformer(tiny: bool = False):
@@ -126,10 +134,27 @@ def graph_breaks() -> dict:
             "break_reasons": dict(reasons.most_common(5))}
 
 
-def clip_shapes_and_recompiles() -> dict:
-    """Distinct transformer inputs of the 16-unit clip, and dynamo's compiles of the whole forward over it."""
-    from torch._dynamo.utils import counters
+def has_shape_buckets() -> bool:
+    """Whether this process's model_core pads the history to shape buckets (earlier releases do not)."""
+    import inspect
 
+    from model_core.sampling import sample_video
+
+    return "shape_buckets" in inspect.signature(sample_video).parameters
+
+
+def compile_whole_forward(transformer, backend) -> None:
+    """The whole forward compiled as `compile=True` compiles it; earlier releases: torch.compile of it."""
+    try:
+        from model_core.speed import compile_forward
+    except ImportError:
+        transformer.forward = torch.compile(transformer.forward, backend=backend)
+        return
+    compile_forward(transformer, backend=backend)
+
+
+def clip_shapes(shape_buckets: bool, compiled: bool = False) -> dict:
+    """Distinct transformer inputs of the 16-unit clip and, `compiled`, dynamo's compiles of the whole forward over it."""
     from benchmarks.random_models import TINY_VAE, Clip, build_vae, model_configs, random_prompt, text_to_video
 
     transformer, config = reduced_width_transformer(tiny=True)
@@ -142,14 +167,58 @@ def clip_shapes_and_recompiles() -> dict:
     transformer.register_forward_pre_hook(record, with_kwargs=True)
     text, negative = (random_prompt(config, tokens, seed, "cpu") for tokens, seed in ((TEXT_TOKENS, 1), (NEGATIVE_TOKENS, 2)))
     clip = Clip(HEIGHT, WIDTH, UNITS, (1, 1, 1), (1, 1, 1))
-    torch._dynamo.reset()
-    torch._dynamo.config.recompile_limit = torch._dynamo.config.accumulated_recompile_limit = 10_000  # count them all
-    transformer.forward = torch.compile(transformer.forward, backend="eager")  # the hooks stay outside, in Python
-    frames_after_first = []
-    transformer.register_forward_hook(lambda *_: frames_after_first.append(counters["frames"]["total"]))
-    text_to_video(transformer, vae, clip, text, negative, "cpu", decode=False)
-    return {"shapes_per_clip": len(set(shapes)), "forwards_per_clip": len(shapes),
-            "recompiles_per_clip": counters["frames"]["total"] - frames_after_first[0]}
+    graphs, graphs_after_first = [], []
+
+    def count_graphs(graph, example_inputs):  # a backend: counts the graphs, runs them as traced
+        graphs.append(graph)
+        return graph.forward
+
+    if compiled:
+        torch._dynamo.reset()
+        compile_whole_forward(transformer, count_graphs)  # the hooks stay outside, in Python
+        torch._dynamo.config.recompile_limit = torch._dynamo.config.accumulated_recompile_limit = 10_000  # count all
+        transformer.register_forward_hook(lambda *_: graphs_after_first.append(len(graphs)))
+    text_to_video(transformer, vae, clip, text, negative, "cpu", decode=False,
+                  **({"shape_buckets": True} if shape_buckets else {}))
+    figures = {"shapes": len(set(shapes)), "forwards": len(shapes)}
+    if compiled:
+        figures["recompiles"] = len(graphs) - graphs_after_first[0]
+    return figures
+
+
+def clip_shapes_and_recompiles() -> dict:
+    """Shapes of the 16-unit clip with and without buckets (where the checkout has them) and the whole forward's
+    compiles over it."""
+    buckets = has_shape_buckets()
+    compiled = clip_shapes(buckets, compiled=True)
+    figures = {"shapes_per_clip": compiled["shapes"], "forwards_per_clip": compiled["forwards"],
+               "recompiles_per_clip": compiled["recompiles"], "shape_buckets": buckets}
+    if buckets:
+        figures["shapes_per_clip_unpadded"] = clip_shapes(False)["shapes"]
+        figures.update(bucket_overhead())
+    return figures
+
+
+def bucket_overhead(first_frame_steps=(20, 20, 20), video_steps=(10, 10, 10)) -> dict:
+    """Relative tokens and attention query-key pairs the buckets add over the published 16-unit 384p clip."""
+    from model_core.temporal import (bucket_length, coarsest_history_frames, history_buckets, history_layout,
+                                     tokens_per_frame)
+
+    latent_h, latent_w = LATENT_GRID
+    totals = {"tokens": [0, 0], "pairs": [0, 0]}  # [unpadded, padded]
+    for unit in range(UNITS):
+        steps = first_frame_steps if unit == 0 else video_steps
+        for stage in range(3):
+            layout = history_layout(unit, stage)
+            real = NEGATIVE_TOKENS + tokens_per_frame(latent_h, latent_w, stage) + sum(
+                clip.length * tokens_per_frame(latent_h, latent_w, clip.level) for clip in layout)
+            frames = coarsest_history_frames(unit, stage)
+            padding = (bucket_length(frames, history_buckets(UNITS, stage)) - frames) * tokens_per_frame(latent_h, latent_w, 0)
+            for index, length in enumerate((real, real + padding)):
+                totals["tokens"][index] += steps[stage] * length
+                totals["pairs"][index] += steps[stage] * length**2
+    return {"bucket_token_overhead": round(totals["tokens"][1] / totals["tokens"][0] - 1, 4),
+            "bucket_attention_overhead": round(totals["pairs"][1] / totals["pairs"][0] - 1, 4)}
 
 
 def measure() -> dict:

@@ -225,7 +225,7 @@ def _check_against_model(args, mode: str, jobs) -> None:
     from .options import catalog
 
     named = args.model or catalog.BUNDLED
-    if not (named == catalog.BUNDLED or named in catalog.HUB_MODELS or Path(named).expanduser().is_dir()):
+    if not (named in catalog.BUNDLED_MODELS or named in catalog.HUB_MODELS or Path(named).expanduser().is_dir()):
         return
     facts = catalog.model_facts(named)
     spec = facts.spec(args.variant)

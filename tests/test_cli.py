@@ -155,7 +155,7 @@ def test_speed_option_names_are_spelled_either_way(tmp_path, capsys, monkeypatch
 
 
 def test_missing_bundled_model_says_to_pass_model(tmp_path, capsys, no_model_load, monkeypatch):
-    monkeypatch.setattr(settings, "BUNDLED_MODEL", tmp_path / "not-installed")
+    monkeypatch.setitem(settings.BUNDLED_MODELS, settings.BUNDLED, tmp_path / "not-installed")
     code, _, err = run_cli(capsys, "--prompt", "a cat", "--out", tmp_path / "out.mp4")
     assert_one_line_error(code, err, "no bundled model is installed")
     assert "--model" in err

@@ -102,7 +102,7 @@ def test_flags_are_safe_by_default(monkeypatch):
 
 
 def test_studio_starts_without_the_bundled_model_and_says_what_to_do(monkeypatch, tmp_path):
-    monkeypatch.setattr(catalog, "BUNDLED_MODEL", tmp_path / "missing")
+    monkeypatch.setitem(catalog.BUNDLED_MODELS, catalog.BUNDLED, tmp_path / "missing")
     demo = studio.build_studio(output_dir=tmp_path)
     notes = [block.value for block in demo.blocks.values() if getattr(block, "elem_id", None) == "model-note"]
     assert notes and "not installed" in notes[0] and "rain1011/pyramid-flow-miniflux" in notes[0]
@@ -318,7 +318,7 @@ def test_settings_without_a_mode_are_refused(tmp_path):
 def test_generating_with_the_missing_bundled_model_says_what_to_pick(monkeypatch, tmp_path):
     from pyramid_app.studio.endpoints import Endpoints
 
-    monkeypatch.setattr(catalog, "BUNDLED_MODEL", tmp_path / "missing")
+    monkeypatch.setitem(catalog.BUNDLED_MODELS, catalog.BUNDLED, tmp_path / "missing")
     updates = []
 
     async def generate():
@@ -411,3 +411,27 @@ def test_reusing_an_animated_image_fills_the_image_guidance_not_the_text_one():
     updates = studio._reuse_updates(settings, catalog.ModelMenu([]), gradio.Tabs(), inputs, tab_controls,
                                     gradio.Markdown(), {})
     assert updates[image_guidance]["value"] == 3.5 and video_guidance not in updates
+
+
+def test_the_few_step_bundled_model_is_offered_by_name_with_its_own_schedule(monkeypatch, tmp_path):
+    """The turbo (issue 33) is a menu entry of its own, also in hosted mode; its step controls show its schedule and
+    outputs name it "bundled-turbo" (not the server's folder), which Reuse maps back to the entry."""
+    turbo = build_tiny_checkpoint(tmp_path / "turbo")
+    settings = json.loads((turbo / SETTINGS_FILE).read_text())
+    settings["sampling"] = {"first_frame_steps": [1, 1, 2], "video_steps": [1, 1, 2], "guidance_scale": 1.0,
+                            "video_guidance_scale": 1.0, "stage_grid": "trailing"}
+    (turbo / SETTINGS_FILE).write_text(json.dumps(settings))
+    monkeypatch.setitem(catalog.BUNDLED_MODELS, catalog.BUNDLED_TURBO, turbo)
+    for hosted in (False, True):
+        menu = catalog.ModelMenu([], hosted=hosted)
+        assert ("turbo (bundled, few-step: fast)", "bundled-turbo") in menu.choices()
+        assert menu.source_for("bundled-turbo") == "bundled-turbo" and menu.is_local("bundled-turbo")
+    assert studio.model_sampling(catalog.model_facts("bundled-turbo")) == [1.0, 1.0, 1, 1, 2, 1, 1, 2, 1.0]
+    assert catalog.choice_for(str(turbo)) == "bundled-turbo" and catalog.choice_for("bundled-turbo") == "bundled-turbo"
+    from pyramid_app.options.settings import model_name, model_source
+
+    assert (model_name("bundled-turbo"), model_source("bundled-turbo")) == ("bundled-turbo", str(turbo))
+    monkeypatch.setitem(catalog.BUNDLED_MODELS, catalog.BUNDLED_TURBO, tmp_path / "absent")
+    assert "bundled-turbo" not in [value for _, value in catalog.ModelMenu([], hosted=True).choices()]
+    with pytest.raises(FileNotFoundError, match="no bundled-turbo model is installed"):
+        model_source("bundled-turbo")

@@ -1,7 +1,7 @@
 """The studio's model menu: which checkpoints to offer, their variants and length limits, without loading any.
 
-A menu value is "bundled", a hub repo id, or a local checkpoint folder. In hosted mode the menu is an
-allow-list: the bundled model, the published repos and the folders the operator named, each folder offered
+A menu value is "bundled" (or "bundled-turbo", its few-step distillation), a hub repo id, or a local checkpoint
+folder. In hosted mode the menu is an allow-list: the bundled models, the published repos and the folders the operator named, each folder offered
 under its name; any other value a client sends is refused with one sentence that says nothing about the disk.
 """
 from dataclasses import dataclass
@@ -11,7 +11,7 @@ from model_core.checkpoints import (FAMILIES, VARIANTS, SamplingDefaults, Varian
                                     with_overrides)
 from model_core.loading import HUB_ID
 
-from .settings import BUNDLED, BUNDLED_MODEL
+from .settings import BUNDLED, BUNDLED_MODEL, BUNDLED_MODELS, BUNDLED_TURBO
 
 HUB_MODELS = {"rain1011/pyramid-flow-miniflux": "miniflux", "rain1011/pyramid-flow-sd3": "sd3"}
 PUBLISHED_VARIANTS = ("384p", "768p")
@@ -46,7 +46,7 @@ class ModelMenu:
         extra = []
         for model in models or ():
             model = str(model)
-            if model in HUB_MODELS or model == BUNDLED or not (hosted and Path(model).expanduser().is_dir()):
+            if model in HUB_MODELS or model in BUNDLED_MODELS or not (hosted and Path(model).expanduser().is_dir()):
                 extra.append((model, model))
                 continue
             name = _unique(Path(model).name, self.folders)
@@ -92,13 +92,16 @@ class ModelMenu:
 
 
 def _base_choices() -> list:
-    bundled_label = f"{BUNDLED_MODEL.name} (bundled)" + ("" if BUNDLED_MODEL.is_dir() else " — not installed")
-    return [(bundled_label, BUNDLED)] + [(repo, repo) for repo in HUB_MODELS]
+    """The bundled model (marked when missing), its turbo where installed, then the published repos."""
+    bundled, turbo = BUNDLED_MODELS[BUNDLED], BUNDLED_MODELS[BUNDLED_TURBO]
+    bundled_label = f"{bundled.name} (bundled)" + ("" if bundled.is_dir() else " — not installed")
+    turbo_choice = [(f"{turbo.name} (bundled, few-step: fast)", BUNDLED_TURBO)] if turbo.is_dir() else []
+    return [(bundled_label, BUNDLED), *turbo_choice] + [(repo, repo) for repo in HUB_MODELS]
 
 
 def _unique(name: str, taken: dict) -> str:
     candidate, number = name, 2
-    while candidate in taken or candidate in HUB_MODELS or candidate == BUNDLED:
+    while candidate in taken or candidate in HUB_MODELS or candidate in BUNDLED_MODELS:
         candidate, number = f"{name}-{number}", number + 1
     return candidate
 
@@ -117,21 +120,27 @@ def source_for(choice: str):
 
 def choice_for(source) -> str:
     """The menu value for a model recorded in an output's settings."""
-    return BUNDLED if source in (None, "", str(BUNDLED_MODEL)) else str(source)
+    by_folder = {str(folder): name for name, folder in BUNDLED_MODELS.items()}
+    return BUNDLED if source in (None, "") else by_folder.get(str(source), str(source))
 
 
 def is_local(choice: str) -> bool:
     """Whether the menu value names a checkpoint on this machine (nothing to download)."""
-    source = source_for(choice)
-    return BUNDLED_MODEL.is_dir() if source is None else Path(source).expanduser().is_dir()
+    return (bundled_folder(choice) or Path(source_for(choice))).expanduser().is_dir()
+
+
+def bundled_folder(choice, otherwise=None):
+    """The folder of the bundled model a menu value names, else `otherwise`."""
+    return BUNDLED_MODELS.get(source_for(choice) or BUNDLED, otherwise)
 
 
 def model_facts(choice: str) -> ModelFacts:
-    source = source_for(choice)
-    if source is None:
-        if not BUNDLED_MODEL.is_dir():
-            return ModelFacts((), {}, MISSING_BUNDLED)
-        return _local_facts(BUNDLED_MODEL)
+    source, bundled = source_for(choice), bundled_folder(choice)
+    if bundled is not None:
+        if not bundled.is_dir():
+            return ModelFacts((), {}, MISSING_BUNDLED if source in (None, BUNDLED) else
+                              f"The few-step model is not installed (expected `{bundled}`); pick the bundled model.")
+        return _local_facts(bundled)
     if source in HUB_MODELS:
         family = FAMILIES[HUB_MODELS[source]]
         specs = {name: family.variants[name] for name in PUBLISHED_VARIANTS}

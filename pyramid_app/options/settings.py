@@ -19,19 +19,21 @@ QUANTIZE_MODES = QUANTIZE_CHOICES
 DTYPES = DTYPE_NAMES
 STAGE_COUNT = 3
 SEED_LIMIT = 2**63
-BUNDLED_NAME = Path("models") / "pyramid-flow-shapes"
+BUNDLED = "bundled"  # the bundled model's name in settings records and the studio's model menu
+BUNDLED_TURBO = "bundled-turbo"  # its few-step distillation (issue 33), named the same way
+BUNDLED_FOLDERS = {BUNDLED: "pyramid-flow-shapes", BUNDLED_TURBO: "pyramid-flow-shapes-turbo"}  # under assets/models/
 
 
-def bundled_model_dir() -> Path:
-    """The bundled model: the checkout's assets/ folder, else the installed `pyramid_flow_assets` package data."""
-    checkout = Path(__file__).resolve().parents[2] / "assets" / BUNDLED_NAME
+def bundled_model_dir(folder: str = BUNDLED_FOLDERS[BUNDLED]) -> Path:
+    """A bundled model: the checkout's assets/ folder, else the installed `pyramid_flow_assets` package data."""
+    checkout = Path(__file__).resolve().parents[2] / "assets" / "models" / folder
     if checkout.is_dir() or importlib.util.find_spec("pyramid_flow_assets") is None:
         return checkout
-    return Path(str(resources.files("pyramid_flow_assets") / BUNDLED_NAME))
+    return Path(str(resources.files("pyramid_flow_assets") / "models" / folder))
 
 
-BUNDLED_MODEL = bundled_model_dir()
-BUNDLED = "bundled"  # the bundled model's name in settings records and the studio's model menu
+BUNDLED_MODELS = {name: bundled_model_dir(folder) for name, folder in BUNDLED_FOLDERS.items()}
+BUNDLED_MODEL = BUNDLED_MODELS[BUNDLED]
 
 
 def parse_steps(value, name: str, most: int = None) -> tuple:
@@ -88,14 +90,15 @@ def model_name(model) -> str:
 
 
 def model_source(model) -> str:
-    """The checkpoint to load: the one named, else the bundled model."""
-    if model:
+    """The checkpoint to load: the one named (a bundled model by its name), else the bundled model."""
+    if model and model not in BUNDLED_MODELS:
         return str(model)
-    if not BUNDLED_MODEL.is_dir():
-        raise FileNotFoundError(f"no bundled model is installed (expected {BUNDLED_MODEL}); "
+    folder = BUNDLED_MODELS[model or BUNDLED]
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no {model or BUNDLED} model is installed (expected {folder}); "
                                 "pass --model with a checkpoint folder or a hub repo id "
                                 "like rain1011/pyramid-flow-miniflux")
-    return str(BUNDLED_MODEL)
+    return str(folder)
 
 
 def _check_positive_or_none(value, name: str) -> None:

@@ -27,7 +27,7 @@ from .replies import reply
 from .blocks import StudioBlocks
 from ..options.settings import (
     ATTENTION_BACKENDS,
-    BUNDLED_MODEL,
+    BUNDLED_MODELS,
     DTYPES,
     OFFLOAD_MODES,
     QUANTIZE_MODES,
@@ -280,12 +280,13 @@ def _prompt_grammar(prompt, bundled: bool, elem_id) -> gr.Column:
 
 
 def _is_bundled(menu, choice) -> bool:
-    """Whether the menu value names the bundled model (its menu entry or its folder)."""
+    """Whether the menu value names a bundled model (its menu entry or its folder): they share the shapes world's words."""
     try:
         source = menu.source_for(choice)
     except ValueError:
         return False
-    return source is None or Path(source).expanduser().resolve() == BUNDLED_MODEL.resolve()
+    folders = {folder.resolve() for folder in BUNDLED_MODELS.values()}
+    return source is None or source in BUNDLED_MODELS or Path(source).expanduser().resolve() in folders
 
 
 def _tab_controls(controls, storyboards, image_guidance, mode) -> dict:

@@ -59,9 +59,10 @@ def compile_blocks(transformer, backend: str = "inductor") -> None:
 def compile_forward(transformer, level=True, backend: str = "inductor") -> None:
     """torch.compile the whole transformer forward, attention included, with static shapes (one graph per input
     shape: `uses_shape_buckets` keeps them few); "max" on CUDA also captures each graph as a CUDA graph. In one
-    graph (fullgraph=True) unless a step cache is installed, whose gate reads the device between blocks (a graph
-    break); then, and for "max" too, without CUDA graphs, whose replays would overwrite the residuals it keeps."""
-    eager = transformer.forward
+    graph (fullgraph=True) unless hooks run inside the forward: offload hooks (set before compiling) that move
+    weights, or a step cache, whose gate reads the device between blocks (graph breaks); then, "max" included,
+    without CUDA graphs, whose replays would overwrite what the hooks keep."""
+    eager, offloaded = transformer.forward, managed_by_hooks(transformer)
     whole = torch.compile(eager, fullgraph=True, dynamic=False, backend=backend,
                           mode="reduce-overhead" if level == "max" else None)
     with_breaks = torch.compile(eager, dynamic=False, backend=backend)
@@ -69,7 +70,7 @@ def compile_forward(transformer, level=True, backend: str = "inductor") -> None:
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
 
     def forward(*args, **kwargs):
-        if step_cache_state(transformer) is not None:
+        if offloaded or step_cache_state(transformer) is not None:
             return with_breaks(*args, **kwargs)
         if level != "max":
             return whole(*args, **kwargs)
@@ -89,8 +90,13 @@ def fuse_projections(transformer) -> None:
     """One q/k/v GEMM per attention stream and one GEMM for every adaLN modulation (transformers.fusion; the saved
     layout stays the official one), unless offload or layerwise-casting hooks manage the transformer's layers: they
     keep the layers they were set up with. LoRA, quantised and hooked layers stay unfused."""
-    if not any(hasattr(module, "_diffusers_hook") or hasattr(module, "_hf_hook") for module in transformer.modules()):
+    if not managed_by_hooks(transformer):
         fuse_layers(transformer)
+
+
+def managed_by_hooks(transformer) -> bool:
+    """Whether diffusers or accelerate hooks (offload, layerwise casting, step caches) sit on any of its modules."""
+    return any(hasattr(module, "_diffusers_hook") or hasattr(module, "_hf_hook") for module in transformer.modules())
 
 
 def check_compile(compile, device):

@@ -137,3 +137,19 @@ def test_the_compiled_forward_compiles_once_per_input_shape(one_bucket):
     assert counters["stats"]["unique_graphs"] == len(set(shapes)) < len(shapes)
     assert not counters["graph_break"]
     torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow  # dynamo traces the forward in pieces around the cache's gate (half a minute on 2 busy cores)
+def test_a_compiled_forward_with_a_step_cache_skips_the_same_steps(one_bucket):
+    """With a step cache the compiled forward breaks its graph at the gate (fullgraph off) and skips what eager skips."""
+    eager_model, compiled_model = tiny_model("flux"), tiny_model("flux")
+    for model in (eager_model, compiled_model):
+        apply_step_cache(model, "first-block", 0.6)
+    eager, _ = generate(eager_model, 3, shape_buckets=True, steps=(3, 2, 2))
+    torch._dynamo.reset()
+    compile_forward(compiled_model, backend="eager")
+    compiled, _ = generate(compiled_model, 3, shape_buckets=True, steps=(3, 2, 2))
+    torch._dynamo.reset()
+    decisions = step_cache_state(compiled_model).decisions
+    assert decisions == step_cache_state(eager_model).decisions and any(decisions)
+    torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=0)

@@ -49,7 +49,8 @@ def compile_available(device) -> bool:
 def compile_blocks(transformer, backend: str = "inductor") -> None:
     """torch.compile each repeated block with dynamic shapes, so the three pyramid stages and the growing history
     reuse the same graphs instead of recompiling every unit (the causal-group loop stays eager, see attention.py),
-    and the flex backend's attention calls (attention_backends.compiled_flex_attention)."""
+    and the flex backend's attention calls (attention_backends.compiled_flex_attention). Pipelines compile the whole
+    forward instead (`compile_forward`); this one stays for the benchmarks that time it (benchmarks.gpu_suite)."""
     transformer.compile_repeated_blocks(dynamic=True, backend=backend)
     for module in transformer.modules():
         if isinstance(getattr(module, "processor", None), BlockwiseCausalAttnProcessor):

@@ -153,3 +153,12 @@ def test_a_compiled_forward_with_a_step_cache_skips_the_same_steps(one_bucket):
     decisions = step_cache_state(compiled_model).decisions
     assert decisions == step_cache_state(eager_model).decisions and any(decisions)
     torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=0)
+
+
+def test_valid_frames_must_fit_the_column():
+    model = tiny_model("flux")
+    clips = [torch.zeros(2, LATENT_CHANNELS, 2, 4, 6), torch.zeros(2, LATENT_CHANNELS, 1, 16, 24)]
+    with pytest.raises(ValueError, match="valid_frames must be a bool tensor of the column's 3 frames"):
+        model([clips], **text_inputs(model, 2), valid_frames=torch.ones(2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="one entry per column"):
+        model([clips, clips], **text_inputs(model, 4), valid_frames=torch.ones(3, dtype=torch.bool))

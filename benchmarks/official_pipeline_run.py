@@ -16,6 +16,7 @@ block-noise covariance [[1, -1/3, ...]], which is singular and whose Cholesky fa
 +1e-6 I (the only numerical change).
 """
 import contextlib
+import importlib
 import importlib.util
 import json
 import os
@@ -43,8 +44,8 @@ def import_official(root: Path) -> types.SimpleNamespace:
     root = Path(root)
     if not (root / "pyramid_dit").is_dir():
         raise FileNotFoundError(f"no official checkout at {root} (expected {root}/pyramid_dit); pass --official")
-    import diffusers.utils  # noqa: F401  (it asks whether torchvision is installed: before the stub exists)
-    import transformers.utils  # noqa: F401
+    importlib.import_module("diffusers.utils")  # they ask whether torchvision is installed: before the stub exists
+    importlib.import_module("transformers.utils")
 
     missing = {name.split(".")[0] for name in STUBBED if name.split(".")[0] not in sys.modules
                and importlib.util.find_spec(name.split(".")[0]) is None}
@@ -103,7 +104,8 @@ def load_official(checkpoint: Path, official_root: Path):
     official = import_official(official_root)
     with contextlib.redirect_stdout(sys.stderr):  # it prints its scheduler's sigmas
         return official.pipeline.PyramidDiTForVideoGeneration(
-            str(checkpoint), model_dtype="fp32", model_name="pyramid_flux", model_variant=f"diffusion_transformer_{VARIANT}")
+            str(checkpoint), model_dtype="fp32", model_name="pyramid_flux",
+            model_variant=f"diffusion_transformer_{VARIANT}")
 
 
 def generate_official(model, settings: dict, generator=None) -> list:
@@ -117,7 +119,8 @@ def generate_official(model, settings: dict, generator=None) -> list:
                               output_type="pil")
 
 
-def frames_of(images) -> "numpy.ndarray":  # noqa: F821
+def frames_of(images):
+    """PIL images -> uint8 frames [T, H, W, 3] (numpy)."""
     import numpy as np
 
     return np.stack([np.asarray(image) for image in images])
@@ -170,7 +173,8 @@ def difference(checkpoint: Path, official_root: Path, settings: dict, seed: int 
     with recorded_block_noise(noises):
         ours = generate_ours(pipe, settings, seed)
     latents = ours.latents
-    start = standard_normal((1, latents.shape[1], settings["units"], *latents.shape[-2:]), torch.Generator().manual_seed(seed))
+    shape = (1, latents.shape[1], settings["units"], *latents.shape[-2:])
+    start = standard_normal(shape, torch.Generator().manual_seed(seed))
     model.prepare_latents = lambda *args, **kwargs: start.to(model.dtype)
     model.sample_block_noise = lambda *args, **kwargs: noises.pop(0)
     decoded = []

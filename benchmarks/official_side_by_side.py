@@ -226,8 +226,9 @@ def compare(args, write=lambda result: None) -> dict:
     return result
 
 
-PIPELINE_TRANSFORMER = dict(num_layers=2, num_single_layers=2, num_attention_heads=2, attention_head_dim=64,
-                            joint_attention_dim=64, pooled_projection_dim=32, axes_dims_rope=[16, 24, 24])  # published heads and RoPE
+PIPELINE_TRANSFORMER = dict(  # the published head size and RoPE axes (the official loader forces [16, 24, 24])
+    num_layers=2, num_single_layers=2, num_attention_heads=2, attention_head_dim=64, joint_attention_dim=64,
+    pooled_projection_dim=32, axes_dims_rope=[16, 24, 24])
 PIPELINE_TEXT = dict(t5_dim=64, clip_dim=32)
 PROMPT = "a sailboat gliding across a calm blue lake in summer"
 
@@ -242,9 +243,10 @@ def write_pipeline_checkpoint(root: Path, seed: int = 0) -> Path:
     write_tiny_text_stack(root, "miniflux", seed=seed, **PIPELINE_TEXT)
     transformer_config, vae_config = model_configs(tiny=True)
     transformer_config.update(PIPELINE_TRANSFORMER)
-    for model, folder, class_name in (
-            (build_transformer(transformer_config, "cpu", torch.float32, seed), transformer_folder("384p"), "PyramidFluxTransformer"),
-            (build_vae(vae_config, "cpu", torch.float32, seed + 1), VAE_FOLDER, "CausalVideoVAE")):
+    transformer = build_transformer(transformer_config, "cpu", torch.float32, seed)
+    vae = build_vae(vae_config, "cpu", torch.float32, seed + 1)
+    for model, folder, class_name in ((transformer, transformer_folder("384p"), "PyramidFluxTransformer"),
+                                      (vae, VAE_FOLDER, "CausalVideoVAE")):
         model.save_pretrained(root / folder)
         name_as_published(root / folder / "config.json", class_name)
     return root
@@ -291,8 +293,9 @@ def compare_pipelines(args, write=lambda result: None) -> dict:
                 "first_frame_steps": args.first_frame_steps, "video_steps": args.video_steps,
                 "guidance_scale": 7.0, "video_guidance_scale": 5.0, "seed": 0}
     result = {"mode": "whole pipeline, fresh process per run", "date": time.strftime("%Y-%m-%d"),
-              "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}", "torch": torch.__version__,
-              "dtype": "float32", "transformer": PIPELINE_TRANSFORMER, "text": PIPELINE_TEXT, "vae": "random_models.TINY_VAE",
+              "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
+              "torch": torch.__version__, "dtype": "float32", "transformer": PIPELINE_TRANSFORMER, "text": PIPELINE_TEXT,
+              "vae": "random_models.TINY_VAE",
               **{key: value for key, value in settings.items() if key != "seed"}, "rounds": args.repeats,
               "load_average_start": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="side-by-side-") as work:
@@ -330,16 +333,19 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=None, help="default: 640 (--pipeline, --published), 128 tiny")
     parser.add_argument("--units", type=int, default=None,
                         help="latent frames; default 4 --pipeline, 16 (5 s) --published, 5 tiny")
-    parser.add_argument("--first-frame-steps", type=int, nargs=3, default=None, help="default 4 4 4 --pipeline, else 20 20 20")
+    parser.add_argument("--first-frame-steps", type=int, nargs=3, default=None,
+                        help="default 4 4 4 --pipeline, else 20 20 20")
     parser.add_argument("--video-steps", type=int, nargs=3, default=None, help="default 2 2 2 --pipeline, else 10 10 10")
     parser.add_argument("--repeats", type=int, default=None,
-                        help="timed runs per side (--pipeline: rounds of one run each); default 2 --pipeline, 1 published, 3 tiny")
+                        help="timed runs per side (--pipeline: rounds of one run each); "
+                             "default 2 --pipeline, 1 published, 3 tiny")
     parser.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
     args = parser.parse_args(argv)
     if args.published and not torch.cuda.is_available():
         parser.error("--published runs on a CUDA GPU; none is visible here")
     args.mode = "pipeline" if args.pipeline else "published" if args.published else "tiny"
-    for name, value in zip(("height", "width", "units", "first_frame_steps", "video_steps", "repeats"), MODE_DEFAULTS[args.mode]):
+    names = ("height", "width", "units", "first_frame_steps", "video_steps", "repeats")
+    for name, value in zip(names, MODE_DEFAULTS[args.mode]):
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.repeats < 1 or args.units < 1:

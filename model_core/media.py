@@ -3,7 +3,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .media_files import cover_size
+from .media_size import cover_size
 
 
 def as_frames(media, what: str) -> torch.Tensor:
@@ -32,6 +32,6 @@ def to_video_tensor(frames: torch.Tensor, height: int, width: int, device=None, 
 def to_frames(video: torch.Tensor, truncate: bool = False) -> np.ndarray:
     """[1, 3, T, H, W] in [-1, 1] -> uint8 numpy [T, H, W, 3], rounded to the nearest level (or truncated towards
     zero, as the authors' implementation converts)."""
-    pixels = ((video[0].float().clamp(-1, 1) + 1) * 127.5)
-    pixels = (pixels if truncate else pixels.round()).to(torch.uint8)
+    pixels = video[0].float().clamp(-1, 1).add_(1).mul_(127.5)  # in place on clamp's copy: one video-sized buffer
+    pixels = (pixels if truncate else pixels.round_()).to(torch.uint8)
     return pixels.permute(1, 2, 3, 0).cpu().numpy()

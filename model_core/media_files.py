@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from .file_lock import hold, remove_unless_held, replace_held
+from .media_size import cover_size
 
 METADATA_KEY = "comment"
 PNG_METADATA_KEY = "Comment"
@@ -71,7 +72,7 @@ def read_video(path, max_frames=None, max_pixels=None, cover=None) -> tuple:
     ValueError before any frame is decoded (and again while decoding, should the header understate). Frames
     come out upright: a display rotation (phone videos) is applied as ffmpeg's autorotate does. With
     `cover=(height, width)` each frame is scaled down as it is decoded to the smallest size covering that
-    (`model_core.media.cover_size`), so a large clip is never held at its own size.
+    (`model_core.media_size.cover_size`), so a large clip is never held at its own size.
     """
     with _opened_video(path) as (container, stream):
         info = _video_info(path, container, stream)
@@ -306,15 +307,6 @@ def _opened_image(path):
         raise ValueError(f"cannot read image {path}: expected {IMAGE_KINDS}") from error
     with image:
         yield image
-
-
-def cover_size(frame_height: int, frame_width: int, height: int, width: int, shrink_only: bool = True) -> tuple:
-    """(height, width) of a frame scaled, aspect kept, to the smallest size covering `height` x `width`: the size
-    `to_video_tensor` resizes to before its centre crop. `shrink_only`: a frame already smaller keeps its size."""
-    scale = max(height / frame_height, width / frame_width)
-    if shrink_only and scale >= 1:
-        return frame_height, frame_width
-    return max(height, round(frame_height * scale)), max(width, round(frame_width * scale))
 
 
 def _decoded_size(info: VideoInfo, rotation, cover) -> tuple:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .causal_conv import FULL_VIDEO, CausalConv3d, TimeChunk
+from .causal_conv import FULL_VIDEO, CausalConv3d, TimeChunk, memory_format
 
 NORM_EPS = 1e-6
 
@@ -22,8 +22,9 @@ class CausalGroupNorm(nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, frames, height, width = x.shape
         per_frame = x.transpose(1, 2).reshape(batch * frames, channels, height, width)
-        normed = super().forward(per_frame)
-        return normed.reshape(batch, frames, channels, height, width).transpose(1, 2)
+        normed = super().forward(per_frame).reshape(batch, frames, channels, height, width).transpose(1, 2)
+        layout = memory_format(x)  # a single channels-last frame comes out contiguous: keep the decoder's layout
+        return normed if layout == torch.contiguous_format else normed.contiguous(memory_format=layout)
 
 
 class ResnetBlockCausal3D(nn.Module):
@@ -39,10 +40,13 @@ class ResnetBlockCausal3D(nn.Module):
         self.conv_shortcut = CausalConv3d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor, chunk: TimeChunk = FULL_VIDEO) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)), chunk)
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))), chunk)
+        h = self.norm2(self.conv1(self.norm1(x), chunk, silu_first=True))
+        if self.training and self.dropout.p:  # dropout sits between the activation and the conv
+            h = self.conv2(self.dropout(F.silu(h)), chunk)
+        else:
+            h = self.conv2(h, chunk, silu_first=True)
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x, chunk)
-        return skip + h
+        return h.add_(skip)  # the conv's fresh output: equal to skip + h, without another video in memory
 
 
 class StridedDownsample(nn.Module):
@@ -69,9 +73,10 @@ class SpatialUpsample(nn.Module):
     def forward(self, x: torch.Tensor, chunk: TimeChunk = FULL_VIDEO) -> torch.Tensor:
         h = self.conv(x, chunk)
         batch, channels, frames, height, width = h.shape
-        h = h.reshape(batch, channels // 4, 2, 2, frames, height, width)
-        h = h.permute(0, 1, 4, 5, 2, 6, 3)  # b, c, t, h, p_row, w, p_col
-        return h.reshape(batch, channels // 4, frames, height * 2, width * 2)
+        out = empty_in_layout_of(h, batch, channels // 4, frames, height * 2, width * 2)
+        rows_cols = h.view(batch, channels // 4, 2, 2, frames, height, width).permute(0, 1, 4, 5, 2, 6, 3)
+        out.view(batch, channels // 4, frames, height, 2, width, 2).copy_(rows_cols)  # b, c, t, h, p_row, w, p_col
+        return out
 
 
 class TemporalUpsample(nn.Module):
@@ -87,9 +92,15 @@ class TemporalUpsample(nn.Module):
     def forward(self, x: torch.Tensor, chunk: TimeChunk = FULL_VIDEO) -> torch.Tensor:
         h = self.conv(x, chunk)
         batch, channels, frames, height, width = h.shape
-        h = h.reshape(batch, channels // 2, 2, frames, height, width).transpose(2, 3)
-        h = h.reshape(batch, channels // 2, frames * 2, height, width)
-        return h[:, :, 1:] if chunk.is_first else h
+        out = empty_in_layout_of(h, batch, channels // 2, frames * 2, height, width)
+        pairs = h.view(batch, channels // 2, 2, frames, height, width).transpose(2, 3)  # b, c, t, p, h, w
+        out.view(batch, channels // 2, frames, 2, height, width).copy_(pairs)
+        return out[:, :, 1:] if chunk.is_first else out
+
+
+def empty_in_layout_of(h: torch.Tensor, *shape) -> torch.Tensor:
+    """An empty video of `shape` stored as `h` is (channels-last or not), so a depth-to-space into it is one copy."""
+    return torch.empty(shape, dtype=h.dtype, device=h.device, memory_format=memory_format(h))
 
 
 class SpatialAttention(nn.Module):
@@ -106,7 +117,11 @@ class SpatialAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, frames, height, width = x.shape
         tokens = self.group_norm(x).permute(0, 2, 3, 4, 1).reshape(batch * frames, height * width, channels)
-        attended = F.scaled_dot_product_attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens))
+        q, k, v = self.to_q(tokens), self.to_k(tokens), self.to_v(tokens)
+        if memory_format(x) == torch.channels_last_3d:  # the decoder on the CPU: one head axis reaches the fused
+            attended = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]  # kernel (8x faster)
+        else:  # 3-D inputs take the reference path, whose rounding the encoder's released latents carry
+            attended = F.scaled_dot_product_attention(q, k, v)
         for layer in self.to_out:
             attended = layer(attended)
         attended = attended.reshape(batch, frames, height, width, channels).permute(0, 4, 1, 2, 3)

@@ -2,6 +2,7 @@
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -30,6 +31,12 @@ def conv3d(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     return conv(x)
 
 
+def memory_format(x: torch.Tensor) -> torch.memory_format:
+    """torch.channels_last_3d for a video stored channels-last (the decoder's layout on the CPU), else contiguous."""
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
+    return torch.channels_last_3d if channels_last else torch.contiguous_format
+
+
 def _triple(value) -> tuple:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,) * 3
 
@@ -54,16 +61,33 @@ class CausalConv3d(nn.Module):
     def reset_stream(self):
         self.stream_tail = None
 
-    def forward(self, x: torch.Tensor, chunk: TimeChunk = FULL_VIDEO) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, chunk: TimeChunk = FULL_VIDEO, silu_first: bool = False) -> torch.Tensor:
+        """conv(x), or conv(silu(x)) with `silu_first`: on a channels-last video without autograd (the decoder) the
+        activation is written straight into the time-padded input, which saves a pass over the video and a copy."""
         if chunk.is_first:
-            batch, channels, _, height, width = x.shape
-            history = x.new_zeros(batch, channels, self.history_frames, height, width)
+            history = None
         elif self.stream_tail is None:
             raise RuntimeError("a later time chunk arrived before the first one of its video")
         else:
             history = self.stream_tail
-        padded = torch.cat([history, x], dim=2) if history.shape[2] else x
+        padded = self._padded(x, history, silu_first)
         out = conv3d(self.conv, padded)
         if chunk.streaming:
             self.stream_tail = padded[:, :, out.shape[2] * self.conv.stride[0]:].clone()
         return out
+
+    def _padded(self, x: torch.Tensor, history, silu_first: bool) -> torch.Tensor:
+        """[history ; x or silu(x)] along time in x's memory layout; history None means the video's first chunk
+        (k_t - 1 zero frames in front). A strided conv's carried tail may be longer or shorter than k_t - 1."""
+        if silu_first and (torch.is_grad_enabled() or memory_format(x) != torch.channels_last_3d):
+            x, silu_first = F.silu(x), False  # silu into a strided slice rounds differently: keep the encoder's bits
+        front_frames = self.history_frames if history is None else history.shape[2]
+        if not front_frames:
+            return F.silu(x) if silu_first else x
+        batch, channels, frames, height, width = x.shape
+        padded = torch.empty((batch, channels, front_frames + frames, height, width), dtype=x.dtype, device=x.device,
+                             memory_format=memory_format(x))
+        front, rest = padded[:, :, :front_frames], padded[:, :, front_frames:]
+        front.zero_() if history is None else front.copy_(history)
+        torch.ops.aten.silu.out(x, out=rest) if silu_first else rest.copy_(x)
+        return padded

@@ -6,7 +6,9 @@ from torch import nn
 
 from benchmarks.counters import StepCounter
 from model_core.transformers.attention import fuse_qkv_projections, strided_linear
-from model_core.transformers.embeddings import sinusoid_frequencies, timestep_frequencies
+from model_core.transformers.embeddings import (
+    apply_rope_joined, apply_rope_pair, rotary_angles, rotation_tables, sinusoid_frequencies, timestep_frequencies,
+)
 from model_core.transformers.flux import FUSED_QKV_MLP
 from model_core.transformers.fusion import fuse_projections
 from model_core.transformers.modulation import fuse_modulations
@@ -67,6 +69,19 @@ def test_a_linear_whose_weight_records_gradients_goes_through_the_layer():
     assert torch.equal(out, layer(x))
     out.sum().backward()
     assert layer.weight.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_queries_and_keys_one_after_the_other_rotate_as_a_stacked_pair_does(dtype):
+    generator = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 3, 10, 8, generator=generator).to(dtype) for _ in range(2))
+    (rotation,) = rotation_tables(*rotary_angles(torch.arange(10.0)[:, None], [8]))
+    expected = apply_rope_pair(q, k, rotation)
+    qk = torch.cat([q, k], dim=2)
+    with StepCounter() as counter:
+        joined = apply_rope_joined(qk, rotation)
+    assert all(torch.equal(a, b) for a, b in zip(joined, expected))
+    assert counter.op_count == 6 + (dtype != torch.float32) * 2  # view, complex, mul, real, view, unbind (+ casts)
 
 
 def test_timestep_frequencies_are_made_once_per_device_with_the_same_values():

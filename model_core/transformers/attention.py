@@ -27,7 +27,7 @@ from .attention_backends import (
     mask_style,
 )
 from .attention_plan import plan_calls, plan_key
-from .embeddings import apply_rope_pair
+from .embeddings import apply_rope_joined, apply_rope_pair
 
 
 @dataclass
@@ -186,12 +186,15 @@ class BlockwiseCausalAttnProcessor:
         return self.attend(q, k, v, layout)
 
     def attend(self, q, k, v, layout: AttentionLayout) -> torch.Tensor:
+        """k None: q holds the queries and then the keys along the sequence (JointAttention: rotated as one)."""
+        if k is None and (isinstance(layout, PackedLayout) or layout.context is not None or layout.rope is None):
+            q, k = q.chunk(2, dim=2)
         if isinstance(layout, PackedLayout):
             return merge_heads(packed_attention(q, k, v, layout, self.backend()))
         if layout.context is not None:
             q, k, v = (layout.context.to_heads(x) for x in (q, k, v))
         if layout.rope is not None:
-            q, k = apply_rope_pair(q, k, *layout.rope)
+            q, k = apply_rope_pair(q, k, *layout.rope) if k is not None else apply_rope_joined(q, *layout.rope)
         backend = self.backend()
         out = run_calls(q, k, v, layout.calls(mask_style(backend), q), backend, self.compiled)
         return merge_heads(out if layout.context is None else layout.context.to_sequence(out))
@@ -378,8 +381,9 @@ class JointAttention(SelfAttention):
 
     def forward(self, image: torch.Tensor, text: torch.Tensor, layout: AttentionLayout):
         """Returns (image output, text output); the text output is None for a context-pre-only block."""
-        heads = [torch.cat(pair, dim=2) for pair in zip(self.project_text(text), self.project(image))]
-        out = self.processor(*heads, layout)
+        (q_text, k_text, v_text), (q_image, k_image, v_image) = self.project_text(text), self.project(image)
+        qk = torch.cat([q_text, q_image, k_text, k_image], dim=2)  # [text ; image] queries, then keys: one rotation
+        out = self.processor(qk, None, torch.cat([v_text, v_image], dim=2), layout)
         text_out, image_out = out.split([text.shape[1], out.shape[1] - text.shape[1]], dim=1)
         image_out = self.to_out[1](strided_linear(self.to_out[0], image_out))
         return image_out, None if self.to_add_out is None else strided_linear(self.to_add_out, text_out)

@@ -98,6 +98,14 @@ def apply_rope_pair(q: torch.Tensor, k: torch.Tensor, rotation: torch.Tensor) ->
     return apply_rope(torch.stack([q, k]), rotation).unbind(0)
 
 
+def apply_rope_joined(qk: torch.Tensor, rotation: torch.Tensor) -> tuple:
+    """`apply_rope` of queries and keys held one after the other along the sequence of qk [B, heads, 2·L, D], in
+    one multiply without stacking them; returns (q, k) [B, heads, L, D]."""
+    b, heads, length, dim = qk.shape
+    pairs = torch.view_as_complex(qk.float().view(b, heads, 2, length // 2, dim // 2, 2))
+    return torch.view_as_real(pairs * rotation).flatten(-2).to(qk.dtype).unbind(2)
+
+
 def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
     """[sin | cos] features of 1-D positions with frequencies 10000^(-2i/dim)."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))

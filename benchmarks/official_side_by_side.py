@@ -237,10 +237,14 @@ def write_pipeline_checkpoint(root: Path, seed: int = 0) -> Path:
     """A checkpoint folder in the official layout: reduced-width transformer and VAE with random weights, tiny
     CLIP and T5 encoders with their tokenizers (no pyramid_flow.json: both sides read it as a published 384p one)."""
     from model_core.checkpoints import VAE_FOLDER, transformer_folder
+    from model_core.pipeline import OFFICIAL_NEGATIVE_PROMPT, OFFICIAL_PROMPT_SUFFIX
     from training.initial_checkpoint import name_as_published
-    from training.tiny_text import write_tiny_text_stack
+    from training.tiny_text import DEFAULT_CORPUS, write_tiny_text_stack
 
-    write_tiny_text_stack(root, "miniflux", seed=seed, **PIPELINE_TEXT)
+    # tokenizers that know the prompts' words, as a real vocabulary does: 71 and 25 T5 tokens for the default negative
+    # prompt and the prompt (learned without them, mostly single letters: 109 and 42)
+    corpus = [*DEFAULT_CORPUS, OFFICIAL_NEGATIVE_PROMPT, PROMPT + OFFICIAL_PROMPT_SUFFIX]
+    write_tiny_text_stack(root, "miniflux", seed=seed, corpus=corpus, **PIPELINE_TEXT)
     transformer_config, vae_config = model_configs(tiny=True)
     transformer_config.update(PIPELINE_TRANSFORMER)
     transformer = build_transformer(transformer_config, "cpu", torch.float32, seed)

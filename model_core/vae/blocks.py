@@ -20,11 +20,20 @@ class CausalGroupNorm(nn.GroupNorm):
         super().__init__(num_groups, num_channels, eps=NORM_EPS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if memory_format(x) == torch.channels_last_3d:
+            return self._frame_by_frame(x)
         batch, channels, frames, height, width = x.shape
         per_frame = x.transpose(1, 2).reshape(batch * frames, channels, height, width)
-        normed = super().forward(per_frame).reshape(batch, frames, channels, height, width).transpose(1, 2)
-        layout = memory_format(x)  # a single channels-last frame comes out contiguous: keep the decoder's layout
-        return normed if layout == torch.contiguous_format else normed.contiguous(memory_format=layout)
+        normed = super().forward(per_frame)
+        return normed.reshape(batch, frames, channels, height, width).transpose(1, 2)
+
+    def _frame_by_frame(self, x: torch.Tensor) -> torch.Tensor:
+        """A channels-last video one frame at a time: the channels-last kernel's reduction order depends on how many
+        frames it gets, and a frame must come out the same whatever chunk of the video it is decoded in."""
+        out = torch.empty_like(x)
+        for frame in range(x.shape[2]):
+            out[:, :, frame] = super().forward(x[:, :, frame])
+        return out
 
 
 class ResnetBlockCausal3D(nn.Module):

@@ -44,7 +44,9 @@ def run_plan(pipe, plan: GenerationPlan, condition_frames, *, generator, negativ
                                  device)
     texts = texts_of_units(pipe, plan, text, len(scales), device)
     decode_unit = None if stream_to is None else stream_start(pipe, plan, stream_to, condition, history)
-    velocity = lambda unit: unit_velocity(pipe, texts[unit], negative if guided[unit] else None, scales[unit])  # noqa: E731
+    prepared = {}  # the transformer's text inputs, made once per generation
+    velocity = lambda unit: unit_velocity(pipe, texts[unit], negative if guided[unit] else None, scales[unit],  # noqa: E731
+                                          prepared)
     latents, interrupted = run_units(pipe, plan, velocity, history, generator, device, decode_unit, callback_on_step_end,
                                      {"prompt_embeds": text, "negative_prompt_embeds": negative})
     frames = pipe.decode_latents(latents) if plan.output_type != "latent" and stream_to is None else None
@@ -79,16 +81,19 @@ def texts_of_units(pipe, plan: GenerationPlan, text, total_units: int, device) -
     return [text] * history_units + unit_texts(segment_of_unit, embeddings, plan.storyboard.blend)
 
 
-def unit_velocity(pipe, text: PromptEmbeddings, negative: Optional[PromptEmbeddings], scale: float):
-    """v(clips, t) of one unit from the transformer, with classifier-free guidance when `negative` is given."""
-    embeddings = (text if negative is None else negative.followed_by(text)).without_padding_columns()
+def unit_velocity(pipe, text: PromptEmbeddings, negative: Optional[PromptEmbeddings], scale: float,
+                  prepared: Optional[dict] = None):
+    """v(clips, t) of one unit from the transformer, with classifier-free guidance when `negative` is given.
+    `prepared`: the generation's transformer text inputs so far (`transformer_text`), shared by its units."""
     dtype = pipe.compute_dtype
     timestep_dtype = dtype if pipe.official_defaults else torch.float32  # the authors cast t to the latents' dtype
     ranks = pipe.parallel
     split = negative is not None and ranks is not None and ranks.config.guidance == 2
-    if split:  # guidance parallel: this rank predicts one branch, the two ranks swap velocities
-        embeddings = PromptEmbeddings(*(ranks.guidance_branch(x) for x in (embeddings.hidden_states,
-                                                                           embeddings.attention_mask, embeddings.pooled)))
+    prepared = {} if prepared is None else prepared
+    key = (id(text), id(negative))  # both live as long as the generation that holds `prepared`
+    if key not in prepared:
+        prepared[key] = transformer_text(pipe, text, negative, split)
+    embeddings = prepared[key]
     stage_shape = None
 
     def velocity(clips, t, valid_frames=None):
@@ -101,8 +106,8 @@ def unit_velocity(pipe, text: PromptEmbeddings, negative: Optional[PromptEmbeddi
             clips = [torch.cat([c, c]) for c in clips]
         batch = clips[-1].shape[0]
         v = pipe.transformer(
-            sample=[clips], encoder_hidden_states=embeddings.hidden_states.to(dtype),
-            encoder_attention_mask=embeddings.attention_mask, pooled_projections=embeddings.pooled.to(dtype),
+            sample=[clips], encoder_hidden_states=embeddings.hidden_states,
+            encoder_attention_mask=embeddings.attention_mask, pooled_projections=embeddings.pooled,
             timestep=t.to(clips[-1].device, timestep_dtype).expand(batch), return_dict=False, valid_frames=valid_frames,
         )[0][0].float()
         if split:
@@ -113,6 +118,20 @@ def unit_velocity(pipe, text: PromptEmbeddings, negative: Optional[PromptEmbeddi
         return unconditional + scale * (conditional - unconditional)
 
     return velocity
+
+
+def transformer_text(pipe, text: PromptEmbeddings, negative: Optional[PromptEmbeddings], split: bool) -> PromptEmbeddings:
+    """The prompt embeddings the transformer gets: [negative ; text] when guided, without padding columns, this
+    rank's branch when `split` (guidance parallel), states and pooled vector in the compute dtype. Made once per
+    generation, the same tensors reach every step, so the transformer reuses its text conditioning
+    (transformers/text_conditioning.py)."""
+    embeddings = (text if negative is None else negative.followed_by(text)).without_padding_columns()
+    if split:  # guidance parallel: this rank predicts one branch, the two ranks swap velocities
+        ranks = pipe.parallel
+        embeddings = PromptEmbeddings(*(ranks.guidance_branch(x) for x in (embeddings.hidden_states,
+                                                                           embeddings.attention_mask, embeddings.pooled)))
+    dtype = pipe.compute_dtype
+    return PromptEmbeddings(embeddings.hidden_states.to(dtype), embeddings.attention_mask, embeddings.pooled.to(dtype))
 
 
 def stream_start(pipe, plan: GenerationPlan, stream_to, condition, history):

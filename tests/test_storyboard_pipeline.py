@@ -43,9 +43,9 @@ def texts_per_unit(pipe, monkeypatch) -> list:
     """The prompt states each unit is generated with, in order (the pipeline asks for one velocity per unit)."""
     seen, velocity = [], generation_runner.unit_velocity
 
-    def recording(pipe, text, negative, scale):
+    def recording(pipe, text, negative, scale, *prepared):
         seen.append(text.hidden_states.clone())
-        return velocity(pipe, text, negative, scale)
+        return velocity(pipe, text, negative, scale, *prepared)
 
     monkeypatch.setattr(generation_runner, "unit_velocity", recording)
     return seen

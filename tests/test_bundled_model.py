@@ -6,6 +6,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from model_core.media_files import read_video
 from pyramid_app.options import settings
@@ -13,6 +15,7 @@ from training.shapes_detector import read_clip
 from training.shapes_world import parse_prompt
 
 MODEL = settings.BUNDLED_MODEL
+TURBO = settings.BUNDLED_MODELS[settings.BUNDLED_TURBO]
 MAX_BYTES = 50 * 2**20
 
 
@@ -33,14 +36,33 @@ def test_model_card_states_recipe_time_and_figures():
         assert needed in card, needed
 
 
-@pytest.mark.parametrize("prompt, seed", [("a blue circle moving right", 0)])
-def test_cli_default_model_draws_the_prompt(tmp_path, prompt, seed):
-    """No --model: a real process loads the bundled model offline and the video has the prompt's colour,
-    shape and motion."""
+def test_the_turbo_is_a_small_official_layout_checkpoint_with_its_few_step_schedule():
+    """The few-step distillation (issue 33): same layout, its transformer in bfloat16, its schedule and grid in
+    pyramid_flow.json, and a card with the recipe and the measured figures."""
+    names = {p.name for p in TURBO.iterdir()}
+    assert {"causal_video_vae", "diffusion_transformer_64p", "pyramid_flow.json", "README.md"} <= names
+    assert sum(p.stat().st_size for p in TURBO.rglob("*") if p.is_file()) <= MAX_BYTES
+    weights = load_file(TURBO / "diffusion_transformer_64p" / "diffusion_pytorch_model.safetensors")
+    assert {tensor.dtype for tensor in weights.values()} == {torch.bfloat16}
+    sampling = json.loads((TURBO / "pyramid_flow.json").read_text())["sampling"]
+    assert (sampling["first_frame_steps"], sampling["video_steps"], sampling["stage_grid"]) == ([1, 1, 2], [1, 1, 2], "trailing")
+    assert (sampling["guidance_scale"], sampling["video_guidance_scale"]) == (1.0, 1.0)
+    card = (TURBO / "README.md").read_text()
+    for needed in ("python -m training.launch --config training/configs/distill_shapes_turbo.yaml",
+                   "python -m benchmarks.few_step", "CPU-hours", "speed-up", "colour", "shape", "direction"):
+        assert needed in card, needed
+
+
+@pytest.mark.parametrize("model, prompt, seed", [(None, "a blue circle moving right", 0),
+                                                 ("bundled-turbo", "a red square moving up", 3)])
+def test_cli_default_model_draws_the_prompt(tmp_path, model, prompt, seed):
+    """A real process loads the bundled model (no --model) or its turbo (by name) offline, and the video has the
+    prompt's colour, shape and motion."""
     out = tmp_path / "clip.mp4"
     completed = subprocess.run(
         [sys.executable, "-m", "pyramid_app", "generate", "--prompt", prompt, "--seed", str(seed), "--out", str(out),
-         "--quiet"], capture_output=True, text=True, cwd=MODEL.parents[2], env=os.environ | {"HF_HUB_OFFLINE": "1"})
+         "--quiet", *(["--model", model] if model else [])], capture_output=True, text=True, cwd=MODEL.parents[2],
+        env=os.environ | {"HF_HUB_OFFLINE": "1"})
     assert completed.returncode == 0, completed.stderr
     frames, fps = read_video(out)
     assert frames.shape == (17, 64, 64, 3) and fps == 8

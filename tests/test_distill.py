@@ -1,6 +1,7 @@
 """The `task: distill` recipe on a tiny random teacher: the student gets closer to the teacher's guided multi-step
 output, its folder loads with its own few-step, guidance-free sampling defaults, and a run resumes exactly."""
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -135,3 +136,15 @@ def test_bundle_out_copies_the_last_checkpoint_as_a_bf16_model_folder(world, tmp
     assert (sampling.first_frame_steps, sampling.video_steps, sampling.guidance_scale) == ((2, 2, 2), (2, 2, 2), 1.0)
     bundled, full = (latents(PyramidFlowPipeline.from_pretrained(root), 1000) for root in (out, checkpoint))
     assert 0 < (bundled - full).abs().max() < 0.05 * full.abs().max()
+
+
+def test_bundling_leaves_the_build_machines_paths_out_of_component_configs(tmp_path):
+    from training.bundle import drop_build_paths
+
+    (tmp_path / "causal_video_vae").mkdir()
+    (tmp_path / "causal_video_vae" / "config.json").write_text('{"_name_or_path": "/work/runs/vae", "in_channels": 3}')
+    (tmp_path / "text_encoder").mkdir()
+    (tmp_path / "text_encoder" / "config.json").write_text('{"hidden_size": 32}')
+    drop_build_paths(tmp_path)
+    assert json.loads((tmp_path / "causal_video_vae" / "config.json").read_text()) == {"in_channels": 3}
+    assert json.loads((tmp_path / "text_encoder" / "config.json").read_text()) == {"hidden_size": 32}

@@ -196,4 +196,14 @@ def bundle_student(config: dict) -> Path:
         save_file({name: t.to(dtype) if t.is_floating_point() else t for name, t in tensors.items()}, weights)
     if bundle.get("model_card"):
         shutil.copy2(recipe_path(bundle["model_card"]), staging / MODEL_CARD)
+    drop_build_paths(staging)
     return move_into_place(staging, out)
+
+
+def drop_build_paths(folder: Path) -> None:
+    """Leave `_name_or_path` (where a model was once loaded from: a path on the machine that built it) out of the
+    components' config.json files, which the teacher's copied folders may still carry."""
+    for config in folder.glob("*/config.json"):
+        values = json.loads(config.read_text())
+        if values.pop("_name_or_path", None) is not None:
+            write_text(config, json.dumps(values, indent=2, sort_keys=True) + "\n")

@@ -18,7 +18,8 @@ construction (load_vae=False), and the text encoder is a stand-in returning the 
 runs alternate ours / official, each side drawing noise its own way (the official block noise is its own per-block
 loop over the global RNG). The equality run then feeds both the same noise: the official `prepare_latents`
 returns our full-resolution starting noise and its `sample_block_noise` the block noise our sampler drew (recorded
-by wrapping model_core.pyramid.block_noise), and the final latents are compared.
+by wrapping model_core.pyramid.block_noise), and the final latents are compared. Our transformer has its projections
+fused as pipelines load it (model_core.speed.fuse_projections). benchmarks.gpu_suite runs --published as a row.
 
 Both modes give both sides identical weights (our state-dict keys are the official layout), guidance 7 on the
 first frame and 5 on the video, and the same steps. The official code (github jy0205/Pyramid-Flow) is imported
@@ -48,6 +49,7 @@ from benchmarks.random_models import (  # noqa: E402
     Clip, build_transformer, build_vae, model_configs, random_prompt, synchronize, text_to_video,
 )
 from model_core.pyramid import standard_normal  # noqa: E402
+from model_core.speed import fuse_projections  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
@@ -186,6 +188,7 @@ def compare(args, write=lambda result: None) -> dict:
     text = random_prompt(transformer_config, valid_tokens=24, seed=1, device=device)
     negative = random_prompt(transformer_config, valid_tokens=40, seed=2, device=device)
     official_model = build_official(official, transformer, vae, dtype, text, negative)
+    fuse_projections(transformer)  # ours as pipelines load it, after the official side copied the official layout
     ours_side, official_side = [transformer, vae], [official_model.dit, official_model.vae]
     if device.type == "cuda":  # each side comes to the GPU only for its own runs
         for module in ours_side + official_side:

@@ -15,6 +15,7 @@ from model_core.checkpoints import FAMILIES
 from model_core.media import to_frames
 from model_core.sampling import sample_video
 from model_core.scheduler import PyramidFlowScheduler
+from model_core.speed import uses_shape_buckets
 from model_core.step_cache import reset_step_cache
 from model_core.text import PromptEmbeddings
 from model_core.transformers import PyramidFluxTransformer
@@ -136,10 +137,14 @@ def synchronize(device: torch.device):
 
 @torch.no_grad()
 def text_to_video(transformer, vae, clip: Clip, text, negative, device, seed: int = 0, decode: bool = True,
-                  deadline=None, **sampling) -> dict:
+                  deadline=None, compile=False, **sampling) -> dict:
     """Sample `clip` (Algorithm 1 per unit, Eq. 17 over units) and decode it to uint8 frames; returns the latents,
     the frames and the seconds spent in sampling and in decoding (the device synchronised at each boundary).
+    `compile`: the level the transformer's forward was compiled at (model_core.speed.compile_forward); compiled, the
+    history is padded to shape buckets as pipelines pad it (speed.uses_shape_buckets).
     `sampling`: further options of model_core.sampling.sample_video (e.g. shape_buckets)."""
+    if uses_shape_buckets(compile):
+        sampling = {"shape_buckets": True, **sampling}
     device = torch.device(device)
     scheduler = PyramidFlowScheduler()
     generator = torch.Generator().manual_seed(seed)

@@ -50,7 +50,8 @@ def compile_blocks(transformer, backend: str = "inductor") -> None:
     """torch.compile each repeated block with dynamic shapes, so the three pyramid stages and the growing history
     reuse the same graphs instead of recompiling every unit (the causal-group loop stays eager, see attention.py),
     and the flex backend's attention calls (attention_backends.compiled_flex_attention). Pipelines compile the whole
-    forward instead (`compile_forward`); this one stays for the benchmarks that time it (benchmarks.gpu_suite)."""
+    forward instead (`compile_forward`), and so does benchmarks.gpu_suite; only tests call this one now (the processor's
+    eager mode and flex's compiled calls, test_speed_options / test_attention_backends / test_graph_breaks)."""
     transformer.compile_repeated_blocks(dynamic=True, backend=backend)
     for module in transformer.modules():
         if isinstance(getattr(module, "processor", None), BlockwiseCausalAttnProcessor):

@@ -8,25 +8,26 @@ clip's shape buckets, speed.uses_shape_buckets), runs an untimed warm-up, then t
 latent units; first frame [20, 20, 20] steps, later units [10, 10, 10]; guidance 7 / 5, so every forward is a batch
 of 2). The warm-up of an eager row is two short units; that of a compiled row is the clip's own units at one step a
 stage (two under "max", whose CUDA graph of a shape is recorded at its second call), so every input shape of the
-clip, each bucket's included, is compiled before the timing: the row records the shapes the warm-up compiled and
-how many of the timed clip's were new (none, unless a compile happened inside the timing). Per row: sampling and decoding seconds, peak GPU memory (torch's
-allocator: the peak allocated and the peak reserved, which is what the device must hold), and the transformer's
-achieved TFLOP/s (benchmarks.dit_flops: counted from token counts, with the text tokens the transformer was given,
-recorded from its inputs) against a big bfloat16 matmul measured here and the datasheet's dense bf16 figure.
-Cache rows record how many of the clip's steps the cache skipped; the weights are random, on which a step cache
-skips next to nothing, so those rows time the cache's hooks ("hook overhead only"), not its speed-up.
-The official code's side by side is a row of its own (benchmarks.official_side_by_side --published in a child
-process, stopped at its box's end; our transformer fused as pipelines load it, the same random weights in the
-official layout on the other side, [10, 10, 10] / [5, 5, 5] steps to fit its box); without the authors' code in
+clip, each bucket's included, is compiled before the timing: the row records the shapes the warm-up compiled and how
+many of the timed clip's were new (none, unless a compile happened inside the timing). Per row: sampling and
+decoding seconds, peak GPU memory (torch's allocator: the peak allocated and the peak reserved, which is what the
+device must hold), and the transformer's achieved TFLOP/s (benchmarks.dit_flops: counted from token counts, with the
+text tokens the transformer was given, recorded from its inputs) against a big bfloat16 matmul measured here and the
+datasheet's dense bf16 figure. Cache rows record how many of the clip's steps the cache skipped; the weights are
+random, on which a step cache skips next to nothing, so those rows time the cache's hooks ("hook overhead only"),
+not its speed-up. The official code's side by side is a row of its own (benchmarks.official_side_by_side --published
+in a child process, stopped at its box's end; our transformer fused as pipelines load it, the same random weights in
+the official layout on the other side, [10, 10, 10] / [5, 5, 5] steps to fit its box); without the authors' code in
 --official (default .official/), the row says "not run: official code not found".
 
-Rows run most important first, each in a time box (`Row.box_s`: building the models, warm-up, the timed clip and
-its decoding), under one budget (--budget-s, counted from start; BUDGET_S = 310 s by default, so the suite with its
-start-up stays within 6 minutes, see benchmarks/gpu_run.sh): `planned_rows` starts a row only while its whole box fits in what is left and stops it at
-its box's end (the sampler checks every step, and decoding does not start after it); a row that cannot start is
-listed as "not reached", never dropped. Every row is listed from the start ("not reached" until it runs) and the
-JSON (and the markdown table) is rewritten after every row, so a run cut short keeps what it measured; a failing row records its error and the suite goes on. Options this build does
-not have are refused as "not available in this build". Nothing is estimated.
+Rows run most important first, each in a time box (`Row.box_s`: building the models, warm-up, the timed clip and its
+decoding), under one budget (--budget-s, counted from start; BUDGET_S = 310 s by default, so the suite with its
+start-up stays within 6 minutes, see benchmarks/gpu_run.sh): `planned_rows` starts a row only while its whole box
+fits in what is left and stops it at its box's end (the sampler checks every step, and decoding does not start after
+it); a row that cannot start is listed as "not reached", never dropped. Every row is listed from the start ("not
+reached" until it runs) and the JSON (and the markdown table) is rewritten after every row, so a run cut short keeps
+what it measured; a failing row records its error and the suite goes on. Options this build does not have are
+refused as "not available in this build". Nothing is estimated.
 
     python -m benchmarks.gpu_suite --out results/       # on a CUDA GPU: at most --budget-s plus start-up
     python -m benchmarks.gpu_suite --smoke --out /tmp/s # the same code path on the CPU with tiny models
@@ -319,7 +320,8 @@ class Suite:
     """Runs rows under one time budget and rewrites the report after each."""
 
     def __init__(self, out: Path, smoke: bool, budget_s: float, rows: list, official: Path = ROOT / ".official"):
-        self.out, self.smoke, self.rows, self.budget_s, self.official = out, smoke, rows, budget_s, official
+        self.out, self.smoke, self.rows, self.budget_s = out, smoke, rows, budget_s
+        self.official = Path(official).resolve()  # the side by side's child runs in the repository root
         self.started = time.monotonic()
         self.device = torch.device("cpu" if smoke else "cuda")
         self.dtype = torch.float32 if smoke else torch.bfloat16

@@ -12,8 +12,8 @@ clip, each bucket's included, is compiled before the timing: the row records the
 many of the timed clip's were new (none, unless a compile happened inside the timing). Per row: sampling and
 decoding seconds, peak GPU memory (torch's allocator: the peak allocated and the peak reserved, which is what the
 device must hold), and the transformer's achieved TFLOP/s (benchmarks.dit_flops: counted from token counts, with the
-text tokens the transformer was given, recorded from its inputs) against a big bfloat16 matmul measured here and the
-datasheet's dense bf16 figure. Cache rows record how many of the clip's steps the cache skipped; the weights are
+text tokens the transformer was given, recorded from its inputs; the clip's own tokens, not the buckets' padding)
+against a big bfloat16 matmul measured here and the datasheet's dense bf16 figure. Cache rows record how many of the clip's steps the cache skipped; the weights are
 random, on which a step cache skips next to nothing, so those rows time the cache's hooks ("hook overhead only"),
 not its speed-up. The official code's side by side is a row of its own (benchmarks.official_side_by_side --published
 in a child process, stopped at its box's end; our transformer fused as pipelines load it, the same random weights in

@@ -17,7 +17,6 @@ from torch.utils._pytree import tree_map_only
 
 from .option_names import COMPILE_LEVELS, compile_level, compile_name
 from .step_cache import CACHE_MODES, step_cache_state
-from .transformers.attention import BlockwiseCausalAttnProcessor
 from .transformers.fusion import fuse_projections as fuse_layers
 from .transformers.attention_backends import DEFAULT_ATTENTION_BACKEND, check_attention_backend, usable_attention_backends
 
@@ -44,18 +43,6 @@ def compile_available(device) -> bool:
             return False
         return True
     return torch.device(device).type == "cpu" and any(shutil.which(name) for name in CPU_COMPILERS)
-
-
-def compile_blocks(transformer, backend: str = "inductor") -> None:
-    """torch.compile each repeated block with dynamic shapes, so the three pyramid stages and the growing history
-    reuse the same graphs instead of recompiling every unit (the causal-group loop stays eager, see attention.py),
-    and the flex backend's attention calls (attention_backends.compiled_flex_attention). Pipelines compile the whole
-    forward instead (`compile_forward`), and so does benchmarks.gpu_suite; only tests call this one now (the processor's
-    eager mode and flex's compiled calls, test_speed_options / test_attention_backends / test_graph_breaks)."""
-    transformer.compile_repeated_blocks(dynamic=True, backend=backend)
-    for module in transformer.modules():
-        if isinstance(getattr(module, "processor", None), BlockwiseCausalAttnProcessor):
-            module.processor.compiled = True
 
 
 def compile_forward(transformer, level=True, backend: str = "inductor") -> None:
@@ -117,7 +104,9 @@ def check_compile(compile, device):
 def check_speed_options(device, dtype, attention_backend, compile) -> str:
     """The canonical backend name; a ValueError when the backend or compiling cannot work on `device`."""
     backend = check_attention_backend(attention_backend, device, dtype)
-    check_compile(compile, device)
+    if check_compile(compile, device) and backend == "flex" and torch.device(device).type == "cpu":  # ok: device type
+        raise ValueError("attention_backend 'flex' does not compile on the CPU (inductor cannot lower flex attention "
+                         "inside the compiled forward there); use native with compile, or flex without it.")
     return backend
 
 

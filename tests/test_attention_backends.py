@@ -1,5 +1,7 @@
 """Attention backends: every key-padding style and CPU backend equals native SDPA; set_attention_backend
 really changes the kernel the transformer calls."""
+import warnings
+
 import pytest
 import torch
 from diffusers.models import attention_dispatch
@@ -7,8 +9,8 @@ from diffusers.models.attention_dispatch import AttentionBackendName, _Attention
 
 from torch.nn.attention.flex_attention import BlockMask
 
-from model_core.speed import compile_available, compile_blocks
-from model_core.transformers import attention, attention_backends
+from model_core.speed import TORCH_FLEX_WARNING, check_speed_options, compile_available, compile_forward
+from model_core.transformers import attention
 from model_core.transformers.attention import blockwise_causal_attention, causal_group_ends
 from model_core.transformers.attention_backends import (
     HEADS_FIRST,
@@ -79,10 +81,10 @@ def counting(monkeypatch, name):
     if name in HEADS_FIRST:
         kernel = attention.attend_heads_first  # counted already when the other heads-first backend is
 
-        def counted_heads_first(q, k, v, mask, compiled=False):
+        def counted_heads_first(q, k, v, mask):
             if isinstance(mask, BlockMask) == (name == "flex"):
                 calls.append(q.shape)
-            return kernel(q, k, v, mask, compiled)
+            return kernel(q, k, v, mask)
 
         monkeypatch.setattr(attention, "attend_heads_first", counted_heads_first)
         return calls
@@ -156,27 +158,31 @@ def test_unavailable_backend_is_refused_with_the_usable_ones(monkeypatch):
     assert check_attention_backend("Native", "cpu", torch.float32) == "native"
 
 
-@pytest.mark.slow  # inductor compiles flex attention on the CPU: 35 s on 2 busy cores
-@pytest.mark.skipif("flex" not in CPU_BACKENDS or not compile_available("cpu"), reason="no flex or no C compiler here")
-def test_a_compiled_model_runs_flex_compiled(monkeypatch):
-    """compile=True compiles the flex calls too (the processor stays eager; each layer's one call under the plan's
-    BlockMask goes through torch.compile(flex_attention)), and they compute what native computes."""
-    model = tiny_model("flux")
-    clips, inputs = pyramid_column(), text_inputs(model, 2)
-    compiled_calls, kernel = [], attention_backends.compiled_flex_attention()
-
-    def counted(*args, **kwargs):
-        compiled_calls.append(args[0].shape)
-        return kernel(*args, **kwargs)
-
-    monkeypatch.setattr(attention_backends, "compiled_flex_attention", lambda: counted)
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not compile_available("cuda"), reason="needs CUDA and Triton")
+def test_a_compiled_model_runs_flex_compiled():
+    """compile=True compiles the whole forward, flex attention included (its calls traced into the graph under the
+    plan's BlockMask, not torch's eager reference), and it computes what native computes."""
+    model = tiny_model("flux").cuda()
+    clips = [clip.cuda() for clip in pyramid_column()]
+    inputs = {name: value.cuda() for name, value in text_inputs(model, 2).items()}
+    torch._dynamo.reset()
     with torch.no_grad():
         native = velocity(model, clips, inputs)
         model.set_attention_backend("flex")
-        compile_blocks(model, backend="eager")  # the blocks traced only; the flex calls compiled by inductor
-        flex = velocity(model, clips, inputs)
-    assert len(compiled_calls) == 2  # one per attention layer
+        compile_forward(model, True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=TORCH_FLEX_WARNING)  # the eager reference would warn
+            flex = velocity(model, clips, inputs)
+    torch._dynamo.reset()
     torch.testing.assert_close(flex, native, atol=1e-5, rtol=0)
+
+
+def test_flex_with_compile_is_refused_on_the_cpu_with_what_works():
+    with pytest.raises(ValueError, match="attention_backend 'flex' does not compile on the CPU .*; use native with "
+                                         "compile, or flex without it"):
+        check_speed_options("cpu", torch.float32, "flex", True)
+    assert check_speed_options("cpu", torch.float32, "flex", False) == "flex"
 
 
 @pytest.mark.skipif("flex" not in CPU_BACKENDS, reason="flex attention is not available in this torch")

@@ -109,4 +109,6 @@ def test_a_compiled_pipeline_pads_to_buckets_and_equals_eager(tiny_model, monkey
     torch._dynamo.reset()
     assert out.settings["compile"] is True and eager.settings["compile"] is False
     assert counters["stats"]["unique_graphs"] == len(set(shapes)) and not counters["graph_break"]
-    torch.testing.assert_close(out.latents, eager.latents, atol=1e-5, rtol=0)
+    # the padded keys change how the attention's sums are blocked: float32 rounding accumulated over 5 units and
+    # 15 steps (9.5e-6 in a plain process, 2.1e-5 under pytest here; one forward: tests/test_shape_buckets.py, 1e-5)
+    torch.testing.assert_close(out.latents, eager.latents, atol=5e-5, rtol=0)

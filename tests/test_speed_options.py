@@ -10,11 +10,10 @@ from diffusers.hooks import (
     PyramidAttentionBroadcastConfig,
     TaylorSeerCacheConfig,
 )
-from torch._dynamo.utils import counters
 
 from model_core import PyramidFlowPipeline
 from model_core.checkpoints import SETTINGS_FILE
-from model_core.speed import compile_blocks, speed_choices
+from model_core.speed import speed_choices
 from model_core.step_cache import DEFAULT_CACHE_THRESHOLD, step_cache_state
 from model_core.text import PromptEmbeddings
 from tests.test_transformer_behaviour import tiny_model
@@ -176,24 +175,3 @@ def test_bad_cache_is_explained(pipe):
         generate(pipe, cache="first-block", cache_threshold="high")
 
 
-@pytest.mark.slow  # dynamo traces every block piece (a minute on 2 busy cores)
-def test_compiled_blocks_do_not_recompile_per_unit(checkpoint, pipe):
-    """Dynamic shapes and an eager causal-group loop: the three stages and the growing history of a 3-unit
-    generation reuse the graphs the first unit compiled (dynamo's eager backend keeps the test fast; the graphs
-    dynamo captures do not depend on the backend)."""
-    compiled = PyramidFlowPipeline.from_pretrained(checkpoint)
-    torch._dynamo.reset()
-    counters.clear()
-    compile_blocks(compiled.transformer, backend="eager")
-    after_unit = []
-
-    def count(pipe_, step, t, kwargs):
-        if pipe_.progress.kind == "unit":
-            after_unit.append(counters["frames"]["total"])
-        return {}
-
-    out = generate(compiled, callback_on_step_end=count, **ONE_STEP)
-    torch._dynamo.reset()
-    assert len(after_unit) == UNITS and after_unit[0] == after_unit[-1] <= 16  # pieces around the eager attention
-    assert not counters["recompiles"]
-    torch.testing.assert_close(out.latents, generate(pipe, **ONE_STEP).latents)

@@ -111,13 +111,12 @@ def blockwise_causal_attention(q, k, v, group_ends, key_valid, backend=DEFAULT_A
     return run_calls(q, k, v, plan_calls(group_ends, key_valid, mask_style(backend), q), backend)
 
 
-def run_calls(q, k, v, calls: list, backend=DEFAULT_ATTENTION_BACKEND, compiled: bool = False) -> torch.Tensor:
-    """The attention of a planned layer (attention_plan.py); q, k, v and the result are [B, heads, L, D]. `compiled`:
-    flex runs its compiled kernels (attention_backends.attend_heads_first)."""
+def run_calls(q, k, v, calls: list, backend=DEFAULT_ATTENTION_BACKEND) -> torch.Tensor:
+    """The attention of a planned layer (attention_plan.py); q, k, v and the result are [B, heads, L, D]."""
     heads_first = backend in HEADS_FIRST
     if not heads_first:
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # the dispatch's [B, L, heads, D]
-    kernel = partial(attend_heads_first, compiled=compiled) if heads_first else partial(attend, backend=backend)
+    kernel = attend_heads_first if heads_first else partial(attend, backend=backend)
     tokens = 2 if heads_first else 1
     outputs = [kernel(span(q, tokens, call.start, call.end), span(k, tokens, 0, call.end), span(v, tokens, 0, call.end),
                       call.mask) for call in calls]
@@ -168,24 +167,14 @@ class BlockwiseCausalAttnProcessor:
     Holds the attention backend the way diffusers' processors do (`_attention_backend`, None = diffusers'
     active backend, native unless inside its `attention_backend(...)` context), so
     `ModelMixin.set_attention_backend` / `reset_attention_backend` and that context reach it.
-    Under context parallel the ranks first swap sequence for heads (Ulysses) and swap back after.
-    `compiled` (set by model_core.speed.compile_blocks, which compiles the blocks one by one) keeps the processor
-    eager (its kernel calls change with the causal groups every unit: compiled with each block, they would
-    recompile each time) and runs the flex backend's compiled kernels; otherwise a compiled forward traces it.
+    Under context parallel the ranks first swap sequence for heads (Ulysses) and swap back after. A compiled
+    forward (model_core.speed.compile_forward) traces it, flex's calls included.
     """
 
     def __init__(self):
         self._attention_backend = None
-        self.compiled = False
 
     def __call__(self, q, k, v, layout: AttentionLayout) -> torch.Tensor:
-        return (self.attend_eagerly if self.compiled else self.attend)(q, k, v, layout)
-
-    @torch.compiler.disable
-    def attend_eagerly(self, q, k, v, layout: AttentionLayout) -> torch.Tensor:
-        return self.attend(q, k, v, layout)
-
-    def attend(self, q, k, v, layout: AttentionLayout) -> torch.Tensor:
         """k None: q holds the queries and then the keys along the sequence (JointAttention: rotated as one)."""
         if k is None and (isinstance(layout, PackedLayout) or layout.context is not None or layout.rope is None):
             q, k = q.chunk(2, dim=2)
@@ -196,7 +185,7 @@ class BlockwiseCausalAttnProcessor:
         if layout.rope is not None:
             q, k = apply_rope_pair(q, k, *layout.rope) if k is not None else apply_rope_joined(q, *layout.rope)
         backend = self.backend()
-        out = run_calls(q, k, v, layout.calls(mask_style(backend), q), backend, self.compiled)
+        out = run_calls(q, k, v, layout.calls(mask_style(backend), q), backend)
         return merge_heads(out if layout.context is None else layout.context.to_sequence(out))
 
     def backend(self) -> str:

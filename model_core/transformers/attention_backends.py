@@ -16,7 +16,6 @@ the layers' [B, heads, L, D] (what diffusers' native and flex backends do after 
 torch's flex_attention, compiled when the model is (`compile=True`; uncompiled, torch runs flex as a reference that
 holds every score at once). The others go through diffusers' dispatch.
 """
-from functools import cache
 
 import torch
 from diffusers.models import attention_dispatch
@@ -130,19 +129,11 @@ def attend(q, k, v, mask, backend: str = DEFAULT_ATTENTION_BACKEND, style: str =
     return torch.cat(rows)
 
 
-def attend_heads_first(q, k, v, mask, compiled: bool = False) -> torch.Tensor:
+def attend_heads_first(q, k, v, mask) -> torch.Tensor:
     """`native` or `flex` attention of queries q [B, heads, Lq, D] to keys/values [B, heads, Lk, D], without the
     transposes to and from the dispatch's [B, L, heads, D] around the call: torch's SDPA under an additive mask
-    [B, 1, Lq or 1, Lk] (as diffusers' native backend calls it), or flex attention under a BlockMask, its compiled
-    kernels when `compiled` (`compiled_flex_attention`)."""
+    [B, 1, Lq or 1, Lk] (as diffusers' native backend calls it), or flex attention under a BlockMask (fused kernels
+    when the forward is compiled on a GPU: model_core.speed.compile_forward)."""
     if isinstance(mask, flex_attention.BlockMask):
-        kernel = compiled_flex_attention() if compiled else flex_attention.flex_attention
-        return kernel(q, k, v, block_mask=mask)
+        return flex_attention.flex_attention(q, k, v, block_mask=mask)
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
-@cache
-def compiled_flex_attention():
-    """torch's flex_attention compiled once per process: fused kernels that skip a BlockMask's empty blocks (each new
-    shape compiles once; sizes then stay dynamic)."""
-    return torch.compile(flex_attention.flex_attention)

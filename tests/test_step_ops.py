@@ -1,11 +1,10 @@
 """Fewer ops per sampling step, the same bits (issue 32): the single-stream block's [q ; k ; v ; mlp] GEMM, the joint
-attention's out projections on strided slices, the timestep frequencies and the text conditioning made once."""
+attention's q and k rotated together, the timestep frequencies and the text conditioning made once."""
 import pytest
 import torch
-from torch import nn
 
 from benchmarks.counters import StepCounter
-from model_core.transformers.attention import fuse_qkv_projections, strided_linear
+from model_core.transformers.attention import fuse_qkv_projections
 from model_core.transformers.embeddings import (
     apply_rope_joined, apply_rope_pair, rotary_angles, rotation_tables, sinusoid_frequencies, timestep_frequencies,
 )
@@ -46,29 +45,6 @@ def test_the_fused_single_stream_block_computes_the_same_with_one_gemm_for_qkv_a
         velocity(previous, clips, inputs)  # layouts and RoPE tables made, as for fused above
     before, after = counted(previous, clips, inputs), counted(fused, clips, inputs)
     assert before.ops["aten.addmm"] - after.ops["aten.addmm"] == 2 and before.op_count - after.op_count == 2 * 3
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-def test_a_linear_on_a_strided_slice_gives_the_layers_bits_in_four_ops(dtype):
-    layer = nn.Linear(32, 48).to(dtype).requires_grad_(False)
-    tokens = torch.randn(3, 20, 32, generator=torch.Generator().manual_seed(0)).to(dtype)
-    text, image = tokens.split([6, 14], dim=1)
-    for part in (text, image):
-        assert not part.is_contiguous()
-        with torch.no_grad(), StepCounter() as counter:
-            out = strided_linear(layer, part)
-        assert torch.equal(out, layer(part)) and counter.op_count == 4
-    contiguous = tokens[:1, :6]  # one row: the layer folds it into rows itself
-    assert contiguous.is_contiguous() and torch.equal(strided_linear(layer, contiguous), layer(contiguous))
-
-
-def test_a_linear_whose_weight_records_gradients_goes_through_the_layer():
-    layer = nn.Linear(8, 4)
-    x = torch.randn(2, 10, 8).narrow(1, 2, 5)
-    out = strided_linear(layer, x)
-    assert torch.equal(out, layer(x))
-    out.sum().backward()
-    assert layer.weight.grad is not None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])

@@ -278,21 +278,9 @@ def qkv_rows_as_heads(rows: torch.Tensor, shape, heads: int) -> tuple:
     return rows.view(*shape[:-1], 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
 
 
-def strided_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """layer(x) of x [B, L, ·] that is a slice of a longer sequence (not contiguous), as torch's linear computes it
-    there (a batched GEMM, then the bias) without the views and expands around it (4 ops instead of 8); through the
-    layer when it is not a plain nn.Linear or torch's linear would take another path (contiguous rows, a weight
-    that records gradients, autocast)."""
-    if (x.is_contiguous() or x.dim() != 3 or not plain_linear(layer) or torch.is_autocast_enabled(x.device.type)
-            or (torch.is_grad_enabled() and layer.weight.requires_grad)):
-        return layer(x)
-    weight = layer.weight.t()
-    return torch.bmm(x, weight.expand(x.shape[0], *weight.shape)) + layer.bias
-
-
 def plain_linear(layer) -> bool:
     """An nn.Linear (not a subclass) with a bias and plain tensors for weights (no tensor subclass: checked without
-    dispatching an op, as it is on every call of `strided_linear`) and no hooks of its own."""
+    dispatching an op) and no hooks of its own."""
     return (type(layer) is nn.Linear and layer.bias is not None and not layer._forward_hooks
             and not layer._forward_pre_hooks and not hasattr(layer, "_hf_hook") and not hasattr(layer, "_diffusers_hook")
             and all(type(p) in (nn.Parameter, torch.Tensor) for p in (layer.weight, layer.bias)))
@@ -374,5 +362,5 @@ class JointAttention(SelfAttention):
         qk = torch.cat([q_text, q_image, k_text, k_image], dim=2)  # [text ; image] queries, then keys: one rotation
         out = self.processor(qk, None, torch.cat([v_text, v_image], dim=2), layout)
         text_out, image_out = out.split([text.shape[1], out.shape[1] - text.shape[1]], dim=1)
-        image_out = self.to_out[1](strided_linear(self.to_out[0], image_out))
-        return image_out, None if self.to_add_out is None else strided_linear(self.to_add_out, text_out)
+        image_out = self.to_out[1](self.to_out[0](image_out))
+        return image_out, None if self.to_add_out is None else self.to_add_out(text_out)

@@ -70,7 +70,7 @@ def test_logins_come_from_an_auth_file(tmp_path):
 def test_the_allow_list_offers_operator_folders_by_name(tiny_model):
     menu = ModelMenu([str(tiny_model)], hosted=True)
     values = [value for _, value in menu.choices()]
-    assert values == ["team-model", "bundled", "rain1011/pyramid-flow-miniflux", "rain1011/pyramid-flow-sd3"]
+    assert values == ["team-model", "bundled", "bundled-turbo", "rain1011/pyramid-flow-miniflux", "rain1011/pyramid-flow-sd3"]
     assert menu.source_for("team-model") == str(tiny_model.resolve())
     assert not any(str(tiny_model) in label for label, _ in menu.choices())
     with pytest.raises(ValueError, match="offers only these models"):

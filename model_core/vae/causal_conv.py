@@ -87,7 +87,8 @@ class CausalConv3d(nn.Module):
         batch, channels, frames, height, width = x.shape
         padded = torch.empty((batch, channels, front_frames + frames, height, width), dtype=x.dtype, device=x.device,
                              memory_format=memory_format(x))
-        front, rest = padded[:, :, :front_frames], padded[:, :, front_frames:]
+        front = padded[:, :, :front_frames]
         front.zero_() if history is None else front.copy_(history)
+        rest = padded[:, :, front_frames:]  # a view taken after the front's copy, which may have made it need grad
         torch.ops.aten.silu.out(x, out=rest) if silu_first else rest.copy_(x)
         return padded

@@ -96,7 +96,7 @@ def check_compile(compile, device):
         raise ValueError(f"compile 'max' captures CUDA graphs and needs a CUDA GPU; on this {kind} machine compile "
                          "can be off or on.")
     if level and not compile_available(device):
-        need = "Triton" if kind == "cuda" else "a C compiler (cc, gcc or clang)"
+        need = "a C compiler (cc, gcc or clang)" if kind == "cpu" else "Triton"
         raise ValueError(f"compile {compile_name(level)!r} needs {need} on this {kind} machine; leave compile off.")
     return level
 

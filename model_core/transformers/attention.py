@@ -308,12 +308,17 @@ def fused_keys(module: SelfAttention, state_dict, prefix: str, *_) -> None:
     """load_state_dict() of the official layout into a fused attention: each group of official tensors
     concatenated under its fused projection's key."""
     for name, parts in module.fusable.items():
-        if name not in module._modules:
-            continue
-        for kind in ("weight", "bias"):
-            keys = [f"{prefix}{part}.{kind}" for part in parts]
-            if all(key in state_dict for key in keys):
-                state_dict[f"{prefix}{name}.{kind}"] = torch.cat([state_dict.pop(key) for key in keys])
+        if name in module._modules:
+            join_official_tensors(state_dict, prefix, name, parts)
+
+
+def join_official_tensors(state_dict, prefix: str, fused: str, parts) -> None:
+    """The official projections `parts`' weights and biases in `state_dict`, concatenated in that order under the
+    fused projection `fused`'s keys (where all of them are there)."""
+    for kind in ("weight", "bias"):
+        keys = [f"{prefix}{part}.{kind}" for part in parts]
+        if all(key in state_dict for key in keys):
+            state_dict[f"{prefix}{fused}.{kind}"] = torch.cat([state_dict.pop(key) for key in keys])
 
 
 def fuse_qkv_projections(model: nn.Module, fuse: bool = True) -> nn.Module:

@@ -6,7 +6,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (diffusers' pipeline loader finds the base class here)
 from torch import nn
 
-from .attention import AttentionLayout, SelfAttention, plain_linear, qkv_rows_as_heads
+from .attention import AttentionLayout, SelfAttention, join_official_tensors, plain_linear, qkv_rows_as_heads
 from .blocks import AdaLayerNorm, AdaLayerNormContinuous, DualStreamBlock, joined_linear
 from .embeddings import PATCH, TimestepTextConditioning, patchify, rotary_angles
 from .packing import PyramidTransformer, pyramid_positions
@@ -102,12 +102,8 @@ def official_single_stream_keys(block: SingleStreamBlock, state_dict, prefix: st
 def fused_single_stream_keys(block: SingleStreamBlock, state_dict, prefix: str, *_) -> None:
     """load_state_dict() of the official layout into a fused single-stream block: QKV_MLP's tensors concatenated
     under the fused GEMM's key."""
-    if FUSED_QKV_MLP not in block._modules:
-        return
-    for kind in ("weight", "bias"):
-        keys = [f"{prefix}{name}.{kind}" for name in QKV_MLP]
-        if all(key in state_dict for key in keys):
-            state_dict[f"{prefix}{FUSED_QKV_MLP}.{kind}"] = torch.cat([state_dict.pop(key) for key in keys])
+    if FUSED_QKV_MLP in block._modules:
+        join_official_tensors(state_dict, prefix, FUSED_QKV_MLP, QKV_MLP)
 
 
 class PyramidFluxTransformer(PyramidTransformer):

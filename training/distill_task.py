@@ -44,8 +44,8 @@ class DistillTask(FlowTask):
         self.distill = config["distill"]
         self.teacher = build_transformer({**self.model_config, "lora": None, "gradient_checkpointing": False},
                                          self.base, self.seed).to(device).eval().requires_grad_(False)
-        self.stage_grid = self.distill.get("stage_grid", "official")
-        self.student_scheduler = PyramidFlowScheduler(stages=self.objective["stages"], stage_grid=self.stage_grid)
+        self.student_scheduler = PyramidFlowScheduler(stages=self.objective["stages"],
+                                                      stage_grid=self.distill.get("stage_grid", "official"))
 
     def schedule(self, unit: int, stage: int) -> tuple:
         """(student steps, teacher steps, guidance scale) of a stage of the first frame or a later unit."""
@@ -105,7 +105,7 @@ class DistillTask(FlowTask):
         settings = json.loads(path.read_text())
         sampling = settings.get("sampling", {}) | {
             "first_frame_steps": list(self.distill["first_frame_steps"]), "video_steps": list(self.distill["video_steps"]),
-            "guidance_scale": 1.0, "video_guidance_scale": 1.0, "stage_grid": self.stage_grid}
+            "guidance_scale": 1.0, "video_guidance_scale": 1.0, "stage_grid": self.student_scheduler.config.stage_grid}
         if "image_to_video_guidance_scale" in sampling:
             sampling["image_to_video_guidance_scale"] = 1.0
         write_text(path, json.dumps(settings | {"sampling": sampling}, indent=2))

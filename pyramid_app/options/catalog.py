@@ -1,8 +1,9 @@
 """The studio's model menu: which checkpoints to offer, their variants and length limits, without loading any.
 
 A menu value is "bundled" (or "bundled-turbo", its few-step distillation), a hub repo id, or a local checkpoint
-folder. In hosted mode the menu is an allow-list: the bundled models, the published repos and the folders the operator named, each folder offered
-under its name; any other value a client sends is refused with one sentence that says nothing about the disk.
+folder. In hosted mode the menu is an allow-list: the bundled models, the published repos and the folders the
+operator named, each folder offered under its name; any other value a client sends is refused with one sentence
+that says nothing about the disk.
 """
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,16 +130,16 @@ def is_local(choice: str) -> bool:
     return (bundled_folder(choice) or Path(source_for(choice))).expanduser().is_dir()
 
 
-def bundled_folder(choice, otherwise=None):
-    """The folder of the bundled model a menu value names, else `otherwise`."""
-    return BUNDLED_MODELS.get(source_for(choice) or BUNDLED, otherwise)
+def bundled_folder(choice):
+    """The folder of the bundled model a menu value names, else None."""
+    return BUNDLED_MODELS.get(source_for(choice) or BUNDLED)
 
 
 def model_facts(choice: str) -> ModelFacts:
     source, bundled = source_for(choice), bundled_folder(choice)
     if bundled is not None:
         if not bundled.is_dir():
-            return ModelFacts((), {}, MISSING_BUNDLED if source in (None, BUNDLED) else
+            return ModelFacts((), {}, MISSING_BUNDLED if source is None else
                               f"The few-step model is not installed (expected `{bundled}`); pick the bundled model.")
         return _local_facts(bundled)
     if source in HUB_MODELS:

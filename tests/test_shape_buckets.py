@@ -6,6 +6,8 @@ import functools
 
 import pytest
 import torch
+import torch.utils._python_dispatch
+import torch.utils._pytree
 from torch._dynamo.utils import counters
 
 from model_core import sampling, temporal
@@ -13,6 +15,7 @@ from model_core.scheduler import PyramidFlowScheduler
 from model_core.speed import compile_forward
 from model_core.step_cache import apply_step_cache, reset_step_cache, step_cache_state
 from model_core.temporal import bucket_length, coarsest_history_frames, history_buckets
+from model_core.transformers.packing import ClipGrid, PaddedColumn
 from tests.test_transformer_behaviour import LATENT_CHANNELS, text_inputs, tiny_model
 
 GUIDANCE = 3.0
@@ -162,3 +165,32 @@ def test_valid_frames_must_fit_the_column():
         model([clips], **text_inputs(model, 2), valid_frames=torch.ones(2, dtype=torch.bool))
     with pytest.raises(ValueError, match="one entry per column"):
         model([clips, clips], **text_inputs(model, 4), valid_frames=torch.ones(3, dtype=torch.bool))
+
+
+class MadeOn(torch.utils._python_dispatch.TorchDispatchMode):
+    """The devices of every tensor the ops under it make."""
+
+    def __init__(self):
+        super().__init__()
+        self.devices = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.devices |= {t.device.type for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)}
+        return out
+
+
+@pytest.mark.parametrize("kind", ["flux", "mmdit"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_rope_tables_are_made_on_the_models_device(kind, padded):
+    """Compiled, the tables are made inside the graph: made on the model's device (meta here), a CUDA graph holds
+    no CPU tensor and no copy to the device."""
+    model = tiny_model(kind)
+    device = torch.device("meta")
+    grids = [ClipGrid(3, 2, 3), ClipGrid(1, 4, 6)]
+    if padded:
+        grids = PaddedColumn(grids, torch.tensor([True, True, False, True], device=device))
+    with MadeOn() as made:
+        tables = model.rope_tables(4, grids, device)
+    assert made.devices == {"meta"}
+    assert tables[0].shape == (4 + 3 * 2 * 3 + 4 * 6, model.config.attention_head_dim // 2)

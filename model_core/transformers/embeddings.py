@@ -127,21 +127,21 @@ def unpatchify(tokens: torch.Tensor, frames: int, grid_h: int, grid_w: int) -> t
     return patches.permute(0, 6, 1, 2, 4, 3, 5).reshape(b, -1, frames, grid_h * PATCH, grid_w * PATCH)
 
 
-def resized_coordinates(current: int, size: int, interpolate: bool) -> torch.Tensor:
+def resized_coordinates(current: int, size: int, interpolate: bool, device=None) -> torch.Tensor:
     """Coordinates of a grid of `size` cells in the current grid's frame (Fig. 3b).
 
     With interpolation, the integer coordinates of the current grid are linearly resized to
     `size` cells (centre aligned, i.e. align_corners=False); without, every clip counts its own cells.
     """
-    cells = torch.arange(size, dtype=torch.float32)
+    cells = torch.arange(size, dtype=torch.float32, device=device)
     if not interpolate or size == current:
         return cells
     return ((cells + 0.5) * (current / size) - 0.5).clamp(0, current - 1)
 
 
-def clip_positions(frames: int, grid, current_grid, first_frame: int, interpolate: bool) -> torch.Tensor:
-    """(t, h, w) position ids [frames·h·w, 3] of one clip of the temporal pyramid (Fig. 3b)."""
-    t = torch.arange(first_frame, first_frame + frames, dtype=torch.float32)
-    h = resized_coordinates(current_grid[0], grid[0], interpolate)
-    w = resized_coordinates(current_grid[1], grid[1], interpolate)
+def clip_positions(frames: int, grid, current_grid, first_frame: int, interpolate: bool, device=None) -> torch.Tensor:
+    """(t, h, w) position ids [frames·h·w, 3] of one clip of the temporal pyramid (Fig. 3b), made on `device`."""
+    t = torch.arange(first_frame, first_frame + frames, dtype=torch.float32, device=device)
+    h = resized_coordinates(current_grid[0], grid[0], interpolate, device)
+    w = resized_coordinates(current_grid[1], grid[1], interpolate, device)
     return torch.stack(torch.meshgrid(t, h, w, indexing="ij"), dim=-1).reshape(-1, 3)

@@ -165,14 +165,14 @@ class PyramidFluxTransformer(PyramidTransformer):
     def embed_clips(self, clips, grids) -> torch.Tensor:
         return self.x_embedder(torch.cat([patchify(clip) for clip in clips], dim=1))
 
-    def position_ids(self, num_text: int, grids) -> torch.Tensor:
+    def position_ids(self, num_text: int, grids, device=None) -> torch.Tensor:
         """(t, h, w) ids [L, 3] of [text ; image]: text at (0, 0, 0), history at pyramid positions (Fig. 3b)."""
-        image = pyramid_positions(grids, self.config.interp_condition_pos)
+        image = pyramid_positions(grids, self.config.interp_condition_pos, device)
         return torch.cat([image.new_zeros(num_text, 3), image])
 
-    def rope_angles(self, num_text: int, grids):
+    def rope_angles(self, num_text: int, grids, device=None):
         """3-axis (t, h, w) RoPE angles of the packed sequence."""
-        positions = self.position_ids(num_text, grids)
+        positions = self.position_ids(num_text, grids, device)
         return rotary_angles(positions, self.config.axes_dims_rope, ROPE_THETA)
 
     def run_blocks(self, image, text, modulations, layout) -> torch.Tensor:

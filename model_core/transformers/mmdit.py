@@ -137,16 +137,16 @@ class PyramidMMDiT(PyramidTransformer):
         interpolate = self.config.interp_condition_pos
         return torch.cat([self.pos_embed(clip, grid, current, interpolate) for clip, grid in zip(clips, grids)], dim=1)
 
-    def position_ids(self, num_text: int, grids) -> torch.Tensor:
+    def position_ids(self, num_text: int, grids, device=None) -> torch.Tensor:
         """Temporal ids [L, 1] of [text ; image]: frames counted from the oldest, text at 0."""
-        frames = pyramid_positions(grids, self.config.interp_condition_pos)[:, :1]
+        frames = pyramid_positions(grids, self.config.interp_condition_pos, device)[:, :1]
         return torch.cat([frames.new_zeros(num_text, 1), frames])
 
-    def rope_angles(self, num_text: int, grids):
+    def rope_angles(self, num_text: int, grids, device=None):
         """Temporal RoPE over the whole head dim, or None without temporal position embedding."""
         if not self.config.add_temp_pos_embed:
             return None
-        positions = self.position_ids(num_text, grids)
+        positions = self.position_ids(num_text, grids, device)
         return rotary_angles(positions, [self.config.attention_head_dim], ROPE_THETA)
 
     def run_blocks(self, image, text, modulations, layout) -> torch.Tensor:

@@ -106,12 +106,12 @@ class PaddedColumn(list):
         return self.per_token(padding.cumsum(0) - padding)
 
 
-def pyramid_positions(grids, interpolate: bool) -> torch.Tensor:
-    """(t, h, w) ids [L_img, 3] of packed clips: frames counted from the oldest, h/w in the current grid (Fig. 3b);
-    the padding frames of a PaddedColumn are not counted."""
+def pyramid_positions(grids, interpolate: bool, device=None) -> torch.Tensor:
+    """(t, h, w) ids [L_img, 3] of packed clips on `device`: frames counted from the oldest, h/w in the current grid
+    (Fig. 3b); the padding frames of a PaddedColumn are not counted."""
     current, first_frame, positions = grids[-1], 0, []
     for grid in grids:
-        positions.append(clip_positions(grid.frames, grid[1:], current[1:], first_frame, interpolate))
+        positions.append(clip_positions(grid.frames, grid[1:], current[1:], first_frame, interpolate, device))
         first_frame += grid.frames
     positions = torch.cat(positions)
     if isinstance(grids, PaddedColumn):
@@ -152,8 +152,8 @@ class PyramidTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
     """Shared forward of the pyramid flow transformers: velocity of the current unit of each column.
 
     A subclass defines `latent_channels`, `embed_clips(clips, grids)` (image tokens [B, L_img, D]),
-    `position_ids(num_text, grids)` (ids [L, n_axes] of [text ; image], frame id first),
-    `rope_angles(num_text, grids)` ((cos, sin) for [text ; image] or None) and
+    `position_ids(num_text, grids, device)` (ids [L, n_axes] of [text ; image], frame id first),
+    `rope_angles(num_text, grids, device)` ((cos, sin) for [text ; image] or None, made on `device`) and
     `run_blocks(image, text, modulations, layout)` (the trunk, given each block's adaLN vectors in the order the
     blocks run (modulation.block_modulations), returning the final image tokens), plus the modules
     `time_text_embed`, `context_embedder`, `norm_out` and `proj_out`.
@@ -287,8 +287,9 @@ class PyramidTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
         return cache[key]
 
     def rope_tables(self, num_text: int, grids, device):
-        rope = self.rope_angles(num_text, grids)
-        return None if rope is None else tuple(table.to(device) for table in rotation_tables(*rope))
+        """The RoPE tables made on `device` (compiled, a CUDA graph then holds no CPU tensor and no copy)."""
+        rope = self.rope_angles(num_text, grids, device)
+        return None if rope is None else rotation_tables(*rope)
 
     def text_validity(self, encoder_attention_mask: torch.Tensor) -> torch.Tensor:
         return encoder_attention_mask.bool()

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from model_core.media_files import read_video
 from pyramid_app.options import settings
+from training.config import CONFIG_DIR, load_config
 from training.shapes_detector import read_clip
 from training.shapes_world import parse_prompt
 
@@ -45,7 +46,10 @@ def test_the_turbo_is_a_small_official_layout_checkpoint_with_its_few_step_sched
     weights = load_file(TURBO / "diffusion_transformer_64p" / "diffusion_pytorch_model.safetensors")
     assert {tensor.dtype for tensor in weights.values()} == {torch.bfloat16}
     sampling = json.loads((TURBO / "pyramid_flow.json").read_text())["sampling"]
-    assert (sampling["first_frame_steps"], sampling["video_steps"], sampling["stage_grid"]) == ([1, 1, 2], [1, 1, 2], "trailing")
+    recipe = load_config(CONFIG_DIR / "distill_shapes_turbo.yaml")["distill"]  # the recipe that made it
+    assert (sampling["first_frame_steps"], sampling["video_steps"], sampling["stage_grid"]) == \
+        (recipe["first_frame_steps"], recipe["video_steps"], "trailing")
+    assert sum(sampling["first_frame_steps"]) + 2 * sum(sampling["video_steps"]) <= 18  # <= 1/10 of the teacher's 180
     assert (sampling["guidance_scale"], sampling["video_guidance_scale"]) == (1.0, 1.0)
     card = (TURBO / "README.md").read_text()
     for needed in ("python -m training.launch --config training/configs/distill_shapes_turbo.yaml",

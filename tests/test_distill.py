@@ -15,7 +15,8 @@ from model_core.loading import resolve_checkpoint
 from model_core.pipeline import PyramidFlowPipeline
 from tests.training_helpers import CAPTIONS, precompute_features, tiny_overrides, tiny_world
 from training.config import CONFIG_DIR
-from training.distill_task import teacher_points
+from training.distill_task import student_step, teacher_points
+from training.objective import SampleChoices
 from training.launch import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,3 +149,14 @@ def test_bundling_leaves_the_build_machines_paths_out_of_component_configs(tmp_p
     drop_build_paths(tmp_path)
     assert json.loads((tmp_path / "causal_video_vae" / "config.json").read_text()) == {"in_channels": 3}
     assert json.loads((tmp_path / "text_encoder" / "config.json").read_text()) == {"hidden_size": 32}
+
+
+def test_student_steps_are_drawn_uniformly_over_the_units_steps():
+    choices = lambda stage, sigma: SampleChoices(stage, 0.5, 0.5, 0.0, False, 0.0, sigma)
+    # equal steps per stage give back the drawn stage and the step its sigma falls in
+    assert [student_step(choices(s, u), [2, 2, 2]) for s in range(3) for u in (0.2, 0.7)] == \
+        [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
+    # 1-1-2: each of the four steps a quarter of the time, so the full-resolution stage half of it
+    drawn = [student_step(choices(s, (i + 0.5) / 100), [1, 1, 2]) for s in range(3) for i in range(100)]
+    assert {step: drawn.count(step) for step in set(drawn)} == {(0, 0): 75, (1, 0): 75, (2, 0): 75, (2, 1): 75}
+

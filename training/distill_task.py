@@ -8,7 +8,8 @@ regresses the teacher's guided Euler steps over the same interval on the teacher
 (`distill.teacher_first_frame_steps` / `distill.teacher_video_steps`, plus the interval's ends where they fall
 between its levels), so the guidance scale is baked in. `distill.stage_grid: trailing` gives the student n equal
 steps from 1 to 0 per stage (the official grid's last step, 0.001 -> 0, changes next to nothing: n official steps
-act as n - 1); the student's folder records it, and the pipeline samples it on that grid.
+act as n - 1); the student's folder records it, and the pipeline samples it on that grid. Each of a unit's student
+steps is drawn equally often (`student_step`).
 The jumps between stages (upsample + renoise, Eq. 15) stay as they are, the points x_{sigma_a} lie on the
 stage's coupled path (Eqs. 6, 9-10) and the history is the objective's temporal-pyramid history, built with
 the functions the pipeline uses. It needs no sampling loop of its own and one student pass per sample, so it
@@ -16,6 +17,7 @@ trains on a CPU; PyramidalWan (Korzhenkov et al., arXiv 2601.04792) distils a py
 DMD or adversarial losses, the next step for quality beyond this regression.
 """
 import json
+from dataclasses import replace
 
 import torch
 
@@ -27,6 +29,18 @@ from .atomic import write_text
 from .flow_task import FlowTask
 from .models import build_transformer
 from .objective import Column, column_tokens, corrupted_history, stage_endpoints, unit_index
+
+
+def student_step(choices, steps_per_stage: list) -> tuple:
+    """(stage, step) drawn uniformly over all the unit's student steps, so every step a sampler takes is trained
+    equally often: (stage + sigma) / stages is uniform on [0, 1) and picks one of them (equal steps per stage
+    give back the drawn stage and step)."""
+    u = (choices.stage + choices.sigma) / len(steps_per_stage)
+    k = min(int(u * sum(steps_per_stage)), sum(steps_per_stage) - 1)
+    for stage, steps in enumerate(steps_per_stage):
+        if k < steps:
+            return stage, k
+        k -= steps
 
 
 def teacher_points(teacher_sigmas: list, start: float, end: float) -> list:
@@ -47,10 +61,10 @@ class DistillTask(FlowTask):
         self.student_scheduler = PyramidFlowScheduler(stages=self.objective["stages"],
                                                       stage_grid=self.distill.get("stage_grid", "official"))
 
-    def schedule(self, unit: int, stage: int) -> tuple:
-        """(student steps, teacher steps, guidance scale) of a stage of the first frame or a later unit."""
+    def schedule(self, unit: int) -> tuple:
+        """(student steps, teacher steps, guidance scale) per stage of the first frame or a later unit."""
         name, scale = ("video_steps", "video_guidance_scale") if unit else ("first_frame_steps", "guidance_scale")
-        return self.distill[name][stage], self.distill[f"teacher_{name}"][stage], self.distill[scale]
+        return self.distill[name], self.distill[f"teacher_{name}"], self.distill[scale]
 
     @staticmethod
     def grid(scheduler, steps: int, stage: int) -> list:
@@ -82,12 +96,13 @@ class DistillTask(FlowTask):
         """One student column (history, x at a student step's start) and its distilled velocity target."""
         choices, generator = self.draw(step, sample.request.slot)
         latents = self.clean_latents(sample)
-        stage, unit = choices.stage, unit_index(choices, latents.shape[2])
+        unit = unit_index(choices, latents.shape[2])
+        student_steps, teacher_steps, scale = self.schedule(unit)
+        stage, j = student_step(choices, student_steps)
+        choices = replace(choices, stage=stage)
         history = corrupted_history(latents, choices, generator, self.scheduler.config.stages)
-        student_steps, teacher_steps, scale = self.schedule(unit, stage)
-        j = min(int(choices.sigma * student_steps), student_steps - 1)  # the student step, uniform
-        sigmas = self.grid(self.student_scheduler, student_steps, stage)
-        points = teacher_points(self.grid(self.scheduler, teacher_steps, stage), sigmas[j], sigmas[j + 1])
+        sigmas = self.grid(self.student_scheduler, student_steps[stage], stage)
+        points = teacher_points(self.grid(self.scheduler, teacher_steps[stage], stage), sigmas[j], sigmas[j + 1])
         start, end = stage_endpoints(latents[:, :, unit : unit + 1], stage, self.scheduler, generator)
         x = interpolate_on_path(start, end, sigmas[j])
         text = self.text_of(sample, False).to(self.device)

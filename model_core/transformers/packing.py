@@ -116,7 +116,6 @@ def pyramid_positions(grids, interpolate: bool, device=None) -> torch.Tensor:
     positions = torch.cat(positions)
     if isinstance(grids, PaddedColumn):
         shift = grids.padding_before()
-        positions = positions.to(shift.device)
         positions = torch.cat([positions[:, :1] - shift[:, None], positions[:, 1:]], dim=1)
     return positions
 

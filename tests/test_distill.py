@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,13 @@ from safetensors.torch import load_file
 
 from model_core.loading import resolve_checkpoint
 from model_core.pipeline import PyramidFlowPipeline
-from tests.training_helpers import CAPTIONS, precompute_features, tiny_overrides, tiny_world
-from training.config import CONFIG_DIR
-from training.distill_task import student_step, teacher_points
+from model_core.pyramid import initial_noise, renoise_at_jump
+from model_core.sampling import sample_video
+from tests.training_helpers import CAPTIONS, launch_on_two_processes, precompute_features, tiny_overrides, tiny_world
+from training.annotation_index import AnnotationIndex
+from training.config import CONFIG_DIR, load_config
+from training.distill_task import ColumnPlan, student_step, teacher_points
+from training.loop import build_task
 from training.objective import SampleChoices
 from training.launch import main
 
@@ -82,10 +87,12 @@ def test_distillation_brings_the_student_to_the_teacher(world, tmp_path):
     assert after < 0.7 * before
 
 
-def test_distillation_resumes_bitwise(world, tmp_path):
-    distill(world, tmp_path / "straight", 4)
-    distill(world, tmp_path / "resumed", 2, resume="auto")
-    distill(world, tmp_path / "resumed", 4, resume="auto")
+@pytest.mark.parametrize("rollout_share", [0.0, 0.5])
+def test_distillation_resumes_bitwise(world, tmp_path, rollout_share):
+    share = [f"distill.student_rollout_share={rollout_share}"]
+    distill(world, tmp_path / "straight", 4, *share)
+    distill(world, tmp_path / "resumed", 2, *share, resume="auto")
+    distill(world, tmp_path / "resumed", 4, *share, resume="auto")
     straight, resumed = (load_file(tmp_path / run / "checkpoint-4" / WEIGHTS) for run in ("straight", "resumed"))
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
@@ -105,6 +112,18 @@ def test_student_folder_loads_with_its_few_step_guidance_free_schedule(world, tm
     assert (result.settings["first_frame_steps"], result.settings["video_steps"]) == ([2, 2, 2], [2, 2, 2])
     assert (result.settings["guidance_scale"], result.settings["video_guidance_scale"]) == (1.0, 1.0)
     assert not student.official_defaults  # so guidance 1 runs one pass a step (guided only above 1)
+
+
+@pytest.mark.slow
+def test_student_rollouts_under_fsdp_on_two_processes_match_one_process(world, tmp_path):
+    """Every sample the student's own: ranks whose columns need different numbers of rollout passes pad to the
+    busiest rank's, so the sharded student gathers its weights as often on both and the run finishes, as one does."""
+    share = "distill.student_rollout_share=1.0"
+    distill(world, tmp_path / "one", 2, share, "train.gradient_accumulation_steps=2")
+    checkpoint, features, empty = world
+    overrides = tiny_overrides(checkpoint, features, tmp_path / "two", global_batch=2, empty_text_fea=empty)
+    launch_on_two_processes(["--config", RECIPE, "--max-steps", "2", *overrides, *DISTILL, share])
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
 
 
 @pytest.mark.slow
@@ -160,3 +179,70 @@ def test_student_steps_are_drawn_uniformly_over_the_units_steps():
     drawn = [student_step(choices(s, (i + 0.5) / 100), [1, 1, 2]) for s in range(3) for i in range(100)]
     assert {step: drawn.count(step) for step in set(drawn)} == {(0, 0): 75, (1, 0): 75, (2, 0): 75, (2, 1): 75}
 
+
+
+class ConstantStudent:
+    """A student whose velocity is `value` everywhere, for following its Euler steps by hand; counts its passes."""
+
+    def __init__(self, value: float):
+        self.value, self.passes = value, 0
+
+    def __call__(self, sample, return_dict, **_):
+        self.passes += 1
+        return ([torch.full_like(sample[0][-1], self.value)],)
+
+
+@pytest.fixture()
+def task(world, tmp_path):
+    """The tiny recipe's distillation task: a 2-2-2 student on the trailing grid (sigmas 1, 0.5, 0 in every stage)."""
+    checkpoint, features, empty = world
+    config = load_config(RECIPE, [*tiny_overrides(checkpoint, features, tmp_path, empty_text_fea=empty), *DISTILL,
+                                  "distill.student_rollout_share=1.0"])
+    return build_task(config, AnnotationIndex(config["data"]["annotations"]), torch.device("cpu"))
+
+
+def test_student_start_points_are_where_the_students_own_steps_take_the_noise(task):
+    latents, c, scheduler = torch.randn(1, 4, 3, 8, 8), 0.3, task.student_scheduler
+
+    def start(unit, stage, step, seed=7):
+        student = ConstantStudent(c)
+        x = task.student_start(student, latents, unit, 0.2, torch.Generator().manual_seed(seed), task.empty_text, stage, step)
+        return x, student.passes
+
+    noise = initial_noise((1, 4, 1, 8, 8), 3, torch.Generator().manual_seed(7))
+    assert torch.equal(start(0, 0, 0)[0], noise) and start(0, 0, 0)[1] == 0  # the unit's start: no pass
+    x, passes = start(0, 0, 1)
+    assert passes == 1 and torch.allclose(x, noise - 0.5 * c)  # one Euler step from sigma 1 to 0.5
+    generator = torch.Generator().manual_seed(7)
+    noise = initial_noise((1, 4, 1, 8, 8), 3, generator)
+    jumped = renoise_at_jump(noise - c, *scheduler.renoise_coefficients(1), generator=generator,
+                             correlation=-scheduler.config.gamma)
+    x, passes = start(0, 1, 0)
+    assert passes == 2 and torch.allclose(x, jumped)  # the first stage's two steps, then the jump (Eq. 15)
+    x, passes = start(2, 2, 1)  # a later unit: its history corrupted, the student's five steps before the last
+    assert passes == 5 and x.shape == (1, 4, 1, 8, 8) and torch.isfinite(x).all()
+
+
+def test_student_history_is_the_students_own_video_from_the_prompt(task):
+    student, latents = ConstantStudent(0.3), torch.randn(1, 4, 3, 8, 8)
+    history = task.student_history(student, latents, 2, torch.Generator().manual_seed(3), task.empty_text)
+    assert student.passes == 12  # two units of the student's 2-2-2
+    expected, _ = sample_video(lambda unit: lambda clips, t: torch.full_like(clips[-1], 0.3), task.student_scheduler,
+                               (1, 4, 2, 8, 8), first_frame_steps=(2, 2, 2), video_steps=(2, 2, 2),
+                               generator=torch.Generator().manual_seed(3))
+    assert torch.equal(history, expected) and not torch.equal(history, latents[:, :, :2])
+
+
+def test_rollout_passes_are_known_before_the_rollout(task):
+    """The count ranks agree on before any pass (`DistillTask.columns`) is the count the rollout then runs."""
+    text, seen = task.empty_text, set()
+    for unit, stage, step in [(0, 0, 0), (0, 0, 1), (0, 2, 1), (1, 0, 0), (1, 1, 1), (2, 2, 0), (2, 2, 1)]:
+        choices = SampleChoices(stage, 0.5, 0.5, 0.2, False, 0.0, 0.5)
+        plan = ColumnPlan(choices, torch.Generator().manual_seed(0), torch.randn(1, 4, 3, 8, 8), unit, step, True)
+        student = ConstantStudent(0.1)
+        if unit:
+            task.student_history(student, plan.latents, unit, plan.generator, text)
+        task.student_start(student, plan.latents, unit, 0.2, plan.generator, text, stage, step)
+        assert task.rollout_passes(plan) == student.passes
+        seen.add(student.passes)
+    assert task.rollout_passes(replace(plan, rollout=False)) == 0 and len(seen) == 7

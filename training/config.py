@@ -194,6 +194,7 @@ class DistillSection:
     guidance_scale: Number = 1.0
     video_guidance_scale: Number = 1.0
     stage_grid: Literal["official", "trailing"] = "official"  # the student's (model_core.scheduler), saved with it
+    student_rollout_share: Number = 0.0  # samples whose history and start point the student makes (training.distill_task)
 
 
 @dataclass(kw_only=True)

@@ -12,23 +12,41 @@ act as n - 1); the student's folder records it, and the pipeline samples it on t
 steps is drawn equally often (`student_step`).
 The jumps between stages (upsample + renoise, Eq. 15) stay as they are, the points x_{sigma_a} lie on the
 stage's coupled path (Eqs. 6, 9-10) and the history is the objective's temporal-pyramid history, built with
-the functions the pipeline uses. It needs no sampling loop of its own and one student pass per sample, so it
-trains on a CPU; PyramidalWan (Korzhenkov et al., arXiv 2601.04792) distils a pyramid to 2-2-2 steps with
+the functions the pipeline uses: one student pass per sample, which trains on a CPU. `distill.student_rollout_share`
+of the samples are instead the student's own, as Self Forcing trains a causal student on its own rollouts (Huang et
+al. 2025): the history it generates from the prompt (`student_history`) and the point its own steps take the unit's
+noise to (`student_start`), run by the pipeline's sampler without gradients, so the teacher shows the student how to
+go on from its own mistakes. PyramidalWan (Korzhenkov et al., arXiv 2601.04792) distils a pyramid to 2-2-2 steps with
 DMD or adversarial losses, the next step for quality beyond this regression.
 """
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
+import torch.distributed as dist
 
 from model_core.checkpoints import SETTINGS_FILE
-from model_core.pyramid import interpolate_on_path
+from model_core.pyramid import initial_noise, interpolate_on_path, latent_pyramid, renoise_at_jump
+from model_core.sampling import sample_unit, sample_video
 from model_core.scheduler import PyramidFlowScheduler
 
 from .atomic import write_text
 from .flow_task import FlowTask
 from .models import build_transformer
-from .objective import Column, column_tokens, corrupted_history, stage_endpoints, unit_index
+from .objective import Column, column_tokens, corrupt_history, corrupted_history, stage_endpoints, unit_index
+
+
+@dataclass(frozen=True)
+class ColumnPlan:
+    """A sample's draws for its column: its choices (stage included), the generator to go on with, its clean latents,
+    its unit, the student step in the stage, and whether the student rolls the sample out itself."""
+
+    choices: object
+    generator: torch.Generator
+    latents: torch.Tensor
+    unit: int
+    step: int
+    rollout: bool
 
 
 def student_step(choices, steps_per_stage: list) -> tuple:
@@ -56,6 +74,9 @@ class DistillTask(FlowTask):
     def __init__(self, config: dict, annotations: list, device):
         super().__init__(config, annotations, device)
         self.distill = config["distill"]
+        if not 0 <= self.distill.get("student_rollout_share", 0.0) <= 1:
+            raise ValueError(f"distill.student_rollout_share is the share of samples the student generates itself; "
+                             f"it must lie in [0, 1], got {self.distill['student_rollout_share']}")
         self.teacher = build_transformer({**self.model_config, "lora": None, "gradient_checkpointing": False},
                                          self.base, self.seed).to(device).eval().requires_grad_(False)
         self.student_scheduler = PyramidFlowScheduler(stages=self.objective["stages"],
@@ -92,24 +113,115 @@ class DistillTask(FlowTask):
             x = x.float() + (sigma_next - sigma) * v
         return (x - start) / (points[-1] - points[0])
 
-    def column(self, sample, step: int) -> tuple:
-        """One student column (history, x at a student step's start) and its distilled velocity target."""
+    def student_velocity(self, student, clips: list, t: float, text) -> torch.Tensor:
+        """The student's velocity for one column, without gradients (a rollout step)."""
+        return student(sample=[clips], encoder_hidden_states=text.hidden_states,
+                       encoder_attention_mask=text.attention_mask, pooled_projections=text.pooled,
+                       timestep=torch.tensor([t], device=self.device),
+                       return_dict=False, packed=self.packed)[0][0].float()
+
+    def student_sampler_velocity(self, student, text):
+        """The student's velocity as the sampler calls it."""
+        def velocity(clips, t, **_):
+            return self.student_velocity(student, clips, float(t), text)
+
+        return velocity
+
+    @torch.no_grad()
+    def student_history(self, student, latents, unit: int, generator, text) -> torch.Tensor:
+        """The `unit` latent frames before the sample's unit as the student generates them from the prompt (Eq. 17's
+        sampler on the student's schedules)."""
+        velocity = self.student_sampler_velocity(student, text)
+        shape = (*latents.shape[:2], unit, *latents.shape[3:])
+        steps = {"first_frame_steps": self.distill["first_frame_steps"], "video_steps": self.distill["video_steps"]}
+        frames, _ = sample_video(lambda _: velocity, self.student_scheduler, shape, generator=generator,
+                                 device=self.device, **steps)
+        return frames
+
+    @torch.no_grad()
+    def student_start(self, student, latents, unit: int, strength: float, generator, text, stage: int, step: int):
+        """Where the student's own steps (the sampler, Algorithm 1, on the student's schedule with its jumps, Eq. 15)
+        take the unit's initial noise by the start of `step` in `stage`, conditioned on the clip's history corrupted
+        to `strength` (Eq. 16)."""
+        scheduler, steps, stages = self.student_scheduler, self.schedule(unit)[0], self.student_scheduler.config.stages
+        pyramid = latent_pyramid(latents[:, :, :unit], stages) if unit else []
+        history = [corrupt_history(level, strength, generator) for level in pyramid]
+        x = initial_noise(latents[:, :, unit : unit + 1].shape, stages, generator, self.device)
+        last = (stage, step - 1) if step else (stage - 1, steps[stage - 1] - 1)  # the step before `step`
+        if last[0] < 0:
+            return x
+        reached = []
+
+        def keep(s, j, t, latent):
+            if (s, j) == last:
+                reached.append(latent)
+            return latent
+
+        sample_unit(self.student_sampler_velocity(student, text), scheduler, x, history, unit, steps, generator,
+                    on_step=keep, stop=lambda: bool(reached))
+        if step:
+            return reached[0]
+        scale, noise_std = scheduler.renoise_coefficients(stage)
+        return renoise_at_jump(reached[0], scale, noise_std, generator=generator, correlation=-scheduler.config.gamma)
+
+    def plan(self, sample, step: int) -> ColumnPlan:
+        """What the sample's column is drawn to be, before any transformer pass."""
         choices, generator = self.draw(step, sample.request.slot)
         latents = self.clean_latents(sample)
         unit = unit_index(choices, latents.shape[2])
+        stage, j = student_step(choices, self.schedule(unit)[0])
+        share = self.distill.get("student_rollout_share", 0.0)
+        rollout = bool(share) and torch.rand(1, generator=generator).item() < share
+        return ColumnPlan(replace(choices, stage=stage), generator, latents, unit, j, rollout)
+
+    def rollout_passes(self, plan: ColumnPlan) -> int:
+        """Student passes of the plan's rollout: its history's units (`student_history`), then its steps before the
+        start point (`student_start`)."""
+        if not plan.rollout:
+            return 0
+        first, video = (sum(self.schedule(unit)[0]) for unit in (0, 1))
+        history = first + (plan.unit - 1) * video if plan.unit else 0
+        return history + sum(self.schedule(plan.unit)[0][: plan.choices.stage]) + plan.step
+
+    def column(self, plan: ColumnPlan, sample, student) -> tuple:
+        """One student column (history, x at a student step's start) and its distilled velocity target."""
+        choices, generator, latents, unit, j = plan.choices, plan.generator, plan.latents, plan.unit, plan.step
         student_steps, teacher_steps, scale = self.schedule(unit)
-        stage, j = student_step(choices, student_steps)
-        choices = replace(choices, stage=stage)
+        stage = choices.stage
+        text = self.text_of(sample, False).to(self.device)
+        if plan.rollout and unit:
+            history = self.student_history(student, latents, unit, generator, text)
+            latents = torch.cat([history, latents[:, :, unit:]], dim=2)
         history = corrupted_history(latents, choices, generator, self.scheduler.config.stages)
         sigmas = self.grid(self.student_scheduler, student_steps[stage], stage)
+        timestep = float(self.student_scheduler.timesteps[j])
         points = teacher_points(self.grid(self.scheduler, teacher_steps[stage], stage), sigmas[j], sigmas[j + 1])
-        start, end = stage_endpoints(latents[:, :, unit : unit + 1], stage, self.scheduler, generator)
-        x = interpolate_on_path(start, end, sigmas[j])
-        text = self.text_of(sample, False).to(self.device)
+        if plan.rollout:
+            x = self.student_start(student, latents, unit, choices.history_strength, generator, text, stage, j)
+        else:
+            start, end = stage_endpoints(latents[:, :, unit : unit + 1], stage, self.scheduler, generator)
+            x = interpolate_on_path(start, end, sigmas[j])
         target = self.teacher_target(history, x, points, stage, text, scale)
         clips = [*history, x]  # the target is noise-ward, as velocity_target's: Euler steps to lower sigma subtract it
-        timestep = float(self.student_scheduler.timesteps[j])
         return Column(clips, target, timestep, stage, column_tokens(clips)), text
+
+    def columns(self, model, samples: list, step: int) -> tuple:
+        """(columns, texts) of a micro-batch. With student rollouts on several processes every rank then runs as many
+        student passes as the busiest (the extra ones on its first column, discarded): a sharded student gathers its
+        weights on each pass, and ranks gathering a different number of times would wait on each other for ever. The
+        counts are agreed before any pass, from the plans."""
+        plans = [self.plan(sample, step) for sample in samples]
+        padding = 0
+        if self.distill.get("student_rollout_share", 0.0) and dist.is_available() and dist.is_initialized():
+            own = sum(self.rollout_passes(plan) for plan in plans)
+            busiest = torch.tensor([own], device=self.device)
+            dist.all_reduce(busiest, op=dist.ReduceOp.MAX)
+            padding = int(busiest) - own
+        columns, texts = zip(*(self.column(plan, sample, model) for plan, sample in zip(plans, samples)))
+        with torch.no_grad():
+            for _ in range(padding):
+                self.student_velocity(model, columns[0].clips, columns[0].timestep, texts[0])
+        return columns, texts
 
     def save(self, folder, state: dict, ema_state) -> None:
         """The student as a checkpoint root whose sampling defaults are its schedule, guidance off (scale 1)."""

@@ -90,9 +90,13 @@ class FlowTask:
         column = build_column(self.clean_latents(sample), choices, generator, self.scheduler)
         return column, self.text_of(sample, choices.drop_text).to(self.device)
 
+    def columns(self, model, samples: list, step: int) -> tuple:
+        """(columns, texts) of a micro-batch; the flow target needs no model."""
+        return tuple(zip(*(self.column(sample, step) for sample in samples)))
+
     def losses(self, model, samples: list, step: int) -> dict:
         """Per-sample MSE on the current unit (Eq. 11), with each sample's stage and token count."""
-        columns, texts = zip(*(self.column(sample, step) for sample in samples))
+        columns, texts = self.columns(model, samples, step)
         losses = velocity_losses(model, columns, texts, self.packed)
         return {"loss": losses, "stage": [c.stage for c in columns], "tokens": sum(c.tokens for c in columns)}
 

@@ -33,7 +33,8 @@ from model_core.scheduler import PyramidFlowScheduler
 from .atomic import write_text
 from .flow_task import FlowTask
 from .models import build_transformer
-from .objective import Column, column_tokens, corrupt_history, corrupted_history, stage_endpoints, unit_index
+from .objective import (Column, SampleChoices, column_tokens, corrupt_history, corrupted_history, stage_endpoints,
+                        unit_index)
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class ColumnPlan:
     """A sample's draws for its column: its choices (stage included), the generator to go on with, its clean latents,
     its unit, the student step in the stage, and whether the student rolls the sample out itself."""
 
-    choices: object
+    choices: SampleChoices
     generator: torch.Generator
     latents: torch.Tensor
     unit: int
@@ -74,9 +75,10 @@ class DistillTask(FlowTask):
     def __init__(self, config: dict, annotations: list, device):
         super().__init__(config, annotations, device)
         self.distill = config["distill"]
-        if not 0 <= self.distill.get("student_rollout_share", 0.0) <= 1:
+        self.rollout_share = self.distill.get("student_rollout_share", 0.0)
+        if not 0 <= self.rollout_share <= 1:
             raise ValueError(f"distill.student_rollout_share is the share of samples the student generates itself; "
-                             f"it must lie in [0, 1], got {self.distill['student_rollout_share']}")
+                             f"it must lie in [0, 1], got {self.rollout_share}")
         self.teacher = build_transformer({**self.model_config, "lora": None, "gradient_checkpointing": False},
                                          self.base, self.seed).to(device).eval().requires_grad_(False)
         self.student_scheduler = PyramidFlowScheduler(stages=self.objective["stages"],
@@ -113,17 +115,14 @@ class DistillTask(FlowTask):
             x = x.float() + (sigma_next - sigma) * v
         return (x - start) / (points[-1] - points[0])
 
-    def student_velocity(self, student, clips: list, t: float, text) -> torch.Tensor:
-        """The student's velocity for one column, without gradients (a rollout step)."""
-        return student(sample=[clips], encoder_hidden_states=text.hidden_states,
-                       encoder_attention_mask=text.attention_mask, pooled_projections=text.pooled,
-                       timestep=torch.tensor([t], device=self.device),
-                       return_dict=False, packed=self.packed)[0][0].float()
-
-    def student_sampler_velocity(self, student, text):
-        """The student's velocity as the sampler calls it."""
+    def student_velocity(self, student, text):
+        """The student's unguided velocity on `text`, one column at a time, as the sampler calls it (rollout steps,
+        run under no_grad by the callers)."""
         def velocity(clips, t, **_):
-            return self.student_velocity(student, clips, float(t), text)
+            return student(sample=[clips], encoder_hidden_states=text.hidden_states,
+                           encoder_attention_mask=text.attention_mask, pooled_projections=text.pooled,
+                           timestep=torch.tensor([float(t)], device=self.device),
+                           return_dict=False, packed=self.packed)[0][0].float()
 
         return velocity
 
@@ -131,7 +130,7 @@ class DistillTask(FlowTask):
     def student_history(self, student, latents, unit: int, generator, text) -> torch.Tensor:
         """The `unit` latent frames before the sample's unit as the student generates them from the prompt (Eq. 17's
         sampler on the student's schedules)."""
-        velocity = self.student_sampler_velocity(student, text)
+        velocity = self.student_velocity(student, text)
         shape = (*latents.shape[:2], unit, *latents.shape[3:])
         steps = {"first_frame_steps": self.distill["first_frame_steps"], "video_steps": self.distill["video_steps"]}
         frames, _ = sample_video(lambda _: velocity, self.student_scheduler, shape, generator=generator,
@@ -157,7 +156,7 @@ class DistillTask(FlowTask):
                 reached.append(latent)
             return latent
 
-        sample_unit(self.student_sampler_velocity(student, text), scheduler, x, history, unit, steps, generator,
+        sample_unit(self.student_velocity(student, text), scheduler, x, history, unit, steps, generator,
                     on_step=keep, stop=lambda: bool(reached))
         if step:
             return reached[0]
@@ -170,8 +169,7 @@ class DistillTask(FlowTask):
         latents = self.clean_latents(sample)
         unit = unit_index(choices, latents.shape[2])
         stage, j = student_step(choices, self.schedule(unit)[0])
-        share = self.distill.get("student_rollout_share", 0.0)
-        rollout = bool(share) and torch.rand(1, generator=generator).item() < share
+        rollout = bool(self.rollout_share) and torch.rand(1, generator=generator).item() < self.rollout_share
         return ColumnPlan(replace(choices, stage=stage), generator, latents, unit, j, rollout)
 
     def rollout_passes(self, plan: ColumnPlan) -> int:
@@ -212,15 +210,16 @@ class DistillTask(FlowTask):
         counts are agreed before any pass, from the plans."""
         plans = [self.plan(sample, step) for sample in samples]
         padding = 0
-        if self.distill.get("student_rollout_share", 0.0) and dist.is_available() and dist.is_initialized():
+        if self.rollout_share and dist.is_available() and dist.is_initialized():
             own = sum(self.rollout_passes(plan) for plan in plans)
             busiest = torch.tensor([own], device=self.device)
             dist.all_reduce(busiest, op=dist.ReduceOp.MAX)
             padding = int(busiest) - own
         columns, texts = zip(*(self.column(plan, sample, model) for plan, sample in zip(plans, samples)))
+        velocity = self.student_velocity(model, texts[0])
         with torch.no_grad():
             for _ in range(padding):
-                self.student_velocity(model, columns[0].clips, columns[0].timestep, texts[0])
+                velocity(columns[0].clips, columns[0].timestep)
         return columns, texts
 
     def save(self, folder, state: dict, ema_state) -> None:

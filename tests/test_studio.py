@@ -392,6 +392,8 @@ def test_speed_panel_offers_what_works_here_and_records_it(client, tiny_model, t
               if isinstance(block, gradio.Radio)}
     assert radios["Attention backend"] == usable_attention_backends(torch.device("cpu"))
     assert radios["Step cache"] == list(speed_choices(torch.device("cpu"))["cache"])
+    compile_info = next(block.info for block in demo.blocks.values() if getattr(block, "label", None) == "Compile")
+    assert "on a CPU each new shape takes tens of seconds to compile" in compile_info  # says what "on" costs here
     video, *_ = client.predict("a red ball", seed="3", cache="first-block", cache_threshold=0.2, **FAST,
                                api_name="/text_to_video")
     settings = read_metadata(local_path(video))

@@ -503,10 +503,7 @@ def _speed_panel(sampling, hosted: bool) -> dict:
                                      info="the server's on a hosted studio" if hosted else _unavailable(
                                          "attention_backend", choices, device))
         compile = gr.Radio([compile_name(level) for level in choices["compile"]], value=compile_name(False),
-                           label="Compile", info="torch.compile the whole transformer forward: on compiles it once per "
-                                                 "input shape, the history padded to a few shapes (the first units are "
-                                                 "slower); max also captures CUDA graphs (CUDA GPUs only)" + (
-                                                     "; the server's on a hosted studio" if hosted else ""))
+                           label="Compile", info=_compile_info(device, hosted))
     return {"cache": cache, "cache_threshold": cache_threshold, "attention_backend": attention_backend,
             "compile": compile}
 
@@ -516,6 +513,17 @@ def _default_dtype() -> str:
     device = resolve_device(None)
     dtypes = memory_choices(device)["dtype"]
     return "bfloat16" if device.type != "cpu" and "bfloat16" in dtypes else dtypes[0]
+
+
+def _compile_info(device, hosted: bool) -> str:
+    """What the Compile control does, and on a CPU what it costs there (benchmarks/RESULTS.md, "Shape buckets and
+    compile levels": tens of seconds per shape, and a slower step than eager at the bundled models' sizes)."""
+    info = ("torch.compile the whole transformer forward: on compiles it once per input shape, the history padded to "
+            "a few shapes (the first units are slower); max also captures CUDA graphs (CUDA GPUs only)")
+    if device.type == "cpu":
+        info += ("; on a CPU each new shape takes tens of seconds to compile, and at small model sizes the compiled "
+                 "step has measured slower than off")
+    return info + ("; the server's on a hosted studio" if hosted else "")
 
 
 def _unavailable(name, choices, device) -> str:

@@ -168,7 +168,8 @@ def _speed_options(generate) -> None:
                                               "need their package, a CUDA GPU and float16/bfloat16")
     speed.add_argument("--compile", nargs="?", const="on", default="off", metavar="LEVEL",
                        help="torch.compile the whole transformer forward: --compile (or on) compiles it once per input "
-                            "shape, the history padded to a few shapes (slow first units); --compile max also captures "
+                            "shape, the history padded to a few shapes (slow first units; on a CPU tens of seconds per "
+                            "shape, and at small model sizes a step slower than off); --compile max also captures "
                             "CUDA graphs (a CUDA GPU only); off: eager (default)")
 
 

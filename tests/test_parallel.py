@@ -169,6 +169,31 @@ def test_guidance_and_context_parallel_generate_the_same_video_on_two_ranks(tmp_
     _check_same_generations(tmp_path / "out.pt", layouts)
 
 
+def _compiled_context_parallel(rank, root, out):
+    from model_core import PyramidFlowPipeline
+
+    single = PyramidFlowPipeline.from_pretrained(root).text_to_video("a red square", **GENERATION)
+    pipe = PyramidFlowPipeline.from_pretrained(root, compile=True)
+    pipe.enable_parallelism({"guidance": 1, "context": 2})
+    compiled = pipe.text_to_video("a red square", **GENERATION)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    if rank == 0:
+        torch.save({"single": single.latents, "compiled": compiled.latents, "settings": compiled.settings,
+                    "graphs": graphs}, out)
+
+
+@pytest.mark.slow  # compiles each input shape on both ranks: about 2 min on the 2-core machine
+def test_the_compiled_forward_under_context_parallel_equals_one_eager_process(tmp_path):
+    root = build_tiny_checkpoint(tmp_path / "ckpt")
+    run_ranks(_compiled_context_parallel, 2, tmp_path, root, tmp_path / "out.pt", timeout=900)
+    results = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert results["settings"]["parallel"] == {"world_size": 2, "guidance": 1, "context": 2}
+    assert results["settings"]["compile"] is True and results["graphs"] >= 1  # the forward really ran compiled
+    # context parallel's rounding (1e-4 above) and the compiled pipeline's (5e-5, test_compile_levels) add up:
+    # 0.93e-4 and 1.19e-4 measured
+    assert (results["compiled"] - results["single"]).abs().max() <= 2e-4
+
+
 @pytest.mark.slow  # four processes: about 3 min on a busy 2-core machine
 def test_guidance_times_context_parallel_on_four_ranks(tmp_path):
     root = build_tiny_checkpoint(tmp_path / "ckpt")

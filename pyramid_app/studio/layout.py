@@ -517,7 +517,7 @@ def _default_dtype() -> str:
 
 def _compile_info(device, hosted: bool) -> str:
     """What the Compile control does, and on a CPU what it costs there (benchmarks/RESULTS.md, "Shape buckets and
-    compile levels": tens of seconds per shape, and a slower step than eager at the bundled models' sizes)."""
+    compile levels": tens of seconds per shape, and a slower step than eager on the tests' tiny model)."""
     info = ("torch.compile the whole transformer forward: on compiles it once per input shape, the history padded to "
             "a few shapes (the first units are slower); max also captures CUDA graphs (CUDA GPUs only)")
     if device.type == "cpu":

@@ -180,7 +180,6 @@ def test_student_steps_are_drawn_uniformly_over_the_units_steps():
     assert {step: drawn.count(step) for step in set(drawn)} == {(0, 0): 75, (1, 0): 75, (2, 0): 75, (2, 1): 75}
 
 
-
 class ConstantStudent:
     """A student whose velocity is `value` everywhere, for following its Euler steps by hand; counts its passes."""
 
